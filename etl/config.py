@@ -1,0 +1,189 @@
+"""Settings of the ETL, read from ``VITALS_*`` environment variables."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Final, Literal
+from urllib.parse import urlsplit, urlunsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX: Final = "VITALS_"
+
+RuleSet = Literal["acc_aha_2017", "esc_esh_2018", "legacy_age_bands"]
+
+
+class ConfigurationError(ValueError):
+    """Invalid settings: the message names the variable and the expected value."""
+
+
+class Settings(BaseSettings):
+    """Every setting of the ETL, with defaults that work on a local machine.
+
+    Each field is read from the environment variable ``VITALS_<FIELD>``; for
+    example ``kafka_topic`` comes from ``VITALS_KAFKA_TOPIC``.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="ignore", frozen=True, validate_default=True
+    )
+
+    # Kafka
+    kafka_bootstrap_servers: str = "127.0.0.1:9092"
+    kafka_topic: str = "vitals"
+    kafka_group_id: str = "vitals-etl"
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = (
+        "PLAINTEXT"
+    )
+    kafka_sasl_mechanism: str | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_ca_location: str | None = None
+    kafka_extra: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Extra librdkafka properties as a JSON object; they win over ours.",
+    )
+    kafka_timeout_s: float = Field(10.0, gt=0, description="Broker metadata timeout.")
+
+    # Redis
+    redis_url: SecretStr = SecretStr("redis://127.0.0.1:6380/0")
+    redis_list_key: str = "liste-patients"
+    redis_rejects_key: str = "liste-patients:rejects"
+    redis_offsets_key: str = "liste-patients:offsets"
+    redis_alerts_key: str = "liste-patients:alerts"
+    redis_reports_key: str = "liste-patients:reports"
+    redis_reports_maxlen: int = Field(1000, ge=1)
+    redis_timeout_s: float = Field(10.0, gt=0)
+
+    # Rules and output
+    rule_set: RuleSet = "acc_aha_2017"
+    time_zone: str = "UTC"
+
+    # Batch limits
+    chunk_size: int = Field(50_000, ge=1, le=1_000_000)
+    max_records: int = Field(2_000_000, ge=1)
+    deadline_s: float = Field(180.0, gt=0)
+    max_message_bytes: int = Field(65_536, ge=256)
+    max_future_skew_s: float = Field(3600.0, ge=0)
+    min_timestamp: float = Field(946_684_800.0, description="2000-01-01T00:00:00Z")
+
+    @field_validator("time_zone")
+    @classmethod
+    def _known_time_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            msg = f"unknown time zone {value!r}; use an IANA name such as 'Europe/Paris'"
+            raise ValueError(msg) from None
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: SecretStr) -> SecretStr:
+        scheme = urlsplit(value.get_secret_value()).scheme
+        if scheme not in {"redis", "rediss", "unix"}:
+            msg = "must start with redis://, rediss:// (TLS) or unix://"
+            raise ValueError(msg)
+        return value
+
+    @field_validator("kafka_topic", "kafka_group_id", "kafka_bootstrap_servers")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value.strip()
+
+    @model_validator(mode="after")
+    def _distinct_keys(self) -> Settings:
+        keys = [
+            self.redis_list_key,
+            self.redis_rejects_key,
+            self.redis_offsets_key,
+            self.redis_alerts_key,
+            self.redis_reports_key,
+        ]
+        if len(set(keys)) != len(keys):
+            raise ValueError("the Redis key names must all differ")
+        return self
+
+    def kafka_config(self) -> dict[str, Any]:
+        """Return the librdkafka properties shared by consumers and producers."""
+        config: dict[str, Any] = {
+            "bootstrap.servers": self.kafka_bootstrap_servers,
+            "security.protocol": self.kafka_security_protocol,
+            "socket.timeout.ms": int(self.kafka_timeout_s * 1000),
+        }
+        if self.kafka_sasl_mechanism:
+            config["sasl.mechanism"] = self.kafka_sasl_mechanism
+        if self.kafka_sasl_username:
+            config["sasl.username"] = self.kafka_sasl_username
+        if self.kafka_sasl_password:
+            config["sasl.password"] = self.kafka_sasl_password.get_secret_value()
+        if self.kafka_ssl_ca_location:
+            config["ssl.ca.location"] = self.kafka_ssl_ca_location
+        config.update(self.kafka_extra)
+        return config
+
+    def redacted(self) -> dict[str, Any]:
+        """Return the settings as a dict with every secret masked, for printing."""
+        data = self.model_dump(mode="json")
+        data["redis_url"] = redact_url(self.redis_url.get_secret_value())
+        if self.kafka_sasl_password is not None:
+            data["kafka_sasl_password"] = "***"
+        data["kafka_extra"] = {
+            key: ("***" if _is_secret_key(key) else value)
+            for key, value in self.kafka_extra.items()
+        }
+        return data
+
+    @property
+    def redis_url_redacted(self) -> str:
+        return redact_url(self.redis_url.get_secret_value())
+
+
+def _is_secret_key(key: str) -> bool:
+    return any(word in key.lower() for word in ("password", "secret", "key", "token"))
+
+
+def redact_url(url: str) -> str:
+    """Mask the password of a URL: ``redis://user:pw@host`` -> ``redis://user:***@host``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build the settings from the environment, with keyword overrides on top.
+
+    Raises
+    ------
+    ConfigurationError
+        When a variable has an invalid value; the message names each variable.
+    """
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            field = str(error["loc"][0]) if error["loc"] else "settings"
+            variable = f"{ENV_PREFIX}{field.upper()}" if error["loc"] else field
+            value = error.get("input")
+            shown = "***" if "password" in field or "url" in field else value
+            problems.append(f"{variable}={shown!r}: {error['msg']}")
+        msg = "invalid settings: " + "; ".join(problems)
+        raise ConfigurationError(msg) from None
+
+
+def parse_json_object(text: str) -> dict[str, Any]:
+    """Parse a JSON object given in an environment variable or a CLI option."""
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise ConfigurationError(f"expected a JSON object, got {type(value).__name__}")
+    return value
