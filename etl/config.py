@@ -34,9 +34,9 @@ class Settings(BaseSettings):
     kafka_bootstrap_servers: str = "127.0.0.1:9092"
     kafka_topic: str = "vitals"
     kafka_group_id: str = "vitals-etl"
-    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = (
-        "PLAINTEXT"
-    )
+    kafka_security_protocol: Literal[
+        "PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"
+    ] = "PLAINTEXT"
     kafka_sasl_mechanism: str | None = None
     kafka_sasl_username: str | None = None
     kafka_sasl_password: SecretStr | None = None
@@ -54,6 +54,7 @@ class Settings(BaseSettings):
     redis_offsets_key: str = "liste-patients:offsets"
     redis_alerts_key: str = "liste-patients:alerts"
     redis_reports_key: str = "liste-patients:reports"
+    redis_stats_key: str = "liste-patients:stats"
     redis_reports_maxlen: int = Field(1000, ge=1)
     redis_timeout_s: float = Field(10.0, gt=0)
 
@@ -75,7 +76,9 @@ class Settings(BaseSettings):
         try:
             ZoneInfo(value)
         except (ZoneInfoNotFoundError, ValueError):
-            msg = f"unknown time zone {value!r}; use an IANA name such as 'Europe/Paris'"
+            msg = (
+                f"unknown time zone {value!r}; use an IANA name such as 'Europe/Paris'"
+            )
             raise ValueError(msg) from None
         return value
 
@@ -103,6 +106,7 @@ class Settings(BaseSettings):
             self.redis_offsets_key,
             self.redis_alerts_key,
             self.redis_reports_key,
+            self.redis_stats_key,
         ]
         if len(set(keys)) != len(keys):
             raise ValueError("the Redis key names must all differ")

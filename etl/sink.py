@@ -1,0 +1,255 @@
+"""Write processed chunks to Redis exactly once.
+
+Each chunk goes in one ``MULTI/EXEC``: the rows (``RPUSH`` of many values per
+command), the rejects, the alerts, the counters, and the next offset of every
+partition in the offsets hash. ``WATCH`` on that hash makes the transaction
+fail if another batch moved the offsets meanwhile; the write is then retried
+against the new offsets, dropping records that the other batch already wrote.
+So a rerun, a retried task or two concurrent batches never write an offset
+twice, and a crash leaves either the whole chunk or nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
+
+import polars as pl
+import redis
+
+if TYPE_CHECKING:
+    from etl.config import Settings
+
+logger = logging.getLogger(__name__)
+
+#: Values per RPUSH command: about 500k rows/s in a MULTI/EXEC on a 2-core
+#: machine, against about 100k/s with one command per row.
+VALUES_PER_COMMAND: Final = 10_000
+_RETRIES: Final = 5
+_RETRY_BASE_S: Final = 0.2
+
+
+class SinkError(RuntimeError):
+    """Redis is unreachable or failed: nothing of the current chunk was written."""
+
+
+class OffsetConflict(RuntimeError):
+    """The stored offsets moved backwards during the batch (a reset or a Redis restart)."""
+
+
+@dataclass
+class Chunk:
+    """One processed chunk, ready for Redis.
+
+    ``rows``, ``rejects`` and ``alerts`` are frames with columns partition,
+    offset and payload (the JSON bytes); rows also carry blood_pressure_status
+    and news2_risk, and rejects their reason, for the counters. ``expected`` is the stored offset this
+    chunk continues from per partition (None where nothing was stored), and
+    ``next_offsets`` the offset after its last record per partition.
+    """
+
+    rows: pl.DataFrame
+    rejects: pl.DataFrame
+    alerts: pl.DataFrame
+    expected: dict[int, int | None]
+    next_offsets: dict[int, int]
+
+
+@dataclass
+class WriteResult:
+    """What one chunk write did."""
+
+    written: int
+    rejected: int
+    alerts: int
+    skipped: int
+    concurrent: bool
+
+
+def offset_field(topic: str, partition: int) -> str:
+    return f"{topic}:{partition}"
+
+
+class RedisSink:
+    """The Redis side of a batch: stored offsets, chunk writes and reports."""
+
+    def __init__(self, settings: Settings, client: redis.Redis | None = None) -> None:
+        self._settings = settings
+        self.client = client or redis.Redis.from_url(
+            settings.redis_url.get_secret_value(),
+            socket_timeout=settings.redis_timeout_s,
+            socket_connect_timeout=settings.redis_timeout_s,
+            health_check_interval=30,
+        )
+
+    def check(self) -> None:
+        """Fail fast with the URL (password masked) when Redis does not answer."""
+        try:
+            self.client.ping()
+        except redis.RedisError as exc:
+            msg = f"Redis at {self._settings.redis_url_redacted} is unreachable: {exc}"
+            raise SinkError(msg) from exc
+
+    def stored_offsets(self, topic: str) -> dict[int, int]:
+        """Return the next offset to read per partition, as stored by earlier batches."""
+        prefix = f"{topic}:"
+        try:
+            stored = self.client.hgetall(self._settings.redis_offsets_key)
+        except redis.RedisError as exc:
+            msg = f"cannot read offsets from Redis at {self._settings.redis_url_redacted}: {exc}"
+            raise SinkError(msg) from exc
+        offsets = {}
+        for name, value in stored.items():
+            text = name.decode() if isinstance(name, bytes) else name
+            if text.startswith(prefix) and text[len(prefix) :].isdigit():
+                offsets[int(text[len(prefix) :])] = int(value)
+        return offsets
+
+    def write_chunk(self, topic: str, chunk: Chunk) -> WriteResult:
+        """Write one chunk in one transaction; retry transient failures safely.
+
+        A retry re-reads the stored offsets, so if an earlier attempt's EXEC
+        succeeded before its reply was lost, the retry writes nothing again.
+        """
+        delay = _RETRY_BASE_S
+        for attempt in range(1, _RETRIES + 1):
+            try:
+                return self._write_once(topic, chunk)
+            except redis.WatchError:
+                logger.info(
+                    "Offsets changed during the write (another batch); retrying"
+                )
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                if attempt == _RETRIES:
+                    msg = (
+                        f"writing to Redis at {self._settings.redis_url_redacted} failed "
+                        f"after {attempt} attempts: {exc}"
+                    )
+                    raise SinkError(msg) from exc
+                logger.warning(
+                    "Redis write attempt %s failed (%s); retrying in %.1f s",
+                    attempt,
+                    type(exc).__name__,
+                    delay,
+                )
+                time.sleep(delay)
+                delay *= 2
+            except redis.RedisError as exc:
+                msg = f"Redis at {self._settings.redis_url_redacted} rejected the write: {exc}"
+                raise SinkError(msg) from exc
+        msg = "the offsets kept changing during the write; another batch is running"
+        raise SinkError(msg)
+
+    def _write_once(self, topic: str, chunk: Chunk) -> WriteResult:
+        settings = self._settings
+        fields = [offset_field(topic, p) for p in chunk.next_offsets]
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.watch(settings.redis_offsets_key)  # type: ignore[no-untyped-call]
+            raw = pipe.hmget(settings.redis_offsets_key, fields)
+            stored = {
+                p: (int(value) if value is not None else None)
+                for p, value in zip(chunk.next_offsets, raw, strict=True)
+            }
+            floors, concurrent = self._floors(chunk, stored)
+
+            rows = _after(chunk.rows, floors)
+            rejects = _after(chunk.rejects, floors)
+            alerts = _after(chunk.alerts, floors)
+            advance = {
+                offset_field(topic, p): next_offset
+                for p, next_offset in chunk.next_offsets.items()
+                if stored[p] is None or next_offset > (stored[p] or 0)
+            }
+
+            pipe.multi()
+            _rpush(pipe, settings.redis_list_key, rows)
+            _rpush(pipe, settings.redis_rejects_key, rejects)
+            _rpush(pipe, settings.redis_alerts_key, alerts)
+            if advance:
+                pipe.hset(settings.redis_offsets_key, mapping=advance)  # type: ignore[arg-type]
+            for name, amount in counters(rows, rejects).items():
+                pipe.hincrby(settings.redis_stats_key, name, amount)
+            pipe.execute()
+        skipped = (
+            chunk.rows.height + chunk.rejects.height - rows.height - rejects.height
+        )
+        return WriteResult(
+            rows.height, rejects.height, alerts.height, skipped, concurrent
+        )
+
+    @staticmethod
+    def _floors(
+        chunk: Chunk, stored: dict[int, int | None]
+    ) -> tuple[dict[int, int], bool]:
+        """Return the lowest offset still to write per partition, and whether another batch wrote."""
+        floors: dict[int, int] = {}
+        concurrent = False
+        for partition, expected in chunk.expected.items():
+            now = stored.get(partition)
+            if now == expected or now is None:
+                floors[partition] = 0
+            elif expected is None or now > expected:
+                # Another batch wrote this partition meanwhile: skip what it wrote.
+                floors[partition] = now
+                concurrent = True
+            else:
+                msg = (
+                    f"stored offset of partition {partition} moved back from {expected} "
+                    f"to {now} during the batch (offsets reset?); rerun the batch"
+                )
+                raise OffsetConflict(msg)
+        return floors, concurrent
+
+    def write_report(
+        self, report: dict[str, Any], fields: dict[str, str | int | float]
+    ) -> None:
+        """Append a batch report to the capped reports stream."""
+        import json
+
+        entry: dict[str, str | int | float] = {**fields, "report": json.dumps(report)}
+        self.client.xadd(
+            self._settings.redis_reports_key,
+            entry,  # type: ignore[arg-type]
+            maxlen=self._settings.redis_reports_maxlen,
+            approximate=True,
+        )
+
+    def close(self) -> None:
+        try:
+            self.client.close()
+        except redis.RedisError:
+            logger.warning("Closing the Redis client failed", exc_info=True)
+
+
+def _after(frame: pl.DataFrame, floors: dict[int, int]) -> pl.DataFrame:
+    if frame.is_empty() or not any(floors.values()):
+        return frame
+    floor = pl.col("partition").replace_strict(floors, default=0, return_dtype=pl.Int64)
+    return frame.filter(pl.col("offset") >= floor)
+
+
+def _rpush(pipe: Any, key: str, frame: pl.DataFrame) -> None:
+    payloads = frame["payload"].to_list() if not frame.is_empty() else []
+    for start in range(0, len(payloads), VALUES_PER_COMMAND):
+        pipe.rpush(key, *payloads[start : start + VALUES_PER_COMMAND])
+
+
+def counters(rows: pl.DataFrame, rejects: pl.DataFrame) -> dict[str, int]:
+    """Count rows by label and rejects by reason, as fields of the stats hash."""
+    found: dict[str, int] = {}
+    if rows.height:
+        found["written"] = rows.height
+    if rejects.height:
+        found["rejected"] = rejects.height
+    for frame, column, prefix in (
+        (rows, "blood_pressure_status", "bp_status"),
+        (rows, "news2_risk", "news2_risk"),
+        (rejects, "reason", "reject_reason"),
+    ):
+        if frame.is_empty():
+            continue
+        for label, amount in frame.group_by(column).len().iter_rows():
+            found[f"{prefix}:{label if label is not None else 'none'}"] = amount
+    return found

@@ -1,0 +1,102 @@
+"""Derive the output row from a validated reading: name split, timestamp, BP status, NEWS2."""
+
+from __future__ import annotations
+
+from typing import Final
+
+import polars as pl
+
+from contracts.models import OUTPUT_KEYS
+from etl import rules
+
+#: A trailing run of upper-case words is the family name ("Marie Claire DUBOIS"),
+#: the convention of French administrative records.
+UPPER_CASE_FAMILY_NAME: Final = r"^(?<first>.+?)\s+(?<last>\p{Lu}[\p{Lu}\p{M}'\x{2019}\-]+(?:\s+\p{Lu}[\p{Lu}\p{M}'\x{2019}\-]+)*)$"
+
+
+def split_name(name: pl.Expr) -> tuple[pl.Expr, pl.Expr]:
+    """Split a full name into first and last name.
+
+    A trailing run of upper-case words is the last name; otherwise the first
+    whitespace-separated token is the first name and the rest, particles
+    included, is the last name ("Pieter van den Broek" -> "Pieter" /
+    "van den Broek"). Hyphens never split ("Jean-Pierre"). A one-word name is
+    a first name with a null last name.
+
+    Examples
+    --------
+    >>> df = pl.DataFrame({"name": ["Jean-Pierre Morel", "Marie Claire DUBOIS", "Teodora"]})
+    >>> first, last = split_name(pl.col("name"))
+    >>> df.select(first.alias("first"), last.alias("last")).rows()
+    [('Jean-Pierre', 'Morel'), ('Marie Claire', 'DUBOIS'), ('Teodora', None)]
+    """
+    clean = name.str.strip_chars().str.replace_all(r"\s+", " ")
+    upper = clean.str.extract_groups(UPPER_CASE_FAMILY_NAME)
+    parts = clean.str.splitn(" ", 2)
+    first = pl.coalesce(upper.struct.field("first"), parts.struct.field("field_0"))
+    last = pl.coalesce(upper.struct.field("last"), parts.struct.field("field_1"))
+    return first, last
+
+
+def format_timestamp(measured_at: pl.Expr, time_zone: str) -> pl.Expr:
+    """Format a UTC datetime as ISO-8601 with milliseconds and the zone's offset.
+
+    >>> from datetime import datetime, timezone
+    >>> df = pl.DataFrame({"t": [datetime(2024, 6, 10, 6, 13, 20, tzinfo=timezone.utc)]})
+    >>> df.select(format_timestamp(pl.col("t"), "Europe/Paris")).item()
+    '2024-06-10T08:13:20.000+02:00'
+    """
+    return measured_at.dt.convert_time_zone(time_zone).dt.strftime(
+        "%Y-%m-%dT%H:%M:%S%.3f%:z"
+    )
+
+
+def transform(
+    readings: pl.DataFrame, *, topic: str, rule_set: str, time_zone: str
+) -> pl.DataFrame:
+    """Build the output rows (columns in :data:`contracts.models.OUTPUT_KEYS` order)."""
+    first_name, last_name = split_name(pl.col("name"))
+    news2_score, news2_risk = rules.news2(
+        respiratory_rate=pl.col("respiratory_rate"),
+        spo2=pl.col("spo2"),
+        on_oxygen=pl.col("on_oxygen"),
+        systolic=pl.col("systolic"),
+        heart_rate=pl.col("heart_rate"),
+        consciousness=pl.col("consciousness"),
+        temperature=pl.col("temperature"),
+        age=pl.col("age"),
+        spo2_scale=pl.col("spo2_scale"),
+    )
+    status = rules.bp_status(
+        rule_set,
+        systolic=pl.col("systolic"),
+        diastolic=pl.col("diastolic"),
+        age=pl.col("age"),
+        sex=pl.col("sex"),
+    )
+    return (
+        readings.lazy()
+        .select(
+            pl.col("patient_id"),
+            first_name.alias("first_name"),
+            last_name.alias("last_name"),
+            pl.col("age"),
+            pl.format("{}/{}", "systolic", "diastolic").alias("blood_pressure"),
+            status.alias("blood_pressure_status"),
+            pl.col("heart_rate"),
+            pl.col("temperature"),
+            format_timestamp(pl.col("measured_at"), time_zone).alias("timestamp"),
+            pl.col("systolic"),
+            pl.col("diastolic"),
+            pl.col("spo2"),
+            pl.col("respiratory_rate"),
+            news2_score.cast(pl.Int64).alias("news2_score"),
+            news2_risk.alias("news2_risk"),
+            pl.lit(rule_set).alias("rule_set"),
+            pl.struct(
+                pl.lit(topic).alias("topic"), pl.col("partition"), pl.col("offset")
+            ).alias("source"),
+        )
+        .select(OUTPUT_KEYS)
+        .collect()
+    )
