@@ -1,0 +1,185 @@
+"""A batch against a real Kafka-protocol broker and a real redis-server."""
+
+from __future__ import annotations
+
+import json
+from unittest import mock
+
+import pytest
+import redis
+
+from contracts.models import OUTPUT_KEYS
+from etl.config import Settings
+from etl.pipeline import run_batch
+from etl.sink import RedisSink, SinkError
+from tests.conftest import (
+    case_value,
+    create_topic,
+    encode,
+    load_cases,
+    produce,
+    reading,
+)
+
+pytestmark = pytest.mark.integration
+
+
+def stored_rows(client: redis.Redis, settings: Settings) -> list[dict[str, object]]:
+    return [json.loads(v) for v in client.lrange(settings.redis_list_key, 0, -1)]
+
+
+def stored_offsets(client: redis.Redis, settings: Settings) -> list[tuple[int, int]]:
+    """(partition, offset) of every row and reject in Redis."""
+    found = []
+    for key in (settings.redis_list_key, settings.redis_rejects_key):
+        for value in client.lrange(key, 0, -1):
+            source = json.loads(value)["source"]
+            found.append((source["partition"], source["offset"]))
+    return sorted(found)
+
+
+def test_batch_writes_rows_in_contract_order(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    create_topic(settings, partitions=1)
+    readings = [
+        reading(
+            patient_id="PT-1",
+            name="Pieter van den Broek",
+            age=68,
+            blood_pressure="149/93",
+        ),
+        reading(
+            patient_id="PT-2",
+            name="Jean-Pierre Morel",
+            age=35,
+            blood_pressure="118/76",
+            spo2=97,
+            respiratory_rate=16,
+            consciousness="A",
+            on_oxygen=False,
+            heart_rate=70,
+            temperature=36.8,
+        ),
+    ]
+    produce(settings, [encode(r) for r in readings])
+
+    report = run_batch(settings)
+
+    assert (report.read, report.written, report.rejected) == (2, 2, 0)
+    rows = stored_rows(redis_client, settings)
+    assert [list(row) for row in rows] == [OUTPUT_KEYS, OUTPUT_KEYS]
+    first, second = rows
+    assert (first["first_name"], first["last_name"]) == ("Pieter", "van den Broek")
+    assert first["timestamp"] == "2024-06-10T06:13:20.000+00:00"
+    assert first["source"] == {
+        "topic": settings.kafka_topic,
+        "partition": 0,
+        "offset": 0,
+    }
+    assert (second["systolic"], second["diastolic"]) == (118, 76)
+    assert second["news2_score"] is not None or second["news2_risk"] == "Incomplete"
+
+
+def test_batch_empty_topic_ends_at_once(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    create_topic(settings, partitions=3)
+    report = run_batch(settings)
+    assert report.read == 0
+    assert report.stop_reason == "end_of_partitions"
+    assert report.duration_s < settings.deadline_s
+    assert redis_client.llen(settings.redis_list_key) == 0
+
+
+def test_batch_missing_topic_reads_nothing(settings: Settings) -> None:
+    report = run_batch(settings)
+    assert report.read == 0
+
+
+def test_batch_second_run_writes_nothing(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    create_topic(settings)
+    produce(settings, [encode(reading(patient_id=f"PT-{i}")) for i in range(50)])
+    first = run_batch(settings)
+    second = run_batch(settings)
+    assert first.written == 50
+    assert second.read == 0
+    assert redis_client.llen(settings.redis_list_key) == 50
+
+
+def test_batch_reads_records_older_than_group(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    """Records produced before the group ever existed are read on the first run (C02)."""
+    create_topic(settings)
+    values = [case_value(e) for e in load_cases() if e["case"] == "C02"]
+    produce(settings, values)
+    report = run_batch(settings)
+    assert report.written == 2
+
+
+def test_batch_single_message_topic_ends(settings: Settings) -> None:
+    """One message and then silence: the batch ends on end-of-partition events (C03)."""
+    create_topic(settings)
+    produce(settings, [case_value(e) for e in load_cases() if e["case"] == "C03"])
+    report = run_batch(settings)
+    assert report.written == 1
+    assert report.stop_reason == "end_of_partitions"
+
+
+def test_batch_failure_before_write_commits_nothing(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    """A failure between consume and the Redis write leaves the records for the next run (C04)."""
+    create_topic(settings)
+    produce(settings, [encode(reading(patient_id=f"PT-{i}")) for i in range(10)])
+    with (
+        mock.patch.object(RedisSink, "write_chunk", side_effect=SinkError("injected")),
+        pytest.raises(SinkError, match="injected"),
+    ):
+        run_batch(settings)
+    assert redis_client.llen(settings.redis_list_key) == 0
+    assert redis_client.hlen(settings.redis_offsets_key) == 0
+
+    report = run_batch(settings)
+    assert report.written == 10
+
+
+def test_batch_cap_and_chunks(settings: Settings, redis_client: redis.Redis) -> None:
+    create_topic(settings)
+    produce(settings, [encode(reading(patient_id=f"PT-{i}")) for i in range(250)])
+    capped = settings.model_copy(update={"chunk_size": 40, "max_records": 100})
+    first = run_batch(capped)
+    assert first.read == 100
+    assert first.stop_reason == "record_cap"
+    assert first.chunks == 3
+    rest = run_batch(settings.model_copy(update={"chunk_size": 40}))
+    assert rest.read == 150
+    offsets = stored_offsets(redis_client, settings)
+    assert len(offsets) == len(set(offsets)) == 250
+
+
+def test_batch_public_cases_accounted(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    """Every produced offset ends as exactly one row or reject."""
+    create_topic(settings, partitions=1)
+    values = [case_value(e) for e in load_cases()]
+    produce(settings, values)
+    report = run_batch(settings)
+    assert report.read == len(values)
+    assert stored_offsets(redis_client, settings) == [
+        (0, i) for i in range(len(values))
+    ]
+    assert report.rejected_by_reason["tombstone"] == 1
+
+
+def test_batch_report_in_stream(settings: Settings, redis_client: redis.Redis) -> None:
+    create_topic(settings)
+    produce(settings, [encode(reading())])
+    run_batch(settings)
+    ((_, fields),) = redis_client.xrange(settings.redis_reports_key)
+    assert fields[b"written"] == b"1"
+    assert json.loads(fields[b"report"])["read"] == 1

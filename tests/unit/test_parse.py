@@ -1,0 +1,468 @@
+"""Parsing and input contract: tolerances, reason codes, and the accounting invariant."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import polars as pl
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from etl.config import load_settings
+from etl.parse import RAW_SCHEMA, decode, to_typed
+from etl.pipeline import process_chunk
+from etl.reasons import Reason
+from tests.conftest import case_value, encode, load_cases, reading
+
+NOW = 1_718_000_600.0
+SETTINGS = load_settings()
+
+
+def raw_frame(values: list[bytes | None], *, partition: int = 0) -> pl.DataFrame:
+    return pl.DataFrame(
+        {
+            "partition": [partition] * len(values),
+            "offset": list(range(len(values))),
+            "key": [b"k"] * len(values),
+            "value": values,
+        },
+        schema=RAW_SCHEMA,
+    )
+
+
+def run_chunk(values: list[bytes | None]) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Process values as one chunk; return (rows, rejects) with decoded payloads."""
+    chunk, _ = process_chunk(
+        raw_frame(values), SETTINGS, topic="vitals", now=NOW, expected={0: None}
+    )
+    return chunk.rows, chunk.rejects
+
+
+def rows_of(values: list[bytes | None]) -> list[dict[str, Any]]:
+    rows, _ = run_chunk(values)
+    return [json.loads(payload) for payload in rows["payload"].to_list()]
+
+
+def rejects_of(values: list[bytes | None]) -> list[dict[str, Any]]:
+    _, rejects = run_chunk(values)
+    return [json.loads(payload) for payload in rejects["payload"].to_list()]
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        # Numeric strings are read as numbers.
+        pytest.param(
+            {"age": "42", "heart_rate": "72"},
+            {"age": 42, "heart_rate": 72.0},
+            id="numeric-strings",
+        ),
+        # Integral decimals in the pressure and for whole-number fields.
+        pytest.param(
+            {"blood_pressure": "130.0/85.0", "heart_rate": 72.0},
+            {"blood_pressure": "130/85", "heart_rate": 72.0},
+            id="integral-decimals",
+        ),
+        pytest.param(
+            {"blood_pressure": " 130 / 85 "},
+            {"blood_pressure": "130/85"},
+            id="spaces-around-slash",
+        ),
+        pytest.param({"age": 42.0}, {"age": 42}, id="integral-age"),
+        pytest.param(
+            {"temperature": 37}, {"temperature": 37.0}, id="integer-temperature"
+        ),
+        pytest.param(
+            {"timestamp": 1718000000123},
+            {"timestamp": "2024-06-10T06:13:20.123+00:00"},
+            id="epoch-ms",
+        ),
+        pytest.param(
+            {"timestamp": "2024-06-10T08:13:20+02:00"},
+            {"timestamp": "2024-06-10T06:13:20.000+00:00"},
+            id="iso-offset",
+        ),
+        pytest.param(
+            {"timestamp": "2024-06-10T06:13:20.5Z"},
+            {"timestamp": "2024-06-10T06:13:20.500+00:00"},
+            id="iso-z",
+        ),
+        pytest.param(
+            {"timestamp": "1718000000"},
+            {"timestamp": "2024-06-10T06:13:20.000+00:00"},
+            id="epoch-string",
+        ),
+        pytest.param(
+            {"patient_id": 1234}, {"patient_id": "1234"}, id="numeric-patient-id"
+        ),
+        pytest.param(
+            {"name": "  Jean-Pierre   Morel "},
+            {"first_name": "Jean-Pierre", "last_name": "Morel"},
+            id="whitespace-collapsed",
+        ),
+        pytest.param({"consciousness": "a", "sex": "f"}, {}, id="lower-case-codes"),
+        pytest.param(
+            {"unknown_field": {"nested": [1, 2]}},
+            {"patient_id": "PT-0001"},
+            id="unknown-field-dropped",
+        ),
+    ],
+)
+def test_parse_tolerances(fields: dict[str, Any], expected: dict[str, Any]) -> None:
+    (row,) = rows_of([encode(reading(**fields))])
+    for key, value in expected.items():
+        assert row[key] == value
+
+
+@pytest.mark.parametrize(
+    ("value", "reason", "field"),
+    [
+        pytest.param(None, Reason.TOMBSTONE, None, id="tombstone"),
+        pytest.param(b"", Reason.INVALID_JSON, None, id="empty"),
+        pytest.param(b"   ", Reason.INVALID_JSON, None, id="blank"),
+        pytest.param(b'{"patient_id": "PT', Reason.INVALID_JSON, None, id="truncated"),
+        pytest.param(b"\xff\xfe{}", Reason.NOT_UTF8, None, id="not-utf8"),
+        pytest.param(b"[1, 2]", Reason.NOT_AN_OBJECT, None, id="array"),
+        pytest.param(b'"text"', Reason.NOT_AN_OBJECT, None, id="string"),
+        pytest.param(b"null", Reason.NOT_AN_OBJECT, None, id="json-null"),
+        pytest.param(b'{"a": NaN}', Reason.INVALID_JSON, None, id="nan-literal"),
+        pytest.param(
+            b'{"heart_rate": 1e400}', Reason.INVALID_JSON, None, id="huge-number"
+        ),
+        pytest.param(
+            b"{" * 2000 + b"}" * 2000, Reason.INVALID_JSON, None, id="deep-nesting"
+        ),
+        pytest.param(
+            b'{"name": "a\nb"}', Reason.INVALID_JSON, None, id="raw-newline-in-string"
+        ),
+        pytest.param(b"x" * 70_000, Reason.TOO_LARGE, None, id="too-large"),
+        pytest.param(
+            encode(reading(age="forty")), Reason.WRONG_TYPE, "age", id="age-word"
+        ),
+        pytest.param(
+            encode(reading(age=42.5)), Reason.WRONG_TYPE, "age", id="age-fraction"
+        ),
+        pytest.param(
+            encode(reading(blood_pressure={"systolic": 131, "diastolic": 85})),
+            Reason.WRONG_TYPE,
+            "blood_pressure",
+            id="bp-object",
+        ),
+        pytest.param(
+            encode(reading(blood_pressure="130.5/85")),
+            Reason.WRONG_TYPE,
+            "blood_pressure",
+            id="bp-fraction",
+        ),
+        pytest.param(
+            encode(reading(blood_pressure=130)),
+            Reason.WRONG_TYPE,
+            "blood_pressure",
+            id="bp-number",
+        ),
+        pytest.param(
+            encode(reading(heart_rate="fast")),
+            Reason.WRONG_TYPE,
+            "heart_rate",
+            id="hr-word",
+        ),
+        pytest.param(
+            encode(reading(heart_rate="NaN")),
+            Reason.WRONG_TYPE,
+            "heart_rate",
+            id="hr-nan-string",
+        ),
+        pytest.param(
+            encode(reading(temperature=[37])),
+            Reason.WRONG_TYPE,
+            "temperature",
+            id="temp-array",
+        ),
+        pytest.param(
+            encode(reading(name=["Jean", "Dupont"])),
+            Reason.WRONG_TYPE,
+            "name",
+            id="name-array",
+        ),
+        pytest.param(
+            encode(reading(name=True)), Reason.WRONG_TYPE, "name", id="name-boolean"
+        ),
+        pytest.param(
+            encode(reading(on_oxygen="maybe")),
+            Reason.WRONG_TYPE,
+            "on_oxygen",
+            id="oxygen-word",
+        ),
+        pytest.param(
+            encode(reading(timestamp="yesterday")),
+            Reason.TIMESTAMP_INVALID,
+            "timestamp",
+            id="ts-word",
+        ),
+        pytest.param(
+            encode(reading(timestamp="2024-06-10T06:13:20")),
+            Reason.TIMESTAMP_INVALID,
+            "timestamp",
+            id="ts-no-offset",
+        ),
+        pytest.param(
+            encode(reading(timestamp=NOW + 86_400)),
+            Reason.TIMESTAMP_INVALID,
+            "timestamp",
+            id="ts-future",
+        ),
+        pytest.param(
+            encode(reading(timestamp=12)),
+            Reason.TIMESTAMP_INVALID,
+            "timestamp",
+            id="ts-far-past",
+        ),
+        pytest.param(
+            encode(reading(temperature=None)),
+            Reason.MISSING_FIELD,
+            "temperature",
+            id="temp-null",
+        ),
+        pytest.param(
+            encode({k: v for k, v in reading().items() if k != "heart_rate"}),
+            Reason.MISSING_FIELD,
+            "heart_rate",
+            id="hr-absent",
+        ),
+        pytest.param(
+            encode(reading(name="   ")), Reason.MISSING_FIELD, "name", id="name-blank"
+        ),
+        pytest.param(
+            encode(reading(name="?!-")),
+            Reason.INVALID_NAME,
+            "name",
+            id="name-punctuation",
+        ),
+        pytest.param(
+            encode(reading(patient_id="")),
+            Reason.MISSING_FIELD,
+            "patient_id",
+            id="id-empty",
+        ),
+        pytest.param(
+            encode(reading(patient_id="x" * 65)),
+            Reason.OUT_OF_RANGE,
+            "patient_id",
+            id="id-too-long",
+        ),
+        pytest.param(
+            encode(reading(age=131)), Reason.OUT_OF_RANGE, "age", id="age-131"
+        ),
+        pytest.param(
+            encode(reading(age=-1)), Reason.OUT_OF_RANGE, "age", id="age-negative"
+        ),
+        pytest.param(
+            encode(reading(heart_rate=351)),
+            Reason.OUT_OF_RANGE,
+            "heart_rate",
+            id="hr-351",
+        ),
+        pytest.param(
+            encode(reading(temperature=98.6)),
+            Reason.OUT_OF_RANGE,
+            "temperature",
+            id="temp-fahrenheit",
+        ),
+        pytest.param(
+            encode(reading(spo2=101)), Reason.OUT_OF_RANGE, "spo2", id="spo2-101"
+        ),
+        pytest.param(
+            encode(reading(consciousness="X")),
+            Reason.OUT_OF_RANGE,
+            "consciousness",
+            id="acvpu-unknown",
+        ),
+        pytest.param(
+            encode(reading(blood_pressure="80/120")),
+            Reason.DIASTOLIC_NOT_BELOW_SYSTOLIC,
+            "diastolic",
+            id="dbp-above-sbp",
+        ),
+        pytest.param(
+            encode(reading(blood_pressure="120/120")),
+            Reason.DIASTOLIC_NOT_BELOW_SYSTOLIC,
+            "diastolic",
+            id="dbp-equal-sbp",
+        ),
+        pytest.param(
+            encode(reading(blood_pressure="400/90")),
+            Reason.OUT_OF_RANGE,
+            "systolic",
+            id="sbp-400",
+        ),
+    ],
+)
+def test_parse_rejects_with_reason(
+    value: bytes | None, reason: Reason, field: str | None
+) -> None:
+    good = encode(reading(patient_id="PT-GOOD"))
+    rows, rejects = run_chunk([good, value, good])
+    (reject,) = [json.loads(p) for p in rejects["payload"].to_list()]
+    assert reject["reason"] == reason.value
+    assert reject["field"] == field
+    assert reject["source"] == {"topic": "vitals", "partition": 0, "offset": 1}
+    assert rows.height == 2
+
+
+def test_parse_first_duplicate_key_wins() -> None:
+    (row,) = rows_of(
+        [
+            b'{"patient_id": "PT-1", "name": "Ana Lima", "age": 30, "age": 31, "blood_pressure": "120/80", "heart_rate": 70, "temperature": 36.8, "timestamp": 1718000000}'
+        ]
+    )
+    assert row["age"] == 30
+
+
+def test_parse_multiline_json_accepted() -> None:
+    value = json.dumps(reading(), indent=2).encode()
+    assert b"\n" in value
+    (row,) = rows_of([value])
+    assert row["patient_id"] == "PT-0001"
+
+
+def test_parse_reject_keeps_non_utf8_as_base64() -> None:
+    (reject,) = rejects_of([b'{"name": "H\xe9l\xe8ne"}'])
+    assert "payload" not in reject
+    assert reject["payload_base64"] == "eyJuYW1lIjogIkjpbOhuZSJ9"
+
+
+def test_parse_reject_payload_is_bounded() -> None:
+    (reject,) = rejects_of([b"y" * 70_000])
+    assert reject["payload_truncated"] is True
+    assert len(reject["payload"]) == 4096
+
+
+def test_parse_null_run_then_value_keeps_value() -> None:
+    # Schema inference would type a column from its first values; the explicit
+    # schema keeps the value that follows a long run of nulls.
+    values = [encode(reading(spo2=None))] * 1000 + [encode(reading(spo2=97))]
+    rows = rows_of(values)
+    assert rows[-1]["spo2"] == 97.0
+    assert rows[0]["spo2"] is None
+
+
+def test_parse_result_does_not_depend_on_order() -> None:
+    number = encode(reading(patient_id="A", age=42))
+    text = encode(reading(patient_id="B", age="42"))
+    forward = {r["patient_id"]: r["age"] for r in rows_of([number, text])}
+    backward = {r["patient_id"]: r["age"] for r in rows_of([text, number])}
+    assert forward == backward == {"A": 42, "B": 42}
+
+
+def test_decode_counts_every_value() -> None:
+    values: list[bytes | None] = [encode(reading()), None, b"", b"{", b"[]", b"\xff"]
+    text, rejects = decode(raw_frame(values), max_bytes=65_536)
+    assert text.height + rejects.height == len(values)
+    assert sorted(rejects["offset"].to_list()) == [1, 2, 3, 4, 5]
+
+
+def test_to_typed_reports_first_failing_field() -> None:
+    values = [encode(reading(age="x", heart_rate="y"))]
+    text, _ = decode(raw_frame(values), max_bytes=65_536)
+    typed, rejects = to_typed(text, now=NOW)
+    assert typed.is_empty()
+    assert rejects["field"].to_list() == ["age"]
+
+
+CASE_EXPECTATIONS = {
+    # case: (rows, rejects, reasons)
+    "C06": (0, 1, {Reason.TOMBSTONE}),
+    "C07": (0, 1, {Reason.NOT_UTF8}),
+    "C08": (0, 2, {Reason.INVALID_JSON}),
+    "C11": (2, 1, {Reason.WRONG_TYPE}),
+    "C12": (2, 0, set()),
+    "C15": (0, 1, {Reason.MISSING_FIELD}),
+    "C16": (0, 2, {Reason.WRONG_TYPE, Reason.MISSING_FIELD}),
+    "C17": (1, 1, {Reason.MISSING_FIELD}),
+    "C18": (1, 0, set()),
+    "C21": (2, 0, set()),
+    "C22": (1, 0, set()),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASE_EXPECTATIONS))
+def test_parse_public_cases(case: str) -> None:
+    values = [case_value(e) for e in load_cases() if e["case"] == case]
+    rows, rejects = run_chunk(values)
+    expected_rows, expected_rejects, reasons = CASE_EXPECTATIONS[case]
+    assert rows.height == expected_rows
+    assert rejects.height == expected_rejects
+    assert set(rejects["reason"].to_list()) == {r.value for r in reasons}
+
+
+def test_parse_case_names_split() -> None:
+    by_id = {
+        row["patient_id"]: (row["first_name"], row["last_name"])
+        for row in rows_of(
+            [case_value(e) for e in load_cases() if e["case"] in {"C17", "C18", "C21"}]
+        )
+    }
+    assert by_id["PT-0123"] == ("Teodora", None)
+    assert by_id["PT-0125"] == ("Pieter", "van den Broek")
+    assert by_id["PT-0129"] == ("Jean-Pierre", "Morel")
+    assert by_id["PT-0130"] == ("Anne-Sophie", "Duval-Roche")
+
+
+def test_parse_case_c22_values() -> None:
+    (value,) = [case_value(e) for e in load_cases() if e["case"] == "C22"]
+    (row,) = rows_of([value])
+    assert (row["systolic"], row["diastolic"], row["heart_rate"]) == (130, 85, 72.0)
+    assert row["blood_pressure"] == "130/85"
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.one_of(st.none(), st.binary(max_size=300)), max_size=30))
+@example([])
+@example([None])
+@example([b"\n"])
+@example([b"{}\n{}"])
+def test_parse_arbitrary_bytes_accounted(values: list[bytes | None]) -> None:
+    """Arbitrary values never raise, and each offset ends as exactly one row or reject."""
+    rows, rejects = run_chunk(values)
+    offsets = rows["offset"].to_list() + rejects["offset"].to_list()
+    assert sorted(offsets) == list(range(len(values)))
+
+
+json_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**6), 10**6),
+    st.floats(allow_nan=False),
+    st.text(max_size=20),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.fixed_dictionaries(
+            {},
+            optional={
+                key: st.one_of(json_scalars, st.lists(json_scalars, max_size=2))
+                for key in (
+                    "patient_id",
+                    "name",
+                    "age",
+                    "blood_pressure",
+                    "heart_rate",
+                    "temperature",
+                    "timestamp",
+                    "spo2",
+                    "on_oxygen",
+                )
+            },
+        ).map(lambda extra: encode(reading(**extra))),
+        max_size=20,
+    )
+)
+def test_parse_mutated_readings_accounted(values: list[bytes]) -> None:
+    rows, rejects = run_chunk(list(values))
+    offsets = rows["offset"].to_list() + rejects["offset"].to_list()
+    assert sorted(offsets) == list(range(len(values)))
