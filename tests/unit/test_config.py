@@ -1,0 +1,90 @@
+"""Settings: environment variables, validation errors and secret masking."""
+
+from __future__ import annotations
+
+import pytest
+
+from etl.config import ConfigurationError, load_settings, redact_url
+
+
+def test_settings_defaults_point_at_localhost() -> None:
+    settings = load_settings()
+    assert settings.kafka_bootstrap_servers.startswith("127.0.0.1:")
+    assert settings.redis_list_key == "liste-patients"
+    assert settings.rule_set == "acc_aha_2017"
+
+
+def test_settings_read_prefixed_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VITALS_KAFKA_TOPIC", "ward-7")
+    monkeypatch.setenv("VITALS_CHUNK_SIZE", "1234")
+    monkeypatch.setenv("VITALS_KAFKA_EXTRA", '{"fetch.wait.max.ms": 5}')
+    settings = load_settings()
+    assert settings.kafka_topic == "ward-7"
+    assert settings.chunk_size == 1234
+    assert settings.kafka_config()["fetch.wait.max.ms"] == 5
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        pytest.param(
+            "VITALS_TIME_ZONE", "Mars/Base", "VITALS_TIME_ZONE='Mars/Base'", id="zone"
+        ),
+        pytest.param("VITALS_CHUNK_SIZE", "0", "VITALS_CHUNK_SIZE", id="chunk-zero"),
+        pytest.param("VITALS_RULE_SET", "who_1999", "VITALS_RULE_SET", id="rule-set"),
+        pytest.param(
+            "VITALS_REDIS_URL", "http://x", "VITALS_REDIS_URL", id="redis-scheme"
+        ),
+        pytest.param(
+            "VITALS_KAFKA_TOPIC", "  ", "VITALS_KAFKA_TOPIC", id="blank-topic"
+        ),
+        pytest.param(
+            "VITALS_DEADLINE_S", "-1", "VITALS_DEADLINE_S", id="negative-deadline"
+        ),
+    ],
+)
+def test_settings_invalid_value_names_variable(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, message: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigurationError, match=message):
+        load_settings()
+
+
+def test_settings_error_hides_redis_password(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VITALS_REDIS_URL", "http://user:hunter2@host")
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings()
+    assert "hunter2" not in str(caught.value)
+
+
+def test_settings_duplicate_keys_rejected() -> None:
+    with pytest.raises(ConfigurationError, match="must all differ"):
+        load_settings(redis_rejects_key="liste-patients")
+
+
+def test_settings_redacted_masks_secrets() -> None:
+    settings = load_settings(
+        redis_url="redis://etl:s3cret@127.0.0.1:6380/0",
+        kafka_sasl_password="k4fka",
+        kafka_extra={"ssl.key.password": "pem-pass", "linger.ms": 5},
+    )
+    shown = str(settings.redacted())
+    assert "s3cret" not in shown
+    assert "k4fka" not in shown
+    assert "pem-pass" not in shown
+    assert "linger.ms" in shown
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        pytest.param(
+            "redis://127.0.0.1:6380/0", "redis://127.0.0.1:6380/0", id="no-password"
+        ),
+        pytest.param("redis://:pw@h:1/0", "redis://:***@h:1/0", id="password-only"),
+        pytest.param("rediss://etl:pw@h/2", "rediss://etl:***@h/2", id="user-and-tls"),
+    ],
+)
+def test_redact_url_cases(url: str, expected: str) -> None:
+    assert redact_url(url) == expected
