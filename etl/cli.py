@@ -193,7 +193,8 @@ def show(start: int, stop: int, key: str | None) -> None:
     if not values:
         click.echo("(empty list or set)")
     for index, value in enumerate(values, start=1):
-        click.echo(f'{index}) "{value.decode(errors="replace")}"')
+        text = value.decode(errors="replace") if isinstance(value, bytes) else value
+        click.echo(f'{index}) "{text}"')
 
 
 @main.command("settings")
