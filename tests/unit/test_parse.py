@@ -466,3 +466,15 @@ def test_parse_mutated_readings_accounted(values: list[bytes]) -> None:
     rows, rejects = run_chunk(list(values))
     offsets = rows["offset"].to_list() + rejects["offset"].to_list()
     assert sorted(offsets) == list(range(len(values)))
+
+
+def test_chunk_same_offset_twice_gives_one_row() -> None:
+    """A record delivered twice (same partition and offset) is written once (C05)."""
+    (value,) = {case_value(e) for e in load_cases() if e["case"] == "C05"}
+    raw = pl.concat([raw_frame([value]), raw_frame([value])])
+    chunk, duplicates = process_chunk(
+        raw, SETTINGS, topic="vitals", now=NOW, expected={0: None}
+    )
+    assert duplicates == 1
+    assert chunk.rows.height == 1
+    assert chunk.next_offsets == {0: 1}
