@@ -15,10 +15,24 @@ import pandera.polars as pa
 import polars as pl
 from pandera.api.polars.types import PolarsData
 
+from etl.rules import BP_LABEL_RANK, RULE_SETS
+
 CONSCIOUSNESS_LEVELS: Final = ["A", "C", "V", "P", "U"]
 """ACVPU, Royal College of Physicians NEWS2 (2017): Alert, new Confusion, Voice, Pain, Unresponsive."""
 
 SEXES: Final = ["F", "M"]
+
+BP_LABELS: Final = sorted(
+    {label for labels in BP_LABEL_RANK.values() for label in labels}
+)
+NEWS2_RISKS: Final = [
+    "Low",
+    "Low-medium",
+    "Medium",
+    "High",
+    "Incomplete",
+    "Not applicable",
+]
 
 
 class InputReading(pa.DataFrameModel):
@@ -66,7 +80,7 @@ class OutputRow(pa.DataFrameModel):
     last_name: pl.String = pa.Field(nullable=True, str_length={"min_value": 1})
     age: pl.Int64 = pa.Field(ge=0, le=130)
     blood_pressure: pl.String = pa.Field(str_matches=r"^\d{2,3}/\d{1,3}$")
-    blood_pressure_status: pl.String = pa.Field(nullable=True)
+    blood_pressure_status: pl.String = pa.Field(nullable=True, isin=BP_LABELS)
     heart_rate: pl.Float64 = pa.Field(ge=0, le=350)
     temperature: pl.Float64 = pa.Field(ge=14.2, le=47.0)
     timestamp: pl.String = pa.Field(
@@ -77,12 +91,8 @@ class OutputRow(pa.DataFrameModel):
     spo2: pl.Float64 = pa.Field(nullable=True, ge=0, le=100)
     respiratory_rate: pl.Float64 = pa.Field(nullable=True, ge=0, le=100)
     news2_score: pl.Int64 = pa.Field(nullable=True, ge=0, le=20)
-    news2_risk: pl.String = pa.Field(
-        isin=["Low", "Low-medium", "Medium", "High", "Incomplete", "Not applicable"]
-    )
-    rule_set: pl.String = pa.Field(
-        isin=["acc_aha_2017", "esc_esh_2018", "legacy_age_bands"]
-    )
+    news2_risk: pl.String = pa.Field(isin=NEWS2_RISKS)
+    rule_set: pl.String = pa.Field(isin=list(RULE_SETS))
     source: pl.Struct(  # type: ignore[valid-type]
         {"topic": pl.String, "partition": pl.Int32, "offset": pl.Int64}
     )
