@@ -183,3 +183,67 @@ def test_batch_report_in_stream(settings: Settings, redis_client: redis.Redis) -
     ((_, fields),) = redis_client.xrange(settings.redis_reports_key)
     assert fields[b"written"] == b"1"
     assert json.loads(fields[b"report"])["read"] == 1
+
+
+@pytest.mark.parametrize(
+    ("rule_set", "expected"),
+    [
+        pytest.param("acc_aha_2017", "Stage 2 hypertension range", id="acc-aha"),
+        pytest.param("esc_esh_2018", "Isolated systolic hypertension grade 1 range", id="esc-esh"),
+        pytest.param("legacy_age_bands", "High", id="legacy"),
+    ],
+)
+def test_batch_rule_set_setting(
+    settings: Settings, redis_client: redis.Redis, rule_set: str, expected: str
+) -> None:
+    create_topic(settings, partitions=1)
+    produce(settings, [encode(reading(age=45, blood_pressure="145/85"))])
+    run_batch(settings.model_copy(update={"rule_set": rule_set}))
+    (row,) = stored_rows(redis_client, settings)
+    assert row["blood_pressure_status"] == expected
+    assert row["rule_set"] == rule_set
+
+
+def test_batch_news2_alerts_in_same_transaction(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    create_topic(settings, partitions=1)
+    full = {
+        "spo2": 97,
+        "respiratory_rate": 16,
+        "consciousness": "A",
+        "on_oxygen": False,
+    }
+    calm = reading(
+        patient_id="PT-CALM",
+        heart_rate=70,
+        temperature=36.8,
+        blood_pressure="120/78",
+        **full,
+    )
+    unwell = reading(
+        patient_id="PT-UNWELL",
+        heart_rate=135,
+        temperature=39.5,
+        blood_pressure="88/50",
+        spo2=89,
+        respiratory_rate=28,
+        consciousness="V",
+        on_oxygen=True,
+    )
+    produce(settings, [encode(calm), encode(unwell)])
+    report = run_batch(settings)
+    risks = {
+        row["patient_id"]: row["news2_risk"]
+        for row in stored_rows(redis_client, settings)
+    }
+    assert risks == {"PT-CALM": "Low", "PT-UNWELL": "High"}
+    alerts = [
+        json.loads(v)["patient_id"]
+        for v in redis_client.lrange(settings.redis_alerts_key, 0, -1)
+    ]
+    assert alerts == ["PT-UNWELL"]
+    assert report.alerts == 1
+    stats = redis_client.hgetall(settings.redis_stats_key)
+    assert stats[b"news2_risk:High"] == b"1"
+    assert stats[b"written"] == b"2"
