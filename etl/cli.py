@@ -254,5 +254,11 @@ def services_status(state_dir: Path) -> None:
         click.echo(f"{name}: {'running (pid ' + str(pid) + ')' if pid else 'stopped'}")
 
 
+from etl.cli_extra import contracts, reports, validate_feed  # noqa: E402
+
+main.add_command(contracts)
+main.add_command(validate_feed)
+main.add_command(reports)
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,230 @@
+"""Commands ``etl contracts``, ``etl validate-feed`` and ``etl reports``.
+
+They are registered on the main group at the end of :mod:`etl.cli`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO, Final
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from etl.config import ConfigurationError, Settings, load_settings
+
+if TYPE_CHECKING:
+    from etl.feed import FeedResult
+    from etl.reports import ReportEntry
+
+EXIT_FAILED: Final = 1
+EXIT_CONFIG: Final = 2
+EXIT_INFRASTRUCTURE: Final = 3
+
+console = Console()
+# Errors are not wrapped, so a message stays on one line in logs and pipes.
+errors = Console(stderr=True, soft_wrap=True)
+
+
+def _load_settings() -> Settings:
+    try:
+        return load_settings()
+    except ConfigurationError as exc:
+        errors.print(f"[red]error:[/red] {exc}")
+        sys.exit(EXIT_CONFIG)
+
+
+# etl contracts
+
+
+@click.group()
+def contracts() -> None:
+    """Export the data contracts as files, or check the committed files for drift."""
+
+
+DIRECTORY_OPTION: Final = click.option(
+    "--dir",
+    "directory",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    help="Folder of the artefacts (default: the contracts package folder).",
+)
+
+
+@contracts.command("export")
+@DIRECTORY_OPTION
+def contracts_export(directory: Path | None) -> None:
+    """Write the message JSON Schema and the Pandera YAML of both models."""
+    from etl.contracts_export import (
+        CONTRACTS_DIR,
+        ContractExportError,
+        write_artefacts,
+    )
+
+    try:
+        written = write_artefacts(directory or CONTRACTS_DIR)
+    except ContractExportError as exc:
+        errors.print(f"[red]cannot export the contracts:[/red] {exc}")
+        sys.exit(EXIT_FAILED)
+    for path in written:
+        click.echo(f"wrote {path}")
+
+
+@contracts.command("check")
+@DIRECTORY_OPTION
+def contracts_check(directory: Path | None) -> None:
+    """Exit 1 and print a diff when a committed artefact differs from a fresh export."""
+    from etl.contracts_export import (
+        CONTRACTS_DIR,
+        ContractExportError,
+        check_artefacts,
+    )
+
+    try:
+        drifts = check_artefacts(directory or CONTRACTS_DIR)
+    except ContractExportError as exc:
+        errors.print(f"[red]cannot export the contracts:[/red] {exc}")
+        sys.exit(EXIT_FAILED)
+    if not drifts:
+        click.echo("contracts: every artefact matches the models")
+        return
+    for drift in drifts:
+        click.echo(drift.diff, nl=not drift.diff.endswith("\n"))
+    names = ", ".join(drift.name for drift in drifts)
+    errors.print(
+        f"[red]contracts drifted from the models:[/red] {names}. "
+        "Run 'etl contracts export' and commit the files if the change is intended."
+    )
+    sys.exit(EXIT_FAILED)
+
+
+# etl validate-feed
+
+
+@click.command("validate-feed")
+@click.argument("feed", type=click.File("rb"))
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option(
+    "--limit",
+    type=click.IntRange(min=0),
+    default=100,
+    show_default=True,
+    help="Failures shown in the table; 0 shows all. --json always lists all.",
+)
+def validate_feed(feed: BinaryIO, as_json: bool, limit: int) -> None:
+    """Check FEED (NDJSON, one message per line; '-' for stdin) as the batch would.
+
+    Each line goes through the batch's parsing and input contract. Exits 1 when
+    any line would be rejected. Blank lines are skipped.
+    """
+    from etl.feed import validate_feed as run_validation
+
+    result = run_validation(feed, _load_settings())
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        _print_feed_result(result, limit=limit)
+    if result.failures:
+        sys.exit(EXIT_FAILED)
+
+
+def _print_feed_result(result: FeedResult, *, limit: int) -> None:
+    if result.failures:
+        shown = result.failures if limit == 0 else result.failures[:limit]
+        table = Table(title="Lines the batch would reject")
+        for column in ("line", "reason", "field", "detail"):
+            table.add_column(column, justify="right" if column == "line" else "left")
+        for failure in shown:
+            table.add_row(
+                str(failure.line),
+                failure.reason,
+                failure.field or "",
+                failure.detail or "",
+            )
+        console.print(table)
+        if len(shown) < len(result.failures):
+            console.print(
+                f"... and {len(result.failures) - len(shown)} more (use --limit 0 or --json)"
+            )
+        summary = Table(title="Failures by reason")
+        summary.add_column("reason")
+        summary.add_column("lines", justify="right")
+        for reason, amount in result.by_reason.items():
+            summary.add_row(reason, str(amount))
+        console.print(summary)
+    valid = result.checked - len(result.failures)
+    console.print(
+        f"{result.checked} messages checked: {valid} valid, "
+        f"{len(result.failures)} invalid; {result.blank} blank lines skipped"
+    )
+
+
+# etl reports
+
+
+@click.command("reports")
+@click.option(
+    "--last",
+    type=click.IntRange(min=1),
+    default=10,
+    show_default=True,
+    help="Number of most recent batch reports to show.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the reports as JSON.")
+def reports(last: int, as_json: bool) -> None:
+    """Print the last batch reports from the Redis reports stream, oldest first."""
+    import redis
+
+    from etl.reports import read_reports
+
+    settings = _load_settings()
+    client = redis.Redis.from_url(
+        settings.redis_url.get_secret_value(),
+        socket_timeout=settings.redis_timeout_s,
+        socket_connect_timeout=settings.redis_timeout_s,
+    )
+    try:
+        entries = read_reports(client, settings.redis_reports_key, last=last)
+    except redis.RedisError as exc:
+        errors.print(
+            f"[red]cannot read {settings.redis_reports_key} from "
+            f"{settings.redis_url_redacted}:[/red] {exc}"
+        )
+        sys.exit(EXIT_INFRASTRUCTURE)
+    finally:
+        client.close()
+
+    if as_json:
+        click.echo(json.dumps([entry.to_dict() for entry in entries], indent=2))
+        return
+    if not entries:
+        console.print(
+            f"No batch reports in {settings.redis_reports_key} yet; run 'etl run' first."
+        )
+        return
+    console.print(_reports_table(entries, key=settings.redis_reports_key))
+
+
+def _reports_table(entries: list[ReportEntry], *, key: str) -> Table:
+    table = Table(title=f"Last {len(entries)} batch reports ({key})")
+    table.add_column("time (UTC)")
+    table.add_column("status")
+    for name in ("read", "written", "rejected", "duplicates", "alerts"):
+        table.add_column(name, justify="right")
+    table.add_column("duration", justify="right")
+    table.add_column("rate", justify="right")
+    for entry in entries:
+        table.add_row(
+            entry.time.strftime("%Y-%m-%d %H:%M:%S"),
+            entry.status,
+            str(entry.read),
+            str(entry.written),
+            str(entry.rejected),
+            str(entry.duplicates),
+            str(entry.alerts),
+            f"{entry.duration_s:.2f} s",
+            f"{entry.rate_per_s:,.0f}/s",
+        )
+    return table

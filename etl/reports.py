@@ -1,0 +1,141 @@
+"""Read batch reports back from the capped Redis stream that ``run_batch`` appends to.
+
+Each stream entry has flat fields (status, read, written, rejected, tombstones,
+duplicates, alerts, duration_s, rate_per_s) and a ``report`` field with the
+whole report as JSON (counts by reason, by blood-pressure status and by NEWS2
+risk, offsets per partition).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Final
+
+if TYPE_CHECKING:
+    import redis
+
+logger = logging.getLogger(__name__)
+
+COUNT_FIELDS: Final = (
+    "read",
+    "written",
+    "rejected",
+    "tombstones",
+    "duplicates",
+    "alerts",
+)
+RATE_FIELDS: Final = ("duration_s", "rate_per_s")
+
+
+@dataclass(frozen=True)
+class ReportEntry:
+    """One batch report as stored in the stream; ``time`` is when it was appended."""
+
+    id: str
+    time: datetime
+    status: str
+    read: int = 0
+    written: int = 0
+    rejected: int = 0
+    tombstones: int = 0
+    duplicates: int = 0
+    alerts: int = 0
+    duration_s: float = 0.0
+    rate_per_s: float = 0.0
+    report: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rejected_by_reason(self) -> dict[str, int]:
+        counts = self.report.get("rejected_by_reason") or {}
+        return {str(reason): int(amount) for reason, amount in counts.items()}
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the entry as JSON-ready values (``time`` as ISO-8601 UTC)."""
+        data = asdict(self)
+        data["time"] = self.time.isoformat(timespec="milliseconds")
+        return data
+
+
+def entry_time(entry_id: str) -> datetime:
+    """Return the time encoded in a stream entry id (``<milliseconds>-<sequence>``)."""
+    milliseconds = int(entry_id.split("-", 1)[0])
+    return datetime.fromtimestamp(milliseconds / 1000, UTC)
+
+
+def parse_entry(
+    entry_id: bytes | str, fields: Mapping[bytes | str, bytes | str]
+) -> ReportEntry:
+    """Build a :class:`ReportEntry` from one raw XRANGE item.
+
+    A field that is missing or not a number reads as 0, and a ``report``
+    field that is not a JSON object reads as an empty report, so one damaged
+    entry does not hide the others.
+    """
+    text = {_text(name): _text(value) for name, value in fields.items()}
+    ident = _text(entry_id)
+    numbers: dict[str, Any] = {}
+    for name in COUNT_FIELDS:
+        numbers[name] = int(_number(text.get(name)))
+    for name in RATE_FIELDS:
+        numbers[name] = _number(text.get(name))
+    return ReportEntry(
+        id=ident,
+        time=entry_time(ident),
+        status=text.get("status", "unknown"),
+        report=_report_document(text.get("report"), ident),
+        **numbers,
+    )
+
+
+def read_reports(
+    client: redis.Redis, key: str, *, last: int | None = None
+) -> list[ReportEntry]:
+    """Return the last ``last`` reports of the stream ``key``, oldest first.
+
+    ``last=None`` returns every entry the stream still contains (it is capped at
+    ``VITALS_REDIS_REPORTS_MAXLEN`` entries, approximately).
+    """
+    if last is not None and last < 1:
+        msg = f"last must be at least 1, got {last}"
+        raise ValueError(msg)
+    # redis-py types the reply loosely (sync or async client); it is a list here.
+    reply: Any = (
+        client.xrange(key) if last is None else client.xrevrange(key, count=last)
+    )
+    items = list(reply or [])
+    if last is not None:
+        items.reverse()
+    return [parse_entry(entry_id, fields) for entry_id, fields in items]
+
+
+def _text(value: bytes | str) -> str:
+    return (
+        value.decode("utf-8", errors="replace") if isinstance(value, bytes) else value
+    )
+
+
+def _number(value: str | None) -> float:
+    if value is None:
+        return 0.0
+    try:
+        return float(value)
+    except ValueError:
+        return 0.0
+
+
+def _report_document(value: str | None, entry_id: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    try:
+        document = json.loads(value)
+    except json.JSONDecodeError:
+        logger.warning("Report %s has a report field that is not JSON", entry_id)
+        return {}
+    if not isinstance(document, dict):
+        logger.warning("Report %s has a report field that is not an object", entry_id)
+        return {}
+    return document

@@ -1,0 +1,137 @@
+"""Batch reports read back from the Redis stream that run_batch appends to."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import redis
+from click.testing import CliRunner
+
+from etl.cli import main
+from etl.config import Settings
+from etl.explore import load_reports, reject_reasons_by_run, settings_env
+from etl.pipeline import BatchReport, run_batch
+from etl.reports import parse_entry, read_reports
+from etl.services import free_port
+from tests.conftest import create_topic, encode, produce, reading
+
+
+def two_batches(settings: Settings) -> list[BatchReport]:
+    """Run two batches: five readings with one reject, then three with two rejects."""
+    create_topic(settings, partitions=1)
+    produce(
+        settings, [encode(reading(patient_id=f"PT-{i}")) for i in range(4)] + [b"{"]
+    )
+    first = run_batch(settings)
+    produce(settings, [encode(reading(age=200)), None, encode(reading())])
+    second = run_batch(settings)
+    return [first, second]
+
+
+@pytest.mark.integration
+def test_reports_read_back_oldest_first(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    batches = two_batches(settings)
+
+    entries = read_reports(redis_client, settings.redis_reports_key, last=10)
+
+    assert [entry.status for entry in entries] == ["ok", "ok"]
+    assert [(e.read, e.written, e.rejected) for e in entries] == [
+        (5, 4, 1),
+        (3, 1, 2),
+    ]
+    assert [entry.tombstones for entry in entries] == [0, 1]
+    assert entries[0].time <= entries[1].time
+    assert entries[1].rejected_by_reason == {"out_of_range": 1, "tombstone": 1}
+    assert entries[1].report["offsets"] == batches[1].to_dict()["offsets"]
+
+
+@pytest.mark.integration
+def test_reports_last_keeps_newest(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    two_batches(settings)
+
+    entries = read_reports(redis_client, settings.redis_reports_key, last=1)
+
+    assert [(entry.read, entry.rejected) for entry in entries] == [(3, 2)]
+
+
+@pytest.mark.integration
+def test_reports_cli_prints_table(settings: Settings) -> None:
+    two_batches(settings)
+
+    # A wide console, so rich does not wrap the headers.
+    env = {**settings_env(settings), "COLUMNS": "160"}
+
+    result = CliRunner().invoke(main, ["reports", "--last", "10"], env=env)
+
+    assert result.exit_code == 0, result.output
+    assert "Last 2 batch reports" in result.output
+    for header in ("status", "read", "written", "rejected", "duplicates", "alerts"):
+        assert header in result.output
+
+
+@pytest.mark.integration
+def test_reports_cli_json(settings: Settings) -> None:
+    two_batches(settings)
+
+    result = CliRunner().invoke(
+        main, ["reports", "--last", "1", "--json"], env=settings_env(settings)
+    )
+
+    assert result.exit_code == 0, result.output
+    [entry] = json.loads(result.output)
+    assert (entry["status"], entry["read"], entry["written"]) == ("ok", 3, 1)
+    assert entry["report"]["rejected_by_reason"] == {
+        "out_of_range": 1,
+        "tombstone": 1,
+    }
+
+
+@pytest.mark.integration
+def test_reports_cli_empty_stream(settings: Settings) -> None:
+    result = CliRunner().invoke(main, ["reports"], env=settings_env(settings))
+
+    assert result.exit_code == 0, result.output
+    assert "No batch reports" in result.output
+
+
+@pytest.mark.integration
+def test_reports_cli_unreachable_redis_exits_3(settings: Settings) -> None:
+    env = settings_env(settings)
+    env["VITALS_REDIS_URL"] = f"redis://127.0.0.1:{free_port()}/0"
+    env["VITALS_REDIS_TIMEOUT_S"] = "1"
+
+    result = CliRunner().invoke(main, ["reports"], env=env)
+
+    assert result.exit_code == 3
+    assert "cannot read" in result.stderr
+
+
+@pytest.mark.integration
+def test_reports_frame_for_notebooks(settings: Settings) -> None:
+    two_batches(settings)
+
+    reports = load_reports(settings)
+    reasons = reject_reasons_by_run(reports)
+
+    assert reports["read"].to_list() == [5, 3]
+    assert reasons.select("reason", "count").rows() == [
+        ("invalid_json", 1),
+        ("out_of_range", 1),
+        ("tombstone", 1),
+    ]
+
+
+def test_reports_parse_entry_tolerates_damaged_fields() -> None:
+    entry = parse_entry(
+        b"1718000000000-0",
+        {b"status": b"ok", b"read": b"many", b"report": b"not json"},
+    )
+
+    assert entry.read == 0
+    assert entry.report == {}
+    assert entry.time.isoformat() == "2024-06-10T06:13:20+00:00"

@@ -1,0 +1,362 @@
+"""Contract artefacts: the committed exports match the models, and drift is caught."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pandera.polars as pa
+import polars as pl
+import pytest
+import yaml
+from click.testing import CliRunner
+from pandera.api.polars.types import PolarsData
+
+from contracts import models
+from contracts.models import InputReading, OutputRow
+from etl.cli import main
+from etl.config import load_settings
+from etl.contracts_export import (
+    CONTRACTS_DIR,
+    INPUT_YAML_FILE,
+    JSON_SCHEMA_FILE,
+    OUTPUT_YAML_FILE,
+    ContractExportError,
+    check_artefacts,
+    custom_checks,
+    message_json_schema,
+    model_yaml,
+    render_artefacts,
+)
+from etl.parse import RAW_SCHEMA
+from etl.pipeline import process_chunk
+from tests.conftest import case_value, load_cases, reading
+
+NOW = 1_718_000_600.0
+SETTINGS = load_settings()
+
+
+class NarrowerAge(InputReading):
+    """InputReading with a lower maximum age."""
+
+    age: pl.Int64 = pa.Field(ge=0, le=120)
+
+
+class WiderOutput(OutputRow):
+    """OutputRow with one more column."""
+
+    ward: pl.String = pa.Field(nullable=True)
+
+
+class ExtraCheck(OutputRow):
+    """OutputRow with one more custom check."""
+
+    @pa.dataframe_check(name="pulse_pressure_positive")
+    def _pulse_pressure(cls, data: PolarsData) -> pl.LazyFrame:
+        return data.lazyframe.select(pl.col("systolic") - pl.col("diastolic") > 0)
+
+
+class StricterCheck(InputReading):
+    """InputReading whose diastolic_below_systolic check has a changed body."""
+
+    @pa.dataframe_check(name="diastolic_below_systolic")
+    def _diastolic_below_systolic(cls, data: PolarsData) -> pl.LazyFrame:
+        return data.lazyframe.select(pl.col("diastolic") + 10 < pl.col("systolic"))
+
+
+class UnmappedColumn(InputReading):
+    """InputReading with a column that no message field fills."""
+
+    ward: pl.String = pa.Field(nullable=True)
+
+
+def drifted_names(**models_: Any) -> list[str]:
+    return [drift.name for drift in check_artefacts(fresh=render_artefacts(**models_))]
+
+
+# Committed files
+
+
+def test_contracts_committed_files_match_models() -> None:
+    drifts = check_artefacts()
+
+    assert [drift.name for drift in drifts] == [], "".join(d.diff for d in drifts)
+
+
+def test_contracts_cli_check_passes_on_committed_files() -> None:
+    result = CliRunner().invoke(main, ["contracts", "check"])
+
+    assert result.exit_code == 0, result.output
+    assert "every artefact matches" in result.output
+
+
+def test_contracts_export_writes_what_check_accepts(tmp_path: Path) -> None:
+    runner = CliRunner()
+
+    exported = runner.invoke(main, ["contracts", "export", "--dir", str(tmp_path)])
+    checked = runner.invoke(main, ["contracts", "check", "--dir", str(tmp_path)])
+
+    assert exported.exit_code == 0, exported.output
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(
+        [INPUT_YAML_FILE, JSON_SCHEMA_FILE, OUTPUT_YAML_FILE]
+    )
+    assert checked.exit_code == 0, checked.output
+
+
+# Drift
+
+
+def test_contracts_check_catches_changed_bound() -> None:
+    drifts = check_artefacts(fresh=render_artefacts(input_model=NarrowerAge))
+
+    assert sorted(drift.name for drift in drifts) == [INPUT_YAML_FILE, JSON_SCHEMA_FILE]
+    diff = "".join(drift.diff for drift in drifts)
+    assert "-    less_than_or_equal_to: 130" in diff
+    assert "+    less_than_or_equal_to: 120" in diff
+    assert '+          "maximum": 120' in diff
+
+
+def test_contracts_check_catches_added_column() -> None:
+    assert drifted_names(output_model=WiderOutput) == [OUTPUT_YAML_FILE]
+
+
+def test_contracts_check_catches_added_custom_check() -> None:
+    drifts = check_artefacts(fresh=render_artefacts(output_model=ExtraCheck))
+
+    assert [drift.name for drift in drifts] == [OUTPUT_YAML_FILE]
+    assert "+  - name: pulse_pressure_positive" in drifts[0].diff
+
+
+def test_contracts_check_catches_changed_check_body() -> None:
+    original = custom_checks(InputReading)["dataframe"]
+    changed = custom_checks(StricterCheck)["dataframe"]
+
+    assert [check["name"] for check in changed] == ["diastolic_below_systolic"]
+    assert changed[0]["source_sha256"] != original[0]["source_sha256"]
+    assert INPUT_YAML_FILE in drifted_names(input_model=StricterCheck)
+
+
+def test_contracts_cli_check_fails_on_changed_model(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(models, "InputReading", NarrowerAge)
+
+    result = CliRunner().invoke(main, ["contracts", "check"])
+
+    assert result.exit_code == 1
+    assert "+    less_than_or_equal_to: 120" in result.output
+    assert "etl contracts export" in result.stderr
+
+
+def test_contracts_cli_check_fails_on_unmapped_column(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(models, "InputReading", UnmappedColumn)
+
+    result = CliRunner().invoke(main, ["contracts", "check"])
+
+    assert result.exit_code == 1
+    assert "columns ['ward'] of UnmappedColumn have no message field" in result.stderr
+
+
+def test_contracts_check_reports_missing_file(tmp_path: Path) -> None:
+    drifts = check_artefacts(tmp_path)
+
+    assert len(drifts) == 3
+    assert all("is missing" in drift.diff for drift in drifts)
+
+
+def test_contracts_export_rejects_unmapped_column() -> None:
+    with pytest.raises(ContractExportError, match=r"\['ward'\].*MESSAGE_FIELDS"):
+        message_json_schema(UnmappedColumn)
+
+
+# Pandera YAML
+
+
+def test_model_yaml_emits_no_warning() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        text = model_yaml(InputReading)
+
+    assert text.startswith("# Generated by 'etl contracts export'")
+
+
+def test_model_yaml_lists_custom_checks() -> None:
+    document = yaml.safe_load(model_yaml(InputReading))
+
+    assert document["schema_type"] == "polars_dataframe"
+    assert list(document["columns"]) == list(InputReading.to_schema().columns)
+    custom = document["custom_checks"]
+    assert [c["name"] for c in custom["columns"]["name"]] == ["contains_letter"]
+    assert [c["name"] for c in custom["dataframe"]] == ["diastolic_below_systolic"]
+    assert all(len(c["source_sha256"]) == 64 for c in custom["dataframe"])
+
+
+# JSON Schema of the message
+
+
+def load_json_schema() -> dict[str, Any]:
+    document: dict[str, Any] = json.loads(
+        (CONTRACTS_DIR / JSON_SCHEMA_FILE).read_text(encoding="utf-8")
+    )
+    return document
+
+
+def schema_accepts(document: Any) -> bool:
+    return jsonschema.Draft202012Validator(load_json_schema()).is_valid(document)
+
+
+def batch_reason(value: bytes) -> str | None:
+    """Return the reason code when the batch rejects ``value`` sent alone, else None."""
+    raw = pl.DataFrame(
+        {"partition": [0], "offset": [0], "key": [None], "value": [value]},
+        schema=RAW_SCHEMA,
+    )
+    chunk, _ = process_chunk(raw, SETTINGS, topic="t", now=NOW, expected={0: None})
+    if chunk.rejects.is_empty():
+        return None
+    reason: str = chunk.rejects["reason"][0]
+    return reason
+
+
+def batch_accepts(value: bytes) -> bool:
+    return batch_reason(value) is None
+
+
+def test_json_schema_is_valid_draft_2020_12() -> None:
+    jsonschema.Draft202012Validator.check_schema(load_json_schema())
+
+
+def test_json_schema_takes_bounds_from_model() -> None:
+    properties = message_json_schema(NarrowerAge)["properties"]
+
+    assert properties["age"]["oneOf"][0] == {
+        "type": "integer",
+        "minimum": 0,
+        "maximum": 120,
+    }
+    assert properties["patient_id"]["maxLength"] == 64
+    assert properties["consciousness"]["oneOf"][0]["enum"] == ["A", "C", "V", "P", "U"]
+
+
+def test_json_schema_requires_non_nullable_fields() -> None:
+    required = load_json_schema()["required"]
+
+    assert required == [
+        "patient_id",
+        "name",
+        "age",
+        "blood_pressure",
+        "heart_rate",
+        "temperature",
+        "timestamp",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("fields", "accepted"),
+    [
+        pytest.param({}, True, id="plain"),
+        # The documented tolerances.
+        pytest.param({"age": "42", "heart_rate": " 72 "}, True, id="numeric-strings"),
+        pytest.param({"blood_pressure": "130.0/85.0"}, True, id="integral-decimals"),
+        pytest.param({"blood_pressure": "130 / 85"}, True, id="spaces-around-slash"),
+        pytest.param({"age": 42.0}, True, id="integral-age"),
+        pytest.param({"timestamp": 1718000000123}, True, id="epoch-ms"),
+        pytest.param({"timestamp": "2024-06-10T06:13:20Z"}, True, id="iso-z"),
+        pytest.param({"timestamp": "2024-06-10T08:13:20+02:00"}, True, id="iso-offset"),
+        pytest.param(
+            {"spo2": 97, "respiratory_rate": "16", "consciousness": "A"},
+            True,
+            id="optional-fields",
+        ),
+        pytest.param({"spo2": None, "sex": None}, True, id="optional-null"),
+        pytest.param({"ward": "B2"}, True, id="unknown-field"),
+        # Rejected by both.
+        pytest.param({"age": 131}, False, id="age-out-of-range"),
+        pytest.param({"age": 42.5}, False, id="fractional-age"),
+        pytest.param({"age": "forty"}, False, id="age-not-a-number"),
+        pytest.param({"heart_rate": True}, False, id="boolean-heart-rate"),
+        pytest.param({"temperature": 60}, False, id="temperature-out-of-range"),
+        pytest.param({"spo2": 101}, False, id="spo2-out-of-range"),
+        pytest.param({"blood_pressure": "120-80"}, False, id="pressure-without-slash"),
+        pytest.param({"blood_pressure": [120, 80]}, False, id="pressure-as-array"),
+        pytest.param({"timestamp": "2024-06-10T06:13:20"}, False, id="iso-no-offset"),
+        pytest.param({"timestamp": 86400}, False, id="timestamp-before-2000"),
+        pytest.param({"name": "   "}, False, id="blank-name"),
+        pytest.param({"name": 42}, False, id="number-as-name"),
+        pytest.param({"consciousness": "X"}, False, id="unknown-consciousness"),
+        pytest.param({"sex": "X"}, False, id="unknown-sex"),
+        pytest.param({"patient_id": "P" * 65}, False, id="patient-id-too-long"),
+        pytest.param({"temperature": None}, False, id="required-null"),
+    ],
+)
+def test_json_schema_agrees_with_batch(fields: dict[str, Any], accepted: bool) -> None:
+    message = reading(**fields)
+
+    assert schema_accepts(message) is accepted
+    assert batch_accepts(json.dumps(message).encode()) is accepted
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        # Cross-field and letter checks are named in x-pandera-checks only.
+        pytest.param({"blood_pressure": "80/120"}, id="diastolic-above-systolic"),
+        pytest.param({"name": "12345"}, id="name-without-letter"),
+        # A range applies to the value of a numeric string only in the batch.
+        pytest.param({"age": "131"}, id="numeric-string-out-of-range"),
+        # The time window depends on the batch start.
+        pytest.param({"timestamp": NOW + 7200}, id="timestamp-in-future"),
+    ],
+)
+def test_json_schema_leaves_checks_to_batch(fields: dict[str, Any]) -> None:
+    message = reading(**fields)
+
+    assert schema_accepts(message)
+    assert not batch_accepts(json.dumps(message).encode())
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        # Forms the batch reads but the message format does not promise.
+        pytest.param({"patient_id": 123}, id="number-as-patient-id"),
+        pytest.param({"consciousness": "a", "sex": "f"}, id="lower-case-codes"),
+        pytest.param({"on_oxygen": "true"}, id="boolean-as-string"),
+        pytest.param({"heart_rate": "7.2e1"}, id="exponent-string"),
+    ],
+)
+def test_json_schema_stricter_than_batch(fields: dict[str, Any]) -> None:
+    message = reading(**fields)
+
+    assert not schema_accepts(message)
+    assert batch_accepts(json.dumps(message).encode())
+
+
+#: Reasons of the checks that only the batch applies (cross-field, letter,
+#: time window, range of a numeric string); see test_json_schema_leaves_checks_to_batch.
+BATCH_ONLY_REASONS = {
+    "diastolic_not_below_systolic",
+    "invalid_name",
+    "timestamp_invalid",
+    "out_of_range",
+}
+
+
+def test_json_schema_agrees_with_batch_on_cases() -> None:
+    for envelope in load_cases():
+        document = envelope.get("value")
+        if not isinstance(document, dict):
+            continue  # not a JSON object: no schema verdict to compare
+        value = case_value(envelope)
+        assert value is not None
+        reason = batch_reason(value)
+        if schema_accepts(document):
+            assert reason in {None, *BATCH_ONLY_REASONS}, envelope["case"]
+        else:
+            assert reason is not None, envelope["case"]
