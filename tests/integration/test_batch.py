@@ -189,7 +189,9 @@ def test_batch_report_in_stream(settings: Settings, redis_client: redis.Redis) -
     ("rule_set", "expected"),
     [
         pytest.param("acc_aha_2017", "Stage 2 hypertension range", id="acc-aha"),
-        pytest.param("esc_esh_2018", "Isolated systolic hypertension grade 1 range", id="esc-esh"),
+        pytest.param(
+            "esc_esh_2018", "Isolated systolic hypertension grade 1 range", id="esc-esh"
+        ),
         pytest.param("legacy_age_bands", "High", id="legacy"),
     ],
 )
