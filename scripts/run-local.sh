@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Run the product locally without Docker: install, start a Kafka-protocol
 # broker and Redis on 127.0.0.1, produce a few hundred readings, run one batch,
-# print its summary and the first rows of liste-patients.
+# print its summary and the first rows of liste-patients, then start Airflow
+# on 127.0.0.1:8080 (airflow/airflow) with the DAG unpaused and a first run.
 #
 #   scripts/run-local.sh         start everything and run a batch
 #   scripts/run-local.sh stop    stop everything this script started
 #
-# Ports: Kafka 9092, Redis 6380 (6379 is often a system Redis); override with
-# KAFKA_PORT and REDIS_PORT.
+# Ports: Kafka 9092, Redis 6380 (6379 is often a system Redis), Airflow 8080;
+# override with KAFKA_PORT, REDIS_PORT and AIRFLOW_PORT. SKIP_AIRFLOW=1 stops
+# after the batch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup-env.sh
@@ -19,7 +21,9 @@ export VITALS_KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:$KAFKA_PORT
 export VITALS_REDIS_URL=redis://127.0.0.1:$REDIS_PORT/0
 
 if [ "${1:-}" = "stop" ]; then
-  [ -x scripts/airflow-local.sh ] && [ -x "$VENV/bin/airflow" ] && scripts/airflow-local.sh stop || true
+  if [ -x "$VENV/bin/airflow" ]; then
+    VENV="$VENV" scripts/airflow-local.sh stop || true
+  fi
   "$VENV/bin/etl" services stop --state-dir "$STATE_DIR"
   exit 0
 fi
@@ -39,3 +43,11 @@ echo "== Running one batch"
 
 echo "== First rows of liste-patients (redis-cli -p $REDIS_PORT LRANGE liste-patients 0 4)"
 "$etl" show --start 0 --stop 4
+
+if [ "${SKIP_AIRFLOW:-0}" = "1" ]; then
+  exit 0
+fi
+echo "== Starting Airflow on http://127.0.0.1:${AIRFLOW_PORT:-8080} (user airflow, password airflow)"
+VENV="$VENV" scripts/airflow-local.sh start
+echo "The DAG a_kafka_redis_airflow is unpaused and runs every 5 minutes."
+echo "Stop everything with: scripts/run-local.sh stop"
