@@ -97,6 +97,7 @@ def vitals_env(settings: Settings, *, staging: Path) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def airflow_db_template() -> Path:
     """A SQLite file after ``airflow db migrate``, to copy into each Airflow home."""
+    pytest.importorskip("airflow")
     home = AIRFLOW_ROOT / "template"
     home.mkdir(exist_ok=True)
     result = subprocess.run(

@@ -71,7 +71,7 @@ class AirflowCluster:
     home: Path
     deadline: Deadline
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)
     timings: dict[str, float] = field(default_factory=dict)
 
     def mark(self, step: str) -> None:
@@ -167,24 +167,20 @@ class AirflowCluster:
         return json.loads(value) if isinstance(value, str) else value
 
 
-def start_cluster(
-    home: Path, env: dict[str, str], deadline: Deadline
-) -> AirflowCluster:
-    port = int(env["AIRFLOW__API__PORT"])
-    cluster = AirflowCluster(f"http://127.0.0.1:{port}", home, deadline)
+def start_components(cluster: AirflowCluster, env: dict[str, str]) -> None:
+    """Start api-server, scheduler and dag-processor, each logging to a file."""
     for name, arguments in COMPONENTS.items():
-        with (home / f"{name}.log").open("wb") as log:
+        with (cluster.home / f"{name}.log").open("wb") as log:
             cluster.processes[name] = subprocess.Popen(
                 [str(AIRFLOW_BIN), *arguments],
                 env=env,
-                cwd=home,
+                cwd=cluster.home,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 # Own process group: SIGTERM reaches the component and its workers.
                 start_new_session=True,
             )
-    return cluster
 
 
 def stop_cluster(cluster: AirflowCluster, *, grace_s: float = 15.0) -> list[str]:
@@ -261,9 +257,9 @@ def cluster(
         **vitals_env(settings, staging=tmp_path / "staging"),
     )
 
-    deadline = Deadline(TEST_BUDGET_S)
-    started = start_cluster(home, env, deadline)
+    started = AirflowCluster(f"http://127.0.0.1:{port}", home, Deadline(TEST_BUDGET_S))
     try:
+        start_components(started, env)
         yield started
     finally:
         report = getattr(request.node, "report_call", None)
