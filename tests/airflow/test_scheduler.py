@@ -33,9 +33,9 @@ from tests.airflow.conftest import AIRFLOW_BIN, DAG_ID, airflow_env, vitals_env
 pytestmark = [pytest.mark.airflow, pytest.mark.integration, pytest.mark.slow]
 
 #: Bound of the whole test, from the first process start to the last check.
-# NOTE: on a shared 2-core machine at a load average of 9 to 12, the manual run
-# finished after 146-170 s, so a heavily loaded runner can hit this bound.
-TEST_BUDGET_S: Final = 170.0
+#: On an idle 2-core machine the test takes about 60 s; at a load average of 9
+#: to 12 the manual run finished after 146-170 s, hence the margin.
+TEST_BUDGET_S: Final = 360.0
 #: Readings produced by the scheduled run's generator.
 GENERATE_COUNT: Final = 200
 USER: Final = "airflow"
