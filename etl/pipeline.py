@@ -10,6 +10,7 @@ Two ways to run it share the same chunk functions:
 
 from __future__ import annotations
 
+import codecs
 import io
 import json
 import logging
@@ -137,6 +138,10 @@ def process_chunk(
         min_timestamp=settings.min_timestamp,
     )
     readings, contract_rejects = split_valid(typed, InputReading, carry=_CARRY)
+    # Polars 2.1 can panic in pl.format on a frame that filtering left with an
+    # empty chunk between others ("assertion failed: i < self.len()"); one
+    # contiguous chunk avoids it.
+    readings = readings.rechunk()
 
     # Derive the output rows and check them against the output contract.
     derived = transform(
@@ -200,11 +205,15 @@ def _encode_rejects(rejects: pl.DataFrame, *, topic: str) -> pl.DataFrame:
         }
         if value is not None:
             kept = value[:REJECT_PAYLOAD_BYTES]
+            truncated = len(value) > REJECT_PAYLOAD_BYTES
+            # A cut through a multi-byte character drops that character, so
+            # long UTF-8 text stays text instead of turning into base64.
+            decoder = codecs.getincrementaldecoder("utf-8")()
             try:
-                document["payload"] = kept.decode("utf-8")
+                document["payload"] = decoder.decode(kept, final=not truncated)
             except UnicodeDecodeError:
                 document["payload_base64"] = _base64(kept)
-            document["payload_truncated"] = len(value) > REJECT_PAYLOAD_BYTES
+            document["payload_truncated"] = truncated
         payloads.append(orjson.dumps(document))
     return rejects.select(
         "partition", "offset", pl.Series("payload", payloads, pl.Binary), "reason"
