@@ -226,6 +226,12 @@ def _base64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
+def _advance(expected: dict[int, int | None], next_offsets: dict[int, int]) -> None:
+    """Move the expected stored offsets forward; a chunk of redelivered records never moves them back."""
+    for partition, next_offset in next_offsets.items():
+        expected[partition] = max(next_offset, expected.get(partition) or 0)
+
+
 def _start_offsets(
     source: KafkaSource, sink: RedisSink
 ) -> tuple[dict[int, int], dict[int, int]]:
@@ -285,7 +291,7 @@ def run_batch(settings: Settings, *, now: float | None = None) -> BatchReport:
                 alerts=result.alerts,
                 skipped=result.skipped,
             )
-            expected.update(chunk.next_offsets)
+            _advance(expected, chunk.next_offsets)
             source.commit(chunk.next_offsets)
             if result.concurrent:
                 report.status = "concurrent_batch"
@@ -406,7 +412,7 @@ def transform_staging(settings: Settings, staging: Path) -> dict[str, Any]:
             "read": raw.height,
         }
         (staging / f"chunk-{stem}.json").write_text(json.dumps(meta))
-        expected.update(chunk.next_offsets)
+        _advance(expected, chunk.next_offsets)
         processed.append(stem)
         totals.update(
             rows=chunk.rows.height, rejects=chunk.rejects.height, duplicates=duplicates
