@@ -271,6 +271,9 @@ def run_batch(settings: Settings, *, now: float | None = None) -> BatchReport:
         if not start:
             return _finish(report, sink, started)
         source.assign(start)
+        # Kafka's committed offsets are only for lag monitoring; after a crash
+        # between EXEC and the commit they lag behind Redis until updated here.
+        source.commit({p: o for p, o in stored.items() if p in start})
         expected: dict[int, int | None] = {p: stored.get(p) for p in start}
         chunks = source.chunks(
             chunk_size=settings.chunk_size,
