@@ -10,7 +10,7 @@ twice, and a crash leaves either the whole chunk or nothing.
 
 Each transaction also stores a random write id in the offsets hash (field
 ``<topic>:last_write``). When a connection error or a timeout hides whether
-``EXEC`` ran, the retry reads that field: if it holds the id of the failed
+``EXEC`` ran, the retry reads that field: if it contains the id of the failed
 attempt, the chunk is already in Redis and is not written again.
 """
 
@@ -97,10 +97,14 @@ class RedisSink:
 
     def check(self) -> None:
         """Fail fast with the URL (password masked) when Redis does not answer."""
+        url = self._settings.redis_url_redacted
         try:
             self.client.ping()
+        except redis.AuthenticationError as exc:
+            msg = f"Redis at {url} rejected the user or password of VITALS_REDIS_URL: {exc}"
+            raise SinkError(msg) from exc
         except redis.RedisError as exc:
-            msg = f"Redis at {self._settings.redis_url_redacted} is unreachable: {exc}"
+            msg = f"Redis at {url} is unreachable: {exc}"
             raise SinkError(msg) from exc
 
     def stored_offsets(self, topic: str) -> dict[int, int]:
