@@ -156,7 +156,11 @@ class RedisSink:
             except redis.RedisError as exc:
                 msg = f"Redis at {self._settings.redis_url_redacted} rejected the write: {exc}"
                 raise SinkError(msg) from exc
-        msg = "the offsets kept changing during the write; another batch is running"
+        msg = (
+            f"the Redis transaction at {self._settings.redis_url_redacted} was not "
+            f"applied after {_RETRIES} attempts: another batch kept changing the "
+            "offsets, or the connection kept dropping; rerun the batch"
+        )
         raise SinkError(msg)
 
     def _write_once(
