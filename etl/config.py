@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Final, Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 ENV_PREFIX: Final = "VITALS_"
 
@@ -147,20 +148,35 @@ class Settings(BaseSettings):
         return redact_url(self.redis_url.get_secret_value())
 
 
+#: Words that mark a librdkafka property as secret. ``sasl.oauthbearer.config``
+#: may hold a client secret although its name says nothing of it.
+_SECRET_WORDS: Final = ("password", "secret", "key", "token", "credential")
+_SECRET_PROPERTIES: Final = frozenset({"sasl.oauthbearer.config"})
+#: Query parameters that redis-py reads as a password (``?password=...``).
+_PASSWORD_QUERY: Final = re.compile(r"(?i)([?&]password=)[^&#]*")
+
+
 def _is_secret_key(key: str) -> bool:
-    return any(word in key.lower() for word in ("password", "secret", "key", "token"))
+    lowered = key.lower()
+    return lowered in _SECRET_PROPERTIES or any(w in lowered for w in _SECRET_WORDS)
 
 
 def redact_url(url: str) -> str:
-    """Mask the password of a URL: ``redis://user:pw@host`` -> ``redis://user:***@host``."""
-    parts = urlsplit(url)
-    if parts.password is None:
+    """Mask the password of a URL: ``redis://user:pw@host`` -> ``redis://user:***@host``.
+
+    The user part ends at the last ``@``, so a password holding ``@``, ``/``
+    or ``?`` without percent-encoding is masked whole. A ``password`` query
+    parameter is masked too.
+    """
+    scheme, separator, rest = url.partition("://")
+    if not separator:
         return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    user_info, at, host_part = rest.rpartition("@")
+    if at and ":" in user_info:
+        user = user_info.split(":", 1)[0]
+        rest = f"{user}:***@{host_part}"
+    rest = _PASSWORD_QUERY.sub(r"\1***", rest)
+    return f"{scheme}://{rest}"
 
 
 def load_settings(**overrides: Any) -> Settings:
@@ -173,16 +189,31 @@ def load_settings(**overrides: Any) -> Settings:
     """
     try:
         return Settings(**overrides)
+    except SettingsError as exc:
+        # Raised for a value that is not valid JSON, such as VITALS_KAFKA_EXTRA;
+        # its message names the field, never the value.
+        found = re.search(r'field "(\w+)"', str(exc))
+        variable = f"{ENV_PREFIX}{found.group(1).upper()}" if found else "a variable"
+        msg = (
+            f"invalid settings: {variable} is not valid JSON; "
+            """expected an object such as '{"security.protocol": "SSL"}'"""
+        )
+        raise ConfigurationError(msg) from None
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
             field = str(error["loc"][0]) if error["loc"] else "settings"
             variable = f"{ENV_PREFIX}{field.upper()}" if error["loc"] else field
             value = error.get("input")
-            shown = "***" if "password" in field or "url" in field else value
+            shown = "***" if _may_hold_secret(field) else value
             problems.append(f"{variable}={shown!r}: {error['msg']}")
         msg = "invalid settings: " + "; ".join(problems)
         raise ConfigurationError(msg) from None
+
+
+def _may_hold_secret(field: str) -> bool:
+    """Whether an invalid value of ``field`` must not be shown in an error."""
+    return "password" in field or "url" in field or field == "kafka_extra"
 
 
 def parse_json_object(text: str) -> dict[str, Any]:

@@ -67,9 +67,17 @@ REJECT_SCHEMA: Final = {
 EPOCH_MS_THRESHOLD: Final = 1e11
 
 ISO_FORMAT: Final = "%Y-%m-%dT%H:%M:%S%.f%#z"
+#: ASCII digits only: ``\d`` also matches other scripts' digits ("١٢٠"), which
+#: the integer cast cannot read.
 BLOOD_PRESSURE_PATTERN: Final = (
-    r"^(?<systolic>\d{1,3})(?:\.0+)?\s*/\s*(?<diastolic>\d{1,3})(?:\.0+)?$"
+    r"^(?<systolic>[0-9]{1,3})(?:\.0+)?\s*/\s*(?<diastolic>[0-9]{1,3})(?:\.0+)?$"
 )
+#: Whole numbers are clipped to +-2**53 before the Int64 cast. A value like 1e30
+#: would otherwise make the cast, and with it the batch, fail. The contract's
+#: bounds are far inside the clip, so it still rejects the value as out of range.
+_WHOLE_NUMBER_LIMIT: Final = 2**53
+#: C0 and C1 control characters other than the whitespace that names may hold.
+CONTROL_CHARACTER: Final = r"[\x00-\x08\x0E-\x1F\x7F-\x9F]"
 NUMBER_TOKEN: Final = r"^-?\d"
 
 # Minimum segment size below which a failing read_ndjson call is retried value
@@ -277,6 +285,11 @@ def _unreadable_number(field: str) -> pl.Expr:
     return pl.col(field).is_not_null() & (number.is_null() | ~number.is_finite())
 
 
+def _whole_number(field: str) -> pl.Expr:
+    limit = _WHOLE_NUMBER_LIMIT
+    return _number(field).clip(-limit, limit).cast(pl.Int64)
+
+
 def _not_integral(field: str) -> pl.Expr:
     number = _number(field)
     return number.is_not_null() & (number != number.floor())
@@ -340,6 +353,13 @@ def _read_checks(
             Reason.WRONG_TYPE,
             "expected a string",
             _json_token_for("name", numbers_allowed=False),
+        ),
+        (
+            "name",
+            Reason.INVALID_NAME,
+            "contains a control character",
+            # Polars reads a lone surrogate escape (JSON \ud800) as NUL, so it lands here.
+            pl.col("name").str.contains(CONTROL_CHARACTER),
         ),
         (
             "age",
@@ -462,7 +482,7 @@ def to_typed(
         "value",
         _text("patient_id").alias("patient_id"),
         _text("name").str.replace_all(r"\s+", " ").alias("name"),
-        _number("age").cast(pl.Int64).alias("age"),
+        _whole_number("age").alias("age"),
         pl.col("_bp").struct.field("systolic").cast(pl.Int64).alias("systolic"),
         pl.col("_bp").struct.field("diastolic").cast(pl.Int64).alias("diastolic"),
         _number("heart_rate").alias("heart_rate"),
@@ -482,7 +502,7 @@ def to_typed(
         .alias("on_oxygen"),
         _text("sex").str.to_uppercase().alias("sex"),
         _text("device_id").alias("device_id"),
-        _number("spo2_scale").cast(pl.Int64).alias("spo2_scale"),
+        _whole_number("spo2_scale").alias("spo2_scale"),
     )
     typed = typed.with_columns(
         pl.col(name).replace("", None)

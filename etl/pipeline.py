@@ -10,6 +10,7 @@ Two ways to run it share the same chunk functions:
 
 from __future__ import annotations
 
+import codecs
 import io
 import json
 import logging
@@ -137,6 +138,10 @@ def process_chunk(
         min_timestamp=settings.min_timestamp,
     )
     readings, contract_rejects = split_valid(typed, InputReading, carry=_CARRY)
+    # Polars 2.1 can panic in pl.format on a frame that filtering left with an
+    # empty chunk between others ("assertion failed: i < self.len()"); one
+    # contiguous chunk avoids it.
+    readings = readings.rechunk()
 
     # Derive the output rows and check them against the output contract.
     derived = transform(
@@ -200,11 +205,15 @@ def _encode_rejects(rejects: pl.DataFrame, *, topic: str) -> pl.DataFrame:
         }
         if value is not None:
             kept = value[:REJECT_PAYLOAD_BYTES]
+            truncated = len(value) > REJECT_PAYLOAD_BYTES
+            # A cut through a multi-byte character drops that character, so
+            # long UTF-8 text stays text instead of turning into base64.
+            decoder = codecs.getincrementaldecoder("utf-8")()
             try:
-                document["payload"] = kept.decode("utf-8")
+                document["payload"] = decoder.decode(kept, final=not truncated)
             except UnicodeDecodeError:
                 document["payload_base64"] = _base64(kept)
-            document["payload_truncated"] = len(value) > REJECT_PAYLOAD_BYTES
+            document["payload_truncated"] = truncated
         payloads.append(orjson.dumps(document))
     return rejects.select(
         "partition", "offset", pl.Series("payload", payloads, pl.Binary), "reason"
@@ -215,6 +224,12 @@ def _base64(data: bytes) -> str:
     import base64
 
     return base64.b64encode(data).decode("ascii")
+
+
+def _advance(expected: dict[int, int | None], next_offsets: dict[int, int]) -> None:
+    """Move the expected stored offsets forward; a chunk of redelivered records never moves them back."""
+    for partition, next_offset in next_offsets.items():
+        expected[partition] = max(next_offset, expected.get(partition) or 0)
 
 
 def _start_offsets(
@@ -256,6 +271,9 @@ def run_batch(settings: Settings, *, now: float | None = None) -> BatchReport:
         if not start:
             return _finish(report, sink, started)
         source.assign(start)
+        # Kafka's committed offsets are only for lag monitoring; after a crash
+        # between EXEC and the commit they lag behind Redis until updated here.
+        source.commit({p: o for p, o in stored.items() if p in start})
         expected: dict[int, int | None] = {p: stored.get(p) for p in start}
         chunks = source.chunks(
             chunk_size=settings.chunk_size,
@@ -276,7 +294,7 @@ def run_batch(settings: Settings, *, now: float | None = None) -> BatchReport:
                 alerts=result.alerts,
                 skipped=result.skipped,
             )
-            expected.update(chunk.next_offsets)
+            _advance(expected, chunk.next_offsets)
             source.commit(chunk.next_offsets)
             if result.concurrent:
                 report.status = "concurrent_batch"
@@ -397,7 +415,7 @@ def transform_staging(settings: Settings, staging: Path) -> dict[str, Any]:
             "read": raw.height,
         }
         (staging / f"chunk-{stem}.json").write_text(json.dumps(meta))
-        expected.update(chunk.next_offsets)
+        _advance(expected, chunk.next_offsets)
         processed.append(stem)
         totals.update(
             rows=chunk.rows.height, rejects=chunk.rejects.height, duplicates=duplicates

@@ -7,12 +7,18 @@ fail if another batch moved the offsets meanwhile; the write is then retried
 against the new offsets, dropping records that the other batch already wrote.
 So a rerun, a retried task or two concurrent batches never write an offset
 twice, and a crash leaves either the whole chunk or nothing.
+
+Each transaction also stores a random write id in the offsets hash (field
+``<topic>:last_write``). When a connection error or a timeout hides whether
+``EXEC`` ran, the retry reads that field: if it contains the id of the failed
+attempt, the chunk is already in Redis and is not written again.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -72,6 +78,11 @@ def offset_field(topic: str, partition: int) -> str:
     return f"{topic}:{partition}"
 
 
+def write_id_field(topic: str) -> str:
+    """Return the field of the offsets hash that contains the id of the last chunk write."""
+    return f"{topic}:last_write"
+
+
 class RedisSink:
     """The Redis side of a batch: stored offsets, chunk writes and reports."""
 
@@ -86,10 +97,14 @@ class RedisSink:
 
     def check(self) -> None:
         """Fail fast with the URL (password masked) when Redis does not answer."""
+        url = self._settings.redis_url_redacted
         try:
             self.client.ping()
+        except redis.AuthenticationError as exc:
+            msg = f"Redis at {url} rejected the user or password of VITALS_REDIS_URL: {exc}"
+            raise SinkError(msg) from exc
         except redis.RedisError as exc:
-            msg = f"Redis at {self._settings.redis_url_redacted} is unreachable: {exc}"
+            msg = f"Redis at {url} is unreachable: {exc}"
             raise SinkError(msg) from exc
 
     def stored_offsets(self, topic: str) -> dict[int, int]:
@@ -114,13 +129,15 @@ class RedisSink:
         succeeded before its reply was lost, the retry writes nothing again.
         """
         delay = _RETRY_BASE_S
+        write_id = uuid.uuid4().hex
+        sent: list[WriteResult] = []
         for attempt in range(1, _RETRIES + 1):
             try:
-                return self._write_once(topic, chunk)
-            except redis.WatchError:
-                logger.info(
-                    "Offsets changed during the write (another batch); retrying"
-                )
+                return self._write_once(topic, chunk, write_id=write_id, sent=sent)
+            except redis.WatchError as exc:
+                # redis-py also raises WatchError for a connection error while
+                # watching, so whether EXEC ran is unknown here.
+                logger.info("Redis transaction not applied (%s); retrying", exc)
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 if attempt == _RETRIES:
                     msg = (
@@ -139,15 +156,30 @@ class RedisSink:
             except redis.RedisError as exc:
                 msg = f"Redis at {self._settings.redis_url_redacted} rejected the write: {exc}"
                 raise SinkError(msg) from exc
-        msg = "the offsets kept changing during the write; another batch is running"
+        msg = (
+            f"the Redis transaction at {self._settings.redis_url_redacted} was not "
+            f"applied after {_RETRIES} attempts: another batch kept changing the "
+            "offsets, or the connection kept dropping; rerun the batch"
+        )
         raise SinkError(msg)
 
-    def _write_once(self, topic: str, chunk: Chunk) -> WriteResult:
+    def _write_once(
+        self, topic: str, chunk: Chunk, *, write_id: str, sent: list[WriteResult]
+    ) -> WriteResult:
+        """Write the chunk in one transaction; ``sent`` collects what each attempt sent."""
         settings = self._settings
         fields = [offset_field(topic, p) for p in chunk.next_offsets]
         with self.client.pipeline(transaction=True) as pipe:
             pipe.watch(settings.redis_offsets_key)  # type: ignore[no-untyped-call]
-            raw = pipe.hmget(settings.redis_offsets_key, fields)
+            *raw, last_write = pipe.hmget(
+                settings.redis_offsets_key, [*fields, write_id_field(topic)]
+            )
+            if sent and last_write in (write_id, write_id.encode()):
+                logger.warning(
+                    "The previous write attempt of this chunk was applied although "
+                    "its reply was lost; not writing it again"
+                )
+                return sent[-1]
             stored = {
                 p: (int(value) if value is not None else None)
                 for p, value in zip(chunk.next_offsets, raw, strict=True)
@@ -157,27 +189,29 @@ class RedisSink:
             rows = _after(chunk.rows, floors)
             rejects = _after(chunk.rejects, floors)
             alerts = _after(chunk.alerts, floors)
-            advance = {
+            advance: dict[str, int | str] = {
                 offset_field(topic, p): next_offset
                 for p, next_offset in chunk.next_offsets.items()
                 if stored[p] is None or next_offset > (stored[p] or 0)
             }
+            advance[write_id_field(topic)] = write_id
 
             pipe.multi()
             _rpush(pipe, settings.redis_list_key, rows)
             _rpush(pipe, settings.redis_rejects_key, rejects)
             _rpush(pipe, settings.redis_alerts_key, alerts)
-            if advance:
-                pipe.hset(settings.redis_offsets_key, mapping=advance)  # type: ignore[arg-type]
+            pipe.hset(settings.redis_offsets_key, mapping=advance)  # type: ignore[arg-type]
             for name, amount in counters(rows, rejects).items():
                 pipe.hincrby(settings.redis_stats_key, name, amount)
+            skipped = (
+                chunk.rows.height + chunk.rejects.height - rows.height - rejects.height
+            )
+            result = WriteResult(
+                rows.height, rejects.height, alerts.height, skipped, concurrent
+            )
+            sent.append(result)
             pipe.execute()
-        skipped = (
-            chunk.rows.height + chunk.rejects.height - rows.height - rejects.height
-        )
-        return WriteResult(
-            rows.height, rejects.height, alerts.height, skipped, concurrent
-        )
+        return result
 
     @staticmethod
     def _floors(
@@ -188,8 +222,12 @@ class RedisSink:
         concurrent = False
         for partition, expected in chunk.expected.items():
             now = stored.get(partition)
-            if now == expected or now is None:
+            if now is None:
                 floors[partition] = 0
+            elif now == expected:
+                # Records below the stored offset were written before. A chunk
+                # contains them only when Kafka delivered them again.
+                floors[partition] = now
             elif expected is None or now > expected:
                 # Another batch wrote this partition meanwhile: skip what it wrote.
                 floors[partition] = now

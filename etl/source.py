@@ -20,7 +20,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 import polars as pl
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import (
+    Consumer,
+    ConsumerGroupTopicPartitions,
+    KafkaError,
+    KafkaException,
+    TopicPartition,
+)
+from confluent_kafka.admin import AdminClient
 
 from etl.parse import RAW_SCHEMA
 
@@ -86,6 +93,7 @@ class KafkaSource:
             **settings.kafka_config(),
         }
         self._consumer = Consumer(config)
+        self._admin: AdminClient | None = None
         self._errors: list[KafkaError] = []
         self._partitions: list[int] = []
         self.stats = DrainStats()
@@ -222,22 +230,34 @@ class KafkaSource:
     def commit(self, offsets: dict[int, int]) -> None:
         """Commit the next offsets in Kafka, for lag monitoring only.
 
-        Redis holds the authoritative offsets, so a failed commit is logged and
-        never fails the batch.
+        Redis stores the authoritative offsets, so a failed commit is logged and
+        never fails the batch. The commit goes through an admin client with a
+        request timeout: the consumer's own commit has none, and with
+        librdkafka 2.16 and a broker that stops answering, a synchronous
+        commit blocks for good and an asynchronous one blocks ``close()``.
         """
         if not offsets:
             return
+        timeout = self._settings.kafka_timeout_s
+        if self._admin is None:
+            self._admin = AdminClient(self._settings.kafka_config())
+        request = ConsumerGroupTopicPartitions(
+            self._settings.kafka_group_id,
+            [TopicPartition(self._topic, p, o) for p, o in offsets.items()],
+        )
         try:
-            self._consumer.commit(
-                offsets=[TopicPartition(self._topic, p, o) for p, o in offsets.items()],
-                asynchronous=False,
+            futures = self._admin.alter_consumer_group_offsets(
+                [request], request_timeout=timeout
             )
-        except KafkaException as exc:
+            for future in futures.values():
+                future.result(timeout=timeout + 1)
+        except (KafkaException, TimeoutError) as exc:
             logger.warning(
                 "Kafka offset commit failed (Redis offsets stay authoritative): %s", exc
             )
 
     def close(self) -> None:
+        self._admin = None
         try:
             self._consumer.close()
         except (KafkaException, RuntimeError):

@@ -1,0 +1,219 @@
+"""Send rejected readings back to the Kafka topic, after their cause was fixed.
+
+A reject (an element of ``liste-patients:rejects``) keeps the raw Kafka value:
+as text when it was UTF-8, else as base64, cut at 4096 bytes. This module
+produces those values again, read from Redis or from a file of reject JSON
+lines that an operator has corrected. The next batch then reads them as new
+records, with new offsets; the old rejects stay in place as the audit trail.
+
+Each replayed reject's source (``topic:partition:offset``) goes into the set
+``<rejects key>:replayed``, and later replays skip it unless forced. A
+truncated value, or a tombstone, cannot be replayed and is counted apart.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+import click
+
+if TYPE_CHECKING:
+    import redis
+
+    from etl.config import Settings
+
+logger = logging.getLogger(__name__)
+
+REPLAYED_SUFFIX: Final = ":replayed"
+#: Kafka header that names the record a replayed value was first read from.
+REPLAY_HEADER: Final = "vitals-replayed-from"
+_PAGE: Final = 1000
+
+
+class ReplayError(RuntimeError):
+    """A reject cannot be read, or the broker did not accept the replayed values."""
+
+
+@dataclass
+class ReplayReport:
+    """Counts of one replay."""
+
+    selected: int = 0
+    produced: int = 0
+    skipped_truncated: int = 0
+    skipped_tombstone: int = 0
+    skipped_already_replayed: int = 0
+
+
+def reject_value(reject: dict[str, Any]) -> bytes | None:
+    """Return the raw Kafka value kept in a reject, or None when it cannot be replayed."""
+    if reject.get("payload_truncated"):
+        return None
+    if "payload" in reject:
+        return str(reject["payload"]).encode("utf-8")
+    if "payload_base64" in reject:
+        return base64.b64decode(reject["payload_base64"], validate=True)
+    return None
+
+
+def source_marker(reject: dict[str, Any]) -> str:
+    """Return ``topic:partition:offset`` of the record a reject came from."""
+    source = reject["source"]
+    return f"{source['topic']}:{source['partition']}:{source['offset']}"
+
+
+def rejects_from_redis(client: redis.Redis, key: str) -> Iterator[dict[str, Any]]:
+    """Yield the rejects of the list ``key``, oldest first, a page at a time."""
+    start = 0
+    while True:
+        page = client.lrange(key, start, start + _PAGE - 1)
+        for raw in page:
+            yield json.loads(raw)
+        if len(page) < _PAGE:
+            return
+        start += _PAGE
+
+
+def rejects_from_file(path: Path) -> Iterator[dict[str, Any]]:
+    """Yield the rejects of a file with one reject JSON object per line."""
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError as exc:
+                msg = f"{path}:{number} is not a reject JSON object: {exc.msg}"
+                raise ReplayError(msg) from None
+
+
+def replay_rejects(
+    settings: Settings,
+    *,
+    reasons: Iterable[str] = (),
+    path: Path | None = None,
+    dry_run: bool = False,
+    force: bool = False,
+) -> ReplayReport:
+    """Produce the values of the selected rejects to ``settings.kafka_topic`` again.
+
+    ``reasons`` limits the replay to these reason codes (all when empty);
+    ``path`` reads the rejects from a file instead of Redis. With
+    ``dry_run`` nothing is produced or recorded.
+    """
+    import redis as redis_lib
+
+    selected_reasons = set(reasons)
+    client = redis_lib.Redis.from_url(
+        settings.redis_url.get_secret_value(), socket_timeout=settings.redis_timeout_s
+    )
+    replayed_key = settings.redis_rejects_key + REPLAYED_SUFFIX
+    report = ReplayReport()
+    try:
+        source = (
+            rejects_from_file(path)
+            if path
+            else rejects_from_redis(client, settings.redis_rejects_key)
+        )
+        batch: list[tuple[str, bytes]] = []
+        for reject in source:
+            if selected_reasons and reject.get("reason") not in selected_reasons:
+                continue
+            report.selected += 1
+            marker = source_marker(reject)
+            value = reject_value(reject)
+            if value is None:
+                if reject.get("payload_truncated"):
+                    report.skipped_truncated += 1
+                else:
+                    report.skipped_tombstone += 1
+                continue
+            if not force and client.sismember(replayed_key, marker):
+                report.skipped_already_replayed += 1
+                continue
+            batch.append((marker, value))
+        if batch and not dry_run:
+            _produce(settings, batch)
+            client.sadd(replayed_key, *(marker for marker, _ in batch))
+        report.produced = 0 if dry_run else len(batch)
+    except redis_lib.RedisError as exc:
+        msg = f"Redis at {settings.redis_url_redacted} failed during the replay: {exc}"
+        raise ReplayError(msg) from exc
+    finally:
+        client.close()
+    logger.info("Replay of rejects done: %s", asdict(report))
+    return report
+
+
+def _produce(settings: Settings, batch: list[tuple[str, bytes]]) -> None:
+    from confluent_kafka import KafkaException, Producer
+
+    producer = Producer(settings.kafka_config())
+    failures: list[str] = []
+
+    def on_delivery(error: Any, _message: Any) -> None:
+        if error is not None:
+            failures.append(str(error))
+
+    try:
+        for marker, value in batch:
+            producer.produce(
+                settings.kafka_topic,
+                value=value,
+                headers={REPLAY_HEADER: marker},
+                on_delivery=on_delivery,
+            )
+            producer.poll(0)
+    except (KafkaException, BufferError) as exc:
+        msg = f"producing to {settings.kafka_bootstrap_servers} failed: {exc}"
+        raise ReplayError(msg) from exc
+    remaining = producer.flush(settings.kafka_timeout_s * 3)
+    if remaining or failures:
+        # NOTE: nothing is recorded as replayed then, so a rerun may produce
+        # some values twice; the Kafka delivery reports name the failures.
+        msg = (
+            f"{remaining} values undelivered and {len(failures)} failed on "
+            f"{settings.kafka_bootstrap_servers}: {failures[:1]}; nothing was marked "
+            "as replayed"
+        )
+        raise ReplayError(msg)
+
+
+@click.command("replay-rejects")
+@click.option(
+    "--reason",
+    "reasons",
+    multiple=True,
+    help="Replay only rejects with this reason code (repeatable; default: all).",
+)
+@click.option(
+    "--file",
+    "path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Read corrected rejects from this JSON-lines file instead of Redis.",
+)
+@click.option(
+    "--dry-run", is_flag=True, help="Count what would be replayed; send nothing."
+)
+@click.option("--force", is_flag=True, help="Replay rejects that were replayed before.")
+def replay_rejects_command(
+    reasons: tuple[str, ...], path: Path | None, dry_run: bool, force: bool
+) -> None:
+    """Produce rejected values to the topic again, for the next batch to read."""
+    from etl.cli import EXIT_INFRASTRUCTURE, _settings, errors
+
+    settings = _settings()
+    try:
+        report = replay_rejects(
+            settings, reasons=reasons, path=path, dry_run=dry_run, force=force
+        )
+    except ReplayError as exc:
+        errors.print(f"[red]replay failed:[/red] {exc}")
+        raise SystemExit(EXIT_INFRASTRUCTURE) from None
+    click.echo(json.dumps(asdict(report), indent=2))

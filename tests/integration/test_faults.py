@@ -1,0 +1,758 @@
+"""Faults against the real broker and redis-server: killed batches, lost connections, outages.
+
+After each fault and a rerun, the (partition, offset) of the rows and rejects
+in Redis must equal the produced set, with no offset twice.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import pytest
+import redis
+from pydantic import SecretStr
+from redis.connection import AbstractConnection
+
+from etl.config import Settings
+from etl.pipeline import (
+    drain_to_staging,
+    load_staging,
+    run_batch,
+    transform_staging,
+)
+from etl.services import Service, free_port, start_broker
+from etl.sink import RedisSink, SinkError
+from etl.source import KafkaSource
+from tests.conftest import Broker, create_topic, encode, make_settings, reading
+from tests.integration.accounting import (
+    assert_accounted,
+    assert_prefix_written,
+    kafka_committed,
+    produce_tracked,
+    redis_positions,
+    stored_offsets,
+)
+from tests.integration.faultpoints import (
+    etl_argv,
+    fault_argv,
+    finish,
+    run_child,
+    settings_env,
+    spawn,
+)
+from tests.unit.test_hostile_corpus import load_corpus
+
+pytestmark = pytest.mark.integration
+
+PARTITIONS = 3
+
+
+def mixed_values(count: int) -> list[bytes | None]:
+    """Good readings with a reject every 7th record and a tombstone every 50th."""
+    values: list[bytes | None] = []
+    for index in range(count):
+        if index % 50 == 49:
+            values.append(None)
+        elif index % 7 == 6:
+            values.append(encode(reading(patient_id=f"PT-{index}", age="old")))
+        else:
+            values.append(encode(reading(patient_id=f"PT-{index}")))
+    return values
+
+
+@pytest.fixture
+def redis_client(settings: Settings) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(settings.redis_url.get_secret_value())
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+# 1-3. The batch process is SIGKILLed at a named point, then a rerun completes it.
+
+
+def test_kill_before_write_leaves_nothing(
+    settings: Settings, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    """Killed after draining and before any Redis write (C04): nothing written or committed."""
+    create_topic(settings, PARTITIONS)
+    produced = produce_tracked(settings, mixed_values(300))
+
+    child = run_child(fault_argv("before_write"), settings, tmp_path)
+
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    assert redis_positions(redis_client, settings) == []
+    assert stored_offsets(redis_client, settings) == {}
+    assert kafka_committed(settings, PARTITIONS) == {}
+    report = run_batch(settings)
+    assert report.read == len(produced)
+    assert_accounted(redis_client, settings, produced)
+
+
+def test_kill_after_exec_before_commit(
+    settings: Settings, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    """Killed after EXEC and before the Kafka commit: Redis offsets win on the rerun."""
+    create_topic(settings, PARTITIONS)
+    produced = produce_tracked(settings, mixed_values(300))
+    chunked = settings.model_copy(update={"chunk_size": 100})
+
+    child = run_child(fault_argv("after_exec"), chunked, tmp_path)
+
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    assert len(redis_positions(redis_client, settings)) == 100
+    first_chunk = assert_prefix_written(redis_client, settings)
+    assert kafka_committed(settings, PARTITIONS) == {}
+    report = run_batch(chunked)
+    assert report.read == len(produced) - 100
+    assert report.status == "ok"
+    assert_accounted(redis_client, settings, produced)
+    committed = kafka_committed(settings, PARTITIONS)
+    assert committed == stored_offsets(redis_client, settings)
+    assert all(committed[p] >= first_chunk[p] for p in first_chunk)
+
+
+def test_kill_after_exec_then_empty_rerun_updates_lag(
+    settings: Settings, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    """A rerun with nothing new still brings Kafka's committed offsets up to Redis."""
+    create_topic(settings, PARTITIONS)
+    produced = produce_tracked(settings, mixed_values(60))
+
+    child = run_child(fault_argv("after_exec"), settings, tmp_path)
+
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    assert kafka_committed(settings, PARTITIONS) == {}
+    report = run_batch(settings)
+    assert report.read == 0
+    assert_accounted(redis_client, settings, produced)
+    assert kafka_committed(settings, PARTITIONS) == stored_offsets(
+        redis_client, settings
+    )
+
+
+def test_kill_between_chunks(
+    settings: Settings, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    """Killed after chunk 1 was written and committed, before chunk 2."""
+    create_topic(settings, PARTITIONS)
+    produced = produce_tracked(settings, mixed_values(500))
+    chunked = settings.model_copy(update={"chunk_size": 120})
+
+    child = run_child(fault_argv("between_chunks"), chunked, tmp_path)
+
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    assert len(redis_positions(redis_client, settings)) == 120
+    first_chunk = assert_prefix_written(redis_client, settings)
+    assert kafka_committed(settings, PARTITIONS) == first_chunk
+    report = run_batch(chunked)
+    assert report.read == len(produced) - 120
+    assert_accounted(redis_client, settings, produced)
+
+
+def test_kill_mid_transaction_discards_chunk(
+    settings: Settings, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    """Killed after MULTI and part of the queued commands: Redis drops the whole transaction."""
+    create_topic(settings, PARTITIONS)
+    produced = produce_tracked(settings, mixed_values(300))
+
+    child = run_child(fault_argv("mid_transaction"), settings, tmp_path)
+
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    assert redis_positions(redis_client, settings) == []
+    assert redis_client.exists(settings.redis_offsets_key) == 0
+    assert redis_client.exists(settings.redis_stats_key) == 0
+    run_batch(settings)
+    assert_accounted(redis_client, settings, produced)
+
+
+def test_kill_repeatedly_then_rerun(
+    settings: Settings, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    """Several killed runs in a row, at different points, then one clean run."""
+    create_topic(settings, PARTITIONS)
+    produced = produce_tracked(settings, mixed_values(400))
+    chunked = settings.model_copy(update={"chunk_size": 90})
+
+    for point in ("between_chunks", "after_exec", "before_write", "between_chunks"):
+        child = run_child(fault_argv(point), chunked, tmp_path)
+        assert child.returncode == -signal.SIGKILL, (point, child.stderr)
+        assert_prefix_written(redis_client, settings)
+
+    run_batch(chunked)
+    assert_accounted(redis_client, settings, produced)
+
+
+# 4. Redis is down when the batch starts.
+
+
+def test_run_redis_down_exits_3(
+    settings: Settings, own_redis: Service, tmp_path: Path
+) -> None:
+    """A clear error naming the URL (password masked), exit code 3, nothing committed."""
+    create_topic(settings, PARTITIONS)
+    produce_tracked(settings, mixed_values(20))
+    port = own_redis.port
+    own_redis.stop()
+    password = "pw-never-printed"
+    down = settings.model_copy(
+        update={"redis_url": SecretStr(f"redis://:{password}@127.0.0.1:{port}/0")}
+    )
+
+    child = run_child(etl_argv("run"), down, tmp_path, timeout=60)
+
+    output = " ".join((child.stdout + child.stderr).split())
+    assert child.returncode == 3, output
+    assert f"redis://:***@127.0.0.1:{port}/0" in output
+    assert "unreachable" in output
+    assert password not in output
+    assert "Traceback" not in output
+    assert child.elapsed_s < 30
+    assert kafka_committed(settings, PARTITIONS) == {}
+
+
+# 5. The Redis connection drops in the middle of a chunk's transaction (C23, C26).
+
+
+@contextmanager
+def drop_connection_mid_transaction(
+    client: redis.Redis, *, times: int = 1
+) -> Iterator[list[int]]:
+    """Kill the writer's connection (CLIENT KILL) after half of its MULTI ... EXEC was sent."""
+    original = AbstractConnection.send_packed_command
+    killed: list[int] = []
+
+    def send_packed_command(self: Any, command: Any, check_health: bool = True) -> None:
+        items = [command] if isinstance(command, bytes | str) else list(command)
+        data = b"".join(i.encode() if isinstance(i, str) else i for i in items)
+        if len(killed) < times and data.startswith(b"*1\r\n$5\r\nMULTI\r\n"):
+            host, port = self._sock.getsockname()[:2]
+            self._sock.sendall(data[: len(data) // 2])
+            killed.append(client.client_kill(f"{host}:{port}"))
+            original(self, [data[len(data) // 2 :]], False)
+            return
+        original(self, command, check_health)
+
+    with mock.patch.object(
+        AbstractConnection, "send_packed_command", send_packed_command
+    ):
+        yield killed
+
+
+@contextmanager
+def lose_reply_after_exec(
+    error: type[Exception], *, times: int = 1
+) -> Iterator[list[int]]:
+    """Let the whole transaction reach Redis, then fail reading its first reply."""
+    original_send = AbstractConnection.send_packed_command
+    original_read = AbstractConnection.read_response
+    armed: list[Any] = []
+    lost: list[int] = []
+
+    def send_packed_command(self: Any, command: Any, check_health: bool = True) -> None:
+        items = [command] if isinstance(command, bytes | str) else list(command)
+        first = items[0] if items else b""
+        original_send(self, command, check_health)
+        if len(lost) < times and bytes(first).startswith(b"*1\r\n$5\r\nMULTI\r\n"):
+            armed.append(self)
+
+    def read_response(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if armed and armed[-1] is self:
+            armed.clear()
+            # Give Redis time to run EXEC, so only the reply goes missing.
+            time.sleep(0.1)
+            lost.append(1)
+            self.disconnect()
+            raise error("injected: reply lost after EXEC was sent")
+        return original_read(self, *args, **kwargs)
+
+    with (
+        mock.patch.object(
+            AbstractConnection, "send_packed_command", send_packed_command
+        ),
+        mock.patch.object(AbstractConnection, "read_response", read_response),
+    ):
+        yield lost
+
+
+def test_connection_killed_mid_transaction_writes_once(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    """CLIENT KILL while the transaction is half sent: the retry writes the chunk once."""
+    create_topic(settings, PARTITIONS)
+    produced = produce_tracked(settings, mixed_values(300))
+    chunked = settings.model_copy(update={"chunk_size": 100})
+
+    with drop_connection_mid_transaction(redis_client, times=2) as killed:
+        report = run_batch(chunked)
+
+    assert killed == [1, 1]
+    assert report.status == "ok"
+    assert report.written + report.rejected == len(produced)
+    assert_accounted(redis_client, settings, produced)
+    stats = redis_client.hgetall(settings.redis_stats_key)
+    assert int(stats[b"written"]) == redis_client.llen(settings.redis_list_key)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        pytest.param(redis.TimeoutError, id="timeout"),
+        pytest.param(redis.ConnectionError, id="connection-reset"),
+    ],
+)
+def test_reply_lost_after_exec_not_written_twice(
+    settings: Settings, redis_client: redis.Redis, error: type[Exception]
+) -> None:
+    """EXEC ran but its reply was lost (C26 kind): the retry finds its own write id."""
+    create_topic(settings, PARTITIONS)
+    produced = produce_tracked(settings, mixed_values(300))
+    chunked = settings.model_copy(update={"chunk_size": 100})
+
+    with lose_reply_after_exec(error, times=2) as lost:
+        report = run_batch(chunked)
+
+    assert lost == [1, 1]
+    assert report.status == "ok"
+    assert report.chunks == 3
+    assert report.written + report.rejected == len(produced)
+    assert_accounted(redis_client, settings, produced)
+
+
+def test_redis_pipeline_is_empty_after_connection_error(
+    redis_client: redis.Redis, settings: Settings
+) -> None:
+    """Why the sink builds a new pipeline per attempt: redis-py resets it after a failure (C23)."""
+    key = settings.redis_list_key
+    pipe = redis_client.pipeline(transaction=True)
+    pipe.rpush(key, b"a", b"b")
+    with (
+        drop_connection_mid_transaction(redis_client),
+        pytest.raises(redis.ConnectionError, match="Connection"),
+    ):
+        pipe.execute()
+
+    assert pipe.command_stack == []
+    assert pipe.execute() == []
+    assert redis_client.llen(key) == 0
+
+
+def test_staged_load_retried_after_timeout_writes_once(
+    settings: Settings, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    """The load task times out after Redis accepted the write and is retried (C26)."""
+    create_topic(settings, PARTITIONS)
+    produced = produce_tracked(settings, mixed_values(250))
+    chunked = settings.model_copy(update={"chunk_size": 100})
+    drain_to_staging(chunked, tmp_path)
+    transform_staging(chunked, tmp_path)
+
+    original = RedisSink.write_chunk
+    calls = {"n": 0}
+
+    def write_then_time_out(self: RedisSink, topic: str, chunk: Any) -> Any:
+        result = original(self, topic, chunk)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise SinkError("injected: the task timed out after the write")
+        return result
+
+    with (
+        mock.patch.object(RedisSink, "write_chunk", write_then_time_out),
+        pytest.raises(SinkError, match="timed out"),
+    ):
+        load_staging(chunked, tmp_path)
+    retried = load_staging(chunked, tmp_path)
+
+    assert retried.written + retried.rejected == len(produced) - 200
+    assert retried.skipped == 200
+    assert_accounted(redis_client, settings, produced)
+
+
+def test_redis_restarted_mid_batch_fails_or_completes_cleanly(
+    broker: Broker, own_redis: Service, tmp_path: Path
+) -> None:
+    """Redis killed and restarted on the same port during a batch: no loss, no duplicate."""
+    from etl.services import start_redis
+
+    settings = make_settings(
+        broker.bootstrap,
+        f"redis://127.0.0.1:{own_redis.port}/0",
+        chunk_size=100,
+        redis_timeout_s=2.0,
+    )
+    create_topic(settings, PARTITIONS)
+    produced = produce_tracked(settings, mixed_values(400))
+    ready, go = tmp_path / "ready", tmp_path / "go"
+    env = {**settings_env(settings), "FAULT_READY": str(ready), "FAULT_GO": str(go)}
+    started = time.monotonic()
+    process, out, err = spawn(fault_argv("pause_first_write"), env, tmp_path)
+    deadline = time.monotonic() + 60
+    while not ready.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+    own_redis.kill()
+    restarted = start_redis(port=own_redis.port, state_dir=tmp_path / "redis2")
+    try:
+        go.touch()
+        child = finish(process, out, err, started=started)
+        client = redis.Redis.from_url(settings.redis_url.get_secret_value())
+        # Redis lost everything (no persistence); the child either failed with
+        # exit 3 or wrote the rest; what is there is a gap-free prefix.
+        assert child.returncode in (0, 3), child.stderr
+        run_batch(settings)
+        found = redis_positions(client, settings)
+        assert len(found) == len(set(found))
+        assert set(found) == set(produced)
+        client.close()
+    finally:
+        restarted.stop()
+
+
+# 6. The broker is down or dies during the drain.
+
+
+def test_run_broker_unreachable_fails_fast(redis_service: str, tmp_path: Path) -> None:
+    """Nothing listens on the bootstrap port: exit 3 with a clear message, in bounded time."""
+    port = free_port()
+    settings = make_settings(f"127.0.0.1:{port}", redis_service, kafka_timeout_s=3.0)
+
+    child = run_child(etl_argv("run"), settings, tmp_path, timeout=60)
+
+    output = " ".join((child.stdout + child.stderr).split())
+    assert child.returncode == 3, output
+    assert f"127.0.0.1:{port}" in output
+    assert "unreachable" in output
+    assert "Traceback" not in output
+    # Interpreter start and imports take about 2 s on a 2-core machine.
+    assert child.elapsed_s < 3.0 + 15
+
+
+@pytest.fixture
+def own_broker(tmp_path: Path) -> Iterator[Service]:
+    """A broker for one test only, which the test may kill."""
+    service = start_broker(port=free_port(), state_dir=tmp_path / "kafka")
+    try:
+        yield service
+    finally:
+        service.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "fault",
+    [
+        pytest.param(signal.SIGKILL, id="broker-killed"),
+        # A stopped process keeps its sockets open and replies to nothing, like
+        # a hung broker or a network partition.
+        pytest.param(signal.SIGSTOP, id="broker-frozen"),
+    ],
+)
+def test_broker_lost_mid_drain_fails_in_bounded_time(
+    own_broker: Service, redis_service: str, tmp_path: Path, fault: signal.Signals
+) -> None:
+    """The broker is lost while records are still to be fetched: an error, no hang, a clean prefix."""
+    settings = make_settings(
+        f"127.0.0.1:{own_broker.port}",
+        redis_service,
+        chunk_size=200,
+        kafka_timeout_s=3.0,
+        # A small prefetch queue, so most records are still on the broker.
+        kafka_extra={
+            "queued.max.messages.kbytes": 64,
+            "queued.min.messages": 100,
+            "max.partition.fetch.bytes": 16_384,
+            "fetch.max.bytes": 32_768,
+            "message.max.bytes": 32_768,
+        },
+    )
+    create_topic(settings, PARTITIONS)
+    produce_tracked(settings, mixed_values(6000))
+    ready, go = tmp_path / "ready", tmp_path / "go"
+    env = {**settings_env(settings), "FAULT_READY": str(ready), "FAULT_GO": str(go)}
+    started = time.monotonic()
+    process, out, err = spawn(fault_argv("pause_first_write"), env, tmp_path)
+    deadline = time.monotonic() + 60
+    while not ready.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ready.exists(), err.read_text()
+
+    os.kill(own_broker.pid, fault)
+    killed_at = time.monotonic()
+    go.touch()
+    try:
+        child = finish(process, out, err, started=started, timeout=90)
+    finally:
+        os.kill(own_broker.pid, signal.SIGCONT)
+    after_kill = time.monotonic() - killed_at
+
+    assert child.returncode == 1, child.stderr[-3000:]
+    assert "SourceError" in child.stderr
+    assert f"127.0.0.1:{own_broker.port}" in child.stderr
+    assert after_kill < settings.kafka_timeout_s + 15
+    client = redis.Redis.from_url(redis_service)
+    try:
+        stored = assert_prefix_written(client, settings)
+    finally:
+        client.close()
+    assert 0 < sum(stored.values()) < 6000
+
+
+# 8. A backlog much larger than a chunk, with a producer still writing.
+
+
+def _padded_values(count: int, pad: int) -> list[bytes | None]:
+    return [encode(reading(patient_id=f"PT-{i}", note="x" * pad)) for i in range(count)]
+
+
+#: A prefetch queue of 16 MB instead of the default 64 MB, so that the test's
+#: backlogs are larger than the queue and the queue's share of memory is small.
+SMALL_PREFETCH = {
+    "queued.max.messages.kbytes": 16_384,
+    "fetch.max.bytes": 4 * 1024 * 1024,
+    "max.partition.fetch.bytes": 1024 * 1024,
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("kafka_extra", "max_growth_mb"),
+    [
+        # The pipeline keeps one chunk in memory: 80,000 more records add almost nothing.
+        pytest.param(SMALL_PREFETCH, 40, id="small-prefetch"),
+        # Default tuning: librdkafka may prefetch up to its 64 MB queue plus
+        # one fetch response, and no more, however long the backlog.
+        pytest.param({}, 64 + 40, id="default-prefetch"),
+    ],
+)
+def test_backlog_memory_bounded_by_chunk(
+    broker: Broker,
+    redis_service: str,
+    tmp_path: Path,
+    kafka_extra: dict[str, Any],
+    max_growth_mb: float,
+) -> None:
+    """Peak RSS of the batch process depends on the chunk and the prefetch queue, not the backlog."""
+    peaks = {}
+    for backlog in (20_000, 100_000):
+        settings = make_settings(
+            broker.bootstrap, redis_service, chunk_size=2_000, kafka_extra=kafka_extra
+        )
+        create_topic(settings, PARTITIONS)
+        # About 1.2 kB per record: 100,000 records are about 120 MB of backlog.
+        produce_tracked(settings, _padded_values(backlog, 1_000))
+        child = run_child(fault_argv("none"), settings, tmp_path, timeout=300)
+        assert child.returncode == 0, child.stderr[-3000:]
+        report = child.report()
+        assert report["read"] == backlog
+        assert report["chunks"] == backlog // 2_000
+        peaks[backlog] = report["peak_rss_mb"]
+
+    assert peaks[100_000] - peaks[20_000] < max_growth_mb, peaks
+
+
+@pytest.mark.slow
+def test_backlog_with_live_producer_ends(
+    settings: Settings, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    """A producer keeps writing during the batch: the batch still ends, and no record is lost."""
+    import threading
+
+    create_topic(settings, PARTITIONS)
+    produced = produce_tracked(settings, mixed_values(20_000))
+    chunked = settings.model_copy(update={"chunk_size": 2_000, "deadline_s": 20.0})
+    stop = threading.Event()
+    live: list[tuple[int, int]] = []
+
+    def keep_producing() -> None:
+        while not stop.is_set():
+            live.extend(produce_tracked(settings, mixed_values(200)))
+
+    producer = threading.Thread(target=keep_producing)
+    producer.start()
+    try:
+        started = time.monotonic()
+        report = run_batch(chunked)
+        elapsed = time.monotonic() - started
+    finally:
+        stop.set()
+        producer.join()
+
+    assert report.stop_reason in ("end_of_partitions", "record_cap", "deadline")
+    assert elapsed < chunked.deadline_s + 10
+    assert report.read >= len(produced)
+    run_batch(chunked)
+    assert_accounted(redis_client, settings, produced + live)
+
+
+# 9. A message larger than the consumer's fetch limit.
+
+
+def test_message_over_fetch_limit_does_not_stall(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    """Records above max.partition.fetch.bytes are still delivered; later records are written."""
+    small_fetch = settings.model_copy(
+        update={"kafka_extra": {"max.partition.fetch.bytes": 1024}}
+    )
+    create_topic(settings, 1)
+    values: list[bytes | None] = [
+        encode(reading(patient_id="PT-before")),
+        encode(reading(patient_id="PT-big", note="x" * 20_000)),
+        encode(reading(patient_id="PT-huge", note="x" * 100_000)),
+        encode(reading(patient_id="PT-after")),
+    ]
+    produced = produce_tracked(
+        settings, values, extra_config={"message.max.bytes": 1_000_000}
+    )
+
+    report = run_batch(small_fetch)
+
+    assert report.read == 4
+    assert report.rejected_by_reason == {"too_large": 1}
+    assert report.written == 3
+    assert_accounted(redis_client, settings, produced)
+
+
+# C01: a long batch is not evicted, and the deadline ends it cleanly.
+
+
+def test_slow_batch_not_evicted_with_assign(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    """Writes slower than max.poll.interval.ms: assign() has no group membership to lose (C01)."""
+    create_topic(settings, PARTITIONS)
+    produced = produce_tracked(settings, mixed_values(200))
+    slow = settings.model_copy(
+        update={
+            "chunk_size": 50,
+            "kafka_extra": {"session.timeout.ms": 1000, "max.poll.interval.ms": 1000},
+        }
+    )
+    original = RedisSink.write_chunk
+
+    def slow_write(self: RedisSink, topic: str, chunk: Any) -> Any:
+        time.sleep(1.5)
+        return original(self, topic, chunk)
+
+    with mock.patch.object(RedisSink, "write_chunk", slow_write):
+        report = run_batch(slow)
+
+    assert report.status == "ok"
+    assert report.chunks == 4
+    assert_accounted(redis_client, settings, produced)
+
+
+def test_deadline_ends_batch_cleanly(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    """A batch that runs into its deadline stops between chunks; the next one continues (C01)."""
+    create_topic(settings, PARTITIONS)
+    produced = produce_tracked(settings, mixed_values(600))
+    limited = settings.model_copy(update={"chunk_size": 50, "deadline_s": 1.0})
+    original = RedisSink.write_chunk
+
+    def slow_write(self: RedisSink, topic: str, chunk: Any) -> Any:
+        time.sleep(0.3)
+        return original(self, topic, chunk)
+
+    started = time.monotonic()
+    with mock.patch.object(RedisSink, "write_chunk", slow_write):
+        report = run_batch(limited)
+    elapsed = time.monotonic() - started
+
+    assert report.stop_reason == "deadline"
+    assert report.status == "ok"
+    assert 0 < report.read < len(produced)
+    assert elapsed < limited.deadline_s + 2
+    assert_prefix_written(redis_client, settings)
+    run_batch(settings)
+    assert_accounted(redis_client, settings, produced)
+
+
+# C05: the same partition and offset delivered twice.
+
+
+def test_redelivered_records_written_once(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    """Kafka delivers chunks again (as after a seek or a rebalance): one row per offset (C05)."""
+    create_topic(settings, PARTITIONS)
+    produced = produce_tracked(settings, mixed_values(300))
+    chunked = settings.model_copy(update={"chunk_size": 100})
+    original = KafkaSource.chunks
+
+    def chunks_twice(self: KafkaSource, **kwargs: Any) -> Iterator[Any]:
+        seen = []
+        for frame in original(self, **kwargs):
+            seen.append(frame)
+            yield frame
+            # Redeliver everything so far in one frame, as a rewind would.
+            yield frame.vstack(seen[0])
+
+    with mock.patch.object(KafkaSource, "chunks", chunks_twice):
+        report = run_batch(chunked)
+
+    assert report.status == "ok"
+    assert report.skipped > 0
+    assert_accounted(redis_client, settings, produced)
+
+
+# The hostile corpus through the real broker and Redis.
+
+
+def test_hostile_corpus_through_kafka_and_redis(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    """Every kind is written as a row or a reject with its reason; the good ones around it are rows."""
+    cases = load_corpus()
+    create_topic(settings, PARTITIONS)
+    values: list[bytes | None] = []
+    for index, case in enumerate(cases):
+        values += [case.value, encode(reading(patient_id=f"PT-{index}"))]
+    produced = produce_tracked(settings, values)
+
+    report = run_batch(settings.model_copy(update={"chunk_size": 64}))
+
+    assert_accounted(redis_client, settings, produced)
+    expected = Counter(case.expected_reason for case in cases if case.expected_reason)
+    assert report.rejected_by_reason == dict(expected)
+    accepted = sum(1 for case in cases if case.accepted_by)
+    assert report.written == len(cases) + accepted
+    stats = {
+        k.decode(): int(v)
+        for k, v in redis_client.hgetall(settings.redis_stats_key).items()
+    }
+    for reason, amount in expected.items():
+        assert stats[f"reject_reason:{reason}"] == amount
+
+    # Each reject keeps the raw value, as text or base64, for a replay.
+    by_position = dict(zip(produced, values, strict=True))
+    for raw in redis_client.lrange(settings.redis_rejects_key, 0, -1):
+        reject = json.loads(raw)
+        source = reject["source"]
+        value = by_position[(source["partition"], source["offset"])]
+        if value is None:
+            assert "payload" not in reject
+            assert "payload_base64" not in reject
+        elif reject["payload_truncated"]:
+            kept = reject.get("payload", "").encode() or base64.b64decode(
+                reject["payload_base64"]
+            )
+            assert value.startswith(kept)
+        elif "payload" in reject:
+            assert reject["payload"].encode() == value, reject
+        else:
+            assert base64.b64decode(reject["payload_base64"]) == value

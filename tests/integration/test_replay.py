@@ -1,0 +1,135 @@
+"""Replay of rejects: corrected values go back to the topic and become rows once."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from click.testing import CliRunner
+
+from etl.config import Settings
+from etl.pipeline import run_batch
+from etl.replay import (
+    REPLAYED_SUFFIX,
+    ReplayError,
+    reject_value,
+    replay_rejects,
+    replay_rejects_command,
+)
+from tests.conftest import create_topic, encode, reading
+from tests.integration.accounting import produce_tracked
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def redis_client(settings: Settings) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(settings.redis_url.get_secret_value())
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def rejects(client: redis.Redis, settings: Settings) -> list[dict[str, object]]:
+    return [json.loads(v) for v in client.lrange(settings.redis_rejects_key, 0, -1)]
+
+
+def test_replay_after_rule_change_writes_rows_once(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    """Readings rejected for a future timestamp (clock skew) become rows after a replay."""
+    create_topic(settings)
+    skewed = [encode(reading(patient_id=f"PT-{i}", timestamp=2e9)) for i in range(5)]
+    produce_tracked(settings, [*skewed, encode(reading()), None])
+    first = run_batch(settings)
+    assert first.rejected_by_reason == {"timestamp_invalid": 5, "tombstone": 1}
+
+    report = replay_rejects(settings, reasons=["timestamp_invalid"])
+    again = replay_rejects(settings, reasons=["timestamp_invalid"])
+    tolerant = settings.model_copy(update={"max_future_skew_s": 1e10})
+    second = run_batch(tolerant)
+
+    assert (report.selected, report.produced) == (5, 5)
+    assert (again.produced, again.skipped_already_replayed) == (0, 5)
+    assert second.read == 5
+    assert second.written == 5
+    assert redis_client.scard(settings.redis_rejects_key + REPLAYED_SUFFIX) == 5
+    # The old rejects stay as the audit trail.
+    assert len(rejects(redis_client, settings)) == 6
+
+
+def test_replay_corrected_file(
+    settings: Settings, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    """An operator exports rejects, fixes the values, and replays the file."""
+    create_topic(settings)
+    produce_tracked(settings, [encode(reading(temperature=98.6))])
+    run_batch(settings)
+    (reject,) = rejects(redis_client, settings)
+    fixed = json.loads(str(reject["payload"]))
+    fixed["temperature"] = 37.0
+    reject["payload"] = json.dumps(fixed)
+    corrected = tmp_path / "corrected.jsonl"
+    corrected.write_text(json.dumps(reject) + "\n")
+
+    report = replay_rejects(settings, path=corrected)
+    batch = run_batch(settings)
+
+    assert report.produced == 1
+    assert batch.written == 1
+    (row,) = [
+        json.loads(v) for v in redis_client.lrange(settings.redis_list_key, 0, -1)
+    ]
+    assert row["temperature"] == 37.0
+
+
+def test_replay_dry_run_and_unreplayable(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    create_topic(settings)
+    huge = encode(reading(note="x" * 70_000))
+    produce_tracked(settings, [huge, None, b"\xe9\xe8 not utf-8"])
+    run_batch(settings)
+
+    report = replay_rejects(settings, dry_run=True)
+
+    assert report.selected == 3
+    assert report.skipped_truncated == 1
+    assert report.skipped_tombstone == 1
+    assert report.produced == 0
+    assert redis_client.exists(settings.redis_rejects_key + REPLAYED_SUFFIX) == 0
+
+
+def test_reject_value_decodes_base64() -> None:
+    assert reject_value({"payload_base64": "6eg=", "payload_truncated": False}) == (
+        b"\xe9\xe8"
+    )
+    assert reject_value({"payload": "é", "payload_truncated": False}) == "é".encode()
+    assert reject_value({"payload": "x", "payload_truncated": True}) is None
+    assert reject_value({"reason": "tombstone"}) is None
+
+
+def test_replay_bad_file_line_fails(settings: Settings, tmp_path: Path) -> None:
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"reason": "invalid_json"\n')
+    with pytest.raises(ReplayError, match=r"broken.jsonl:1 is not a reject"):
+        replay_rejects(settings, path=broken)
+
+
+def test_replay_command_prints_counts(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, value in {
+        "VITALS_KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
+        "VITALS_KAFKA_TOPIC": settings.kafka_topic,
+        "VITALS_REDIS_URL": settings.redis_url.get_secret_value(),
+        "VITALS_REDIS_REJECTS_KEY": settings.redis_rejects_key,
+    }.items():
+        monkeypatch.setenv(name, value)
+    result = CliRunner().invoke(replay_rejects_command, ["--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["selected"] == 0
