@@ -1,10 +1,10 @@
 """Run one batch (``etl.pipeline.run_batch``) in its own process, for its peak RSS.
 
-Run as ``python -m benchmarks.e2e_child SETTINGS_JSON [--no-prefetch]``: the
-argument holds the settings overrides. ``--no-prefetch`` drains each chunk in
-the batch's own thread, as before the background drain existed, to measure
-what the overlap brings. It prints one JSON object with the batch report, the
-peak RSS (VmHWM) and the CPU time.
+Run as ``python -m benchmarks.e2e_child SETTINGS_JSON [--no-prefetch]``,
+where the argument is a JSON object of settings overrides. ``--no-prefetch``
+drains each chunk in the batch's own thread, as before the background drain
+existed, to measure what the overlap brings. It prints one JSON object with
+the batch report, the peak RSS (VmHWM) and the CPU time.
 """
 
 from __future__ import annotations

@@ -52,10 +52,10 @@ TEXT_SCHEMA: Final = {
 }
 
 #: The fields of :data:`TEXT_SCHEMA` in their JSON types. Polars' reader raises
-#: when a number or boolean field holds another JSON type (a numeric string, an
-#: ISO timestamp, a 20-digit integer), so a frame read with this schema needs
-#: none of the text tolerances. String fields still take any JSON value as its
-#: text, as in the text schema.
+#: when a number or boolean field contains another JSON type (a numeric
+#: string, an ISO timestamp, a 20-digit integer), so a frame read with this
+#: schema needs none of the text tolerances. String fields still take any JSON
+#: value as its text, as in the text schema.
 TYPED_SCHEMA: Final = {
     **TEXT_SCHEMA,
     **dict.fromkeys(
@@ -334,8 +334,8 @@ def _read_typed(
     """Read values with :data:`TYPED_SCHEMA`; return (rows read, their frames, other rows).
 
     A segment that fails is halved until it has ``_TYPED_LEAF`` values or
-    fewer; such a segment goes to the text path whole, so a few odd messages
-    cost a few extra reads instead of a read per message.
+    fewer, and such a segment goes to the text path whole. A few odd messages
+    so cost a few extra reads instead of a read per message.
     """
     fast: list[int] = []
     parts: list[pl.DataFrame] = []
@@ -648,8 +648,8 @@ def to_typed(
 
     ``now`` is the batch start as epoch seconds: timestamps later than
     ``now + max_future_skew_s`` or earlier than ``min_timestamp`` are rejected.
-    Fields that ``text`` already holds as numbers or booleans (a frame read
-    with :data:`TYPED_SCHEMA`) are taken as they are.
+    Number and boolean fields of a frame read with :data:`TYPED_SCHEMA` are
+    taken as they are.
     """
     typed_fields = frozenset(
         name

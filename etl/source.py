@@ -32,20 +32,21 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 #: librdkafka settings for a fast drain, measured on a 2-core machine with
-#: benchmarks/run.py: a fetch back-off of 10 ms instead of 1 s more than
-#: doubled the drain rate (0 ms spins the fetcher and was slower), and a short
+#: benchmarks/run.py. A fetch back-off of 10 ms instead of 1 s more than
+#: doubled the drain rate, while 0 ms spins the fetcher and was slower. A short
 #: fetch wait makes the end-of-partition event arrive at once. The prefetch
-#: queue and the fetch sizes are capped at 16 MB, so memory depends on the
-#: chunk size, not on the backlog (64 MB caps let the peak RSS grow by a
-#: quarter from a backlog of 200k records to 2M).
+#: queue (20k records per partition, 8 MB) and the fetch sizes are capped, so
+#: memory depends on the chunk size, not on the backlog: with 64 MB caps the
+#: peak RSS grew by a quarter from a backlog of 200k records to 2M, with these
+#: by less than a tenth, at the same drain rate within noise.
 CONSUMER_TUNING: Final[dict[str, Any]] = {
     "fetch.wait.max.ms": 10,
     "fetch.queue.backoff.ms": 10,
-    "queued.min.messages": 200_000,
-    "queued.max.messages.kbytes": 16_384,
-    "max.partition.fetch.bytes": 4 * 1024 * 1024,
-    "fetch.max.bytes": 16 * 1024 * 1024,
-    "receive.message.max.bytes": 17 * 1024 * 1024,
+    "queued.min.messages": 20_000,
+    "queued.max.messages.kbytes": 8_192,
+    "max.partition.fetch.bytes": 2 * 1024 * 1024,
+    "fetch.max.bytes": 8 * 1024 * 1024,
+    "receive.message.max.bytes": 9 * 1024 * 1024,
 }
 
 #: Errors after which the broker cannot be reached any more.
@@ -163,7 +164,7 @@ class KafkaSource:
 
         The drain ends when every partition has reached its end, after
         ``max_records`` records, or at ``deadline`` (a ``time.monotonic()``
-        value), whichever comes first; ``stats.stop_reason`` says which.
+        value), whichever comes first, and ``stats.stop_reason`` names it.
         Setting ``stop`` (from another thread) ends it at once and drops the
         records of the unfinished chunk, which the next batch reads again.
         """
