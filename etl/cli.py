@@ -255,10 +255,12 @@ def services_status(state_dir: Path) -> None:
 
 
 from etl.cli_extra import contracts, reports, validate_feed  # noqa: E402
+from etl.replay import replay_rejects_command  # noqa: E402
 
 main.add_command(contracts)
 main.add_command(validate_feed)
 main.add_command(reports)
+main.add_command(replay_rejects_command)
 
 if __name__ == "__main__":
     main()

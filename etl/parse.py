@@ -8,6 +8,12 @@ Two steps, both vectorised:
    (numeric strings, ``"130.0/85.0"``, epoch milliseconds, ISO-8601 with an
    offset). A value that cannot be read becomes a reject with a reason code.
 
+``parse`` runs both steps with a fast path: messages whose numbers and
+booleans have their JSON types are read straight into typed columns
+(:data:`TYPED_SCHEMA`), which is about three times cheaper than reading every
+number as text and parsing it again. Only the other messages take the text
+path, and both paths give the same rows.
+
 Range, nullability and cross-field rules live in the Pandera input contract
 (``contracts.models.InputReading``), applied after this module.
 """
@@ -17,7 +23,7 @@ from __future__ import annotations
 import io
 import json
 import logging
-from typing import Final
+from typing import Any, Final
 
 import polars as pl
 
@@ -44,6 +50,32 @@ TEXT_SCHEMA: Final = {
     "device_id": pl.String,
     "spo2_scale": pl.String,
 }
+
+#: The fields of :data:`TEXT_SCHEMA` in their JSON types. Polars' reader raises
+#: when a number or boolean field contains another JSON type (a numeric
+#: string, an ISO timestamp, a 20-digit integer), so a frame read with this
+#: schema needs none of the text tolerances. String fields still take any JSON
+#: value as its text, as in the text schema.
+TYPED_SCHEMA: Final = {
+    **TEXT_SCHEMA,
+    **dict.fromkeys(
+        (
+            "age",
+            "heart_rate",
+            "temperature",
+            "timestamp",
+            "spo2",
+            "respiratory_rate",
+            "spo2_scale",
+        ),
+        pl.Float64,
+    ),
+    "on_oxygen": pl.Boolean,
+}
+
+#: Column that keeps the chunk order of records while the two paths of
+#: :func:`parse` run apart.
+ROW_INDEX: Final = "_row"
 
 #: The frame that the Kafka source hands over: one row per record.
 RAW_SCHEMA: Final = {
@@ -83,6 +115,7 @@ NUMBER_TOKEN: Final = r"^-?\d"
 # Minimum segment size below which a failing read_ndjson call is retried value
 # by value; bisection above it keeps the cost near n * log2(bad values).
 _BISECT_LEAF: Final = 16
+_TYPED_LEAF: Final = 256
 
 
 def empty_rejects() -> pl.DataFrame:
@@ -110,6 +143,76 @@ def decode(raw: pl.DataFrame, *, max_bytes: int) -> tuple[pl.DataFrame, pl.DataF
     value and the :data:`TEXT_SCHEMA` columns, one row per JSON object;
     ``rejects_df`` has every other message with its reason.
     """
+    candidates, rejects = _precheck(raw, max_bytes=max_bytes)
+    text, parse_rejects = _read_objects(candidates)
+    return text, pl.concat([rejects, parse_rejects])
+
+
+def parse(
+    raw: pl.DataFrame,
+    *,
+    max_bytes: int,
+    now: float,
+    max_future_skew_s: float = 3600.0,
+    min_timestamp: float = 946_684_800.0,
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Decode and type a chunk: the result of :func:`decode` then :func:`to_typed`.
+
+    Messages that Polars reads with :data:`TYPED_SCHEMA` skip the text step;
+    the others take the text path. The typed rows keep the order of ``raw``.
+    """
+    candidates, prechecked = _precheck(raw, max_bytes=max_bytes)
+    candidates = candidates.with_row_index(ROW_INDEX)
+    limits = {
+        "now": now,
+        "max_future_skew_s": max_future_skew_s,
+        "min_timestamp": min_timestamp,
+    }
+    typed_parts: list[pl.DataFrame] = []
+    rejects = [prechecked]
+
+    whole = _read_whole_typed(candidates)
+    if whole is not None:
+        fast_rows, fast_parts = list(range(whole.height)), [whole]
+        slow_rows: list[int] = []
+    else:
+        values = candidates["value"].to_list()
+        fast_rows, fast_parts, slow_rows = _read_typed(values)
+    if fast_rows:
+        ordered = candidates if not slow_rows else candidates[fast_rows]
+        fast = pl.concat([ordered, *_vstack(fast_parts)], how="horizontal")
+        typed, type_rejects = to_typed(fast, **limits)
+        typed_parts.append(typed)
+        rejects.append(type_rejects)
+    if slow_rows:
+        text, text_rejects = _read_objects(candidates[slow_rows])
+        typed, type_rejects = to_typed(text, **limits)
+        typed_parts.append(typed)
+        rejects.extend([text_rejects, type_rejects])
+
+    if not typed_parts:
+        typed, _ = to_typed(_empty_text(candidates), **limits)
+        typed_parts.append(typed)
+    typed = pl.concat(typed_parts)
+    if len(typed_parts) > 1:
+        typed = typed.sort(ROW_INDEX)
+    return typed.drop(ROW_INDEX), pl.concat(rejects)
+
+
+def _vstack(parts: list[pl.DataFrame]) -> list[pl.DataFrame]:
+    return [pl.concat(parts, how="vertical", rechunk=True)] if parts else []
+
+
+def _empty_text(candidates: pl.DataFrame) -> pl.DataFrame:
+    return pl.concat(
+        [candidates.clear(), pl.DataFrame(schema=TEXT_SCHEMA)], how="horizontal"
+    )
+
+
+def _precheck(
+    raw: pl.DataFrame, *, max_bytes: int
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Reject tombstones, oversized and empty values; fold line breaks in the rest."""
     size = pl.col("value").bin.size()
     checks = raw.with_columns(
         pl.when(pl.col("value").is_null())
@@ -120,23 +223,24 @@ def decode(raw: pl.DataFrame, *, max_bytes: int) -> tuple[pl.DataFrame, pl.DataF
         .then(pl.lit(Reason.INVALID_JSON.value))
         .alias("_reason")
     )
-    rejects = [
-        make_rejects(
-            checks.filter(pl.col("_reason") == reason.value), reason, detail=detail
-        )
-        for reason, detail in (
-            (Reason.TOMBSTONE, "null value"),
-            (Reason.TOO_LARGE, f"value larger than {max_bytes} bytes"),
-            (Reason.INVALID_JSON, "empty value"),
-        )
-    ]
+    rejects = [empty_rejects()]
+    if checks["_reason"].null_count() < checks.height:
+        rejects = [
+            make_rejects(
+                checks.filter(pl.col("_reason") == reason.value),
+                reason,
+                detail=detail,
+            )
+            for reason, detail in (
+                (Reason.TOMBSTONE, "null value"),
+                (Reason.TOO_LARGE, f"value larger than {max_bytes} bytes"),
+                (Reason.INVALID_JSON, "empty value"),
+            )
+        ]
     candidates = checks.filter(pl.col("_reason").is_null()).drop("_reason")
     candidates, newline_rejects = _fold_line_breaks(candidates)
     rejects.append(newline_rejects)
-
-    text, parse_rejects = _read_objects(candidates)
-    rejects.append(parse_rejects)
-    return text, pl.concat(rejects)
+    return candidates, pl.concat(rejects)
 
 
 def _fold_line_breaks(frame: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -215,10 +319,59 @@ def _bisect(
     _bisect(values, middle, stop, good, bad, parts)
 
 
-def _try_read(values: list[bytes]) -> pl.DataFrame | None:
+def _read_whole_typed(candidates: pl.DataFrame) -> pl.DataFrame | None:
+    """Read every value with :data:`TYPED_SCHEMA` in one go, or return None.
+
+    Polars joins the values, with no Python object per value. A value that is
+    not UTF-8 or not readable this way sends the chunk to :func:`_read_typed`.
+    """
+    if candidates.is_empty():
+        return None
+    joined = pl.col("value").cast(pl.String).str.join("\n").cast(pl.Binary)
+    try:
+        data = candidates.select(joined).item()
+        frame = pl.read_ndjson(io.BytesIO(data), schema=TYPED_SCHEMA)
+    except pl.exceptions.PolarsError:
+        return None
+    return frame if frame.height == candidates.height else None
+
+
+def _read_typed(
+    values: list[bytes],
+) -> tuple[list[int], list[pl.DataFrame], list[int]]:
+    """Read values with :data:`TYPED_SCHEMA`; return (rows read, their frames, other rows).
+
+    A segment that fails is halved until it has ``_TYPED_LEAF`` values or
+    fewer, and such a segment goes to the text path whole. A few odd messages
+    so cost a few extra reads instead of a read per message.
+    """
+    fast: list[int] = []
+    parts: list[pl.DataFrame] = []
+    slow: list[int] = []
+    pending = [(0, len(values))]
+    while pending:
+        start, stop = pending.pop()
+        if start >= stop:
+            continue
+        frame = _try_read(values[start:stop], TYPED_SCHEMA)
+        if frame is not None:
+            fast.extend(range(start, stop))
+            parts.append(frame)
+        elif stop - start <= _TYPED_LEAF:
+            slow.extend(range(start, stop))
+        else:
+            middle = (start + stop) // 2
+            pending.extend([(middle, stop), (start, middle)])
+    # Left halves are popped first, so segments are visited in chunk order.
+    return fast, parts, slow
+
+
+def _try_read(
+    values: list[bytes], schema: dict[str, Any] = TEXT_SCHEMA
+) -> pl.DataFrame | None:
     """Read values as NDJSON, or return None when any of them is unreadable."""
     try:
-        frame = pl.read_ndjson(io.BytesIO(b"\n".join(values)), schema=TEXT_SCHEMA)
+        frame = pl.read_ndjson(io.BytesIO(b"\n".join(values)), schema=schema)
     except pl.exceptions.PolarsError:
         return None
     # Blank lines are skipped by the reader; a short frame means one was there.
@@ -276,23 +429,31 @@ def _text(field: str) -> pl.Expr:
     return pl.col(field).str.strip_chars()
 
 
-def _number(field: str) -> pl.Expr:
+def _number(field: str, typed: frozenset[str]) -> pl.Expr:
+    """Return ``field`` as Float64; ``typed`` names the fields read as JSON numbers."""
+    if field in typed:
+        return pl.col(field).cast(pl.Float64)
     return _text(field).cast(pl.Float64, strict=False)
 
 
-def _unreadable_number(field: str) -> pl.Expr:
-    number = _number(field)
+def _unreadable_number(field: str, typed: frozenset[str]) -> pl.Expr:
+    number = _number(field, typed)
     return pl.col(field).is_not_null() & (number.is_null() | ~number.is_finite())
 
 
-def _whole_number(field: str) -> pl.Expr:
-    limit = _WHOLE_NUMBER_LIMIT
-    return _number(field).clip(-limit, limit).cast(pl.Int64)
-
-
-def _not_integral(field: str) -> pl.Expr:
-    number = _number(field)
+def _not_integral(field: str, typed: frozenset[str]) -> pl.Expr:
+    number = _number(field, typed)
     return number.is_not_null() & (number != number.floor())
+
+
+def _whole_number(field: str, typed: frozenset[str]) -> pl.Expr:
+    """Return an integral ``field`` as Int64.
+
+    Values beyond 2**53 are clipped there before the cast, which would fail on
+    1e19; the contract then rejects them as out of range.
+    """
+    limit = float(_WHOLE_NUMBER_LIMIT)
+    return _number(field, typed).clip(-limit, limit).cast(pl.Int64)
 
 
 def _json_token_for(field: str, *, numbers_allowed: bool) -> pl.Expr:
@@ -308,15 +469,48 @@ def _json_token_for(field: str, *, numbers_allowed: bool) -> pl.Expr:
         looks_like = looks_like | pl.col(field).str.contains(
             r"^-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?$"
         )
-    in_message = (
-        pl.col("value").cast(pl.String).str.contains(rf'"{field}"\s*:\s*(?:{tokens})')
+    # The message is searched only where the text looks like a JSON token:
+    # other rows are null here, and the regex skips nulls.
+    suspect = pl.when(pl.col(field).is_not_null() & looks_like).then(pl.col("value"))
+    in_message = suspect.cast(pl.String).str.contains(rf'"{field}"\s*:\s*(?:{tokens})')
+    return in_message.fill_null(False)
+
+
+def _blood_pressure() -> pl.Expr:
+    """Return the systolic and diastolic text of ``blood_pressure`` as a struct.
+
+    The plain ``"SYS/DIA"`` form is split without the capture-group regex,
+    which costs several times more; other forms go through
+    :data:`BLOOD_PRESSURE_PATTERN`. Null rows skip a regex.
+    """
+    text = _text("blood_pressure")
+    plain = text.str.contains(r"^[0-9]{1,3}/[0-9]{1,3}$")
+    split = (
+        pl.when(plain)
+        .then(text)
+        .str.split_exact("/", 1)
+        .struct.rename_fields(["systolic", "diastolic"])
     )
-    return pl.col(field).is_not_null() & looks_like & in_message
+    other = pl.when(~plain).then(text).str.extract_groups(BLOOD_PRESSURE_PATTERN)
+    return pl.struct(
+        pl.coalesce(
+            split.struct.field("systolic"), other.struct.field("systolic")
+        ).alias("systolic"),
+        pl.coalesce(
+            split.struct.field("diastolic"), other.struct.field("diastolic")
+        ).alias("diastolic"),
+    )
 
 
-def _epoch_seconds() -> pl.Expr:
+def _collapse_whitespace(text: pl.Expr) -> pl.Expr:
+    """Replace runs of whitespace by one space; the regex runs only where needed."""
+    irregular = pl.when(text.str.contains(r"\s\s|[^\S ]")).then(text)
+    return pl.coalesce(irregular.str.replace_all(r"\s+", " "), text)
+
+
+def _epoch_seconds(typed: frozenset[str]) -> pl.Expr:
     """Read the timestamp as epoch seconds, epoch milliseconds or ISO-8601 with an offset."""
-    number = _number("timestamp")
+    number = _number("timestamp", typed)
     from_number = (
         pl.when(~number.is_finite())
         .then(None)
@@ -324,6 +518,8 @@ def _epoch_seconds() -> pl.Expr:
         .then(number / 1000)
         .otherwise(number)
     )
+    if "timestamp" in typed:
+        return from_number
     from_iso = (
         _text("timestamp")
         .str.to_datetime(ISO_FORMAT, time_zone="UTC", strict=False)
@@ -333,14 +529,32 @@ def _epoch_seconds() -> pl.Expr:
     return pl.coalesce(from_number, from_iso)
 
 
+def _boolean(field: str, typed: frozenset[str]) -> pl.Expr:
+    if field in typed:
+        return pl.col(field)
+    text = _text(field).str.to_lowercase()
+    return (
+        pl.when(text.is_in(["true", "1"]))
+        .then(True)
+        .when(pl.col(field).is_not_null())
+        .then(False)
+    )
+
+
+def _unreadable_boolean(field: str, typed: frozenset[str]) -> pl.Expr:
+    if field in typed:
+        return pl.lit(False)
+    text = _text(field).str.to_lowercase()
+    return pl.col(field).is_not_null() & ~text.is_in(["true", "false", "1", "0"])
+
+
 #: Checks that make a message unreadable as a reading, in the order they are
 #: reported: (field, reason, detail, condition). The first that holds wins.
 def _read_checks(
-    *, now: float, max_future_skew_s: float, min_timestamp: float
+    typed: frozenset[str], *, now: float, max_future_skew_s: float, min_timestamp: float
 ) -> list[tuple[str, Reason, str, pl.Expr]]:
     seconds = pl.col("_seconds")
     bp = pl.col("_bp")
-    boolean_text = _text("on_oxygen").str.to_lowercase()
     return [
         (
             "patient_id",
@@ -365,7 +579,7 @@ def _read_checks(
             "age",
             Reason.WRONG_TYPE,
             "expected a whole number of years",
-            _unreadable_number("age") | _not_integral("age"),
+            _unreadable_number("age", typed) | _not_integral("age", typed),
         ),
         (
             "blood_pressure",
@@ -378,13 +592,13 @@ def _read_checks(
             "heart_rate",
             Reason.WRONG_TYPE,
             "expected a number",
-            _unreadable_number("heart_rate"),
+            _unreadable_number("heart_rate", typed),
         ),
         (
             "temperature",
             Reason.WRONG_TYPE,
             "expected a number",
-            _unreadable_number("temperature"),
+            _unreadable_number("temperature", typed),
         ),
         (
             "timestamp",
@@ -404,25 +618,30 @@ def _read_checks(
             f"more than {max_future_skew_s:.0f} s in the future",
             seconds > now + max_future_skew_s,
         ),
-        ("spo2", Reason.WRONG_TYPE, "expected a number", _unreadable_number("spo2")),
+        (
+            "spo2",
+            Reason.WRONG_TYPE,
+            "expected a number",
+            _unreadable_number("spo2", typed),
+        ),
         (
             "respiratory_rate",
             Reason.WRONG_TYPE,
             "expected a number",
-            _unreadable_number("respiratory_rate"),
+            _unreadable_number("respiratory_rate", typed),
         ),
         (
             "on_oxygen",
             Reason.WRONG_TYPE,
             "expected true or false",
-            pl.col("on_oxygen").is_not_null()
-            & ~boolean_text.is_in(["true", "false", "1", "0"]),
+            _unreadable_boolean("on_oxygen", typed),
         ),
         (
             "spo2_scale",
             Reason.WRONG_TYPE,
             "expected 1 or 2",
-            _unreadable_number("spo2_scale") | _not_integral("spo2_scale"),
+            _unreadable_number("spo2_scale", typed)
+            | _not_integral("spo2_scale", typed),
         ),
         (
             "device_id",
@@ -444,13 +663,23 @@ def to_typed(
 
     ``now`` is the batch start as epoch seconds: timestamps later than
     ``now + max_future_skew_s`` or earlier than ``min_timestamp`` are rejected.
+    Number and boolean fields of a frame read with :data:`TYPED_SCHEMA` are
+    taken as they are.
     """
+    typed_fields = frozenset(
+        name
+        for name, dtype in text.schema.items()
+        if name in TEXT_SCHEMA and dtype != pl.String
+    )
     staged = text.with_columns(
-        _epoch_seconds().alias("_seconds"),
-        _text("blood_pressure").str.extract_groups(BLOOD_PRESSURE_PATTERN).alias("_bp"),
+        _epoch_seconds(typed_fields).alias("_seconds"),
+        _blood_pressure().alias("_bp"),
     )
     checks = _read_checks(
-        now=now, max_future_skew_s=max_future_skew_s, min_timestamp=min_timestamp
+        typed_fields,
+        now=now,
+        max_future_skew_s=max_future_skew_s,
+        min_timestamp=min_timestamp,
     )
     first_failure = pl.lit(None, pl.Int32)
     for index, (_, _, _, condition) in reversed(list(enumerate(checks))):
@@ -461,9 +690,10 @@ def to_typed(
         )
     staged = staged.with_columns(first_failure.alias("_failure"))
 
-    failed = staged.filter(pl.col("_failure").is_not_null())
+    failures = staged["_failure"].null_count() < staged.height
+    failed = staged.filter(pl.col("_failure").is_not_null()) if failures else None
     rejects = empty_rejects()
-    if not failed.is_empty():
+    if failed is not None:
         table = pl.DataFrame(
             {
                 "_failure": pl.Series(range(len(checks)), dtype=pl.Int32),
@@ -476,33 +706,31 @@ def to_typed(
             REJECT_SCHEMA.keys()
         )
 
-    typed = staged.filter(pl.col("_failure").is_null()).select(
+    accepted = staged.filter(pl.col("_failure").is_null()) if failures else staged
+    typed = accepted.select(
         "partition",
         "offset",
         "value",
         _text("patient_id").alias("patient_id"),
-        _text("name").str.replace_all(r"\s+", " ").alias("name"),
-        _whole_number("age").alias("age"),
+        _collapse_whitespace(_text("name")).alias("name"),
+        _whole_number("age", typed_fields).alias("age"),
         pl.col("_bp").struct.field("systolic").cast(pl.Int64).alias("systolic"),
         pl.col("_bp").struct.field("diastolic").cast(pl.Int64).alias("diastolic"),
-        _number("heart_rate").alias("heart_rate"),
-        _number("temperature").alias("temperature"),
+        _number("heart_rate", typed_fields).alias("heart_rate"),
+        _number("temperature", typed_fields).alias("temperature"),
         (pl.col("_seconds") * 1e6)
         .round()
         .cast(pl.Int64)
         .cast(pl.Datetime("us", "UTC"))
         .alias("measured_at"),
-        _number("spo2").alias("spo2"),
-        _number("respiratory_rate").alias("respiratory_rate"),
+        _number("spo2", typed_fields).alias("spo2"),
+        _number("respiratory_rate", typed_fields).alias("respiratory_rate"),
         _text("consciousness").str.to_uppercase().alias("consciousness"),
-        pl.when(_text("on_oxygen").str.to_lowercase().is_in(["true", "1"]))
-        .then(True)
-        .when(pl.col("on_oxygen").is_not_null())
-        .then(False)
-        .alias("on_oxygen"),
+        _boolean("on_oxygen", typed_fields).alias("on_oxygen"),
         _text("sex").str.to_uppercase().alias("sex"),
         _text("device_id").alias("device_id"),
-        _whole_number("spo2_scale").alias("spo2_scale"),
+        _whole_number("spo2_scale", typed_fields).alias("spo2_scale"),
+        pl.col(f"^{ROW_INDEX}$"),
     )
     typed = typed.with_columns(
         pl.col(name).replace("", None)

@@ -11,7 +11,6 @@ Two ways to run it share the same chunk functions:
 from __future__ import annotations
 
 import codecs
-import io
 import json
 import logging
 import time
@@ -25,10 +24,10 @@ import orjson
 import polars as pl
 
 from contracts.models import OUTPUT_KEYS, InputReading, OutputRow
-from etl.parse import decode, to_typed
+from etl.parse import parse
 from etl.reasons import Reason
 from etl.sink import Chunk, OffsetConflict, RedisSink
-from etl.source import KafkaSource
+from etl.source import KafkaSource, Prefetcher
 from etl.transform import transform
 from etl.validate import split_valid
 
@@ -130,9 +129,9 @@ def process_chunk(
     )
 
     # Parse, then apply the input contract: every failure becomes a reject.
-    text, decode_rejects = decode(unique, max_bytes=settings.max_message_bytes)
-    typed, type_rejects = to_typed(
-        text,
+    typed, type_rejects = parse(
+        unique,
+        max_bytes=settings.max_message_bytes,
         now=now,
         max_future_skew_s=settings.max_future_skew_s,
         min_timestamp=settings.min_timestamp,
@@ -161,9 +160,7 @@ def process_chunk(
             Reason.OUTPUT_CONTRACT.value,
         )
 
-    rejects = pl.concat(
-        [decode_rejects, type_rejects, contract_rejects, output_rejects]
-    )
+    rejects = pl.concat([type_rejects, contract_rejects, output_rejects])
     row_frame = _encode_rows(rows)
     chunk = Chunk(
         rows=row_frame,
@@ -176,14 +173,16 @@ def process_chunk(
 
 
 def _encode_rows(rows: pl.DataFrame) -> pl.DataFrame:
-    """Serialise each row as compact JSON with the keys in contract order."""
-    buffer = io.BytesIO()
-    rows.select(OUTPUT_KEYS).write_ndjson(buffer)
-    payloads = buffer.getvalue().split(b"\n")[: rows.height]
+    """Serialise each row as compact JSON with the keys in contract order.
+
+    ``struct.json_encode`` writes the same bytes as ``write_ndjson`` at about
+    half the cost, with no Python object per row.
+    """
+    payload = pl.struct(OUTPUT_KEYS).struct.json_encode().cast(pl.Binary)
     return rows.select(
         "partition",
         "offset",
-        pl.Series("payload", payloads, pl.Binary),
+        payload.alias("payload"),
         "blood_pressure_status",
         "news2_risk",
     )
@@ -264,6 +263,7 @@ def run_batch(settings: Settings, *, now: float | None = None) -> BatchReport:
     )
     sink = RedisSink(settings)
     source: KafkaSource | None = None
+    chunks: Prefetcher | None = None
     try:
         sink.check()
         source = KafkaSource(settings)
@@ -275,7 +275,9 @@ def run_batch(settings: Settings, *, now: float | None = None) -> BatchReport:
         # between EXEC and the commit they lag behind Redis until updated here.
         source.commit({p: o for p, o in stored.items() if p in start})
         expected: dict[int, int | None] = {p: stored.get(p) for p in start}
-        chunks = source.chunks(
+        # The next chunk drains while this one is processed and written.
+        chunks = Prefetcher(
+            source,
             chunk_size=settings.chunk_size,
             max_records=settings.max_records,
             deadline=started + settings.deadline_s,
@@ -303,6 +305,7 @@ def run_batch(settings: Settings, *, now: float | None = None) -> BatchReport:
                     report.chunks,
                 )
                 break
+        chunks.close()
         report.stop_reason = (
             source.stats.stop_reason if report.status == "ok" else report.status
         )
@@ -311,6 +314,8 @@ def run_batch(settings: Settings, *, now: float | None = None) -> BatchReport:
         report.status = "offset_conflict"
         raise
     finally:
+        if chunks is not None:
+            chunks.close()
         if source is not None:
             source.close()
         sink.close()

@@ -1,4 +1,11 @@
-"""Apply the Pandera contracts and turn their failure cases into rejects."""
+"""Apply the Pandera contracts and turn their failure cases into rejects.
+
+Pandera runs each check as its own query, so a call costs tens of
+milliseconds whatever the frame size. :func:`split_valid` first evaluates
+every check of the model in one Polars query, with Pandera's own check
+functions and null rules, and calls Pandera only on the rows that fail it.
+Pandera then decides, so its reason codes and failure cases stay the same.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +14,9 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final
 
 import polars as pl
+from pandera.api.polars.types import PolarsData
+from pandera.backends.polars.checks import PolarsCheckBackend
+from pandera.constants import CHECK_OUTPUT_KEY
 from pandera.errors import SchemaErrors
 
 from etl.parse import REJECT_SCHEMA, empty_rejects
@@ -14,6 +24,8 @@ from etl.reasons import Reason
 
 if TYPE_CHECKING:
     import pandera.polars as pa
+    from pandera.api.checks import Check
+    from pandera.api.polars.container import DataFrameSchema
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +36,8 @@ CHECK_REASONS: Final = {
     "diastolic_below_systolic": Reason.DIASTOLIC_NOT_BELOW_SYSTOLIC,
     "contains_letter": Reason.INVALID_NAME,
 }
+
+_ROW: Final = "_validate_row"
 
 
 def split_valid(
@@ -41,9 +55,86 @@ def split_valid(
     reject, named after its first failing column in model order. A failure
     that names no row (a wrong column set or dtype) is a bug and is raised.
     """
-    checked = frame.drop(
-        [name for name in carry if name not in model.to_schema().columns]
+    schema = model.to_schema()
+    checked = frame.drop([name for name in carry if name not in schema.columns])
+    passed = _screen(checked, schema)
+    if passed is None:
+        return _split_with_pandera(frame, checked, model, default_reason)
+    if passed.all():
+        return frame, empty_rejects()
+
+    # Only the rows that failed the screen go to Pandera, which decides.
+    indexed = frame.with_row_index(_ROW)
+    kept, rejects = _split_with_pandera(
+        indexed.filter(~passed), checked.filter(~passed), model, default_reason
     )
+    valid = indexed.filter(passed | pl.col(_ROW).is_in(kept[_ROW].implode()))
+    return valid.drop(_ROW), rejects
+
+
+def _screen(frame: pl.DataFrame, schema: DataFrameSchema) -> pl.Series | None:
+    """Return whether each row passes every check of ``schema``, in one query.
+
+    Returns None when the frame's columns or dtypes differ from the schema, or
+    when a check is not a row-wise expression; Pandera then validates the
+    whole frame.
+    """
+    if schema.unique or list(frame.columns) != list(schema.columns):
+        return None
+    data = frame.lazy()
+    # Pandera registers its check functions on the first validation.
+    schema.register_default_backends(pl.LazyFrame)
+    outputs: list[pl.LazyFrame | None] = []
+    for name, column in schema.columns.items():
+        if column.unique or frame.schema[name] != column.dtype.type:
+            return None
+        if not column.nullable:
+            # Pandera counts NaN as missing in float columns.
+            present = pl.col(name).is_not_null()
+            if frame.schema[name].is_float():
+                present = present & pl.col(name).is_not_nan()
+            outputs.append(data.select(present))
+        for check in column.checks:
+            outputs.append(_check_output(data, check, name))
+    outputs.extend(_check_output(data, check, "*") for check in schema.checks)
+    named = []
+    for index, output in enumerate(outputs):
+        if output is None:
+            return None
+        named.append(output.select(pl.first().alias(f"check_{index}")))
+    combined = pl.concat(named, how="horizontal").select(pl.all_horizontal(pl.all()))
+    return combined.collect().to_series()
+
+
+def _check_output(data: pl.LazyFrame, check: Check, key: str) -> pl.LazyFrame | None:
+    """Apply ``check`` as Pandera's backend does, with its rule for null outputs."""
+    if check.element_wise or check.groupby is not None:
+        return None
+    # Built-in checks made before Pandera registered its Polars functions hold
+    # a stale dispatcher; Check.__call__ reloads it the same way.
+    builtin = getattr(check._check_fn, "__name__", None)
+    if builtin is not None and check.is_builtin_check(builtin):
+        check._check_fn = check.get_builtin_check_fn(builtin)
+    backend_class = check.get_backend(data)
+    if backend_class is not PolarsCheckBackend:
+        # The Narwhals backend (PANDERA_USE_NARWHALS_BACKEND) takes other inputs.
+        return None
+    backend = backend_class(check)
+    output = backend.apply(PolarsData(data, key))
+    if not isinstance(output, pl.LazyFrame):
+        return None
+    result = pl.col(CHECK_OUTPUT_KEY)
+    if check.ignore_na:
+        return output.select(result | result.is_null())
+    return output.select(result.fill_null(False))
+
+
+def _split_with_pandera(
+    frame: pl.DataFrame,
+    checked: pl.DataFrame,
+    model: type[pa.DataFrameModel],
+    default_reason: Reason,
+) -> tuple[pl.DataFrame, pl.DataFrame]:
     try:
         model.validate(checked, lazy=True)
     except SchemaErrors as exc:

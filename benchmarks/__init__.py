@@ -1,0 +1,1 @@
+"""Throughput benchmark of the batch against a local broker and redis-server."""

@@ -1,0 +1,186 @@
+"""The fast paths of parsing, validation and the drain give what the slow paths give."""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import polars as pl
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from contracts.models import InputReading
+from etl.parse import decode, parse, to_typed
+from etl.reasons import Reason
+from etl.source import Prefetcher, SourceError
+from etl.validate import _split_with_pandera, split_valid
+from tests.conftest import encode, reading
+from tests.unit.test_parse import NOW, json_scalars, raw_frame
+
+CARRY = ("partition", "offset", "value")
+
+
+def slow_parse(values: list[bytes | None]) -> tuple[pl.DataFrame, pl.DataFrame]:
+    text, decode_rejects = decode(raw_frame(values), max_bytes=65_536)
+    typed, type_rejects = to_typed(text, now=NOW)
+    return typed, pl.concat([decode_rejects, type_rejects])
+
+
+def sorted_rejects(rejects: pl.DataFrame) -> list[tuple[Any, ...]]:
+    return sorted(rejects.select("offset", "reason", "field").rows())
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        # Every message in JSON types: the whole chunk takes the typed read.
+        pytest.param(
+            [encode(reading(patient_id=f"P{i}")) for i in range(40)], id="all-typed"
+        ),
+        # Tolerances in the middle: those segments take the text path.
+        pytest.param(
+            [encode(reading(patient_id=f"P{i}")) for i in range(300)]
+            + [encode(reading(age="42", timestamp="2024-06-10T08:13:20+02:00"))]
+            + [encode(reading(patient_id=f"Q{i}", on_oxygen="1")) for i in range(300)],
+            id="mixed",
+        ),
+        pytest.param(
+            [encode(reading()), b"\xff{}", None, b"{", encode(reading(age=1e19))],
+            id="with-rejects",
+        ),
+    ],
+)
+def test_parse_matches_text_path(values: list[bytes | None]) -> None:
+    typed, rejects = parse(raw_frame(values), max_bytes=65_536, now=NOW)
+    expected_typed, expected_rejects = slow_parse(values)
+    assert typed.equals(expected_typed)
+    assert sorted_rejects(rejects) == sorted_rejects(expected_rejects)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(
+        st.fixed_dictionaries(
+            {},
+            optional={
+                key: json_scalars
+                for key in (
+                    "age",
+                    "heart_rate",
+                    "timestamp",
+                    "spo2",
+                    "on_oxygen",
+                    "name",
+                )
+            },
+        ).map(lambda extra: encode(reading(**extra))),
+        max_size=12,
+    )
+)
+def test_parse_matches_text_path_on_mutations(values: list[bytes]) -> None:
+    typed, rejects = parse(raw_frame(list(values)), max_bytes=65_536, now=NOW)
+    expected_typed, expected_rejects = slow_parse(list(values))
+    assert typed.equals(expected_typed)
+    assert sorted_rejects(rejects) == sorted_rejects(expected_rejects)
+
+
+def typed_readings() -> pl.DataFrame:
+    values = [encode(reading(patient_id=f"P{i}", spo2=97)) for i in range(8)]
+    typed, _ = parse(raw_frame(values), max_bytes=65_536, now=NOW)
+    return typed
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "reason"),
+    [
+        pytest.param("age", 140, Reason.OUT_OF_RANGE, id="age-out-of-range"),
+        pytest.param("systolic", None, Reason.MISSING_FIELD, id="required-null"),
+        pytest.param(
+            "temperature", math.nan, Reason.MISSING_FIELD, id="nan-is-missing"
+        ),
+        pytest.param(
+            "diastolic", 200, Reason.DIASTOLIC_NOT_BELOW_SYSTOLIC, id="diastolic"
+        ),
+        pytest.param("name", "1234", Reason.INVALID_NAME, id="no-letter"),
+        pytest.param("spo2", 101.0, Reason.OUT_OF_RANGE, id="nullable-out-of-range"),
+        pytest.param("sex", "X", Reason.OUT_OF_RANGE, id="not-in-set"),
+    ],
+)
+def test_split_valid_matches_pandera(column: str, value: Any, reason: Reason) -> None:
+    frame = typed_readings()
+    # Rows 1 and 4 get the bad value; the others stay valid.
+    frame = frame.with_columns(
+        pl.when(pl.int_range(pl.len()).is_in([1, 4]))
+        .then(pl.lit(value, frame.schema[column]))
+        .otherwise(pl.col(column))
+        .alias(column)
+    )
+    checked = frame.drop("value")
+
+    valid, rejects = split_valid(frame, InputReading, carry=CARRY)
+    expected_valid, expected_rejects = _split_with_pandera(
+        frame, checked, InputReading, Reason.OUT_OF_RANGE
+    )
+
+    assert valid.equals(expected_valid)
+    assert rejects.sort("offset").equals(expected_rejects.sort("offset"))
+    assert set(rejects["reason"].to_list()) == {reason.value}
+    assert rejects["offset"].to_list() == [1, 4]
+
+
+def test_split_valid_all_valid_returns_frame() -> None:
+    frame = typed_readings()
+    valid, rejects = split_valid(frame, InputReading, carry=CARRY)
+    assert valid.equals(frame)
+    assert rejects.is_empty()
+
+
+class FakeSource:
+    """A source whose drain yields the given frames, then raises or never ends."""
+
+    def __init__(self, frames: list[pl.DataFrame], error: Exception | None) -> None:
+        self.frames = frames
+        self.error = error
+        self.stop: threading.Event | None = None
+
+    def chunks(self, **options: Any) -> Iterator[pl.DataFrame]:
+        self.stop = options["stop"]
+        yield from self.frames
+        if self.error is not None:
+            raise self.error
+        while not self.stop.is_set():
+            yield self.frames[-1]
+
+
+def test_prefetcher_keeps_order_and_raises_drain_error() -> None:
+    frames = [pl.DataFrame({"n": [i]}) for i in range(5)]
+    prefetcher = Prefetcher(
+        FakeSource(frames, SourceError("broker lost")),  # type: ignore[arg-type]
+        chunk_size=1,
+        max_records=10,
+        deadline=0.0,
+    )
+    seen = []
+    with pytest.raises(SourceError, match="broker lost"):
+        for frame in prefetcher:
+            seen.append(frame["n"].item())
+    prefetcher.close()
+    assert seen == [0, 1, 2, 3, 4]
+
+
+def test_prefetcher_close_stops_endless_drain() -> None:
+    source = FakeSource([pl.DataFrame({"n": [1]})], None)
+    prefetcher = Prefetcher(
+        source,  # type: ignore[arg-type]
+        chunk_size=1,
+        max_records=10,
+        deadline=0.0,
+    )
+    first = next(iter(prefetcher))
+    prefetcher.close()
+    assert first["n"].item() == 1
+    assert source.stop is not None
+    assert source.stop.is_set()
