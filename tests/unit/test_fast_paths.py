@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import math
 import threading
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ from hypothesis import strategies as st
 from contracts.models import InputReading
 from etl.parse import decode, parse, to_typed
 from etl.reasons import Reason
-from etl.source import Prefetcher, SourceError
+from etl.source import Prefetcher, SourceError, _rare_gc
 from etl.validate import _split_with_pandera, split_valid
 from tests.conftest import encode, reading
 from tests.unit.test_parse import NOW, json_scalars, raw_frame
@@ -184,3 +185,11 @@ def test_prefetcher_close_stops_endless_drain() -> None:
     assert first["n"].item() == 1
     assert source.stop is not None
     assert source.stop.is_set()
+
+
+def test_rare_gc_restores_thresholds() -> None:
+    before = gc.get_threshold()
+    with pytest.raises(RuntimeError, match="inside"), _rare_gc():
+        assert gc.get_threshold()[0] >= 100_000
+        raise RuntimeError("inside")
+    assert gc.get_threshold() == before
