@@ -104,6 +104,7 @@ class KafkaSource:
         }
         self._consumer = Consumer(config)
         self._admin: AdminClient | None = None
+        self._commits_failed = False
         self._errors: list[KafkaError] = []
         self._partitions: list[int] = []
         self.stats = DrainStats()
@@ -280,8 +281,11 @@ class KafkaSource:
         request timeout: the consumer's own commit has none, and with
         librdkafka 2.16 and a broker that stops answering, a synchronous
         commit blocks for good and an asynchronous one blocks ``close()``.
+        After one failure the batch stops committing, so a lost broker costs
+        one timeout, not one per remaining chunk; the next batch commits the
+        Redis offsets when it starts.
         """
-        if not offsets:
+        if not offsets or self._commits_failed:
             return
         timeout = self._settings.kafka_timeout_s
         if self._admin is None:
@@ -297,8 +301,11 @@ class KafkaSource:
             for future in futures.values():
                 future.result(timeout=timeout + 1)
         except (KafkaException, TimeoutError) as exc:
+            self._commits_failed = True
             logger.warning(
-                "Kafka offset commit failed (Redis offsets stay authoritative): %s", exc
+                "Kafka offset commit failed; no more commits in this batch "
+                "(Redis offsets stay authoritative): %s",
+                exc,
             )
 
     def close(self) -> None:
