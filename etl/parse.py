@@ -110,7 +110,6 @@ BLOOD_PRESSURE_PATTERN: Final = (
 _WHOLE_NUMBER_LIMIT: Final = 2**53
 #: C0 and C1 control characters other than the whitespace that names may hold.
 CONTROL_CHARACTER: Final = r"[\x00-\x08\x0E-\x1F\x7F-\x9F]"
-NUMBER_TOKEN: Final = r"^-?\d"
 
 # Minimum segment size below which a failing read_ndjson call is retried value
 # by value; bisection above it keeps the cost near n * log2(bad values).
@@ -549,7 +548,7 @@ def _unreadable_boolean(field: str, typed: frozenset[str]) -> pl.Expr:
 
 
 #: Checks that make a message unreadable as a reading, in the order they are
-#: reported: (field, reason, detail, condition). The first that holds wins.
+#: reported: (field, reason, detail, condition). The first true condition wins.
 def _read_checks(
     typed: frozenset[str], *, now: float, max_future_skew_s: float, min_timestamp: float
 ) -> list[tuple[str, Reason, str, pl.Expr]]:

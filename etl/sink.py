@@ -65,7 +65,7 @@ class Chunk:
 
 @dataclass
 class WriteResult:
-    """What one chunk write did."""
+    """Outcome of one chunk write: rows, rejects and alerts written, records skipped."""
 
     written: int
     rejected: int
@@ -96,7 +96,7 @@ class RedisSink:
         )
 
     def check(self) -> None:
-        """Fail fast with the URL (password masked) when Redis does not answer."""
+        """Fail fast, naming the URL with its password masked, when PING fails."""
         url = self._settings.redis_url_redacted
         try:
             self.client.ping()
