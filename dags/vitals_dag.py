@@ -62,11 +62,20 @@ def _settings() -> Settings:
 
 
 def staging_root() -> Path:
-    """Return the folder that contains this DAG's staging folders, one per run."""
-    base = os.environ.get(STAGING_ENV) or str(
-        Path(tempfile.gettempdir()) / "vitals-staging"
+    """Return the folder that contains this DAG's staging folders, one per run.
+
+    The default lies under AIRFLOW_HOME (or a per-user temp folder) and is
+    created readable by its owner only, because staged chunks hold patient
+    data and several Airflow installations may share a host.
+    """
+    default = (
+        Path(os.environ["AIRFLOW_HOME"]) / "vitals-staging"
+        if os.environ.get("AIRFLOW_HOME")
+        else Path(tempfile.gettempdir()) / f"vitals-staging-{os.getuid()}"
     )
-    return Path(base) / DAG_ID
+    base = Path(os.environ.get(STAGING_ENV) or default)
+    base.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return base / DAG_ID
 
 
 def staging_dir(run_id: str) -> Path:

@@ -81,6 +81,9 @@ def run(
     )
     try:
         report = run_batch(settings)
+    except ConfigurationError as exc:
+        errors.print(f"[red]error:[/red] {exc}")
+        sys.exit(EXIT_CONFIG)
     except (SourceError, SinkError, OffsetConflict) as exc:
         errors.print(f"[red]batch failed:[/red] {exc}")
         errors.print(

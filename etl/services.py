@@ -139,9 +139,15 @@ def start_redis(
     state_dir: Path,
     password: str | None = None,
     extra_args: tuple[str, ...] = (),
+    persistent: bool = False,
     timeout: float = 15.0,
 ) -> Service:
-    """Start ``redis-server`` on ``127.0.0.1:port`` with no persistence."""
+    """Start ``redis-server`` on ``127.0.0.1:port``.
+
+    With ``persistent`` it keeps an append-only file in ``state_dir``, so the
+    rows and the offsets survive a restart together; without it (tests) it
+    keeps nothing on disk.
+    """
     argv = [
         str(redis_server_binary()),
         "--port",
@@ -151,7 +157,7 @@ def start_redis(
         "--save",
         "",
         "--appendonly",
-        "no",
+        "yes" if persistent else "no",
         "--dir",
         str(state_dir),
         *extra_args,
@@ -296,7 +302,7 @@ def start_local_stack(
         if name == "kafka":
             service = start_broker(port=port, state_dir=state_dir)
         else:
-            service = start_redis(port=port, state_dir=state_dir)
+            service = start_redis(port=port, state_dir=state_dir, persistent=True)
         pid_file.write_text(f"{service.pid} {port}\n")
     return {
         "VITALS_KAFKA_BOOTSTRAP_SERVERS": f"{HOST}:{kafka_port}",
@@ -325,8 +331,19 @@ def local_stack_status(state_dir: Path) -> dict[str, int | None]:
 
 
 def _running_from(pid_file: Path) -> int | None:
+    """Return the pid in ``pid_file`` if that process is alive and is ours.
+
+    A stale pid file may name a process that reused the pid, so the command
+    line must be tansu's or redis-server's before anything signals it.
+    """
     try:
         pid = int(pid_file.read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return None
-    return pid if _alive(pid) else None
+    if not _alive(pid):
+        return None
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return pid if b"tansu" in command or b"redis-server" in command else None

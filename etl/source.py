@@ -33,6 +33,7 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient
 
+from etl.config import ConfigurationError
 from etl.parse import RAW_SCHEMA
 
 if TYPE_CHECKING:
@@ -69,6 +70,16 @@ FATAL_CODES: Final = {
     KafkaError._SSL,
 }
 
+#: Properties the exactly-once drain depends on; VITALS_KAFKA_EXTRA cannot change
+#: them. "auto.offset.reset=error" turns a stored offset outside the topic (a
+#: recreated or truncated topic) into an error instead of a silent jump.
+PROTECTED_PROPERTIES: Final[dict[str, Any]] = {
+    "enable.auto.commit": False,
+    "enable.auto.offset.store": False,
+    "enable.partition.eof": True,
+    "auto.offset.reset": "error",
+}
+
 _CONSUME_BATCH: Final = 10_000
 _GC_THRESHOLD: Final = 100_000
 _CONSUME_TIMEOUT_S: Final = 0.05
@@ -92,20 +103,28 @@ class KafkaSource:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._topic = settings.kafka_topic
+        extra = settings.kafka_config()
+        overridden = sorted(set(extra) & set(PROTECTED_PROPERTIES))
+        if overridden:
+            logger.warning(
+                "Ignoring Kafka properties the batch must control: %s", overridden
+            )
         config = {
             **CONSUMER_TUNING,
+            **extra,
+            **PROTECTED_PROPERTIES,
             "group.id": settings.kafka_group_id,
-            "enable.auto.commit": False,
-            "enable.auto.offset.store": False,
-            "enable.partition.eof": True,
-            "auto.offset.reset": "earliest",
             "error_cb": self._on_error,
-            **settings.kafka_config(),
         }
-        self._consumer = Consumer(config)
+        try:
+            self._consumer = Consumer(config)
+        except KafkaException as exc:
+            msg = f"invalid Kafka client settings (check VITALS_KAFKA_EXTRA): {exc.args[0]}"
+            raise ConfigurationError(msg) from exc
         self._admin: AdminClient | None = None
         self._commits_failed = False
         self._errors: list[KafkaError] = []
+        self._logged_codes: set[int] = set()
         self._partitions: list[int] = []
         self.stats = DrainStats()
 
@@ -116,7 +135,11 @@ class KafkaSource:
     def _on_error(self, error: KafkaError) -> None:
         # librdkafka retries transport errors itself; keep them to report a stall.
         self._errors.append(error)
-        logger.warning("Kafka client error: %s", error)
+        # A lost broker repeats the same error many times a second: log each
+        # kind once at WARNING, the repeats at DEBUG.
+        level = logging.DEBUG if error.code() in self._logged_codes else logging.WARNING
+        self._logged_codes.add(error.code())
+        logger.log(level, "Kafka client error: %s", error)
 
     def partitions(self) -> list[int]:
         """Return the partition ids of the topic, or raise when the broker is unreachable."""
@@ -200,6 +223,7 @@ class KafkaSource:
         pending = set(self._partitions)
         buffer = _ChunkBuffer()
         last_progress = time.monotonic()
+        heard: dict[int, float] = dict.fromkeys(pending, last_progress)
         while pending:
             if stop is not None and stop.is_set():
                 self.stats.stop_reason = "stopped"
@@ -223,11 +247,19 @@ class KafkaSource:
             records = [m for m in messages if m.error() is None]
             buffer.extend(records)
             self.stats.read += len(records)
+            now = time.monotonic()
+            for partition in {m.partition() for m in messages}:
+                heard[int(partition or 0)] = now
             if len(records) < len(messages):
                 self._handle_events(messages, pending)
             self._check_stall(last_progress)
+            self._check_silent_partitions(pending, heard)
             if len(buffer) >= chunk_size:
                 yield buffer.flush()
+                # Time spent by the consumer of this generator is not silence.
+                resumed = time.monotonic()
+                heard.update(dict.fromkeys(heard, resumed))
+                last_progress = resumed
         if len(buffer):
             yield buffer.flush()
         logger.info(
@@ -243,6 +275,16 @@ class KafkaSource:
             error = message.error()
             if error is None:
                 continue
+            if error.code() == KafkaError._AUTO_OFFSET_RESET:
+                partition = int(message.partition() or 0)
+                msg = (
+                    f"the stored offset of partition {partition} of topic {self._topic} "
+                    f"is outside the data the broker holds ({error.str()}); the topic "
+                    "was probably recreated or truncated. Check the field "
+                    f"'{self._topic}:{partition}' of the Redis offsets hash and reset it "
+                    "(see the README, Operations)"
+                )
+                raise SourceError(msg)
             if error.code() == KafkaError._PARTITION_EOF:
                 partition = int(message.partition() or 0)
                 pending.discard(partition)
@@ -256,6 +298,35 @@ class KafkaSource:
             msg = f"Kafka consumer failed on {self._settings.kafka_bootstrap_servers}: {error.str()}"
             raise SourceError(msg)
         logger.warning("Kafka consume error (retried by the client): %s", error.str())
+
+    def _check_silent_partitions(
+        self, pending: set[int], heard: dict[int, float]
+    ) -> None:
+        """Fail when a partition sends neither records nor its end for too long.
+
+        With a reachable broker each partition yields records or its
+        end-of-partition event within one fetch. A partition that stays silent
+        was assigned an offset the broker cannot serve: some brokers, Tansu
+        among them, answer such a fetch with nothing at all, which would
+        otherwise hold the batch until its deadline.
+        """
+        limit = 2 * self._settings.kafka_timeout_s
+        now = time.monotonic()
+        silent = sorted(p for p in pending if now - heard[p] > limit)
+        if silent:
+            positions = {
+                tp.partition: tp.offset
+                for tp in self._consumer.position(
+                    [TopicPartition(self._topic, p) for p in silent]
+                )
+            }
+            msg = (
+                f"partitions {silent} of topic {self._topic} sent neither records nor "
+                f"their end for {limit:.0f} s from offsets {positions}; if the topic was "
+                "recreated, the stored offsets point past its end: reset them (see "
+                "the README, Operations)"
+            )
+            raise SourceError(msg)
 
     def _check_stall(self, last_progress: float) -> None:
         """Fail when the broker went silent after reporting errors."""

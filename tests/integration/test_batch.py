@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+import time
 from unittest import mock
 
 import pytest
 import redis
 
 from contracts.models import OUTPUT_KEYS
-from etl.config import Settings
+from etl.config import ConfigurationError, Settings
 from etl.pipeline import run_batch
 from etl.sink import RedisSink, SinkError
+from etl.source import SourceError
 from tests.conftest import (
     case_value,
     create_topic,
@@ -249,3 +251,39 @@ def test_batch_news2_alerts_in_same_transaction(
     stats = redis_client.hgetall(settings.redis_stats_key)
     assert stats[b"news2_risk:High"] == b"1"
     assert stats[b"written"] == b"2"
+
+
+def test_batch_offsets_past_topic_end_fail_loudly(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    """Stored offsets beyond the topic's data (a recreated topic) fail the batch, never skip silently."""
+    create_topic(settings, partitions=1)
+    produce(settings, [encode(reading(patient_id=f"PT-{i}")) for i in range(5)])
+    redis_client.hset(settings.redis_offsets_key, f"{settings.kafka_topic}:0", 5000)
+    quick = settings.model_copy(update={"kafka_timeout_s": 2.0, "deadline_s": 60.0})
+    started = time.monotonic()
+    with pytest.raises(SourceError, match="reset"):
+        run_batch(quick)
+    assert time.monotonic() - started < 30
+    assert redis_client.llen(settings.redis_list_key) == 0
+
+
+def test_batch_extra_cannot_disable_end_of_partition(settings: Settings) -> None:
+    create_topic(settings, partitions=1)
+    produce(settings, [encode(reading())])
+    unsafe = settings.model_copy(
+        update={
+            "kafka_extra": {"enable.partition.eof": False, "enable.auto.commit": True}
+        }
+    )
+    report = run_batch(unsafe)
+    assert report.stop_reason == "end_of_partitions"
+    assert report.written == 1
+
+
+def test_batch_unknown_kafka_property_is_configuration_error(
+    settings: Settings,
+) -> None:
+    bad = settings.model_copy(update={"kafka_extra": {"no.such.property": 1}})
+    with pytest.raises(ConfigurationError, match="VITALS_KAFKA_EXTRA"):
+        run_batch(bad)
