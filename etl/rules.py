@@ -447,7 +447,7 @@ def _band_rank(
     )
 
     # One low value makes the reading low even when the other value is high, so
-    # 85/95 is low. A low value may mean hypotension or a failed measurement,
+    # 150/55 is low. A low value may mean hypotension or a failed measurement,
     # which the max rule would hide.
     is_low = (systolic < HYPOTENSION_SYSTOLIC_BELOW) | (
         diastolic < HYPOTENSION_DIASTOLIC_BELOW
