@@ -1,6 +1,6 @@
 """Shared fixtures: a real Kafka-protocol broker and a real redis-server.
 
-By default the session starts its own Tansu broker and ``redis-server`` on free
+By default the pytest session starts its own Tansu broker and ``redis-server`` on free
 ports of 127.0.0.1. Set ``KAFKA_BOOTSTRAP_SERVERS`` and ``REDIS_URL`` to run
 the integration tests against an existing Apache Kafka and Redis instead;
 each test then uses its own topic and its own Redis key names.
