@@ -210,7 +210,7 @@ def wait_for_redis(
     timeout: float,
     process: subprocess.Popen[bytes] | None = None,
 ) -> None:
-    """Wait until Redis on ``127.0.0.1:port`` answers PING."""
+    """Wait until Redis on ``127.0.0.1:port`` replies to PING."""
     import redis
 
     client = redis.Redis(host=HOST, port=port, password=password, socket_timeout=1)
@@ -262,7 +262,7 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    # A zombie still answers signal 0; /proc tells it apart.
+    # A zombie still accepts signal 0, so /proc tells it apart.
     with contextlib.suppress(OSError):
         status = Path(f"/proc/{pid}/status").read_text()
         if "\nState:\tZ" in status:

@@ -7,7 +7,7 @@ group id is only used to commit offsets for lag monitoring.
 A partition is drained until its end-of-partition event
 (``enable.partition.eof``) and then paused, so records produced during the
 batch wait for the next one. The high watermark from a ListOffsets request is
-not used: Tansu 0.6 answers it with the base offset of the last record batch
+not used: Tansu 0.6 returns the base offset of the last record batch
 plus one, which would stop the drain early.
 """
 
@@ -307,7 +307,7 @@ class KafkaSource:
         With a reachable broker each partition yields records or its
         end-of-partition event within one fetch. A partition that stays silent
         was assigned an offset the broker cannot serve: some brokers, Tansu
-        among them, answer such a fetch with nothing at all, which would
+        among them, reply to such a fetch with neither records nor an error, which would
         otherwise hold the batch until its deadline.
         """
         limit = 2 * self._settings.kafka_timeout_s

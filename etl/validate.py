@@ -143,7 +143,7 @@ def _split_with_pandera(
         return frame, empty_rejects()
 
     if cases["index"].null_count():
-        # Never log failure_case itself: it holds patient values.
+        # Never log failure_case itself, because it contains patient values.
         schema_level = cases.filter(pl.col("index").is_null()).select("column", "check")
         msg = f"frame does not match {model.__name__}: {schema_level.rows()}"
         raise ValueError(msg)
