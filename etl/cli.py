@@ -13,15 +13,14 @@ from rich.console import Console
 from rich.table import Table
 
 from etl.config import ConfigurationError, Settings, load_settings
-
-EXIT_CONFIG: Final = 2
-EXIT_INFRASTRUCTURE: Final = 3
+from etl.exit_codes import EXIT_CONFIG, EXIT_INFRASTRUCTURE
 
 console = Console()
 errors = Console(stderr=True)
 
 
-def _settings(**overrides: Any) -> Settings:
+def settings_or_exit(**overrides: Any) -> Settings:
+    """Build the settings, or print the error and exit with code 2."""
     try:
         return load_settings(**{k: v for k, v in overrides.items() if v is not None})
     except ConfigurationError as exc:
@@ -73,7 +72,7 @@ def run(
     from etl.sink import OffsetConflict, SinkError
     from etl.source import SourceError
 
-    settings = _settings(
+    settings = settings_or_exit(
         kafka_topic=topic,
         chunk_size=chunk_size,
         max_records=max_records,
@@ -155,7 +154,7 @@ def generate(
     """Produce realistic synthetic readings to the Kafka topic."""
     from etl.generate import produce_readings
 
-    settings = _settings()
+    settings = settings_or_exit()
     try:
         delivered = produce_readings(
             settings,
@@ -181,7 +180,7 @@ def show(start: int, stop: int, key: str | None) -> None:
     """Print list elements the way 'redis-cli LRANGE key start stop' does."""
     import redis
 
-    settings = _settings()
+    settings = settings_or_exit()
     client = redis.Redis.from_url(
         settings.redis_url.get_secret_value(), socket_timeout=5
     )
@@ -203,7 +202,7 @@ def show(start: int, stop: int, key: str | None) -> None:
 @main.command("settings")
 def show_settings() -> None:
     """Print the effective settings, secrets masked."""
-    click.echo(json.dumps(_settings().redacted(), indent=2))
+    click.echo(json.dumps(settings_or_exit().redacted(), indent=2))
 
 
 @main.group()

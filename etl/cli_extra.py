@@ -14,15 +14,13 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from etl.config import ConfigurationError, Settings, load_settings
+from etl.config import Settings
+from etl.exit_codes import EXIT_FAILED, EXIT_INFRASTRUCTURE
 
 if TYPE_CHECKING:
     from etl.feed import FeedResult
     from etl.reports import ReportEntry
 
-EXIT_FAILED: Final = 1
-EXIT_CONFIG: Final = 2
-EXIT_INFRASTRUCTURE: Final = 3
 
 console = Console()
 # Errors are not wrapped, so a message stays on one line in logs and pipes.
@@ -30,11 +28,10 @@ errors = Console(stderr=True, soft_wrap=True)
 
 
 def _load_settings() -> Settings:
-    try:
-        return load_settings()
-    except ConfigurationError as exc:
-        errors.print(f"[red]error:[/red] {exc}")
-        sys.exit(EXIT_CONFIG)
+    # etl.cli registers this module's commands at its end, so import it late.
+    from etl.cli import settings_or_exit
+
+    return settings_or_exit()
 
 
 # etl contracts

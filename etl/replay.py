@@ -206,9 +206,10 @@ def replay_rejects_command(
     reasons: tuple[str, ...], path: Path | None, dry_run: bool, force: bool
 ) -> None:
     """Produce rejected values to the topic again, for the next batch to read."""
-    from etl.cli import EXIT_INFRASTRUCTURE, _settings, errors
+    from etl.cli import errors, settings_or_exit
+    from etl.exit_codes import EXIT_INFRASTRUCTURE
 
-    settings = _settings()
+    settings = settings_or_exit()
     try:
         report = replay_rejects(
             settings, reasons=reasons, path=path, dry_run=dry_run, force=force
