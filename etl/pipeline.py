@@ -26,7 +26,7 @@ import polars as pl
 from contracts.models import OUTPUT_KEYS, InputReading, OutputRow
 from etl.parse import parse
 from etl.reasons import Reason
-from etl.sink import Chunk, OffsetConflict, RedisSink
+from etl.sink import Chunk, OffsetConflict, RedisSink, WriteResult
 from etl.source import KafkaSource, Prefetcher
 from etl.transform import transform
 from etl.validate import split_valid
@@ -84,14 +84,13 @@ class BatchReport:
             "rate_per_s": round(self.rate_per_s, 1),
         }
 
-    def add(
-        self, chunk: Chunk, *, written: int, rejected: int, alerts: int, skipped: int
-    ) -> None:
+    def add(self, chunk: Chunk, result: WriteResult) -> None:
+        """Count one written chunk: what the sink wrote, and the chunk's labels."""
         self.chunks += 1
-        self.written += written
-        self.rejected += rejected
-        self.alerts += alerts
-        self.skipped += skipped
+        self.written += result.written
+        self.rejected += result.rejected
+        self.alerts += result.alerts
+        self.skipped += result.skipped
         for frame, column, counts in (
             (chunk.rejects, "reason", self.rejected_by_reason),
             (chunk.rows, "blood_pressure_status", self.bp_status),
@@ -289,13 +288,7 @@ def run_batch(settings: Settings, *, now: float | None = None) -> BatchReport:
             report.read += raw.height
             report.duplicates += duplicates
             result = sink.write_chunk(source.topic, chunk)
-            report.add(
-                chunk,
-                written=result.written,
-                rejected=result.rejected,
-                alerts=result.alerts,
-                skipped=result.skipped,
-            )
+            report.add(chunk, result)
             _advance(expected, chunk.next_offsets)
             source.commit(chunk.next_offsets)
             if result.concurrent:
@@ -466,13 +459,7 @@ def load_staging(settings: Settings, staging: Path) -> BatchReport:
             meta = json.loads((staging / f"chunk-{stem}.json").read_text())
             report.duplicates += meta["duplicates"]
             result = sink.write_chunk(manifest["topic"], chunk)
-            report.add(
-                chunk,
-                written=result.written,
-                rejected=result.rejected,
-                alerts=result.alerts,
-                skipped=result.skipped,
-            )
+            report.add(chunk, result)
             if result.concurrent:
                 report.status = "concurrent_batch"
         if report.offsets:

@@ -23,6 +23,7 @@ from etl.config import load_settings
 from etl.parse import RAW_SCHEMA
 from etl.pipeline import REJECT_PAYLOAD_BYTES, BatchReport, process_chunk
 from etl.reasons import Reason
+from etl.sink import WriteResult
 
 CORPUS_DIR: Final = Path(__file__).resolve().parents[1] / "data" / "hostile"
 NOW: Final = 1_718_000_600.0
@@ -214,13 +215,14 @@ def test_process_chunk_whole_corpus_counts_by_reason() -> None:
         raw_frame(values), SETTINGS, topic="vitals", now=NOW, expected={0: None}
     )
     report = BatchReport(topic="vitals", started_at="")
-    report.add(
-        chunk,
+    written = WriteResult(
         written=chunk.rows.height,
         rejected=chunk.rejects.height,
         alerts=0,
         skipped=0,
+        concurrent=False,
     )
+    report.add(chunk, written)
 
     expected = Counter(c.expected_reason for c in cases if c.expected_reason)
     assert report.rejected_by_reason == dict(expected)
