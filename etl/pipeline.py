@@ -235,9 +235,9 @@ def _start_offsets(
 ) -> tuple[dict[int, int], dict[int, int]]:
     """Return (start offset per partition, offsets stored in Redis).
 
-    Redis offsets win; Kafka's committed offsets serve partitions that Redis
-    has never seen; the rest start at the earliest offset, so records produced
-    before the group existed are read on the first run.
+    Redis offsets win. Kafka's committed offsets serve partitions that Redis
+    has never seen, and the rest start at the earliest offset, so records
+    produced before the group existed are read on the first run.
     """
     partitions = source.partitions()
     stored = sink.stored_offsets(source.topic)

@@ -6,7 +6,7 @@ from enum import StrEnum
 
 
 class Reason(StrEnum):
-    """Why a Kafka message did not become a row of ``liste-patients``.
+    """Reason code of a Kafka message that did not become a row of ``liste-patients``.
 
     Every drained message ends as exactly one row or one reject with one of
     these codes, so the two lists account for every offset.

@@ -262,7 +262,7 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    # A zombie still accepts signal 0, so /proc tells it apart.
+    # A zombie still accepts signal 0, so its /proc state decides.
     with contextlib.suppress(OSError):
         status = Path(f"/proc/{pid}/status").read_text()
         if "\nState:\tZ" in status:

@@ -236,7 +236,9 @@ def test_batch_news2_alerts_in_same_transaction(
         on_oxygen=True,
     )
     produce(settings, [encode(calm), encode(unwell)])
+
     report = run_batch(settings)
+
     risks = {
         row["patient_id"]: row["news2_risk"]
         for row in stored_rows(redis_client, settings)
@@ -248,6 +250,7 @@ def test_batch_news2_alerts_in_same_transaction(
     ]
     assert alerts == ["PT-UNWELL"]
     assert report.alerts == 1
+
     stats = redis_client.hgetall(settings.redis_stats_key)
     assert stats[b"news2_risk:High"] == b"1"
     assert stats[b"written"] == b"2"
