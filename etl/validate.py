@@ -9,6 +9,7 @@ Pandera then decides, so its reason codes and failure cases stay the same.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final
@@ -16,7 +17,6 @@ from typing import TYPE_CHECKING, Final
 import polars as pl
 from pandera.api.polars.types import PolarsData
 from pandera.backends.polars.checks import PolarsCheckBackend
-from pandera.constants import CHECK_OUTPUT_KEY
 from pandera.errors import SchemaErrors
 
 from etl.parse import REJECT_SCHEMA, empty_rejects
@@ -25,7 +25,6 @@ from etl.reasons import Reason
 if TYPE_CHECKING:
     import pandera.polars as pa
     from pandera.api.checks import Check
-    from pandera.api.polars.container import DataFrameSchema
 
 logger = logging.getLogger(__name__)
 
@@ -55,9 +54,9 @@ def split_valid(
     reject, named after its first failing column in model order. A failure
     that names no row (a wrong column set or dtype) is a bug and is raised.
     """
-    schema = model.to_schema()
-    checked = frame.drop([name for name in carry if name not in schema.columns])
-    passed = _screen(checked, schema)
+    columns = model.to_schema().columns
+    checked = frame.drop([name for name in carry if name not in columns])
+    passed = _screen(checked, model)
     if passed is None:
         return _split_with_pandera(frame, checked, model, default_reason)
     if passed.all():
@@ -72,42 +71,67 @@ def split_valid(
     return valid.drop(_ROW), rejects
 
 
-def _screen(frame: pl.DataFrame, schema: DataFrameSchema) -> pl.Series | None:
-    """Return whether each row passes every check of ``schema``, in one query.
+def _screen(frame: pl.DataFrame, model: type[pa.DataFrameModel]) -> pl.Series | None:
+    """Return whether each row passes every check of ``model``, in one query.
 
     Returns None when the frame's columns or dtypes differ from the schema, or
     when a check is not a row-wise expression; Pandera then validates the
     whole frame.
     """
-    if schema.unique or list(frame.columns) != list(schema.columns):
+    schema = model.to_schema()
+    if list(frame.columns) != list(schema.columns):
         return None
-    data = frame.lazy()
+    if any(
+        frame.schema[name] != column.dtype.type
+        for name, column in schema.columns.items()
+    ):
+        return None
+    conditions = _screen_conditions(model)
+    if conditions is None:
+        return None
+    return frame.select(pl.all_horizontal(conditions)).to_series()
+
+
+@functools.cache
+def _screen_conditions(model: type[pa.DataFrameModel]) -> tuple[pl.Expr, ...] | None:
+    """Build, once per model, one boolean expression per check and nullability rule."""
+    schema = model.to_schema()
+    if schema.unique:
+        return None
     # Pandera registers its check functions on the first validation.
     schema.register_default_backends(pl.LazyFrame)
-    outputs: list[pl.LazyFrame | None] = []
+    conditions: list[pl.Expr | None] = []
     for name, column in schema.columns.items():
-        if column.unique or frame.schema[name] != column.dtype.type:
+        if column.unique:
             return None
         if not column.nullable:
             # Pandera counts NaN as missing in float columns.
             present = pl.col(name).is_not_null()
-            if frame.schema[name].is_float():
+            if column.dtype.type.is_float():
                 present = present & pl.col(name).is_not_nan()
-            outputs.append(data.select(present))
-        for check in column.checks:
-            outputs.append(_check_output(data, check, name))
-    outputs.extend(_check_output(data, check, "*") for check in schema.checks)
-    named = []
-    for index, output in enumerate(outputs):
-        if output is None:
-            return None
-        named.append(output.select(pl.first().alias(f"check_{index}")))
-    combined = pl.concat(named, how="horizontal").select(pl.all_horizontal(pl.all()))
-    return combined.collect().to_series()
+            conditions.append(present)
+        conditions.extend(_check_condition(check, name) for check in column.checks)
+    conditions.extend(_check_condition(check, "*") for check in schema.checks)
+    if any(condition is None for condition in conditions):
+        return None
+    return tuple(condition for condition in conditions if condition is not None)
 
 
-def _check_output(data: pl.LazyFrame, check: Check, key: str) -> pl.LazyFrame | None:
-    """Apply ``check`` as Pandera's backend does, with its rule for null outputs."""
+class _RecordedSelect:
+    """Stands in for the LazyFrame a check function selects from.
+
+    Pandera's Polars checks return ``data.lazyframe.select(<expression>)``;
+    given this object instead, they return their expressions, which
+    :func:`_screen` evaluates for every check in one ``select``. Any other use
+    of the frame raises AttributeError, and the screen is skipped.
+    """
+
+    def select(self, *exprs: object) -> tuple[object, ...]:
+        return exprs
+
+
+def _check_condition(check: Check, key: str) -> pl.Expr | None:
+    """Return ``check`` as a boolean expression with Pandera's rule for null outputs."""
     if check.element_wise or check.groupby is not None:
         return None
     # Built-in checks made before Pandera registered its Polars functions hold
@@ -115,18 +139,26 @@ def _check_output(data: pl.LazyFrame, check: Check, key: str) -> pl.LazyFrame | 
     builtin = getattr(check._check_fn, "__name__", None)
     if builtin is not None and check.is_builtin_check(builtin):
         check._check_fn = check.get_builtin_check_fn(builtin)
-    backend_class = check.get_backend(data)
-    if backend_class is not PolarsCheckBackend:
+    if check.get_backend(pl.LazyFrame()) is not PolarsCheckBackend:
         # The Narwhals backend (PANDERA_USE_NARWHALS_BACKEND) takes other inputs.
         return None
-    backend = backend_class(check)
-    output = backend.apply(PolarsData(data, key))
-    if not isinstance(output, pl.LazyFrame):
+    try:
+        selected = PolarsCheckBackend(check).check_fn(
+            PolarsData(_RecordedSelect(), key)  # type: ignore[arg-type]
+        )
+    except AttributeError:
         return None
-    result = pl.col(CHECK_OUTPUT_KEY)
+    if not isinstance(selected, tuple) or not selected:
+        return None
+    exprs = [expr for expr in selected if isinstance(expr, pl.Expr)]
+    if len(exprs) != len(selected):
+        return None
+    # A check that selects several columns passes where all of them are true,
+    # as Pandera folds them.
+    result = exprs[0] if len(exprs) == 1 else pl.all_horizontal(exprs)
     if check.ignore_na:
-        return output.select(result | result.is_null())
-    return output.select(result.fill_null(False))
+        return result | result.is_null()
+    return result.fill_null(False)
 
 
 def _split_with_pandera(
