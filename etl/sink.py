@@ -196,13 +196,19 @@ class RedisSink:
             }
             advance[write_id_field(topic)] = write_id
 
-            pipe.multi()
-            _rpush(pipe, settings.redis_list_key, rows)
-            _rpush(pipe, settings.redis_rejects_key, rejects)
-            _rpush(pipe, settings.redis_alerts_key, alerts)
-            pipe.hset(settings.redis_offsets_key, mapping=advance)  # type: ignore[arg-type]
-            for name, amount in counters(rows, rejects).items():
-                pipe.hincrby(settings.redis_stats_key, name, amount)
+            # WATCH took a connection from the pool; the transaction uses it too.
+            connection: Any = pipe.connection
+            pack = connection.pack_command
+            commands = [
+                *rpush_commands(settings.redis_list_key, rows),
+                *rpush_commands(settings.redis_rejects_key, rejects),
+                *rpush_commands(settings.redis_alerts_key, alerts),
+                pack("HSET", settings.redis_offsets_key, *_pairs(advance)),
+                *(
+                    pack("HINCRBY", settings.redis_stats_key, name, amount)
+                    for name, amount in counters(rows, rejects).items()
+                ),
+            ]
             skipped = (
                 chunk.rows.height + chunk.rejects.height - rows.height - rejects.height
             )
@@ -210,7 +216,7 @@ class RedisSink:
                 rows.height, rejects.height, alerts.height, skipped, concurrent
             )
             sent.append(result)
-            pipe.execute()
+            _exec_transaction(connection, commands)
         return result
 
     @staticmethod
@@ -268,10 +274,70 @@ def _after(frame: pl.DataFrame, floors: dict[int, int]) -> pl.DataFrame:
     return frame.filter(pl.col("offset") >= floor)
 
 
-def _rpush(pipe: Any, key: str, frame: pl.DataFrame) -> None:
-    payloads = frame["payload"].to_list() if not frame.is_empty() else []
-    for start in range(0, len(payloads), VALUES_PER_COMMAND):
-        pipe.rpush(key, *payloads[start : start + VALUES_PER_COMMAND])
+def _pairs(mapping: dict[str, int | str]) -> list[str | int]:
+    return [item for pair in mapping.items() for item in pair]
+
+
+def rpush_commands(key: str, frame: pl.DataFrame) -> list[list[bytes]]:
+    """Encode ``RPUSH key payload...`` commands in the Redis protocol (RESP2).
+
+    Polars frames every payload as a bulk string (``$<length>\\r\\n<bytes>\\r\\n``)
+    and joins them, :data:`VALUES_PER_COMMAND` per command. redis-py would
+    encode each value in Python, which cost more client CPU than all of
+    Redis's work on the same values.
+    """
+    if frame.is_empty():
+        return []
+    name = key.encode()
+    payload = pl.col("payload").cast(pl.String)
+    bulk = pl.concat_str(
+        pl.lit("$"),
+        payload.str.len_bytes().cast(pl.String),
+        pl.lit("\r\n"),
+        payload,
+        pl.lit("\r\n"),
+    )
+    commands = []
+    for start in range(0, frame.height, VALUES_PER_COMMAND):
+        part = frame.slice(start, VALUES_PER_COMMAND)
+        header = b"*%d\r\n$5\r\nRPUSH\r\n$%d\r\n%s\r\n" % (
+            part.height + 2,
+            len(name),
+            name,
+        )
+        commands.append([header, part.select(bulk.str.join("").cast(pl.Binary)).item()])
+    return commands
+
+
+def _exec_transaction(connection: Any, commands: list[list[bytes]]) -> list[Any]:
+    """Send ``MULTI``, the packed ``commands`` and ``EXEC`` at once; return EXEC's replies.
+
+    The connection must hold the ``WATCH``. A transaction that Redis discarded
+    raises ``WatchError``, as in redis-py's pipeline. After any error while
+    the replies are read, the connection is dropped, so that no reply of this
+    transaction is left for a later command.
+    """
+    packed = [
+        *connection.pack_command("MULTI"),
+        *(part for command in commands for part in command),
+        *connection.pack_command("EXEC"),
+    ]
+    try:
+        connection.send_packed_command(packed, check_health=False)
+        # +OK for MULTI, +QUEUED for each command, then EXEC's own reply.
+        for _ in range(len(commands) + 1):
+            connection.read_response()
+        result = connection.read_response()
+    except redis.RedisError:
+        connection.disconnect()
+        raise
+    if result is None:
+        msg = "Watched variable changed."
+        raise redis.WatchError(msg)
+    failed = [reply for reply in result if isinstance(reply, redis.ResponseError)]
+    if failed:
+        raise failed[0]
+    return list(result)
 
 
 def counters(rows: pl.DataFrame, rejects: pl.DataFrame) -> dict[str, int]:

@@ -1,0 +1,124 @@
+"""The sink's transactions against a real redis-server."""
+
+from __future__ import annotations
+
+import json
+
+import polars as pl
+import pytest
+import redis
+
+from etl.config import Settings
+from etl.sink import VALUES_PER_COMMAND, Chunk, RedisSink, SinkError, _exec_transaction
+
+pytestmark = pytest.mark.integration
+
+TOPIC = "vitals"
+
+
+def payload_frame(offsets: range, partition: int = 0) -> pl.DataFrame:
+    return pl.DataFrame(
+        {
+            "partition": [partition] * len(offsets),
+            "offset": list(offsets),
+            "payload": [
+                json.dumps({"offset": o, "name": "Zoé Ñúñez\r\n"}).encode()
+                for o in offsets
+            ],
+            "blood_pressure_status": ["Normal"] * len(offsets),
+            "news2_risk": ["Low"] * len(offsets),
+        },
+        schema_overrides={"partition": pl.Int32, "payload": pl.Binary},
+    )
+
+
+def rows_chunk(offsets: range, expected: int | None = None) -> Chunk:
+    rows = payload_frame(offsets)
+    return Chunk(
+        rows=rows,
+        rejects=pl.DataFrame(
+            schema={
+                "partition": pl.Int32,
+                "offset": pl.Int64,
+                "payload": pl.Binary,
+                "reason": pl.String,
+            }
+        ),
+        alerts=rows.head(0),
+        expected={0: expected},
+        next_offsets={0: offsets.stop},
+    )
+
+
+def test_write_chunk_keeps_payload_bytes_and_order(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    """More rows than one RPUSH carries: every payload arrives byte for byte, in order."""
+    offsets = range(VALUES_PER_COMMAND * 2 + 3)
+    chunk = rows_chunk(offsets)
+    sink = RedisSink(settings)
+    try:
+        result = sink.write_chunk(TOPIC, chunk)
+    finally:
+        sink.close()
+
+    assert result.written == len(offsets)
+    stored = redis_client.lrange(settings.redis_list_key, 0, -1)
+    assert stored == chunk.rows["payload"].to_list()
+    offsets_hash = redis_client.hgetall(settings.redis_offsets_key)
+    assert offsets_hash[f"{TOPIC}:0".encode()] == str(offsets.stop).encode()
+    stats = redis_client.hgetall(settings.redis_stats_key)
+    assert stats[b"written"] == str(len(offsets)).encode()
+    assert stats[b"bp_status:Normal"] == str(len(offsets)).encode()
+
+
+def test_exec_transaction_discarded_when_watched_key_changes(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    key = settings.redis_offsets_key
+    with redis_client.pipeline(transaction=True) as pipe:
+        pipe.watch(key)  # type: ignore[no-untyped-call]
+        redis_client.hset(key, "other", 1)
+        connection = pipe.connection
+        assert connection is not None
+        with pytest.raises(redis.WatchError):
+            _exec_transaction(
+                connection,
+                [connection.pack_command("RPUSH", settings.redis_list_key, b"x")],
+            )
+
+    assert redis_client.llen(settings.redis_list_key) == 0
+
+
+def test_exec_transaction_queue_error_applies_nothing(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    """A command Redis refuses to queue aborts EXEC; the connection is dropped."""
+    with redis_client.pipeline(transaction=True) as pipe:
+        pipe.watch(settings.redis_offsets_key)  # type: ignore[no-untyped-call]
+        connection = pipe.connection
+        assert connection is not None
+        commands = [
+            connection.pack_command("RPUSH", settings.redis_list_key, b"x"),
+            connection.pack_command("NOSUCHCOMMAND"),
+        ]
+        with pytest.raises(redis.ResponseError, match="unknown command"):
+            _exec_transaction(connection, commands)
+        assert connection._sock is None
+
+    assert redis_client.llen(settings.redis_list_key) == 0
+    assert redis_client.ping()
+
+
+def test_write_chunk_wrong_type_key_fails_clearly(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    """A foreign string under the list's name: SinkError, and the client still works."""
+    redis_client.set(settings.redis_list_key, "not a list")
+    sink = RedisSink(settings)
+    try:
+        with pytest.raises(SinkError, match="WRONGTYPE"):
+            sink.write_chunk(TOPIC, rows_chunk(range(5)))
+        assert sink.client.ping()
+    finally:
+        sink.close()
