@@ -13,6 +13,8 @@ from __future__ import annotations
 import codecs
 import json
 import logging
+import queue
+import threading
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -40,6 +42,8 @@ ALERT_RISKS: Final = ("Medium", "High")
 #: Raw payload bytes kept in a reject; the rest is cut and flagged.
 REJECT_PAYLOAD_BYTES: Final = 4096
 _CARRY: Final = ("partition", "offset", "value")
+#: Seconds between checks of the write thread while the caller waits for it.
+_POLL_S: Final = 0.05
 
 
 @dataclass
@@ -263,6 +267,7 @@ def run_batch(settings: Settings, *, now: float | None = None) -> BatchReport:
     sink = RedisSink(settings)
     source: KafkaSource | None = None
     chunks: Prefetcher | None = None
+    writer: _WriteBehind | None = None
     try:
         sink.check()
         source = KafkaSource(settings)
@@ -281,23 +286,16 @@ def run_batch(settings: Settings, *, now: float | None = None) -> BatchReport:
             max_records=settings.max_records,
             deadline=started + settings.deadline_s,
         )
+        # Chunk n is written while chunk n + 1 is processed.
+        writer = _WriteBehind(sink, source, report)
         for raw in chunks:
             chunk, duplicates = process_chunk(
                 raw, settings, topic=source.topic, now=now, expected=expected
             )
-            report.read += raw.height
-            report.duplicates += duplicates
-            result = sink.write_chunk(source.topic, chunk)
-            report.add(chunk, result)
             _advance(expected, chunk.next_offsets)
-            source.commit(chunk.next_offsets)
-            if result.concurrent:
-                report.status = "concurrent_batch"
-                logger.warning(
-                    "Another batch is writing the same topic; stopping after %s chunks",
-                    report.chunks,
-                )
+            if not writer.submit(chunk, read=raw.height, duplicates=duplicates):
                 break
+        writer.finish()
         chunks.close()
         report.stop_reason = (
             source.stats.stop_reason if report.status == "ok" else report.status
@@ -307,11 +305,98 @@ def run_batch(settings: Settings, *, now: float | None = None) -> BatchReport:
         report.status = "offset_conflict"
         raise
     finally:
+        if writer is not None:
+            writer.close()
         if chunks is not None:
             chunks.close()
         if source is not None:
             source.close()
         sink.close()
+
+
+class _WriteBehind:
+    """Write chunks to Redis and commit them to Kafka in a thread, one chunk behind.
+
+    The caller processes chunk n + 1 while the thread writes chunk n; Polars
+    and the socket release the GIL, so the two overlap on two cores. The
+    thread takes one chunk at a time and the caller waits for it to be free,
+    so chunks are written in order and memory grows by one processed chunk.
+    The thread stops after a chunk that another batch was writing too
+    (status ``concurrent_batch``); its exception is raised again in the
+    caller's thread.
+    """
+
+    def __init__(
+        self, sink: RedisSink, source: KafkaSource, report: BatchReport
+    ) -> None:
+        self._sink = sink
+        self._source = source
+        self._report = report
+        self._free = threading.Semaphore(1)
+        self._queue: queue.SimpleQueue[tuple[Chunk, int, int] | None] = (
+            queue.SimpleQueue()
+        )
+        self._done = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._run, name="redis-write", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while (item := self._queue.get()) is not None:
+                chunk, read, duplicates = item
+                result = self._sink.write_chunk(self._source.topic, chunk)
+                self._report.read += read
+                self._report.duplicates += duplicates
+                self._report.add(chunk, result)
+                self._source.commit(chunk.next_offsets)
+                if result.concurrent:
+                    self._report.status = "concurrent_batch"
+                    logger.warning(
+                        "Another batch is writing the same topic; stopping after %s chunks",
+                        self._report.chunks,
+                    )
+                    return
+                self._free.release()
+        except BaseException as exc:  # raised again in the caller's thread
+            self._error = exc
+        finally:
+            self._done.set()
+
+    def submit(self, chunk: Chunk, *, read: int, duplicates: int) -> bool:
+        """Hand ``chunk`` to the thread once it is free; False once it has stopped."""
+        while not self._free.acquire(timeout=_POLL_S):
+            if self._done.is_set():
+                break
+        if self._done.is_set():
+            self._raise_error()
+            return False
+        self._queue.put((chunk, read, duplicates))
+        return True
+
+    def finish(self) -> None:
+        """Wait until every submitted chunk is written; raise the thread's error."""
+        self._queue.put(None)
+        self._thread.join()
+        self._raise_error()
+
+    def close(self) -> None:
+        """Let the chunk being written finish, drop the rest and stop the thread."""
+        if not self._done.is_set():
+            while True:
+                try:
+                    self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            self._queue.put(None)
+        self._thread.join()
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
 
 def _finish(report: BatchReport, sink: RedisSink, started: float) -> BatchReport:

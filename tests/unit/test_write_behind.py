@@ -1,0 +1,135 @@
+"""The write thread of a batch: order, errors and the stop after a concurrent batch."""
+
+from __future__ import annotations
+
+import threading
+
+import polars as pl
+import pytest
+
+from etl.pipeline import BatchReport, _WriteBehind
+from etl.sink import Chunk, SinkError, WriteResult
+
+
+def chunk(partition_offset: int) -> Chunk:
+    empty = pl.DataFrame(
+        schema={
+            "partition": pl.Int32,
+            "offset": pl.Int64,
+            "payload": pl.Binary,
+            "reason": pl.String,
+            "blood_pressure_status": pl.String,
+            "news2_risk": pl.String,
+        }
+    )
+    return Chunk(
+        rows=empty.drop("reason"),
+        rejects=empty.select("partition", "offset", "payload", "reason"),
+        alerts=empty.drop("reason"),
+        expected={0: partition_offset},
+        next_offsets={0: partition_offset + 1},
+    )
+
+
+class FakeSink:
+    def __init__(self, *, fail_at: int | None = None, concurrent_at: int | None = None):
+        self.written: list[int] = []
+        self.fail_at = fail_at
+        self.concurrent_at = concurrent_at
+        self.release = threading.Event()
+        self.release.set()
+
+    def write_chunk(self, topic: str, chunk: Chunk) -> WriteResult:
+        self.release.wait(5)
+        offset = chunk.next_offsets[0] - 1
+        if offset == self.fail_at:
+            raise SinkError("injected: Redis went away")
+        self.written.append(offset)
+        return WriteResult(1, 0, 0, 0, concurrent=offset == self.concurrent_at)
+
+
+class FakeSource:
+    topic = "vitals"
+
+    def __init__(self) -> None:
+        self.committed: list[int] = []
+
+    def commit(self, offsets: dict[int, int]) -> None:
+        self.committed.append(offsets[0])
+
+
+def writer_for(sink: FakeSink) -> tuple[_WriteBehind, FakeSource, BatchReport]:
+    source = FakeSource()
+    report = BatchReport(topic="vitals", started_at="now")
+    return _WriteBehind(sink, source, report), source, report  # type: ignore[arg-type]
+
+
+def test_write_behind_writes_and_commits_in_order() -> None:
+    sink = FakeSink()
+    writer, source, report = writer_for(sink)
+    for offset in range(6):
+        assert writer.submit(chunk(offset), read=1, duplicates=0)
+    writer.finish()
+
+    assert sink.written == list(range(6))
+    assert source.committed == list(range(1, 7))
+    assert (report.read, report.chunks) == (6, 6)
+
+
+def test_write_behind_takes_one_chunk_at_a_time() -> None:
+    """The caller waits while a chunk is being written, so at most one more is held."""
+    sink = FakeSink()
+    sink.release.clear()
+    writer, _, _ = writer_for(sink)
+    assert writer.submit(chunk(0), read=1, duplicates=0)
+    blocked = threading.Thread(
+        target=writer.submit, args=(chunk(1),), kwargs={"read": 1, "duplicates": 0}
+    )
+    blocked.start()
+    blocked.join(0.3)
+    assert blocked.is_alive()
+    sink.release.set()
+    blocked.join(5)
+    writer.finish()
+    assert sink.written == [0, 1]
+
+
+def test_write_behind_raises_write_error_in_caller() -> None:
+    sink = FakeSink(fail_at=1)
+    writer, source, _ = writer_for(sink)
+    with pytest.raises(SinkError, match="injected"):
+        for offset in range(5):
+            writer.submit(chunk(offset), read=1, duplicates=0)
+        writer.finish()
+    writer.close()
+
+    assert sink.written == [0]
+    assert source.committed == [1]
+
+
+def test_write_behind_stops_after_concurrent_batch() -> None:
+    sink = FakeSink(concurrent_at=2)
+    writer, source, report = writer_for(sink)
+    submitted = 0
+    for offset in range(6):
+        if not writer.submit(chunk(offset), read=1, duplicates=0):
+            break
+        submitted += 1
+    writer.finish()
+
+    assert sink.written == [0, 1, 2]
+    assert source.committed == [1, 2, 3]
+    assert report.status == "concurrent_batch"
+    assert report.read == 3
+    assert submitted == 3
+
+
+def test_write_behind_close_drops_unwritten_chunks() -> None:
+    sink = FakeSink()
+    sink.release.clear()
+    writer, _, _ = writer_for(sink)
+    writer.submit(chunk(0), read=1, duplicates=0)
+    sink.release.set()
+    writer.close()
+
+    assert sink.written in ([], [0])
