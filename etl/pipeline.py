@@ -16,7 +16,9 @@ import logging
 import queue
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
+from collections.abc import Generator, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -44,6 +46,9 @@ REJECT_PAYLOAD_BYTES: Final = 4096
 _CARRY: Final = ("partition", "offset", "value")
 #: Seconds between checks of the write thread while the caller waits for it.
 _POLL_S: Final = 0.05
+#: Chunks processed at once, one per core of the 2-core machines measured in
+#: benchmarks/README.md.
+_WORKERS: Final = 2
 
 
 @dataclass
@@ -134,11 +139,7 @@ def process_chunk(
         )
     )
     duplicates = raw.height - unique.height
-    next_offsets = dict(
-        unique.group_by("partition")
-        .agg((pl.col("offset").max() + 1).alias("next"))
-        .iter_rows()
-    )
+    next_offsets = _next_offsets(unique)
 
     # Parse, then apply the input contract: every failure becomes a reject.
     typed, type_rejects = parse(
@@ -295,15 +296,17 @@ def run_batch(settings: Settings, *, now: float | None = None) -> BatchReport:
             max_records=settings.max_records,
             deadline=started + settings.deadline_s,
         )
-        # Chunk n is written while chunk n + 1 is processed.
+        # Chunk n is written while the next chunks are processed.
         writer = _WriteBehind(sink, source, report)
-        for raw in chunks:
-            chunk, duplicates = process_chunk(
-                raw, settings, topic=source.topic, now=now, expected=expected
-            )
-            _advance(expected, chunk.next_offsets)
-            if not writer.submit(chunk, read=raw.height, duplicates=duplicates):
-                break
+        processed = _process_ahead(
+            chunks, settings, topic=source.topic, now=now, expected=expected
+        )
+        try:
+            for chunk, read, duplicates in processed:
+                if not writer.submit(chunk, read=read, duplicates=duplicates):
+                    break
+        finally:
+            processed.close()
         writer.finish()
         chunks.close()
         report.stop_reason = (
@@ -321,6 +324,61 @@ def run_batch(settings: Settings, *, now: float | None = None) -> BatchReport:
         if source is not None:
             source.close()
         sink.close()
+
+
+def _process_ahead(
+    chunks: Iterable[pl.DataFrame],
+    settings: Settings,
+    *,
+    topic: str,
+    now: float,
+    expected: dict[int, int | None],
+) -> Generator[tuple[Chunk, int, int], None, None]:
+    """Process up to :data:`_WORKERS` chunks at once; yield them in drain order.
+
+    Yields ``(chunk, records read, duplicates)``. Polars releases the GIL, so
+    two chunks in two threads keep both cores busy where one chunk leaves
+    single-threaded steps (regexes, JSON encoding) on one core. ``expected``
+    moves on as each raw chunk is taken, from the offsets the chunk holds.
+    Closing the generator cancels the chunks not started and waits for the
+    others.
+    """
+    with ThreadPoolExecutor(_WORKERS, thread_name_prefix="process") as pool:
+        pending: deque[tuple[int, Future[tuple[Chunk, int]]]] = deque()
+        try:
+            for raw in chunks:
+                continued_from = dict(expected)
+                _advance(expected, _next_offsets(raw))
+                future = pool.submit(
+                    process_chunk,
+                    raw,
+                    settings,
+                    topic=topic,
+                    now=now,
+                    expected=continued_from,
+                )
+                pending.append((raw.height, future))
+                if len(pending) == _WORKERS:
+                    yield _outcome(*pending.popleft())
+            while pending:
+                yield _outcome(*pending.popleft())
+        finally:
+            for _, future in pending:
+                future.cancel()
+
+
+def _outcome(read: int, future: Future[tuple[Chunk, int]]) -> tuple[Chunk, int, int]:
+    chunk, duplicates = future.result()
+    return chunk, read, duplicates
+
+
+def _next_offsets(raw: pl.DataFrame) -> dict[int, int]:
+    """Return the offset after the last record of each partition in ``raw``."""
+    return dict(
+        raw.group_by("partition")
+        .agg((pl.col("offset").max() + 1).alias("next"))
+        .iter_rows()
+    )
 
 
 class _WriteBehind:

@@ -1,4 +1,4 @@
-"""The write thread of a batch: order, errors and the stop after a concurrent batch."""
+"""The threads of a batch: chunks processed two at a time, written one at a time, in order."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ import threading
 import polars as pl
 import pytest
 
-from etl.pipeline import BatchReport, _WriteBehind
+from etl.pipeline import BatchReport, _process_ahead, _WriteBehind
 from etl.sink import Chunk, SinkError, WriteResult
+from tests.conftest import encode, reading
+from tests.unit.test_parse import NOW, SETTINGS, raw_frame
 
 
 def chunk(partition_offset: int) -> Chunk:
@@ -133,3 +135,47 @@ def test_write_behind_close_drops_unwritten_chunks() -> None:
     writer.close()
 
     assert sink.written in ([], [0])
+
+
+def raw_chunks(sizes: list[int]) -> list[pl.DataFrame]:
+    """Consecutive raw chunks of partition 0, with a reject in each."""
+    chunks, offset = [], 0
+    for size in sizes:
+        values = [encode(reading(patient_id=f"PT-{offset + n}")) for n in range(size)]
+        values[-1] = b"not json"
+        frame = raw_frame(values).with_columns(pl.col("offset") + offset)
+        chunks.append(frame)
+        offset += size
+    return chunks
+
+
+def test_process_ahead_yields_chunks_in_drain_order() -> None:
+    sizes = [30, 5, 40, 1, 12]
+    expected: dict[int, int | None] = {0: None}
+    processed = list(
+        _process_ahead(
+            raw_chunks(sizes), SETTINGS, topic="vitals", now=NOW, expected=expected
+        )
+    )
+
+    assert [read for _, read, _ in processed] == sizes
+    ends = [sum(sizes[: n + 1]) for n in range(len(sizes))]
+    assert [chunk.next_offsets for chunk, _, _ in processed] == [{0: e} for e in ends]
+    # Each chunk continues from where the one before it ends.
+    assert [chunk.expected for chunk, _, _ in processed] == [{0: None}] + [
+        {0: e} for e in ends[:-1]
+    ]
+    assert [chunk.rejects["offset"].to_list() for chunk, _, _ in processed] == [
+        [e - 1] for e in ends
+    ]
+    assert expected == {0: ends[-1]}
+
+
+def test_process_ahead_close_stops_early() -> None:
+    processed = _process_ahead(
+        iter(raw_chunks([10] * 6)), SETTINGS, topic="vitals", now=NOW, expected={}
+    )
+    first, read, duplicates = next(processed)
+    processed.close()
+
+    assert (first.next_offsets, read, duplicates) == ({0: 10}, 10, 0)
