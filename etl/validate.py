@@ -89,7 +89,8 @@ def _screen(frame: pl.DataFrame, model: type[pa.DataFrameModel]) -> pl.Series | 
     conditions = _screen_conditions(model)
     if conditions is None:
         return None
-    return frame.select(pl.all_horizontal(conditions)).to_series()
+    # Lazy: the optimiser shares the subexpressions of the checks.
+    return frame.lazy().select(pl.all_horizontal(conditions)).collect().to_series()
 
 
 @functools.cache
