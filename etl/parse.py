@@ -670,7 +670,7 @@ def to_typed(
         for name, dtype in text.schema.items()
         if name in TEXT_SCHEMA and dtype != pl.String
     )
-    staged = text.lazy().with_columns(
+    with_parts = text.lazy().with_columns(
         _epoch_seconds(typed_fields).alias("_seconds"),
         _blood_pressure().alias("_bp"),
     )
@@ -687,7 +687,8 @@ def to_typed(
             .then(pl.lit(index, pl.Int32))
             .otherwise(first_failure)
         )
-    staged = staged.with_columns(first_failure.alias("_failure")).collect()
+    # One lazy query, so the checks share their subexpressions.
+    staged = with_parts.with_columns(first_failure.alias("_failure")).collect()
 
     failures = staged["_failure"].null_count() < staged.height
     failed = staged.filter(pl.col("_failure").is_not_null()) if failures else None
