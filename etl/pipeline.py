@@ -94,21 +94,22 @@ class BatchReport:
         }
 
     def add(self, chunk: Chunk, result: WriteResult) -> None:
-        """Count one written chunk: what the sink wrote, and the chunk's labels."""
+        """Count one written chunk: what the sink wrote, by label."""
         self.chunks += 1
         self.written += result.written
         self.rejected += result.rejected
         self.alerts += result.alerts
         self.skipped += result.skipped
-        for frame, column, counts in (
-            (chunk.rejects, "reason", self.rejected_by_reason),
-            (chunk.rows, "blood_pressure_status", self.bp_status),
-            (chunk.rows, "news2_risk", self.news2_risk),
-        ):
-            if frame.height:
-                for label, amount in frame.group_by(column).len().iter_rows():
-                    key = str(label)
-                    counts[key] = counts.get(key, 0) + amount
+        labelled = {
+            "reject_reason": self.rejected_by_reason,
+            "bp_status": self.bp_status,
+            "news2_risk": self.news2_risk,
+        }
+        for name, amount in result.counts.items():
+            prefix, _, label = name.partition(":")
+            if prefix in labelled:
+                counts = labelled[prefix]
+                counts[label] = counts.get(label, 0) + amount
         for partition, next_offset in chunk.next_offsets.items():
             span = self.offsets.setdefault(str(partition), [next_offset, next_offset])
             span[1] = max(span[1], next_offset)

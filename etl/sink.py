@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
 import polars as pl
@@ -65,13 +65,18 @@ class Chunk:
 
 @dataclass
 class WriteResult:
-    """Outcome of one chunk write: rows, rejects and alerts written, records skipped."""
+    """Outcome of one chunk write: rows, rejects and alerts written, records skipped.
+
+    ``counts`` holds the fields added to the stats hash (see :func:`counters`),
+    so they count what this write added, not what another batch wrote.
+    """
 
     written: int
     rejected: int
     alerts: int
     skipped: int
     concurrent: bool
+    counts: dict[str, int] = field(default_factory=dict)
 
 
 def offset_field(topic: str, partition: int) -> str:
@@ -196,6 +201,7 @@ class RedisSink:
             }
             advance[write_id_field(topic)] = write_id
 
+            counts = counters(rows, rejects)
             # WATCH took a connection from the pool; the transaction uses it too.
             connection: Any = pipe.connection
             pack = connection.pack_command
@@ -206,14 +212,14 @@ class RedisSink:
                 pack("HSET", settings.redis_offsets_key, *_pairs(advance)),
                 *(
                     pack("HINCRBY", settings.redis_stats_key, name, amount)
-                    for name, amount in counters(rows, rejects).items()
+                    for name, amount in counts.items()
                 ),
             ]
             skipped = (
                 chunk.rows.height + chunk.rejects.height - rows.height - rejects.height
             )
             result = WriteResult(
-                rows.height, rejects.height, alerts.height, skipped, concurrent
+                rows.height, rejects.height, alerts.height, skipped, concurrent, counts
             )
             sent.append(result)
             _exec_transaction(connection, commands)

@@ -95,6 +95,11 @@ def test_two_batches_no_loss_no_duplicate(
     # record was written by both. Redis contains a gap-free prefix of each partition.
     in_redis = len(redis_positions(redis_client, settings))
     assert sum(r["written"] + r["rejected"] for r in reports) == in_redis
+    # The per-label counts of each report count only what that batch wrote.
+    for report in reports:
+        assert sum(report["bp_status"].values()) == report["written"]
+        assert sum(report["news2_risk"].values()) == report["written"]
+        assert sum(report["rejected_by_reason"].values()) == report["rejected"]
     assert_prefix_written(redis_client, settings)
     if any(r["status"] == "ok" and r["read"] for r in reports):
         # A batch that met no other batch's write drained to the end.

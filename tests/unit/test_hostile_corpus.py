@@ -23,7 +23,7 @@ from etl.config import load_settings
 from etl.parse import RAW_SCHEMA
 from etl.pipeline import REJECT_PAYLOAD_BYTES, BatchReport, process_chunk
 from etl.reasons import Reason
-from etl.sink import WriteResult
+from etl.sink import WriteResult, counters
 
 CORPUS_DIR: Final = Path(__file__).resolve().parents[1] / "data" / "hostile"
 NOW: Final = 1_718_000_600.0
@@ -221,6 +221,7 @@ def test_process_chunk_whole_corpus_counts_by_reason() -> None:
         alerts=0,
         skipped=0,
         concurrent=False,
+        counts=counters(chunk.rows, chunk.rejects),
     )
     report.add(chunk, written)
 
