@@ -2,7 +2,9 @@
 
 Two ways to run it share the same chunk functions:
 
-- :func:`run_batch`, one process, chunk after chunk (the ``etl run`` command);
+- :func:`run_batch`, one process (the ``etl run`` command): a thread drains
+  the next chunk, two threads process chunks, and a thread writes them to
+  Redis one at a time, in drain order;
 - :func:`drain_to_staging`, :func:`transform_staging`, :func:`load_staging`
   and :func:`report_staging`, one step per Airflow task, passing only a staging
   folder between them.
@@ -46,8 +48,9 @@ REJECT_PAYLOAD_BYTES: Final = 4096
 _CARRY: Final = ("partition", "offset", "value")
 #: Seconds between checks of the write thread while the caller waits for it.
 _POLL_S: Final = 0.05
-#: Chunks processed at once, one per core of the 2-core machines measured in
-#: benchmarks/README.md.
+#: Chunks processed at once. While one chunk is in a single-threaded step (a
+#: regex, the JSON encoding), the other keeps Polars' thread pool busy; each
+#: more chunk in flight costs memory.
 _WORKERS: Final = 2
 
 
@@ -127,8 +130,8 @@ def process_chunk(
 
     A record delivered twice in the chunk (same partition and offset) is kept once.
     """
-    # Offsets rise within each partition unless Kafka delivered records again;
-    # that check costs a seventh of the hash-based unique.
+    # Offsets rise within each partition unless Kafka delivered records again.
+    # That check costs about a seventh of the hash-based unique.
     rising = raw.select(
         (pl.col("offset").diff().over("partition") > 0).fill_null(True).all()
     ).item()
@@ -335,14 +338,12 @@ def _process_ahead(
     now: float,
     expected: dict[int, int | None],
 ) -> Generator[tuple[Chunk, int, int], None, None]:
-    """Process up to :data:`_WORKERS` chunks at once; yield them in drain order.
+    """Process up to :data:`_WORKERS` chunks at once and yield them in drain order.
 
     Yields ``(chunk, records read, duplicates)``. Polars releases the GIL, so
-    two chunks in two threads keep both cores busy where one chunk leaves
-    single-threaded steps (regexes, JSON encoding) on one core. ``expected``
-    moves on as each raw chunk is taken, from the offsets the chunk holds.
-    Closing the generator cancels the chunks not started and waits for the
-    others.
+    the chunks of two threads overlap on two cores. ``expected`` moves on as
+    each raw chunk is taken, from the offsets in that chunk. Closing the
+    generator cancels the chunks not started and waits for the others.
     """
     with ThreadPoolExecutor(_WORKERS, thread_name_prefix="process") as pool:
         pending: deque[tuple[int, Future[tuple[Chunk, int]]]] = deque()

@@ -67,7 +67,7 @@ class Chunk:
 class WriteResult:
     """Outcome of one chunk write: rows, rejects and alerts written, records skipped.
 
-    ``counts`` holds the fields added to the stats hash (see :func:`counters`),
+    ``counts`` contains the fields added to the stats hash (see :func:`counters`),
     so they count what this write added, not what another batch wrote.
     """
 

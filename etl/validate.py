@@ -119,12 +119,12 @@ def _screen_conditions(model: type[pa.DataFrameModel]) -> tuple[pl.Expr, ...] | 
 
 
 class _RecordedSelect:
-    """Stands in for the LazyFrame a check function selects from.
+    """A stand-in for the LazyFrame that a check function selects from.
 
-    Pandera's Polars checks return ``data.lazyframe.select(<expression>)``;
-    given this object instead, they return their expressions, which
-    :func:`_screen` evaluates for every check in one ``select``. Any other use
-    of the frame raises AttributeError, and the screen is skipped.
+    Pandera's Polars checks return ``data.lazyframe.select(<expression>)``.
+    Given this object instead, they return their expressions, which
+    :func:`_screen` evaluates for every check in one query. Any other use of
+    the frame raises AttributeError, and the screen is then skipped.
     """
 
     def select(self, *exprs: object) -> tuple[object, ...]:

@@ -517,8 +517,8 @@ def _padded_values(count: int, pad: int) -> list[bytes | None]:
     return [encode(reading(patient_id=f"PT-{i}", note="x" * pad)) for i in range(count)]
 
 
-#: A prefetch queue of 16 MB instead of the default 64 MB, so that the test's
-#: backlogs are larger than the queue and the queue's share of memory is small.
+#: A prefetch queue of 16 MB, with fetches of at most 4 MB: the test's
+#: backlogs are larger than the queue, as they are for the product's caps.
 SMALL_PREFETCH = {
     "queued.max.messages.kbytes": 16_384,
     "fetch.max.bytes": 4 * 1024 * 1024,
@@ -530,10 +530,11 @@ SMALL_PREFETCH = {
 @pytest.mark.parametrize(
     ("kafka_extra", "max_growth_mb"),
     [
-        # The pipeline keeps one chunk in memory: 80,000 more records add almost nothing.
+        # The batch holds at most five chunks: 80,000 more records add almost nothing.
         pytest.param(SMALL_PREFETCH, 40, id="small-prefetch"),
-        # Default tuning: librdkafka may prefetch up to its 64 MB queue plus
-        # one fetch response, and no more, however long the backlog.
+        # The product's settings (etl.source.CONSUMER_TUNING): librdkafka
+        # prefetches at most its capped queue plus one fetch response,
+        # however long the backlog.
         pytest.param({}, 64 + 40, id="default-prefetch"),
     ],
 )
