@@ -85,9 +85,11 @@ def run(
         sys.exit(EXIT_CONFIG)
     except (SourceError, SinkError, OffsetConflict) as exc:
         errors.print(f"[red]batch failed:[/red] {exc}")
-        errors.print(
-            "Nothing of the failed chunk was written; rerun the batch once the service is back."
-        )
+        if not isinstance(exc, OffsetConflict):
+            errors.print(
+                "Redis keeps the rows and offsets of every chunk written before the "
+                "failure, so the next batch resumes from there."
+            )
         sys.exit(EXIT_INFRASTRUCTURE)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))

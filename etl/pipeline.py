@@ -56,7 +56,11 @@ _WORKERS: Final = 2
 
 @dataclass
 class BatchReport:
-    """Counts and timings of one batch, printed by the CLI and kept in Redis."""
+    """Counts and timings of one batch, printed by the CLI and kept in Redis.
+
+    ``offsets`` maps each partition read to ``[first, next]``: the offset the
+    batch started from and the offset after its last chunk.
+    """
 
     topic: str
     started_at: str
@@ -114,8 +118,26 @@ class BatchReport:
                 counts = labelled[prefix]
                 counts[label] = counts.get(label, 0) + amount
         for partition, next_offset in chunk.next_offsets.items():
-            span = self.offsets.setdefault(str(partition), [next_offset, next_offset])
-            span[1] = max(span[1], next_offset)
+            span = self.offsets.get(str(partition))
+            if span is None:
+                start = chunk.expected.get(partition)
+                if start is None:
+                    start = _first_offset(chunk, partition)
+                self.offsets[str(partition)] = [start, next_offset]
+            else:
+                span[1] = max(span[1], next_offset)
+
+
+def _first_offset(chunk: Chunk, partition: int) -> int:
+    """Return the lowest offset of ``partition`` among the chunk's rows and rejects."""
+    offsets = pl.concat(
+        [
+            chunk.rows.select("partition", "offset"),
+            chunk.rejects.select("partition", "offset"),
+        ]
+    ).filter(pl.col("partition") == partition)["offset"]
+    lowest = offsets.min()
+    return int(lowest) if isinstance(lowest, int) else chunk.next_offsets[partition]
 
 
 def process_chunk(
@@ -420,14 +442,15 @@ class _WriteBehind:
                 self._report.read += read
                 self._report.duplicates += duplicates
                 self._report.add(chunk, result)
-                self._source.commit(chunk.next_offsets)
                 if result.concurrent:
+                    # The other batch commits offsets at least as far as these.
                     self._report.status = "concurrent_batch"
                     logger.warning(
                         "Another batch is writing the same topic; stopping after %s chunks",
                         self._report.chunks,
                     )
                     return
+                self._source.commit(chunk.next_offsets)
                 self._free.release()
         except BaseException as exc:  # raised again in the caller's thread
             self._error = exc
@@ -452,8 +475,14 @@ class _WriteBehind:
         self._raise_error()
 
     def close(self) -> None:
-        """Let the chunk being written finish, drop the rest and stop the thread."""
+        """Let the transaction in flight finish, drop the rest and stop the thread.
+
+        A write waiting to retry gives up at once. An error of the thread that
+        was not raised in the caller, because the caller failed first, is
+        logged here.
+        """
         if not self._done.is_set():
+            self._sink.cancel()
             while True:
                 try:
                     self._queue.get_nowait()
@@ -461,6 +490,11 @@ class _WriteBehind:
                     break
             self._queue.put(None)
         self._thread.join()
+        if self._error is not None:
+            logger.error(
+                "Writing to Redis failed while the batch stopped: %s", self._error
+            )
+            self._error = None
 
     def _raise_error(self) -> None:
         if self._error is not None:

@@ -17,7 +17,7 @@ attempt, the chunk is already in Redis and is not written again.
 from __future__ import annotations
 
 import logging
-import time
+import threading
 import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
@@ -38,11 +38,15 @@ _RETRY_BASE_S: Final = 0.2
 
 
 class SinkError(RuntimeError):
-    """Redis is unreachable or failed: nothing of the current chunk was written."""
+    """Redis is unreachable or rejected a write.
+
+    Each chunk's rows and offsets are one transaction, so Redis holds both or
+    neither; after a timeout, Redis may still apply the last transaction.
+    """
 
 
 class OffsetConflict(RuntimeError):
-    """The stored offsets moved backwards during the batch (a reset or a Redis restart)."""
+    """The stored offsets moved back or vanished during the batch (a reset, or Redis lost data)."""
 
 
 @dataclass
@@ -99,6 +103,14 @@ class RedisSink:
             socket_connect_timeout=settings.redis_timeout_s,
             health_check_interval=30,
         )
+        self._cancelled = threading.Event()
+        # Per topic and partition, the offset that this sink's writes stored;
+        # every later write checks that Redis still has at least that much.
+        self._stored_by_us: dict[str, dict[int, int]] = {}
+
+    def cancel(self) -> None:
+        """Make a write that is waiting to retry give up; a transaction in flight finishes."""
+        self._cancelled.set()
 
     def check(self) -> None:
         """Fail fast, naming the URL with its password masked, when PING fails."""
@@ -138,17 +150,22 @@ class RedisSink:
         sent: list[WriteResult] = []
         for attempt in range(1, _RETRIES + 1):
             try:
-                return self._write_once(topic, chunk, write_id=write_id, sent=sent)
+                result = self._write_once(topic, chunk, write_id=write_id, sent=sent)
             except redis.WatchError as exc:
                 # redis-py also raises WatchError for a connection error while
                 # watching, so whether EXEC ran is unknown here.
                 logger.info("Redis transaction not applied (%s); retrying", exc)
             except (redis.ConnectionError, redis.TimeoutError) as exc:
-                if attempt == _RETRIES:
+                if attempt == _RETRIES or self._cancelled.is_set():
                     msg = (
                         f"writing to Redis at {self._settings.redis_url_redacted} failed "
                         f"after {attempt} attempts: {exc}"
                     )
+                    if isinstance(exc, redis.TimeoutError):
+                        msg += (
+                            " (Redis may still apply the last transaction, which "
+                            "stores the chunk's rows together with its offsets)"
+                        )
                     raise SinkError(msg) from exc
                 logger.warning(
                     "Redis write attempt %s failed (%s); retrying in %.1f s",
@@ -156,11 +173,18 @@ class RedisSink:
                     type(exc).__name__,
                     delay,
                 )
-                time.sleep(delay)
+                if self._cancelled.wait(delay):
+                    msg = f"writing to Redis at {self._settings.redis_url_redacted} was cancelled after {exc}"
+                    raise SinkError(msg) from exc
                 delay *= 2
             except redis.RedisError as exc:
                 msg = f"Redis at {self._settings.redis_url_redacted} rejected the write: {exc}"
                 raise SinkError(msg) from exc
+            else:
+                ours = self._stored_by_us.setdefault(topic, {})
+                for partition, next_offset in chunk.next_offsets.items():
+                    ours[partition] = max(next_offset, ours.get(partition, 0))
+                return result
         msg = (
             f"the Redis transaction at {self._settings.redis_url_redacted} was not "
             f"applied after {_RETRIES} attempts: another batch kept changing the "
@@ -173,7 +197,13 @@ class RedisSink:
     ) -> WriteResult:
         """Write the chunk in one transaction; ``sent`` collects what each attempt sent."""
         settings = self._settings
-        fields = [offset_field(topic, p) for p in chunk.next_offsets]
+        earlier = {
+            p: offset
+            for p, offset in self._stored_by_us.get(topic, {}).items()
+            if p not in chunk.next_offsets
+        }
+        partitions = [*chunk.next_offsets, *earlier]
+        fields = [offset_field(topic, p) for p in partitions]
         with self.client.pipeline(transaction=True) as pipe:
             pipe.watch(settings.redis_offsets_key)  # type: ignore[no-untyped-call]
             *raw, last_write = pipe.hmget(
@@ -185,10 +215,13 @@ class RedisSink:
                     "its reply was lost; not writing it again"
                 )
                 return sent[-1]
-            stored = {
+            found = {
                 p: (int(value) if value is not None else None)
-                for p, value in zip(chunk.next_offsets, raw, strict=True)
+                for p, value in zip(partitions, raw, strict=True)
             }
+            for partition, offset in earlier.items():
+                _check_still_stored(partition, offset, found[partition])
+            stored = {p: found[p] for p in chunk.next_offsets}
             floors, concurrent = self._floors(chunk, stored)
 
             rows = _after(chunk.rows, floors)
@@ -222,7 +255,12 @@ class RedisSink:
                 rows.height, rejects.height, alerts.height, skipped, concurrent, counts
             )
             sent.append(result)
-            _exec_transaction(connection, commands)
+            try:
+                _exec_transaction(connection, commands)
+            finally:
+                # EXEC ends the WATCH, and an error drops the connection, so the
+                # pipeline must not send UNWATCH (it would wait on a stuck Redis).
+                pipe.watching = False
         return result
 
     @staticmethod
@@ -234,22 +272,18 @@ class RedisSink:
         concurrent = False
         for partition, expected in chunk.expected.items():
             now = stored.get(partition)
+            if expected is not None:
+                _check_still_stored(partition, expected, now)
             if now is None:
                 floors[partition] = 0
             elif now == expected:
                 # Records below the stored offset were written before. A chunk
                 # contains them only when Kafka delivered them again.
                 floors[partition] = now
-            elif expected is None or now > expected:
+            else:
                 # Another batch wrote this partition meanwhile: skip what it wrote.
                 floors[partition] = now
                 concurrent = True
-            else:
-                msg = (
-                    f"stored offset of partition {partition} moved back from {expected} "
-                    f"to {now} during the batch (offsets reset?); rerun the batch"
-                )
-                raise OffsetConflict(msg)
         return floors, concurrent
 
     def write_report(
@@ -273,6 +307,25 @@ class RedisSink:
             logger.warning("Closing the Redis client failed", exc_info=True)
 
 
+def _check_still_stored(partition: int, offset: int, stored: int | None) -> None:
+    """Raise OffsetConflict when Redis lost an offset that this batch relies on."""
+    if stored is None:
+        msg = (
+            f"the stored offset of partition {partition} ({offset}) vanished from "
+            "Redis during the batch (FLUSHDB, a restart without persistence or a "
+            "deleted field), and the rows written before it may be gone too; "
+            "Kafka's committed offsets follow Redis, so read docs/operations.md "
+            "(The delivery guarantee) before rerunning"
+        )
+        raise OffsetConflict(msg)
+    if stored < offset:
+        msg = (
+            f"stored offset of partition {partition} moved back from {offset} "
+            f"to {stored} during the batch (offsets reset?); rerun the batch"
+        )
+        raise OffsetConflict(msg)
+
+
 def _after(frame: pl.DataFrame, floors: dict[int, int]) -> pl.DataFrame:
     if frame.is_empty() or not any(floors.values()):
         return frame
@@ -290,12 +343,20 @@ def rpush_commands(key: str, frame: pl.DataFrame) -> list[list[bytes]]:
     Polars frames every payload as a bulk string (``$<length>\\r\\n<bytes>\\r\\n``)
     and joins them, :data:`VALUES_PER_COMMAND` per command. redis-py would
     encode each value in Python, which cost more client CPU than all of
-    Redis's work on the same values.
+    Redis's work on the same values. Payloads that are not UTF-8 take
+    an encoder in Python; a null payload raises ValueError.
     """
     if frame.is_empty():
         return []
+    if frame["payload"].null_count():
+        msg = f"a payload for {key!r} is null; every row, reject and alert needs one"
+        raise ValueError(msg)
+    try:
+        text = frame["payload"].cast(pl.String)
+    except pl.exceptions.ComputeError:  # not UTF-8
+        return _rpush_commands_per_value(key, frame["payload"].to_list())
     name = key.encode()
-    payload = pl.col("payload").cast(pl.String)
+    payload = pl.col("payload")
     bulk = pl.concat_str(
         pl.lit("$"),
         payload.str.len_bytes().cast(pl.String),
@@ -303,15 +364,33 @@ def rpush_commands(key: str, frame: pl.DataFrame) -> list[list[bytes]]:
         payload,
         pl.lit("\r\n"),
     )
+    payloads = text.to_frame("payload")
     commands = []
-    for start in range(0, frame.height, VALUES_PER_COMMAND):
-        part = frame.slice(start, VALUES_PER_COMMAND)
+    for start in range(0, payloads.height, VALUES_PER_COMMAND):
+        part = payloads.slice(start, VALUES_PER_COMMAND)
         header = b"*%d\r\n$5\r\nRPUSH\r\n$%d\r\n%s\r\n" % (
             part.height + 2,
             len(name),
             name,
         )
-        commands.append([header, part.select(bulk.str.join("").cast(pl.Binary)).item()])
+        values = part.select(bulk.str.join("").cast(pl.Binary)).item()
+        commands.append([header, values])
+    return commands
+
+
+def _rpush_commands_per_value(key: str, payloads: list[bytes]) -> list[list[bytes]]:
+    """Encode the same commands as :func:`rpush_commands` in Python, for any bytes."""
+    name = key.encode()
+    commands = []
+    for start in range(0, len(payloads), VALUES_PER_COMMAND):
+        part = payloads[start : start + VALUES_PER_COMMAND]
+        header = b"*%d\r\n$5\r\nRPUSH\r\n$%d\r\n%s\r\n" % (
+            len(part) + 2,
+            len(name),
+            name,
+        )
+        values = b"".join(b"$%d\r\n%s\r\n" % (len(value), value) for value in part)
+        commands.append([header, values])
     return commands
 
 

@@ -187,6 +187,19 @@ def test_batch_report_in_stream(settings: Settings, redis_client: redis.Redis) -
     assert json.loads(fields[b"report"])["read"] == 1
 
 
+def test_batch_report_offsets_span(settings: Settings) -> None:
+    """Each report spans from the offset its batch started at to the next one to read."""
+    create_topic(settings, partitions=1)
+    produce(settings, [encode(reading()) for _ in range(250)])
+    chunked = settings.model_copy(update={"chunk_size": 100})
+    first = run_batch(chunked)
+    produce(settings, [encode(reading()) for _ in range(30)])
+    second = run_batch(chunked)
+
+    assert first.offsets == {"0": [0, 250]}
+    assert second.offsets == {"0": [250, 280]}
+
+
 @pytest.mark.parametrize(
     ("rule_set", "expected"),
     [

@@ -31,7 +31,7 @@ from etl.pipeline import (
     transform_staging,
 )
 from etl.services import Service, free_port, start_broker
-from etl.sink import RedisSink, SinkError
+from etl.sink import OffsetConflict, RedisSink, SinkError
 from etl.source import KafkaSource
 from tests.conftest import Broker, create_topic, encode, make_settings, reading
 from tests.integration.accounting import (
@@ -419,6 +419,80 @@ def test_redis_restarted_mid_batch_fails_or_completes_cleanly(
         client.close()
     finally:
         restarted.stop()
+
+
+def test_redis_frozen_mid_batch_fails_in_bounded_time(
+    broker: Broker, own_redis: Service, tmp_path: Path
+) -> None:
+    """Redis stops answering (SIGSTOP) before a write: exit 3 after the retries, no hang."""
+    settings = make_settings(
+        broker.bootstrap,
+        f"redis://127.0.0.1:{own_redis.port}/0",
+        chunk_size=100,
+        redis_timeout_s=1.0,
+    )
+    create_topic(settings, PARTITIONS)
+    produced = produce_tracked(settings, mixed_values(400))
+    ready, go = tmp_path / "ready", tmp_path / "go"
+    env = {**settings_env(settings), "FAULT_READY": str(ready), "FAULT_GO": str(go)}
+    started = time.monotonic()
+    process, out, err = spawn(fault_argv("pause_first_write"), env, tmp_path)
+    deadline = time.monotonic() + 60
+    while not ready.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ready.exists(), err.read_text()
+
+    os.kill(own_redis.pid, signal.SIGSTOP)
+    frozen_at = time.monotonic()
+    go.touch()
+    try:
+        child = finish(process, out, err, started=started, timeout=90)
+    finally:
+        os.kill(own_redis.pid, signal.SIGCONT)
+    after_freeze = time.monotonic() - frozen_at
+
+    assert child.returncode == 1, child.stderr[-3000:]
+    assert "SinkError" in child.stderr
+    assert "after 5 attempts" in child.stderr
+    # Five attempts of one 1 s timeout each, plus 3 s of back-off between them.
+    assert after_freeze < 5 * settings.redis_timeout_s + 3 + 10, child.stderr[-4000:]
+    run_batch(settings)
+    client = redis.Redis.from_url(settings.redis_url.get_secret_value())
+    try:
+        assert_accounted(client, settings, produced)
+    finally:
+        client.close()
+
+
+def test_stored_offsets_vanish_mid_batch_fail_loudly(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    """The offsets hash disappears between two chunks (FLUSHDB, a restart): OffsetConflict."""
+    create_topic(settings, PARTITIONS)
+    produce_tracked(settings, mixed_values(300))
+    chunked = settings.model_copy(update={"chunk_size": 100})
+    original = RedisSink.write_chunk
+    writes: list[int] = []
+
+    def write_then_lose_offsets(self: RedisSink, topic: str, chunk: Any) -> Any:
+        result = original(self, topic, chunk)
+        writes.append(result.written + result.rejected)
+        if len(writes) == 1:
+            redis_client.delete(settings.redis_offsets_key)
+        return result
+
+    with (
+        mock.patch.object(RedisSink, "write_chunk", write_then_lose_offsets),
+        pytest.raises(OffsetConflict, match="vanished from Redis"),
+    ):
+        run_batch(chunked)
+
+    assert writes == [100]
+    assert (
+        redis_client.llen(settings.redis_list_key)
+        + redis_client.llen(settings.redis_rejects_key)
+        == 100
+    )
 
 
 # 6. The broker is down or dies during the drain.

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import time
+from unittest import mock
 
 import polars as pl
 import pytest
@@ -122,3 +124,25 @@ def test_write_chunk_wrong_type_key_fails_clearly(
         assert sink.client.ping()
     finally:
         sink.close()
+
+
+def test_write_chunk_cancel_stops_retries(settings: Settings) -> None:
+    """A write that waits to retry gives up at once when the sink is cancelled."""
+    sink = RedisSink(settings)
+    attempts: list[float] = []
+
+    def fail_and_cancel(*args: object, **kwargs: object) -> None:
+        attempts.append(time.monotonic())
+        sink.cancel()
+        raise redis.ConnectionError("injected: connection reset")
+
+    try:
+        with (
+            mock.patch.object(sink, "_write_once", fail_and_cancel),
+            pytest.raises(SinkError, match="after 1 attempts"),
+        ):
+            sink.write_chunk(TOPIC, rows_chunk(range(3)))
+    finally:
+        sink.close()
+
+    assert len(attempts) == 1

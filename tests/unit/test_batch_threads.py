@@ -40,6 +40,10 @@ class FakeSink:
         self.concurrent_at = concurrent_at
         self.release = threading.Event()
         self.release.set()
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
 
     def write_chunk(self, topic: str, chunk: Chunk) -> WriteResult:
         self.release.wait(5)
@@ -120,7 +124,8 @@ def test_write_behind_stops_after_concurrent_batch() -> None:
     writer.finish()
 
     assert sink.written == [0, 1, 2]
-    assert source.committed == [1, 2, 3]
+    # The other batch commits at least as far, so the last chunk is not committed.
+    assert source.committed == [1, 2]
     assert report.status == "concurrent_batch"
     assert report.read == 3
     assert submitted == 3
@@ -179,3 +184,30 @@ def test_process_ahead_close_stops_early() -> None:
     processed.close()
 
     assert (first.next_offsets, read, duplicates) == ({0: 10}, 10, 0)
+
+
+def test_write_behind_close_logs_unraised_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The caller failed first: the write error still reaches the log, and retries stop."""
+    sink = FakeSink(fail_at=0)
+    sink.release.clear()
+    writer, _, _ = writer_for(sink)
+    writer.submit(chunk(0), read=1, duplicates=0)
+    sink.release.set()
+    writer._thread.join(5)
+    writer.close()
+
+    assert "Writing to Redis failed while the batch stopped" in caplog.text
+    assert "injected" in caplog.text
+
+
+def test_write_behind_close_cancels_pending_retries() -> None:
+    sink = FakeSink()
+    sink.release.clear()
+    writer, _, _ = writer_for(sink)
+    writer.submit(chunk(0), read=1, duplicates=0)
+    threading.Timer(0.2, sink.release.set).start()
+    writer.close()
+
+    assert sink.cancelled

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import polars as pl
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from redis.connection import Connection
@@ -53,3 +54,16 @@ def test_rpush_commands_split_long_frames() -> None:
 def test_rpush_commands_empty_frame_sends_nothing() -> None:
     empty = pl.DataFrame(schema={"payload": pl.Binary})
     assert rpush_commands("liste-patients", empty) == []
+
+
+def test_rpush_commands_non_utf8_payload_encoded_as_bytes() -> None:
+    values = [b"\xff\xfe not text", b'{"ok":1}']
+    assert own_bytes("liste-patients", values) == redis_py_bytes(
+        "liste-patients", values
+    )
+
+
+def test_rpush_commands_null_payload_raises() -> None:
+    frame = pl.DataFrame({"payload": [b"{}", None]}, schema={"payload": pl.Binary})
+    with pytest.raises(ValueError, match="payload for 'liste-patients' is null"):
+        rpush_commands("liste-patients", frame)
