@@ -126,6 +126,7 @@ class KafkaSource:
         self._errors: list[KafkaError] = []
         self._logged_codes: set[int] = set()
         self._partitions: list[int] = []
+        self._start: dict[int, int] = {}
         self.stats = DrainStats()
 
     @property
@@ -178,6 +179,7 @@ class KafkaSource:
     def assign(self, start: dict[int, int]) -> None:
         """Assign every partition, each from ``start[p]`` or from the earliest offset."""
         self._partitions = sorted(start)
+        self._start = dict(start)
         self._consumer.assign(
             [TopicPartition(self._topic, p, offset) for p, offset in start.items()]
         )
@@ -314,8 +316,12 @@ class KafkaSource:
         now = time.monotonic()
         silent = sorted(p for p in pending if now - heard[p] > limit)
         if silent:
+            # Before its first fetch a partition has no position (-1001);
+            # the offset it was assigned from is then the one to report.
             positions = {
                 tp.partition: tp.offset
+                if tp.offset >= 0
+                else self._start.get(tp.partition, tp.offset)
                 for tp in self._consumer.position(
                     [TopicPartition(self._topic, p) for p in silent]
                 )
