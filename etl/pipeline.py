@@ -49,8 +49,8 @@ _CARRY: Final = ("partition", "offset", "value")
 #: Seconds between checks of the write thread while the caller waits for it.
 _POLL_S: Final = 0.05
 #: Chunks processed at once. While one chunk is in a single-threaded step (a
-#: regex, the JSON encoding), the other keeps Polars' thread pool busy; each
-#: more chunk in flight costs memory.
+#: regex, the JSON encoding), the other keeps Polars' thread pool busy. Each
+#: further chunk in flight costs memory.
 _WORKERS: Final = 2
 
 

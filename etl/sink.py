@@ -40,7 +40,7 @@ _RETRY_BASE_S: Final = 0.2
 class SinkError(RuntimeError):
     """Redis is unreachable or rejected a write.
 
-    Each chunk's rows and offsets are one transaction, so Redis holds both or
+    Each chunk's rows and offsets are one transaction, so Redis stores both or
     neither; after a timeout, Redis may still apply the last transaction.
     """
 
