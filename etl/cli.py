@@ -70,7 +70,7 @@ def run(
     """Drain the topic once and append the readings to Redis exactly once."""
     from etl.pipeline import run_batch
     from etl.sink import OffsetConflict, SinkError
-    from etl.source import SourceError
+    from etl.source import OffsetsOutOfRange, SourceError
 
     settings = settings_or_exit(
         kafka_topic=topic,
@@ -85,7 +85,7 @@ def run(
         sys.exit(EXIT_CONFIG)
     except (SourceError, SinkError, OffsetConflict) as exc:
         errors.print(f"[red]batch failed:[/red] {exc}")
-        if not isinstance(exc, OffsetConflict):
+        if not isinstance(exc, OffsetConflict | OffsetsOutOfRange):
             errors.print(
                 "Redis keeps the rows and offsets of every chunk written before the "
                 "failure, so the next batch resumes from there."

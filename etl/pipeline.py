@@ -334,6 +334,10 @@ def run_batch(settings: Settings, *, now: float | None = None) -> BatchReport:
         finally:
             processed.close()
         writer.finish()
+        # Fails when Redis lost offsets after the last write; the last batch to
+        # end also leaves Kafka's committed offsets where Redis stands.
+        stored = sink.check_offsets_kept(source.topic)
+        source.commit({p: o for p, o in stored.items() if p in start})
         chunks.close()
         report.stop_reason = (
             source.stats.stop_reason if report.status == "ok" else report.status
@@ -442,15 +446,15 @@ class _WriteBehind:
                 self._report.read += read
                 self._report.duplicates += duplicates
                 self._report.add(chunk, result)
+                # What Redis stores now, which another batch may have moved on.
+                self._source.commit(result.stored_after or chunk.next_offsets)
                 if result.concurrent:
-                    # The other batch commits offsets at least as far as these.
                     self._report.status = "concurrent_batch"
                     logger.warning(
                         "Another batch is writing the same topic; stopping after %s chunks",
                         self._report.chunks,
                     )
                     return
-                self._source.commit(chunk.next_offsets)
                 self._free.release()
         except BaseException as exc:  # raised again in the caller's thread
             self._error = exc

@@ -73,6 +73,8 @@ class WriteResult:
 
     ``counts`` contains the fields added to the stats hash (see :func:`counters`),
     so they count what this write added, not what another batch wrote.
+    ``stored_after`` is the offset stored per partition of the chunk once the
+    transaction ran, which another batch may have moved past the chunk's end.
     """
 
     written: int
@@ -81,6 +83,7 @@ class WriteResult:
     skipped: int
     concurrent: bool
     counts: dict[str, int] = field(default_factory=dict)
+    stored_after: dict[int, int] = field(default_factory=dict)
 
 
 def offset_field(topic: str, partition: int) -> str:
@@ -152,31 +155,14 @@ class RedisSink:
             try:
                 result = self._write_once(topic, chunk, write_id=write_id, sent=sent)
             except redis.WatchError as exc:
-                # redis-py also raises WatchError for a connection error while
-                # watching, so whether EXEC ran is unknown here.
-                logger.info("Redis transaction not applied (%s); retrying", exc)
+                # redis-py raises WatchError for a lost connection while
+                # watching too; only a real conflict has no such cause.
+                failure = exc.__context__
+                if not isinstance(failure, redis.ConnectionError | redis.TimeoutError):
+                    logger.info("Redis transaction not applied (%s); retrying", exc)
+                    continue
             except (redis.ConnectionError, redis.TimeoutError) as exc:
-                if attempt == _RETRIES or self._cancelled.is_set():
-                    msg = (
-                        f"writing to Redis at {self._settings.redis_url_redacted} failed "
-                        f"after {attempt} attempts: {exc}"
-                    )
-                    if isinstance(exc, redis.TimeoutError):
-                        msg += (
-                            " (Redis may still apply the last transaction, which "
-                            "stores the chunk's rows together with its offsets)"
-                        )
-                    raise SinkError(msg) from exc
-                logger.warning(
-                    "Redis write attempt %s failed (%s); retrying in %.1f s",
-                    attempt,
-                    type(exc).__name__,
-                    delay,
-                )
-                if self._cancelled.wait(delay):
-                    msg = f"writing to Redis at {self._settings.redis_url_redacted} was cancelled after {exc}"
-                    raise SinkError(msg) from exc
-                delay *= 2
+                failure = exc
             except redis.RedisError as exc:
                 msg = f"Redis at {self._settings.redis_url_redacted} rejected the write: {exc}"
                 raise SinkError(msg) from exc
@@ -185,12 +171,48 @@ class RedisSink:
                 for partition, next_offset in chunk.next_offsets.items():
                     ours[partition] = max(next_offset, ours.get(partition, 0))
                 return result
+            self._wait_before_retry(attempt, failure, delay)
+            delay *= 2
         msg = (
             f"the Redis transaction at {self._settings.redis_url_redacted} was not "
             f"applied after {_RETRIES} attempts: another batch kept changing the "
             "offsets, or the connection kept dropping; rerun the batch"
         )
         raise SinkError(msg)
+
+    def _wait_before_retry(
+        self,
+        attempt: int,
+        failure: redis.ConnectionError | redis.TimeoutError,
+        delay: float,
+    ) -> None:
+        """Sleep before the next attempt; raise SinkError after the last one or on cancel."""
+        url = self._settings.redis_url_redacted
+        attempts = f"{attempt} attempt{'s' if attempt > 1 else ''}"
+        if attempt == _RETRIES or self._cancelled.is_set():
+            msg = f"writing to Redis at {url} failed after {attempts}: {failure}"
+            if isinstance(failure, redis.TimeoutError):
+                msg += (
+                    " (Redis may still apply the last transaction, which "
+                    "stores the chunk's rows together with its offsets)"
+                )
+            raise SinkError(msg) from failure
+        logger.warning(
+            "Redis write attempt %s failed (%s); retrying in %.1f s",
+            attempt,
+            type(failure).__name__,
+            delay,
+        )
+        if self._cancelled.wait(delay):
+            msg = f"writing to Redis at {url} was cancelled after {attempts}: {failure}"
+            raise SinkError(msg) from failure
+
+    def check_offsets_kept(self, topic: str) -> dict[int, int]:
+        """Return the stored offsets, raising OffsetConflict if one this sink wrote is gone."""
+        stored = self.stored_offsets(topic)
+        for partition, offset in self._stored_by_us.get(topic, {}).items():
+            _check_still_stored(partition, offset, stored.get(partition))
+        return stored
 
     def _write_once(
         self, topic: str, chunk: Chunk, *, write_id: str, sent: list[WriteResult]
@@ -252,7 +274,16 @@ class RedisSink:
                 chunk.rows.height + chunk.rejects.height - rows.height - rejects.height
             )
             result = WriteResult(
-                rows.height, rejects.height, alerts.height, skipped, concurrent, counts
+                rows.height,
+                rejects.height,
+                alerts.height,
+                skipped,
+                concurrent,
+                counts,
+                {
+                    p: max(next_offset, stored[p] or 0)
+                    for p, next_offset in chunk.next_offsets.items()
+                },
             )
             sent.append(result)
             try:

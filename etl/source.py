@@ -89,6 +89,10 @@ class SourceError(RuntimeError):
     """The broker cannot be reached, or it failed during the drain."""
 
 
+class OffsetsOutOfRange(SourceError):
+    """The stored offsets point outside the data the broker holds (a recreated topic)."""
+
+
 @dataclass
 class DrainStats:
     """Counters of one drain, for the batch report."""
@@ -286,7 +290,7 @@ class KafkaSource:
                     f"'{self._topic}:{partition}' of the Redis offsets hash and reset it "
                     "(see the README, Operations)"
                 )
-                raise SourceError(msg)
+                raise OffsetsOutOfRange(msg)
             if error.code() == KafkaError._PARTITION_EOF:
                 partition = int(message.partition() or 0)
                 pending.discard(partition)

@@ -139,10 +139,34 @@ def test_write_chunk_cancel_stops_retries(settings: Settings) -> None:
     try:
         with (
             mock.patch.object(sink, "_write_once", fail_and_cancel),
-            pytest.raises(SinkError, match="after 1 attempts"),
+            pytest.raises(SinkError, match="after 1 attempt:"),
         ):
             sink.write_chunk(TOPIC, rows_chunk(range(3)))
     finally:
         sink.close()
 
     assert len(attempts) == 1
+
+
+def test_write_chunk_watch_lost_connection_backs_off(settings: Settings) -> None:
+    """redis-py reports a lost connection under WATCH as WatchError: retried with back-off."""
+    sink = RedisSink(settings)
+
+    def lose_connection_while_watching(*args: object, **kwargs: object) -> None:
+        try:
+            raise redis.ConnectionError("injected: connection reset")
+        except redis.ConnectionError:
+            msg = "A ConnectionError occurred while watching one or more keys"
+            raise redis.WatchError(msg) from None
+
+    try:
+        with (
+            mock.patch.object(sink, "_write_once", lose_connection_while_watching),
+            mock.patch.object(sink._cancelled, "wait", return_value=False) as waits,
+            pytest.raises(SinkError, match="after 5 attempts: injected"),
+        ):
+            sink.write_chunk(TOPIC, rows_chunk(range(3)))
+    finally:
+        sink.close()
+
+    assert [call.args[0] for call in waits.call_args_list] == [0.2, 0.4, 0.8, 1.6]

@@ -124,8 +124,7 @@ def test_write_behind_stops_after_concurrent_batch() -> None:
     writer.finish()
 
     assert sink.written == [0, 1, 2]
-    # The other batch commits at least as far, so the last chunk is not committed.
-    assert source.committed == [1, 2]
+    assert source.committed == [1, 2, 3]
     assert report.status == "concurrent_batch"
     assert report.read == 3
     assert submitted == 3
@@ -211,3 +210,21 @@ def test_write_behind_close_cancels_pending_retries() -> None:
     writer.close()
 
     assert sink.cancelled
+
+
+def test_write_behind_commits_what_redis_stores() -> None:
+    """Another batch moved the offsets past the chunk: the commit follows Redis."""
+    sink = FakeSink()
+    original = sink.write_chunk
+
+    def write_behind_other_batch(topic: str, written: Chunk) -> WriteResult:
+        result = original(topic, written)
+        result.stored_after = {0: 99}
+        return result
+
+    sink.write_chunk = write_behind_other_batch  # type: ignore[method-assign]
+    writer, source, _ = writer_for(sink)
+    writer.submit(chunk(0), read=1, duplicates=0)
+    writer.finish()
+
+    assert source.committed == [99]
