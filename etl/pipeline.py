@@ -334,8 +334,8 @@ def run_batch(settings: Settings, *, now: float | None = None) -> BatchReport:
         finally:
             processed.close()
         writer.finish()
-        # Fails when Redis lost offsets after the last write; the last batch to
-        # end also leaves Kafka's committed offsets where Redis stands.
+        # Fails when Redis lost offsets after the last write. The last batch to
+        # end also leaves Kafka's committed offsets equal to those in Redis.
         stored = sink.check_offsets_kept(source.topic)
         source.commit({p: o for p, o in stored.items() if p in start})
         chunks.close()
