@@ -10,6 +10,7 @@ import base64
 import json
 import os
 import signal
+import subprocess
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -381,6 +382,20 @@ def test_staged_load_retried_after_timeout_writes_once(
     assert_accounted(redis_client, settings, produced)
 
 
+def spawn_paused_before_first_write(
+    settings: Settings, tmp_path: Path
+) -> tuple[subprocess.Popen[bytes], Path, Path, Path]:
+    """Start a batch child that waits before its first write; return it, its outputs and the go file."""
+    ready, go = tmp_path / "ready", tmp_path / "go"
+    env = {**settings_env(settings), "FAULT_READY": str(ready), "FAULT_GO": str(go)}
+    process, out, err = spawn(fault_argv("pause_first_write"), env, tmp_path)
+    deadline = time.monotonic() + 60
+    while not ready.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ready.exists(), err.read_text()
+    return process, out, err, go
+
+
 def test_redis_restarted_mid_batch_fails_or_completes_cleanly(
     broker: Broker, own_redis: Service, tmp_path: Path
 ) -> None:
@@ -395,13 +410,8 @@ def test_redis_restarted_mid_batch_fails_or_completes_cleanly(
     )
     create_topic(settings, PARTITIONS)
     produced = produce_tracked(settings, mixed_values(400))
-    ready, go = tmp_path / "ready", tmp_path / "go"
-    env = {**settings_env(settings), "FAULT_READY": str(ready), "FAULT_GO": str(go)}
+    process, out, err, go = spawn_paused_before_first_write(settings, tmp_path)
     started = time.monotonic()
-    process, out, err = spawn(fault_argv("pause_first_write"), env, tmp_path)
-    deadline = time.monotonic() + 60
-    while not ready.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
 
     own_redis.kill()
     restarted = start_redis(port=own_redis.port, state_dir=tmp_path / "redis2")
@@ -433,14 +443,8 @@ def test_redis_frozen_mid_batch_fails_in_bounded_time(
     )
     create_topic(settings, PARTITIONS)
     produced = produce_tracked(settings, mixed_values(400))
-    ready, go = tmp_path / "ready", tmp_path / "go"
-    env = {**settings_env(settings), "FAULT_READY": str(ready), "FAULT_GO": str(go)}
+    process, out, err, go = spawn_paused_before_first_write(settings, tmp_path)
     started = time.monotonic()
-    process, out, err = spawn(fault_argv("pause_first_write"), env, tmp_path)
-    deadline = time.monotonic() + 60
-    while not ready.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert ready.exists(), err.read_text()
 
     os.kill(own_redis.pid, signal.SIGSTOP)
     frozen_at = time.monotonic()
@@ -554,14 +558,8 @@ def test_broker_lost_mid_drain_fails_in_bounded_time(
     )
     create_topic(settings, PARTITIONS)
     produce_tracked(settings, mixed_values(6000))
-    ready, go = tmp_path / "ready", tmp_path / "go"
-    env = {**settings_env(settings), "FAULT_READY": str(ready), "FAULT_GO": str(go)}
+    process, out, err, go = spawn_paused_before_first_write(settings, tmp_path)
     started = time.monotonic()
-    process, out, err = spawn(fault_argv("pause_first_write"), env, tmp_path)
-    deadline = time.monotonic() + 60
-    while not ready.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert ready.exists(), err.read_text()
 
     os.kill(own_broker.pid, fault)
     killed_at = time.monotonic()
