@@ -399,13 +399,8 @@ def rpush_commands(key: str, frame: pl.DataFrame) -> list[list[bytes]]:
     commands = []
     for start in range(0, payloads.height, VALUES_PER_COMMAND):
         part = payloads.slice(start, VALUES_PER_COMMAND)
-        header = b"*%d\r\n$5\r\nRPUSH\r\n$%d\r\n%s\r\n" % (
-            part.height + 2,
-            len(name),
-            name,
-        )
         values = part.select(bulk.str.join("").cast(pl.Binary)).item()
-        commands.append([header, values])
+        commands.append([_rpush_header(name, part.height), values])
     return commands
 
 
@@ -415,14 +410,14 @@ def _rpush_commands_per_value(key: str, payloads: list[bytes]) -> list[list[byte
     commands = []
     for start in range(0, len(payloads), VALUES_PER_COMMAND):
         part = payloads[start : start + VALUES_PER_COMMAND]
-        header = b"*%d\r\n$5\r\nRPUSH\r\n$%d\r\n%s\r\n" % (
-            len(part) + 2,
-            len(name),
-            name,
-        )
         values = b"".join(b"$%d\r\n%s\r\n" % (len(value), value) for value in part)
-        commands.append([header, values])
+        commands.append([_rpush_header(name, len(part)), values])
     return commands
+
+
+def _rpush_header(key: bytes, values: int) -> bytes:
+    """Encode the start of an RPUSH command of ``values`` values, up to the first one."""
+    return b"*%d\r\n$5\r\nRPUSH\r\n$%d\r\n%s\r\n" % (values + 2, len(key), key)
 
 
 def _exec_transaction(connection: Any, commands: list[list[bytes]]) -> list[Any]:
