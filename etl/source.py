@@ -90,7 +90,7 @@ class SourceError(RuntimeError):
 
 
 class OffsetsOutOfRange(SourceError):
-    """The stored offsets point outside the data the broker holds (a recreated topic)."""
+    """The stored offsets point outside the data on the broker (a recreated topic)."""
 
 
 @dataclass

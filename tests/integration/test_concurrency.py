@@ -102,7 +102,7 @@ def test_two_batches_no_loss_no_duplicate(
         assert sum(report["news2_risk"].values()) == report["written"]
         assert sum(report["rejected_by_reason"].values()) == report["rejected"]
     stored = assert_prefix_written(redis_client, settings)
-    # Kafka's committed offsets (for lag) end where Redis stands, not behind it.
+    # Kafka's committed offsets (for lag) end equal to those in Redis, not behind.
     committed = kafka_committed(settings, PARTITIONS)
     for partition, offset in stored.items():
         assert committed.get(partition) == offset, (partition, committed, stored)

@@ -434,7 +434,7 @@ def test_redis_restarted_mid_batch_fails_or_completes_cleanly(
 def test_redis_frozen_mid_batch_fails_in_bounded_time(
     broker: Broker, own_redis: Service, tmp_path: Path
 ) -> None:
-    """Redis stops answering (SIGSTOP) before a write: exit 3 after the retries, no hang."""
+    """Redis stops replying (SIGSTOP) before a write: exit 3 after the retries, no hang."""
     settings = make_settings(
         broker.bootstrap,
         f"redis://127.0.0.1:{own_redis.port}/0",
@@ -602,7 +602,7 @@ SMALL_PREFETCH = {
 @pytest.mark.parametrize(
     ("kafka_extra", "max_growth_mb"),
     [
-        # The batch holds at most five chunks: 80,000 more records add almost nothing.
+        # The batch keeps at most five chunks: 80,000 more records add almost nothing.
         pytest.param(SMALL_PREFETCH, 40, id="small-prefetch"),
         # The product's settings (etl.source.CONSUMER_TUNING): librdkafka
         # prefetches at most its capped queue plus one fetch response,
