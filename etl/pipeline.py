@@ -58,7 +58,7 @@ _WORKERS: Final = 2
 class BatchReport:
     """Counts and timings of one batch, printed by the CLI and kept in Redis.
 
-    ``offsets`` maps each partition read to ``[first, next]``: the offset the
+    ``offsets`` maps each partition read to ``[first, next]``, the offset the
     batch started from and the offset after its last chunk.
     """
 
