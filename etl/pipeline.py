@@ -579,37 +579,45 @@ def drain_to_staging(
 
 
 def transform_staging(settings: Settings, staging: Path) -> dict[str, Any]:
-    """Process every raw chunk file into rows, rejects and alerts files."""
+    """Process every raw chunk file into rows, rejects and alerts files.
+
+    Two chunks are processed at once, as in :func:`run_batch`; the files of
+    each chunk are written in drain order.
+    """
     manifest = json.loads((staging / MANIFEST).read_text())
     expected: dict[int, int | None] = {
         int(p): o for p, o in manifest["stored_offsets"].items()
     }
+    names: list[str] = manifest["raw_files"]
     totals: Counter[str] = Counter()
     processed = []
-    for name in manifest["raw_files"]:
-        raw = pl.read_ipc(staging / name)
-        chunk, duplicates = process_chunk(
-            raw,
-            settings,
-            topic=manifest["topic"],
-            now=manifest["now"],
-            expected=expected,
-        )
-        stem = name.removeprefix("raw-").removesuffix(".arrow")
-        for kind in ("rows", "rejects", "alerts"):
-            getattr(chunk, kind).write_ipc(staging / f"{kind}-{stem}.arrow")
-        meta = {
-            "expected": {str(p): o for p, o in chunk.expected.items()},
-            "next_offsets": {str(p): o for p, o in chunk.next_offsets.items()},
-            "duplicates": duplicates,
-            "read": raw.height,
-        }
-        (staging / f"chunk-{stem}.json").write_text(json.dumps(meta))
-        _advance(expected, chunk.next_offsets)
-        processed.append(stem)
-        totals.update(
-            rows=chunk.rows.height, rejects=chunk.rejects.height, duplicates=duplicates
-        )
+    chunks = _process_ahead(
+        (pl.read_ipc(staging / name) for name in names),
+        settings,
+        topic=manifest["topic"],
+        now=manifest["now"],
+        expected=expected,
+    )
+    try:
+        for name, (chunk, read, duplicates) in zip(names, chunks, strict=True):
+            stem = name.removeprefix("raw-").removesuffix(".arrow")
+            for kind in ("rows", "rejects", "alerts"):
+                getattr(chunk, kind).write_ipc(staging / f"{kind}-{stem}.arrow")
+            meta = {
+                "expected": {str(p): o for p, o in chunk.expected.items()},
+                "next_offsets": {str(p): o for p, o in chunk.next_offsets.items()},
+                "duplicates": duplicates,
+                "read": read,
+            }
+            (staging / f"chunk-{stem}.json").write_text(json.dumps(meta))
+            processed.append(stem)
+            totals.update(
+                rows=chunk.rows.height,
+                rejects=chunk.rejects.height,
+                duplicates=duplicates,
+            )
+    finally:
+        chunks.close()
     manifest["processed"] = processed
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return {"chunks": len(processed), **totals}

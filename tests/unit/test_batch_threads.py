@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import threading
+from pathlib import Path
 
 import polars as pl
 import pytest
 
-from etl.pipeline import BatchReport, _process_ahead, _WriteBehind
+from etl.pipeline import (
+    MANIFEST,
+    BatchReport,
+    _process_ahead,
+    _WriteBehind,
+    load_chunk_file,
+    transform_staging,
+)
 from etl.sink import Chunk, SinkError, WriteResult
 from tests.conftest import encode, reading
 from tests.unit.test_parse import NOW, SETTINGS, raw_frame
@@ -228,3 +237,39 @@ def test_write_behind_commits_what_redis_stores() -> None:
     writer.finish()
 
     assert source.committed == [99]
+
+
+def test_staged_transform_matches_chunk_order(tmp_path: Path) -> None:
+    sizes = [30, 5, 40, 1, 12]
+    names = []
+    for index, raw in enumerate(raw_chunks(sizes)):
+        names.append(f"raw-{index:05d}.arrow")
+        raw.write_ipc(tmp_path / names[-1])
+    manifest = {
+        "topic": "vitals",
+        "now": NOW,
+        "stored_offsets": {"0": None},
+        "raw_files": names,
+    }
+    (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+
+    totals = transform_staging(SETTINGS, tmp_path)
+
+    ends = [sum(sizes[: n + 1]) for n in range(len(sizes))]
+    starts: list[int | None] = [None, *ends[:-1]]
+    stems = [name.removeprefix("raw-").removesuffix(".arrow") for name in names]
+    assert json.loads((tmp_path / MANIFEST).read_text())["processed"] == stems
+    assert totals == {
+        "chunks": 5,
+        "rows": sum(sizes) - 5,
+        "rejects": 5,
+        "duplicates": 0,
+    }
+    for stem, size, start, end in zip(stems, sizes, starts, ends, strict=True):
+        meta = json.loads((tmp_path / f"chunk-{stem}.json").read_text())
+        chunk = load_chunk_file(tmp_path, stem)
+        assert meta["read"] == size
+        assert chunk.expected == {0: start}
+        assert chunk.next_offsets == {0: end}
+        assert chunk.rows["offset"].to_list() == list(range(end - size, end - 1))
+        assert chunk.rejects["offset"].to_list() == [end - 1]
