@@ -499,6 +499,35 @@ def test_stored_offsets_vanish_mid_batch_fail_loudly(
     )
 
 
+def test_staged_load_detects_offsets_lost_after_last_write(
+    settings: Settings, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    """The offsets hash disappears after the load's last write: OffsetConflict, no commit."""
+    create_topic(settings, PARTITIONS)
+    produce_tracked(settings, mixed_values(300))
+    chunked = settings.model_copy(update={"chunk_size": 100})
+    drain_to_staging(chunked, tmp_path)
+    chunks = transform_staging(chunked, tmp_path)["chunks"]
+    original = RedisSink.write_chunk
+    writes: list[int] = []
+
+    def write_then_lose_offsets(self: RedisSink, topic: str, chunk: Any) -> Any:
+        result = original(self, topic, chunk)
+        writes.append(result.written + result.rejected)
+        if len(writes) == chunks:
+            redis_client.delete(settings.redis_offsets_key)
+        return result
+
+    with (
+        mock.patch.object(RedisSink, "write_chunk", write_then_lose_offsets),
+        pytest.raises(OffsetConflict, match="vanished from Redis"),
+    ):
+        load_staging(chunked, tmp_path)
+
+    assert sum(writes) == 300
+    assert kafka_committed(chunked, PARTITIONS) == {}
+
+
 # 6. The broker is down or dies during the drain.
 
 
