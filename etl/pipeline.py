@@ -32,8 +32,16 @@ import polars as pl
 from contracts.models import OUTPUT_KEYS, InputReading, OutputRow
 from etl.parse import parse
 from etl.reasons import Reason
-from etl.sink import Chunk, OffsetConflict, RedisSink, WriteResult
-from etl.source import KafkaSource, Prefetcher
+from etl.sink import (
+    Chunk,
+    OffsetConflict,
+    RedisSink,
+    WriteResult,
+    offset_field,
+    topic_id_field,
+    write_id_field,
+)
+from etl.source import KafkaSource, OffsetsOutOfRange, Prefetcher
 from etl.transform import transform
 from etl.validate import split_valid
 
@@ -281,11 +289,46 @@ def _start_offsets(
     """
     partitions = source.partitions()
     stored = sink.stored_offsets(source.topic)
+    if partitions:
+        _check_same_topic(source, sink, stored)
     missing = [p for p in partitions if p not in stored]
     committed = source.committed(missing) if missing else {}
     earliest = -2  # confluent_kafka.OFFSET_BEGINNING
     start = {p: stored.get(p, committed.get(p, earliest)) for p in partitions}
     return start, stored
+
+
+def _check_same_topic(
+    source: KafkaSource, sink: RedisSink, stored: dict[int, int]
+) -> None:
+    """Fail when the stored offsets were written for another topic of the same name.
+
+    A deleted and recreated topic, or one of a broker that lost its data,
+    starts again at offset 0 under a new topic id. Stored offsets below the
+    new end would otherwise make the batch skip the new records silently.
+    Otherwise the sink records the current id with the offsets it writes.
+    """
+    current = source.topic_id()
+    if current is None:
+        return
+    recorded = sink.stored_topic_id(source.topic)
+    if stored and recorded not in (None, current):
+        key = source.topic
+        fields = " ".join(
+            [
+                *(offset_field(key, p) for p in sorted(stored)),
+                write_id_field(key),
+                topic_id_field(key),
+            ]
+        )
+        msg = (
+            f"topic {key} was recreated: its id is now {current}, while the offsets "
+            f"stored in Redis belong to the topic with id {recorded}, so they do not "
+            "apply to its records. Reset them with HDEL "
+            f"{sink.offsets_key} {fields} (see the README, Operations), then rerun"
+        )
+        raise OffsetsOutOfRange(msg)
+    sink.set_topic_id(source.topic, current)
 
 
 def run_batch(settings: Settings, *, now: float | None = None) -> BatchReport:
@@ -565,6 +608,7 @@ def drain_to_staging(
             "now": now,
             "start_offsets": {str(p): o for p, o in start.items()},
             "stored_offsets": {str(p): o for p, o in stored.items()},
+            "topic_id": sink.topic_id(settings.kafka_topic),
             "raw_files": files,
             "read": source.stats.read,
             "stop_reason": source.stats.stop_reason,
@@ -651,6 +695,8 @@ def load_staging(settings: Settings, staging: Path) -> BatchReport:
         stop_reason=manifest["stop_reason"],
     )
     sink = RedisSink(settings)
+    if manifest.get("topic_id"):
+        sink.set_topic_id(manifest["topic"], manifest["topic_id"])
     source: KafkaSource | None = None
     try:
         sink.check()

@@ -95,6 +95,11 @@ def write_id_field(topic: str) -> str:
     return f"{topic}:last_write"
 
 
+def topic_id_field(topic: str) -> str:
+    """Return the field of the offsets hash that contains the id of the topic the offsets belong to."""
+    return f"{topic}:topic_id"
+
+
 class RedisSink:
     """The Redis side of a batch: stored offsets, chunk writes and reports."""
 
@@ -110,6 +115,12 @@ class RedisSink:
         # Per topic and partition, the offset that this sink's writes stored;
         # every later write checks that Redis still has at least that much.
         self._stored_by_us: dict[str, dict[int, int]] = {}
+        self._topic_ids: dict[str, str] = {}
+
+    @property
+    def offsets_key(self) -> str:
+        """The Redis hash of the stored offsets."""
+        return self._settings.redis_offsets_key
 
     def cancel(self) -> None:
         """Make a write that is waiting to retry give up; a transaction in flight finishes."""
@@ -141,6 +152,25 @@ class RedisSink:
             if text.startswith(prefix) and text[len(prefix) :].isdigit():
                 offsets[int(text[len(prefix) :])] = int(value)
         return offsets
+
+    def stored_topic_id(self, topic: str) -> str | None:
+        """Return the topic id recorded with the stored offsets, if any."""
+        try:
+            (value,) = self.client.hmget(
+                self._settings.redis_offsets_key, [topic_id_field(topic)]
+            )
+        except redis.RedisError as exc:
+            msg = f"cannot read offsets from Redis at {self._settings.redis_url_redacted}: {exc}"
+            raise SinkError(msg) from exc
+        return value.decode() if isinstance(value, bytes) else value
+
+    def set_topic_id(self, topic: str, topic_id: str) -> None:
+        """Record ``topic_id`` with the offsets of every later write to ``topic``."""
+        self._topic_ids[topic] = topic_id
+
+    def topic_id(self, topic: str) -> str | None:
+        """Return the id given to :meth:`set_topic_id`, if any."""
+        return self._topic_ids.get(topic)
 
     def write_chunk(self, topic: str, chunk: Chunk) -> WriteResult:
         """Write one chunk in one transaction; retry transient failures safely.
@@ -255,6 +285,8 @@ class RedisSink:
                 if stored[p] is None or next_offset > (stored[p] or 0)
             }
             advance[write_id_field(topic)] = write_id
+            if topic in self._topic_ids:
+                advance[topic_id_field(topic)] = self._topic_ids[topic]
 
             counts = counters(rows, rejects)
             # WATCH took a connection from the pool; the transaction uses it too.

@@ -29,6 +29,7 @@ from confluent_kafka import (
     ConsumerGroupTopicPartitions,
     KafkaError,
     KafkaException,
+    TopicCollection,
     TopicPartition,
 )
 from confluent_kafka.admin import AdminClient
@@ -90,7 +91,7 @@ class SourceError(RuntimeError):
 
 
 class OffsetsOutOfRange(SourceError):
-    """The stored offsets point outside the data on the broker (a recreated topic)."""
+    """The stored offsets do not apply to the topic on the broker (a recreated topic)."""
 
 
 @dataclass
@@ -167,6 +168,44 @@ class KafkaSource:
             msg = f"cannot read metadata of topic {self._topic!r} from {servers}: {topic.error if topic else 'no metadata'}"
             raise SourceError(msg)
         return sorted(topic.partitions)
+
+    def topic_id(self) -> str | None:
+        """Return the topic's id, which a broker gives each new topic (Kafka 2.8+, KIP-516).
+
+        A deleted and recreated topic, or a topic of a broker that keeps no
+        data across a restart, gets a new id while its offsets start again
+        at 0. Returns None, with a warning, when the broker gives no id or
+        cannot describe the topic: a recreated topic then goes unnoticed.
+        """
+        timeout = self._settings.kafka_timeout_s
+        try:
+            futures = self._admin_client().describe_topics(
+                TopicCollection([self._topic]), request_timeout=timeout
+            )
+            description = futures[self._topic].result(timeout=timeout + 1)
+        except (KafkaException, TimeoutError) as exc:
+            logger.warning(
+                "Cannot read the id of topic %s, so a recreated topic goes unnoticed: %s",
+                self._topic,
+                exc,
+            )
+            return None
+        topic_id = description.topic_id
+        if topic_id is None or (
+            topic_id.get_most_significant_bits() == 0
+            and topic_id.get_least_significant_bits() == 0
+        ):
+            logger.warning(
+                "The broker gives topic %s no id, so a recreated topic goes unnoticed",
+                self._topic,
+            )
+            return None
+        return str(topic_id)
+
+    def _admin_client(self) -> AdminClient:
+        if self._admin is None:
+            self._admin = AdminClient(self._settings.kafka_config())
+        return self._admin
 
     def committed(self, partitions: list[int]) -> dict[int, int]:
         """Return the offsets committed in Kafka for the group, where there are any."""
@@ -369,14 +408,12 @@ class KafkaSource:
         if not offsets or self._commits_failed:
             return
         timeout = self._settings.kafka_timeout_s
-        if self._admin is None:
-            self._admin = AdminClient(self._settings.kafka_config())
         request = ConsumerGroupTopicPartitions(
             self._settings.kafka_group_id,
             [TopicPartition(self._topic, p, o) for p, o in offsets.items()],
         )
         try:
-            futures = self._admin.alter_consumer_group_offsets(
+            futures = self._admin_client().alter_consumer_group_offsets(
                 [request], request_timeout=timeout
             )
             for future in futures.values():

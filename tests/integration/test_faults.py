@@ -13,7 +13,7 @@ import signal
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from redis.connection import AbstractConnection
 
 from etl.config import Settings
 from etl.pipeline import (
+    BatchReport,
     drain_to_staging,
     load_staging,
     run_batch,
@@ -33,7 +34,7 @@ from etl.pipeline import (
 )
 from etl.services import Service, free_port, start_broker
 from etl.sink import OffsetConflict, RedisSink, SinkError
-from etl.source import KafkaSource
+from etl.source import KafkaSource, OffsetsOutOfRange
 from tests.conftest import Broker, create_topic, encode, make_settings, reading
 from tests.integration.accounting import (
     assert_accounted,
@@ -555,6 +556,61 @@ def own_broker(tmp_path: Path) -> Iterator[Service]:
         yield service
     finally:
         service.stop()
+
+
+def batch_runner(kind: str, staging: Path) -> Callable[[Settings], BatchReport]:
+    """The plain batch, or the Airflow tasks' staged steps one after the other."""
+
+    def staged(settings: Settings) -> BatchReport:
+        drain_to_staging(settings, staging)
+        transform_staging(settings, staging)
+        return load_staging(settings, staging)
+
+    return run_batch if kind == "plain" else staged
+
+
+@pytest.mark.parametrize("kind", ["plain", "staged"])
+def test_recreated_topic_fails_instead_of_skipping(
+    redis_service: str, tmp_path: Path, kind: str
+) -> None:
+    """A broker without storage restarts and new records arrive: exit 3 and a reset, no skip."""
+    port = free_port()
+    broker = start_broker(port=port, state_dir=tmp_path / "kafka")
+    settings = make_settings(f"127.0.0.1:{port}", redis_service)
+    run = batch_runner(kind, tmp_path / "staging")
+    client = redis.Redis.from_url(redis_service)
+    id_field = f"{settings.kafka_topic}:topic_id"
+    try:
+        create_topic(settings, PARTITIONS)
+        produce_tracked(settings, mixed_values(60))
+        assert run(settings).read == 60
+        first_id = client.hget(settings.redis_offsets_key, id_field)
+        broker.stop()
+        broker = start_broker(port=port, state_dir=tmp_path / "kafka")
+        # The same name again, at offset 0, with more records than were stored.
+        create_topic(settings, PARTITIONS)
+        produce_tracked(settings, mixed_values(300))
+
+        with pytest.raises(OffsetsOutOfRange, match="was recreated") as failure:
+            run(settings)
+        command = str(failure.value).split("Reset them with ")[1].split(" (see")[0]
+        client.execute_command(*command.split())
+        report = run(settings)
+        second_id = client.hget(settings.redis_offsets_key, id_field)
+        stored_records = client.llen(settings.redis_list_key) + client.llen(
+            settings.redis_rejects_key
+        )
+    finally:
+        broker.stop()
+        client.close()
+
+    assert first_id is not None
+    assert second_id is not None
+    assert second_id != first_id
+    assert report.read == 300
+    assert report.written + report.rejected == 300
+    # The 60 records of the first topic stay; none of the new topic is missing.
+    assert stored_records == 60 + 300
 
 
 @pytest.mark.slow

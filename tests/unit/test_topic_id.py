@@ -1,0 +1,77 @@
+"""The check that stored offsets belong to the topic that the broker serves now."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from etl.pipeline import _check_same_topic
+from etl.source import OffsetsOutOfRange
+
+
+class FakeSource:
+    topic = "vitals"
+
+    def __init__(self, topic_id: str | None) -> None:
+        self._topic_id = topic_id
+
+    def topic_id(self) -> str | None:
+        return self._topic_id
+
+
+class FakeSink:
+    offsets_key = "liste-patients:offsets"
+
+    def __init__(self, recorded: str | None) -> None:
+        self.recorded = recorded
+        self.to_record: str | None = None
+
+    def stored_topic_id(self, topic: str) -> str | None:
+        return self.recorded
+
+    def set_topic_id(self, topic: str, topic_id: str) -> None:
+        self.to_record = topic_id
+
+
+def check(current: str | None, recorded: str | None, stored: dict[int, int]) -> Any:
+    sink = FakeSink(recorded)
+    _check_same_topic(FakeSource(current), sink, stored)  # type: ignore[arg-type]
+    return sink
+
+
+def test_other_id_with_offsets_fails() -> None:
+    with pytest.raises(OffsetsOutOfRange) as failure:
+        check("new-id", "old-id", {0: 187, 2: 140})
+
+    message = str(failure.value)
+    assert "topic vitals was recreated" in message
+    assert "new-id" in message
+    assert "old-id" in message
+    assert (
+        "HDEL liste-patients:offsets vitals:0 vitals:2 vitals:last_write "
+        "vitals:topic_id" in message
+    )
+
+
+@pytest.mark.parametrize(
+    ("recorded", "stored"),
+    [
+        pytest.param("id-1", {0: 5}, id="same-id"),
+        pytest.param(None, {}, id="first-batch"),
+        pytest.param(None, {0: 5}, id="offsets-from-before-ids"),
+        pytest.param("old-id", {}, id="after-a-reset"),
+    ],
+)
+def test_id_written_with_next_offsets(
+    recorded: str | None, stored: dict[int, int]
+) -> None:
+    sink = check("id-1", recorded, stored)
+
+    assert sink.to_record == "id-1"
+
+
+def test_broker_without_ids_skips_check() -> None:
+    sink = check(None, "old-id", {0: 5})
+
+    assert sink.to_record is None
