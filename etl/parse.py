@@ -237,9 +237,80 @@ def _precheck(
             )
         ]
     candidates = checks.filter(pl.col("_reason").is_null()).drop("_reason")
+    candidates, surrogate_rejects = _reject_lone_surrogates(candidates)
     candidates, newline_rejects = _fold_line_breaks(candidates)
-    rejects.append(newline_rejects)
+    rejects.extend([surrogate_rejects, newline_rejects])
     return candidates, pl.concat(rejects)
+
+
+def _reject_lone_surrogates(frame: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Reject values with a string that has a lone UTF-16 surrogate escape (``"\\ud800"``).
+
+    Such an escape stands for no Unicode character (RFC 8259, section 8.2).
+    Polars reads a lone high surrogate as NUL, which would pass into a
+    patient id unseen, and rejects a lone low one as unreadable. Only values
+    with a ``\\uD`` escape are decoded again, by Python's parser, which
+    joins valid pairs and leaves lone surrogates in the text.
+    """
+    suspect = frame.select(
+        pl.col("value").bin.contains(b"\\ud") | pl.col("value").bin.contains(b"\\uD")
+    ).to_series()
+    if not suspect.any():
+        return frame, empty_rejects()
+    fields: list[str | None] = [None] * frame.height
+    rows = suspect.arg_true().to_list()
+    for row, value in zip(rows, frame["value"].gather(rows).to_list(), strict=True):
+        fields[row] = _lone_surrogate_field(value)
+    field = pl.Series("field", fields, pl.String)
+    lone = field.is_not_null()
+    if not lone.any():
+        return frame, empty_rejects()
+    rejects = frame.filter(lone).select(
+        "partition",
+        "offset",
+        pl.lit(Reason.INVALID_JSON.value).alias("reason"),
+        field.filter(lone),
+        pl.lit(
+            "lone UTF-16 surrogate escape (\\uD800 to \\uDFFF without its pair), "
+            "which stands for no Unicode character"
+        ).alias("detail"),
+        "value",
+    )
+    return frame.filter(~lone), rejects
+
+
+def _lone_surrogate_field(value: bytes) -> str | None:
+    """Return the top-level field whose key or value has a lone surrogate, else None.
+
+    A value that Python cannot parse as an object is left to the reader,
+    which gives it its reason code.
+    """
+    try:
+        document = json.loads(value)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(document, dict):
+        return None
+    for key, item in document.items():
+        if _has_lone_surrogate(key) or _has_lone_surrogate(item):
+            return str(key).encode("utf-8", "backslashreplace").decode()
+    return None
+
+
+def _has_lone_surrogate(item: Any) -> bool:
+    if isinstance(item, str):
+        try:
+            item.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(item, dict):
+        return any(
+            _has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in item.items()
+        )
+    if isinstance(item, list):
+        return any(_has_lone_surrogate(element) for element in item)
+    return False
 
 
 def _fold_line_breaks(frame: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -555,7 +626,6 @@ def _read_checks(
             "name",
             Reason.INVALID_NAME,
             "contains a control character",
-            # Polars reads a lone surrogate escape (JSON \ud800) as NUL, so it lands here.
             pl.col("name").str.contains(CONTROL_CHARACTER),
         ),
         (

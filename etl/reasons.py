@@ -19,7 +19,7 @@ class Reason(StrEnum):
     NOT_UTF8 = "not_utf8"
     """The value bytes are not valid UTF-8 (RFC 8259 requires UTF-8)."""
     INVALID_JSON = "invalid_json"
-    """The value is empty, truncated or otherwise not JSON."""
+    """The value is empty, truncated or otherwise not JSON, or a string in it has a lone surrogate escape."""
     NOT_AN_OBJECT = "not_an_object"
     """The value is valid JSON but not an object (an array, a string, null...)."""
     MISSING_FIELD = "missing_field"

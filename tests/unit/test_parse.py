@@ -478,3 +478,62 @@ def test_chunk_same_offset_twice_gives_one_row() -> None:
     assert duplicates == 1
     assert chunk.rows.height == 1
     assert chunk.next_offsets == {0: 1}
+
+
+#: Stands for a lone surrogate escape until the JSON text is built.
+SURROGATE_MARK = "\N{REPLACEMENT CHARACTER}"
+
+
+def with_escape(fields: dict[str, Any], escape: str) -> bytes:
+    """Encode a reading (non-ASCII escaped), then put ``escape`` where the mark is."""
+    text = json.dumps(reading(**fields))
+    return text.replace(json.dumps(SURROGATE_MARK)[1:-1], escape).encode()
+
+
+@pytest.mark.parametrize("escape", ["\\ud800", "\\udbff", "\\udc00", "\\uDFFF"])
+@pytest.mark.parametrize(
+    "field", ["patient_id", "name", "device_id", "consciousness", "note"]
+)
+def test_parse_lone_surrogate_rejected(field: str, escape: str) -> None:
+    value = with_escape({field: f"A{SURROGATE_MARK}B"}, escape)
+
+    (reject,) = rejects_of([value, encode(reading())])
+
+    assert reject["reason"] == Reason.INVALID_JSON
+    assert reject["field"] == field
+    assert "surrogate" in reject["detail"]
+    assert reject["source"]["offset"] == 0
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.text(max_size=12),
+    st.text(max_size=12),
+    st.sampled_from(["\\ud800", "\\udb7f", "\\udc00", "\\udfff", "\\uDABC"]),
+)
+def test_parse_lone_surrogate_anywhere_in_name(
+    before: str, after: str, escape: str
+) -> None:
+    """Any text around a lone escape, astral characters (sent as pairs) included."""
+    value = with_escape({"name": f"{before}{SURROGATE_MARK}{after}"}, escape)
+
+    (reject,) = rejects_of([value])
+
+    assert (reject["reason"], reject["field"]) == (Reason.INVALID_JSON, "name")
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.text(max_size=20))
+def test_parse_escaped_text_has_no_lone_surrogate(text: str) -> None:
+    """Astral characters arrive as surrogate pairs (json.dumps escapes them), never lone."""
+    value = json.dumps(reading(name=f"Ann {text} Lee", device_id=text)).encode()
+
+    rejects = rejects_of([value])
+
+    assert not [r for r in rejects if "surrogate" in r["detail"]]
+
+
+def test_parse_escaped_backslash_is_no_surrogate() -> None:
+    rows = rows_of([json.dumps(reading(name="Ann \\ud800 Lee")).encode()])
+
+    assert rows[0]["last_name"] == "\\ud800 Lee"
