@@ -274,17 +274,26 @@ def _alive(pid: int) -> bool:
 # can run as separate commands.
 
 
+@dataclass(frozen=True)
+class LocalStack:
+    """The addresses of the local services, and which of them this call started."""
+
+    env: dict[str, str]
+    started: list[str]
+
+
 def start_local_stack(
     state_dir: Path,
     *,
     kafka_port: int = DEFAULT_KAFKA_PORT,
     redis_port: int = DEFAULT_REDIS_PORT,
-) -> dict[str, str]:
+) -> LocalStack:
     """Start the broker and Redis unless their pid files show them running.
 
-    Returns the addresses to export as ``VITALS_KAFKA_BOOTSTRAP_SERVERS`` and
-    ``VITALS_REDIS_URL``.
+    ``env`` has the addresses to export as ``VITALS_KAFKA_BOOTSTRAP_SERVERS``
+    and ``VITALS_REDIS_URL``.
     """
+    started = []
     state_dir.mkdir(parents=True, exist_ok=True)
     redis_server_binary()  # Fail before starting anything when Redis is missing.
     for name, port in (("kafka", kafka_port), ("redis", redis_port)):
@@ -304,10 +313,32 @@ def start_local_stack(
         else:
             service = start_redis(port=port, state_dir=state_dir, persistent=True)
         pid_file.write_text(f"{service.pid} {port}\n")
-    return {
+        started.append(name)
+    env = {
         "VITALS_KAFKA_BOOTSTRAP_SERVERS": f"{HOST}:{kafka_port}",
         "VITALS_REDIS_URL": f"redis://{HOST}:{redis_port}/0",
     }
+    return LocalStack(env, started)
+
+
+def forget_offsets(redis_url: str, offsets_key: str, topic: str) -> int:
+    """Delete the fields of ``topic`` from the offsets hash; return how many there were.
+
+    The local broker keeps its topics in memory, so after it starts again
+    the offsets that Redis stored for its topics point into data that is
+    gone. The rows stay in their lists.
+    """
+    import redis
+
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        names = [str(name) for name in client.hkeys(offsets_key)]
+        fields = [name for name in names if name.startswith(f"{topic}:")]
+        if fields:
+            client.hdel(offsets_key, *fields)
+    finally:
+        client.close()
+    return len(fields)
 
 
 def stop_local_stack(state_dir: Path) -> list[str]:
