@@ -6,7 +6,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, NoReturn
 
 import click
 from rich.console import Console
@@ -82,7 +82,7 @@ def run(
         report = run_batch(settings)
     except ConfigurationError as exc:
         errors.print(f"[red]error:[/red] {exc}")
-        sys.exit(EXIT_CONFIG)
+        _exit_with_json(as_json, exc, EXIT_CONFIG)
     except (SourceError, SinkError, OffsetConflict) as exc:
         errors.print(f"[red]batch failed:[/red] {exc}")
         if not isinstance(exc, OffsetConflict | OffsetsOutOfRange):
@@ -90,7 +90,7 @@ def run(
                 "Redis keeps the rows and offsets of every chunk written before the "
                 "failure, so the next batch resumes from there."
             )
-        sys.exit(EXIT_INFRASTRUCTURE)
+        _exit_with_json(as_json, exc, EXIT_INFRASTRUCTURE)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
         return
@@ -108,6 +108,19 @@ def run(
     table.add_row("duration", f"{report.duration_s:.2f} s")
     table.add_row("rate", f"{report.rate_per_s:,.0f} readings/s")
     console.print(table)
+
+
+def _exit_with_json(as_json: bool, error: Exception, code: int) -> NoReturn:
+    """Exit with ``code``; with ``--json``, print the failure as JSON on stdout first."""
+    if as_json:
+        failure = {
+            "status": "failed",
+            "error": type(error).__name__,
+            "message": str(error),
+            "exit_code": code,
+        }
+        click.echo(json.dumps(failure, indent=2))
+    sys.exit(code)
 
 
 @main.command()

@@ -548,6 +548,21 @@ def test_run_broker_unreachable_fails_fast(redis_service: str, tmp_path: Path) -
     assert child.elapsed_s < 3.0 + 15
 
 
+def test_run_json_failure_on_stdout(redis_service: str, tmp_path: Path) -> None:
+    """With --json a failed batch still prints one JSON object, for schedulers that parse it."""
+    port = free_port()
+    settings = make_settings(f"127.0.0.1:{port}", redis_service, kafka_timeout_s=2.0)
+
+    child = run_child(etl_argv("run", "--json"), settings, tmp_path, timeout=60)
+
+    failure = json.loads(child.stdout)
+    assert child.returncode == 3
+    assert failure["status"] == "failed"
+    assert failure["error"] == "SourceError"
+    assert failure["exit_code"] == 3
+    assert f"127.0.0.1:{port}" in failure["message"]
+
+
 @pytest.fixture
 def own_broker(tmp_path: Path) -> Iterator[Service]:
     """A broker for one test only, which the test may kill."""
