@@ -12,6 +12,10 @@
 # after the batch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ "${SKIP_AIRFLOW:-0}" = "1" ]; then
+  # Without Airflow the batch needs only the base and dev dependencies.
+  EXTRAS=${EXTRAS:-dev}
+fi
 source scripts/setup-env.sh
 
 STATE_DIR=${STATE_DIR:-.local}
