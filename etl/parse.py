@@ -110,6 +110,9 @@ BLOOD_PRESSURE_PATTERN: Final = (
 _WHOLE_NUMBER_LIMIT: Final = 2**53
 #: C0 and C1 control characters other than the whitespace that names may hold.
 CONTROL_CHARACTER: Final = r"[\x00-\x08\x0E-\x1F\x7F-\x9F]"
+#: Any surrogate escape, and a high surrogate escape directly followed by a low one.
+_SURROGATE_ESCAPE: Final = r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}"
+_SURROGATE_PAIR: Final = r"\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}"
 
 # Minimum segment size below which a failing read_ndjson call is retried value
 # by value; bisection above it keeps the cost near n * log2(bad values).
@@ -248,18 +251,27 @@ def _reject_lone_surrogates(frame: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataF
 
     Such an escape stands for no Unicode character (RFC 8259, section 8.2).
     Polars reads a lone high surrogate as NUL, which would pass into a
-    patient id unseen, and rejects a lone low one as unreadable. Only values
-    with a ``\\uD`` escape are decoded again, by Python's parser, which
-    joins valid pairs and leaves lone surrogates in the text.
+    patient id unseen, and rejects a lone low one as unreadable. A value
+    whose surrogate escapes all come in high-low pairs is let through at
+    once. The others are decoded again by Python's parser, which joins valid
+    pairs and leaves lone surrogates in the text.
     """
-    suspect = frame.select(
+    has_escape = frame.select(
         pl.col("value").bin.contains(b"\\ud") | pl.col("value").bin.contains(b"\\uD")
     ).to_series()
-    if not suspect.any():
+    if not has_escape.any():
         return frame, empty_rejects()
+    rows = has_escape.arg_true()
+    try:
+        text = frame["value"].gather(rows).cast(pl.String)
+    except pl.exceptions.ComputeError:
+        pass  # A value that is not UTF-8: Python checks every row with an escape.
+    else:
+        escapes = text.str.count_matches(_SURROGATE_ESCAPE)
+        rows = rows.filter(escapes != 2 * text.str.count_matches(_SURROGATE_PAIR))
     fields: list[str | None] = [None] * frame.height
-    rows = suspect.arg_true().to_list()
-    for row, value in zip(rows, frame["value"].gather(rows).to_list(), strict=True):
+    values = frame["value"].gather(rows).to_list()
+    for row, value in zip(rows.to_list(), values, strict=True):
         fields[row] = _lone_surrogate_field(value)
     field = pl.Series("field", fields, pl.String)
     lone = field.is_not_null()
@@ -279,37 +291,43 @@ def _reject_lone_surrogates(frame: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataF
     return frame.filter(~lone), rejects
 
 
+class _Members(list[tuple[str, Any]]):
+    """A JSON object as the list of its members, duplicate keys included."""
+
+
 def _lone_surrogate_field(value: bytes) -> str | None:
     """Return the top-level field whose key or value has a lone surrogate, else None.
 
-    A value that Python cannot parse as an object is left to the reader,
-    which gives it its reason code.
+    Every member counts, a repeated key too: Python's parser would keep the
+    last of two members with the same key and Polars' reader the first. A
+    value that Python cannot parse as an object is left to the reader, which
+    gives it its reason code.
     """
     try:
-        document = json.loads(value)
+        document = json.loads(value, object_pairs_hook=_Members)
     except (ValueError, RecursionError):
         return None
-    if not isinstance(document, dict):
+    if not isinstance(document, _Members):
         return None
-    for key, item in document.items():
+    for key, item in document:
         if _has_lone_surrogate(key) or _has_lone_surrogate(item):
-            return str(key).encode("utf-8", "backslashreplace").decode()
+            return key.encode("utf-8", "backslashreplace").decode()
     return None
 
 
-def _has_lone_surrogate(item: Any) -> bool:
-    if isinstance(item, str):
-        try:
-            item.encode("utf-8")
-        except UnicodeEncodeError:
-            return True
-        return False
-    if isinstance(item, dict):
-        return any(
-            _has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in item.items()
-        )
-    if isinstance(item, list):
-        return any(_has_lone_surrogate(element) for element in item)
+def _has_lone_surrogate(root: Any) -> bool:
+    """Search strings at any depth, without recursion: nesting may be deep."""
+    pending = [root]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            if not item.isascii():
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError:
+                    return True
+        elif isinstance(item, list | tuple):
+            pending.extend(item)
     return False
 
 
@@ -615,6 +633,12 @@ def _read_checks(
             Reason.WRONG_TYPE,
             "expected a string",
             _json_token_for("patient_id", numbers_allowed=True),
+        ),
+        (
+            "patient_id",
+            Reason.OUT_OF_RANGE,
+            "contains a control character",
+            pl.col("patient_id").str.contains(CONTROL_CHARACTER),
         ),
         (
             "name",

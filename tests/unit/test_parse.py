@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from typing import Any
+from unittest import mock
 
 import polars as pl
 import pytest
@@ -537,3 +538,56 @@ def test_parse_escaped_backslash_is_no_surrogate() -> None:
     rows = rows_of([json.dumps(reading(name="Ann \\ud800 Lee")).encode()])
 
     assert rows[0]["last_name"] == "\\ud800 Lee"
+
+
+def test_parse_deep_nesting_with_escape_accounted() -> None:
+    """A lone surrogate after an unknown field nested 900 deep: no crash, a reject."""
+    nested = "[" * 900 + "]" * 900
+    document = json.dumps(reading(name=f"Ann {SURROGATE_MARK} Lee"))
+    text = f'{{"x": {nested}, ' + document[1:]
+    value = text.replace(json.dumps(SURROGATE_MARK)[1:-1], r"\ud800").encode()
+
+    rows, rejects = run_chunk([value, encode(reading())])
+
+    assert rows["offset"].to_list() == [1]
+    assert rejects["offset"].to_list() == [0]
+
+
+@pytest.mark.parametrize(
+    "first, second",
+    [
+        pytest.param(SURROGATE_MARK, "PT-2", id="lone-first"),
+        pytest.param("PT-1", SURROGATE_MARK, id="lone-second"),
+    ],
+)
+def test_parse_duplicate_key_with_lone_surrogate(first: str, second: str) -> None:
+    """Polars keeps the first of two equal keys and Python the last: both are checked."""
+    text = (
+        json.dumps(reading(patient_id=first))[:-1]
+        + f', "patient_id": {json.dumps(second)}}}'
+    )
+    value = text.replace(json.dumps(SURROGATE_MARK)[1:-1], "\\ud800").encode()
+
+    (reject,) = rejects_of([value])
+
+    assert (reject["reason"], reject["field"]) == (Reason.INVALID_JSON, "patient_id")
+
+
+def test_parse_patient_id_control_character_rejected() -> None:
+    (reject,) = rejects_of([encode(reading(patient_id="PT-1\u0000"))])
+
+    assert (reject["reason"], reject["field"]) == (Reason.OUT_OF_RANGE, "patient_id")
+    assert reject["detail"] == "contains a control character"
+
+
+def test_parse_surrogate_pairs_skip_python_check() -> None:
+    """Values whose surrogate escapes all pair up are not decoded a second time."""
+    values = [
+        json.dumps(reading(name=f"Ann \N{GRINNING FACE}{n} Lee")).encode()
+        for n in range(50)
+    ]
+    with mock.patch("etl.parse._lone_surrogate_field") as check:
+        rows = rows_of(values)
+
+    assert len(rows) == 50
+    check.assert_not_called()
