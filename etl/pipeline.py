@@ -306,29 +306,44 @@ def _check_same_topic(
     A deleted and recreated topic, or one of a broker that lost its data,
     starts again at offset 0 under a new topic id. Stored offsets below the
     new end would otherwise make the batch skip the new records silently.
+    Offsets stored without an id (by an older version, or after the id field
+    was deleted) pass when Kafka still has committed offsets for the group,
+    which a recreated topic or a restarted broker without storage has lost.
     Otherwise the sink records the current id with the offsets it writes.
     """
     current = source.topic_id()
     if current is None:
         return
-    recorded = sink.stored_topic_id(source.topic)
+    topic = source.topic
+    recorded = sink.stored_topic_id(topic)
+    reset = " ".join(
+        [
+            "HDEL",
+            sink.offsets_key,
+            *(offset_field(topic, p) for p in sorted(stored)),
+            write_id_field(topic),
+            topic_id_field(topic),
+        ]
+    )
     if stored and recorded not in (None, current):
-        key = source.topic
-        fields = " ".join(
-            [
-                *(offset_field(key, p) for p in sorted(stored)),
-                write_id_field(key),
-                topic_id_field(key),
-            ]
-        )
         msg = (
-            f"topic {key} was recreated: its id is now {current}, while the offsets "
+            f"topic {topic} was recreated: its id is now {current}, while the offsets "
             f"stored in Redis belong to the topic with id {recorded}, so they do not "
-            "apply to its records. Reset them with HDEL "
-            f"{sink.offsets_key} {fields} (see the README, Operations), then rerun"
+            f"apply to its records. Reset them with {reset} (see the README, "
+            "Operations), then rerun"
         )
         raise OffsetsOutOfRange(msg)
-    sink.set_topic_id(source.topic, current)
+    if stored and recorded is None and not source.committed(sorted(stored)):
+        msg = (
+            f"the offsets of topic {topic} stored in Redis carry no topic id, and "
+            "Kafka has no committed offsets of the group for them: the topic was "
+            "probably recreated (or the group changed, or its offsets expired). If "
+            f"it was recreated, reset them with {reset} (see the README, "
+            "Operations). If not, confirm them with HSET "
+            f"{sink.offsets_key} {topic_id_field(topic)} {current}. Then rerun"
+        )
+        raise OffsetsOutOfRange(msg)
+    sink.set_topic_id(topic, current)
 
 
 def run_batch(settings: Settings, *, now: float | None = None) -> BatchReport:

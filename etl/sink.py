@@ -256,11 +256,14 @@ class RedisSink:
         }
         partitions = [*chunk.next_offsets, *earlier]
         fields = [offset_field(topic, p) for p in partitions]
+        topic_id = self._topic_ids.get(topic)
         with self.client.pipeline(transaction=True) as pipe:
             pipe.watch(settings.redis_offsets_key)  # type: ignore[no-untyped-call]
-            *raw, last_write = pipe.hmget(
-                settings.redis_offsets_key, [*fields, write_id_field(topic)]
+            *raw, last_write, stored_id = pipe.hmget(
+                settings.redis_offsets_key,
+                [*fields, write_id_field(topic), topic_id_field(topic)],
             )
+            _check_same_topic_id(topic, topic_id, stored_id)
             if sent and last_write in (write_id, write_id.encode()):
                 logger.warning(
                     "The previous write attempt of this chunk was applied although "
@@ -368,6 +371,27 @@ class RedisSink:
             self.client.close()
         except redis.RedisError:
             logger.warning("Closing the Redis client failed", exc_info=True)
+
+
+def _check_same_topic_id(
+    topic: str, topic_id: str | None, stored_id: bytes | str | None
+) -> None:
+    """Raise OffsetConflict when the offsets in Redis belong to another topic id.
+
+    Another batch that read the topic after it was recreated stored them, so
+    the records of this chunk, read before, are not those of its offsets.
+    """
+    if topic_id is None or stored_id is None:
+        return
+    stored = stored_id.decode() if isinstance(stored_id, bytes) else stored_id
+    if stored != topic_id:
+        msg = (
+            f"the offsets of topic {topic} in Redis now belong to the topic with id "
+            f"{stored}, while this batch read the topic with id {topic_id}: the topic "
+            "was recreated and its records were read again since; this batch's "
+            "records are not written. Rerun the batch"
+        )
+        raise OffsetConflict(msg)
 
 
 def _check_still_stored(partition: int, offset: int, stored: int | None) -> None:

@@ -13,7 +13,7 @@ from contracts.models import OUTPUT_KEYS
 from etl.config import ConfigurationError, Settings
 from etl.pipeline import run_batch
 from etl.sink import RedisSink, SinkError
-from etl.source import SourceError
+from etl.source import KafkaSource, SourceError
 from tests.conftest import (
     case_value,
     create_topic,
@@ -275,7 +275,20 @@ def test_batch_offsets_past_topic_end_fail_loudly(
     """Stored offsets beyond the topic's data (a recreated topic) fail the batch, never skip silently."""
     create_topic(settings, partitions=1)
     produce(settings, [encode(reading(patient_id=f"PT-{i}")) for i in range(5)])
-    redis_client.hset(settings.redis_offsets_key, f"{settings.kafka_topic}:0", 5000)
+    source = KafkaSource(settings)
+    try:
+        topic_id = source.topic_id()
+    finally:
+        source.close()
+    assert topic_id is not None
+    # Offsets past the end, stored for this very topic (same id).
+    redis_client.hset(
+        settings.redis_offsets_key,
+        mapping={
+            f"{settings.kafka_topic}:0": 5000,
+            f"{settings.kafka_topic}:topic_id": topic_id,
+        },
+    )
     quick = settings.model_copy(update={"kafka_timeout_s": 2.0, "deadline_s": 60.0})
     started = time.monotonic()
     with pytest.raises(SourceError, match=r"from offsets \{0: 5000\}.*reset"):

@@ -548,6 +548,73 @@ def test_run_broker_unreachable_fails_fast(redis_service: str, tmp_path: Path) -
     assert child.elapsed_s < 3.0 + 15
 
 
+def test_recreated_topic_without_stored_id_fails(
+    redis_service: str, tmp_path: Path
+) -> None:
+    """Offsets stored without a topic id (an older version): Kafka's lost commits tell."""
+    port = free_port()
+    broker = start_broker(port=port, state_dir=tmp_path / "kafka")
+    settings = make_settings(f"127.0.0.1:{port}", redis_service)
+    client = redis.Redis.from_url(redis_service)
+    id_field = f"{settings.kafka_topic}:topic_id"
+    try:
+        create_topic(settings, PARTITIONS)
+        produce_tracked(settings, mixed_values(60))
+        run_batch(settings)
+        client.hdel(settings.redis_offsets_key, id_field)
+        # Same topic, commits still in Kafka: the batch goes on and records the id.
+        produce_tracked(settings, mixed_values(30))
+        assert run_batch(settings).read == 30
+        assert client.hget(settings.redis_offsets_key, id_field) is not None
+        client.hdel(settings.redis_offsets_key, id_field)
+        broker.stop()
+        broker = start_broker(port=port, state_dir=tmp_path / "kafka")
+        create_topic(settings, PARTITIONS)
+        produce_tracked(settings, mixed_values(300))
+
+        with pytest.raises(OffsetsOutOfRange, match="carry no topic id"):
+            run_batch(settings)
+        stored_records = client.llen(settings.redis_list_key) + client.llen(
+            settings.redis_rejects_key
+        )
+    finally:
+        broker.stop()
+        client.close()
+
+    assert stored_records == 90
+
+
+def test_stale_staged_load_after_recreate_writes_nothing(
+    redis_service: str, tmp_path: Path
+) -> None:
+    """Chunks drained before the topic was recreated are not written over the new topic's."""
+    port = free_port()
+    broker = start_broker(port=port, state_dir=tmp_path / "kafka")
+    settings = make_settings(f"127.0.0.1:{port}", redis_service)
+    client = redis.Redis.from_url(redis_service)
+    try:
+        create_topic(settings, PARTITIONS)
+        produce_tracked(settings, mixed_values(200))
+        drain_to_staging(settings, tmp_path / "staging")
+        transform_staging(settings, tmp_path / "staging")
+        broker.stop()
+        broker = start_broker(port=port, state_dir=tmp_path / "kafka")
+        create_topic(settings, PARTITIONS)
+        produce_tracked(settings, mixed_values(90))
+        assert run_batch(settings).read == 90
+
+        with pytest.raises(OffsetConflict, match="was recreated"):
+            load_staging(settings, tmp_path / "staging")
+        stored_records = client.llen(settings.redis_list_key) + client.llen(
+            settings.redis_rejects_key
+        )
+    finally:
+        broker.stop()
+        client.close()
+
+    assert stored_records == 90
+
+
 def test_run_json_failure_on_stdout(redis_service: str, tmp_path: Path) -> None:
     """With --json a failed batch still prints one JSON object, for schedulers that parse it."""
     port = free_port()

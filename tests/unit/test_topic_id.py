@@ -13,11 +13,15 @@ from etl.source import OffsetsOutOfRange
 class FakeSource:
     topic = "vitals"
 
-    def __init__(self, topic_id: str | None) -> None:
+    def __init__(self, topic_id: str | None, committed: dict[int, int]) -> None:
         self._topic_id = topic_id
+        self._committed = committed
 
     def topic_id(self) -> str | None:
         return self._topic_id
+
+    def committed(self, partitions: list[int]) -> dict[int, int]:
+        return {p: o for p, o in self._committed.items() if p in partitions}
 
 
 class FakeSink:
@@ -34,9 +38,15 @@ class FakeSink:
         self.to_record = topic_id
 
 
-def check(current: str | None, recorded: str | None, stored: dict[int, int]) -> Any:
+def check(
+    current: str | None,
+    recorded: str | None,
+    stored: dict[int, int],
+    committed: dict[int, int] | None = None,
+) -> Any:
     sink = FakeSink(recorded)
-    _check_same_topic(FakeSource(current), sink, stored)  # type: ignore[arg-type]
+    source = FakeSource(current, stored if committed is None else committed)
+    _check_same_topic(source, sink, stored)  # type: ignore[arg-type]
     return sink
 
 
@@ -69,6 +79,16 @@ def test_id_written_with_next_offsets(
     sink = check("id-1", recorded, stored)
 
     assert sink.to_record == "id-1"
+
+
+def test_offsets_without_id_or_commits_fail() -> None:
+    with pytest.raises(OffsetsOutOfRange) as failure:
+        check("id-1", None, {0: 187}, committed={})
+
+    message = str(failure.value)
+    assert "carry no topic id" in message
+    assert "HDEL liste-patients:offsets vitals:0 vitals:last_write" in message
+    assert "HSET liste-patients:offsets vitals:topic_id id-1" in message
 
 
 def test_broker_without_ids_skips_check() -> None:
