@@ -101,16 +101,27 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _distinct_keys(self) -> Settings:
-        keys = [
-            self.redis_list_key,
-            self.redis_rejects_key,
-            self.redis_offsets_key,
-            self.redis_alerts_key,
-            self.redis_reports_key,
-            self.redis_stats_key,
+        fields = [
+            "redis_list_key",
+            "redis_rejects_key",
+            "redis_offsets_key",
+            "redis_alerts_key",
+            "redis_reports_key",
+            "redis_stats_key",
         ]
-        if len(set(keys)) != len(keys):
-            raise ValueError("the Redis key names must all differ")
+        by_key: dict[str, list[str]] = {}
+        for field in fields:
+            by_key.setdefault(getattr(self, field), []).append(
+                f"{ENV_PREFIX}{field.upper()}"
+            )
+        shared = [(key, names) for key, names in by_key.items() if len(names) > 1]
+        if shared:
+            clashes = "; ".join(
+                f"{' and '.join(names)} are {'both' if len(names) == 2 else 'all'} "
+                f"{key!r}"
+                for key, names in shared
+            )
+            raise ValueError(f"the Redis key names must all differ: {clashes}")
         return self
 
     def kafka_config(self) -> dict[str, Any]:
@@ -202,10 +213,14 @@ def load_settings(**overrides: Any) -> Settings:
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
-            field = str(error["loc"][0]) if error["loc"] else "settings"
-            variable = f"{ENV_PREFIX}{field.upper()}" if error["loc"] else field
-            value = error.get("input")
-            shown = "***" if _may_hold_secret(field) else value
+            if not error["loc"]:
+                # A check across fields: its input is every setting, secrets
+                # included, so only its message is shown.
+                problems.append(error["msg"])
+                continue
+            field = str(error["loc"][0])
+            variable = f"{ENV_PREFIX}{field.upper()}"
+            shown = "***" if _may_hold_secret(field) else error.get("input")
             problems.append(f"{variable}={shown!r}: {error['msg']}")
         msg = "invalid settings: " + "; ".join(problems)
         raise ConfigurationError(msg) from None

@@ -88,3 +88,20 @@ def test_settings_redacted_masks_secrets() -> None:
 )
 def test_redact_url_cases(url: str, expected: str) -> None:
     assert redact_url(url) == expected
+
+
+def test_settings_key_clash_hides_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A check across fields sees every setting; its error shows none of them."""
+    monkeypatch.setenv("VITALS_REDIS_URL", "redis://:redis-Secret-1@127.0.0.1:6380/0")
+    monkeypatch.setenv("VITALS_KAFKA_SASL_PASSWORD", "sasl-Secret-2")
+    monkeypatch.setenv("VITALS_REDIS_OFFSETS_KEY", "liste-patients")
+
+    with pytest.raises(ConfigurationError) as failure:
+        load_settings()
+
+    message = str(failure.value)
+    assert "Secret" not in message
+    assert (
+        "VITALS_REDIS_LIST_KEY and VITALS_REDIS_OFFSETS_KEY are both 'liste-patients'"
+        in message
+    )
