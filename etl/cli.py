@@ -16,7 +16,8 @@ from etl.config import ConfigurationError, Settings, load_settings
 from etl.exit_codes import EXIT_CONFIG, EXIT_INFRASTRUCTURE
 
 console = Console()
-errors = Console(stderr=True)
+# Not wrapped: an error may end with a command to copy, such as a reset.
+errors = Console(stderr=True, soft_wrap=True)
 
 
 def settings_or_exit(**overrides: Any) -> Settings:
@@ -72,13 +73,16 @@ def run(
     from etl.sink import OffsetConflict, SinkError
     from etl.source import OffsetsOutOfRange, SourceError
 
-    settings = settings_or_exit(
-        kafka_topic=topic,
-        chunk_size=chunk_size,
-        max_records=max_records,
-        deadline_s=deadline_s,
-    )
+    overrides = {
+        "kafka_topic": topic,
+        "chunk_size": chunk_size,
+        "max_records": max_records,
+        "deadline_s": deadline_s,
+    }
     try:
+        settings = load_settings(
+            **{k: v for k, v in overrides.items() if v is not None}
+        )
         report = run_batch(settings)
     except ConfigurationError as exc:
         errors.print(f"[red]error:[/red] {exc}")

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-import pytest
+import json
 
+import pytest
+from click.testing import CliRunner
+
+from etl.cli import main
 from etl.config import ConfigurationError, load_settings, redact_url
 
 
@@ -105,3 +109,13 @@ def test_settings_key_clash_hides_secrets(monkeypatch: pytest.MonkeyPatch) -> No
         "VITALS_REDIS_LIST_KEY and VITALS_REDIS_OFFSETS_KEY are both 'liste-patients'"
         in message
     )
+
+
+def test_run_json_invalid_settings_on_stdout() -> None:
+    result = CliRunner().invoke(main, ["run", "--json"], env={"VITALS_CHUNK_SIZE": "0"})
+
+    failure = json.loads(result.stdout)
+    assert result.exit_code == 2
+    assert failure["error"] == "ConfigurationError"
+    assert failure["exit_code"] == 2
+    assert "VITALS_CHUNK_SIZE" in failure["message"]
