@@ -244,33 +244,32 @@ STATE_DIR_OPTION: Final = click.option(
 @click.option("--redis-port", type=int, default=6380, show_default=True)
 def services_start(state_dir: Path, kafka_port: int, redis_port: int) -> None:
     """Start both services unless they run; print the variables that point at them."""
-    from etl.services import ServiceError, forget_offsets, start_local_stack
+    from redis import RedisError
 
+    from etl.services import ServiceError, forget_stale_offsets, start_local_stack
+
+    # Settings first, so that an invalid one stops the command before anything starts.
+    settings = settings_or_exit()
     try:
         stack = start_local_stack(
             state_dir, kafka_port=kafka_port, redis_port=redis_port
         )
-    except ServiceError as exc:
-        errors.print(f"[red]error:[/red] {exc}")
-        sys.exit(EXIT_INFRASTRUCTURE)
-    if "kafka" in stack.started:
-        # The local broker starts without the topics of its last run.
-        settings = settings_or_exit(
-            kafka_bootstrap_servers=stack.env["VITALS_KAFKA_BOOTSTRAP_SERVERS"],
-            redis_url=stack.env["VITALS_REDIS_URL"],
-        )
-        forgotten = forget_offsets(
+        forgotten = forget_stale_offsets(
+            state_dir,
             stack.env["VITALS_REDIS_URL"],
             settings.redis_offsets_key,
             settings.kafka_topic,
         )
-        if forgotten:
-            errors.print(
-                "The local broker starts with no topics, so the offsets of topic "
-                f"{settings.kafka_topic} stored in the local Redis no longer apply: "
-                f"removed {forgotten} fields of {settings.redis_offsets_key} "
-                "(the rows stay)."
-            )
+    except (ServiceError, RedisError) as exc:
+        errors.print(f"[red]error:[/red] {exc}")
+        sys.exit(EXIT_INFRASTRUCTURE)
+    if forgotten:
+        errors.print(
+            "The local broker starts with no topics, so the offsets of topic "
+            f"{settings.kafka_topic} stored in the local Redis no longer apply: "
+            f"removed {forgotten} fields of {settings.redis_offsets_key} "
+            "(the rows stay)."
+        )
     for name, value in stack.env.items():
         click.echo(f"export {name}={value}")
 

@@ -282,6 +282,10 @@ class LocalStack:
     started: list[str]
 
 
+#: Marks a local broker started since the stored offsets were last forgotten.
+_FRESH_BROKER: Final = "kafka.fresh"
+
+
 def start_local_stack(
     state_dir: Path,
     *,
@@ -291,43 +295,65 @@ def start_local_stack(
     """Start the broker and Redis unless their pid files show them running.
 
     ``env`` has the addresses to export as ``VITALS_KAFKA_BOOTSTRAP_SERVERS``
-    and ``VITALS_REDIS_URL``.
+    and ``VITALS_REDIS_URL``: the ports of the services already running,
+    else the ports given. Both ports are checked before either service
+    starts.
     """
-    started = []
     state_dir.mkdir(parents=True, exist_ok=True)
     redis_server_binary()  # Fail before starting anything when Redis is missing.
-    for name, port in (("kafka", kafka_port), ("redis", redis_port)):
+    ports = {"kafka": kafka_port, "redis": redis_port}
+    to_start = []
+    for name in ports:
         pid_file = state_dir / f"{name}.pid"
         if _running_from(pid_file):
             logger.info("%s already running (pid file %s)", name, pid_file)
-            continue
-        if port_in_use(port):
+            ports[name] = _recorded_port(pid_file) or ports[name]
+        elif port_in_use(ports[name]):
             msg = (
-                f"port {port} on {HOST} is already in use by another program, so "
-                f"the local {name} cannot start; stop that program or choose "
+                f"port {ports[name]} on {HOST} is already in use by another program, "
+                f"so the local {name} cannot start; stop that program or choose "
                 f"another port (--{name}-port)"
             )
             raise ServiceError(msg)
-        if name == "kafka":
-            service = start_broker(port=port, state_dir=state_dir)
         else:
-            service = start_redis(port=port, state_dir=state_dir, persistent=True)
-        pid_file.write_text(f"{service.pid} {port}\n")
-        started.append(name)
+            to_start.append(name)
+    for name in to_start:
+        if name == "kafka":
+            service = start_broker(port=ports[name], state_dir=state_dir)
+            (state_dir / _FRESH_BROKER).touch()
+        else:
+            service = start_redis(
+                port=ports[name], state_dir=state_dir, persistent=True
+            )
+        (state_dir / f"{name}.pid").write_text(f"{service.pid} {ports[name]}\n")
     env = {
-        "VITALS_KAFKA_BOOTSTRAP_SERVERS": f"{HOST}:{kafka_port}",
-        "VITALS_REDIS_URL": f"redis://{HOST}:{redis_port}/0",
+        "VITALS_KAFKA_BOOTSTRAP_SERVERS": f"{HOST}:{ports['kafka']}",
+        "VITALS_REDIS_URL": f"redis://{HOST}:{ports['redis']}/0",
     }
-    return LocalStack(env, started)
+    return LocalStack(env, to_start)
 
 
-def forget_offsets(redis_url: str, offsets_key: str, topic: str) -> int:
-    """Delete the fields of ``topic`` from the offsets hash; return how many there were.
+def forget_stale_offsets(
+    state_dir: Path, redis_url: str, offsets_key: str, topic: str
+) -> int:
+    """Forget ``topic``'s stored offsets once after each start of the local broker.
 
     The local broker keeps its topics in memory, so after it starts again
     the offsets that Redis stored for its topics point into data that is
-    gone. The rows stay in their lists.
+    gone. The rows stay in their lists. A marker file left by
+    :func:`start_local_stack` survives a failure here, so the next call
+    forgets them. Returns how many fields were deleted.
     """
+    marker = state_dir / _FRESH_BROKER
+    if not marker.exists():
+        return 0
+    forgotten = forget_offsets(redis_url, offsets_key, topic)
+    marker.unlink()
+    return forgotten
+
+
+def forget_offsets(redis_url: str, offsets_key: str, topic: str) -> int:
+    """Delete the fields of ``topic`` from the offsets hash; return how many there were."""
     import redis
 
     client = redis.Redis.from_url(redis_url, decode_responses=True)
@@ -359,6 +385,14 @@ def local_stack_status(state_dir: Path) -> dict[str, int | None]:
     return {
         name: _running_from(state_dir / f"{name}.pid") for name in ("kafka", "redis")
     }
+
+
+def _recorded_port(pid_file: Path) -> int | None:
+    """Return the port written after the pid in ``pid_file``, if any."""
+    try:
+        return int(pid_file.read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _running_from(pid_file: Path) -> int | None:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
 import redis
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 
 from etl.cli import main
 from etl.services import free_port, local_stack_status, stop_local_stack, terminate
@@ -14,9 +15,8 @@ from etl.services import free_port, local_stack_status, stop_local_stack, termin
 pytestmark = pytest.mark.integration
 
 
-def start(state_dir: Path, kafka_port: int, redis_port: int) -> str:
-    """Run 'etl services start'; return its standard error."""
-    result = CliRunner().invoke(
+def invoke(state_dir: Path, kafka_port: int, redis_port: int, **env: str) -> Result:
+    return CliRunner().invoke(
         main,
         [
             "services",
@@ -28,8 +28,13 @@ def start(state_dir: Path, kafka_port: int, redis_port: int) -> str:
             "--redis-port",
             str(redis_port),
         ],
-        env={"VITALS_KAFKA_TOPIC": "vitals"},
+        env={"VITALS_KAFKA_TOPIC": "vitals", **env},
     )
+
+
+def start(state_dir: Path, kafka_port: int, redis_port: int) -> str:
+    """Run 'etl services start'; return its standard error."""
+    result = invoke(state_dir, kafka_port, redis_port)
     assert result.exit_code == 0, result.output
     return result.stderr
 
@@ -57,3 +62,33 @@ def test_broker_restart_forgets_stored_offsets(tmp_path: Path) -> None:
     assert "removed 1 fields of liste-patients:offsets" in " ".join(message.split())
     assert offsets == {"other:0": "7"}
     assert rows == 1
+
+
+def test_invalid_setting_starts_nothing(tmp_path: Path) -> None:
+    result = invoke(tmp_path, free_port(), free_port(), VITALS_CHUNK_SIZE="0")
+
+    assert result.exit_code == 2
+    assert local_stack_status(tmp_path) == {"kafka": None, "redis": None}
+
+
+def test_taken_redis_port_starts_nothing(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result = invoke(tmp_path, free_port(), taken.getsockname()[1])
+
+    assert result.exit_code == 3
+    assert "already in use" in result.stderr
+    assert local_stack_status(tmp_path) == {"kafka": None, "redis": None}
+
+
+def test_running_redis_port_wins(tmp_path: Path) -> None:
+    redis_port = free_port()
+    try:
+        start(tmp_path, free_port(), redis_port)
+        result = invoke(tmp_path, free_port(), free_port())
+    finally:
+        stop_local_stack(tmp_path)
+
+    assert result.exit_code == 0
+    assert f"VITALS_REDIS_URL=redis://127.0.0.1:{redis_port}/0" in result.stdout
