@@ -269,23 +269,20 @@ def _reject_lone_surrogates(frame: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataF
     else:
         escapes = text.str.count_matches(_SURROGATE_ESCAPE)
         rows = rows.filter(escapes != 2 * text.str.count_matches(_SURROGATE_PAIR))
-    fields: list[str | None] = [None] * frame.height
+    findings: list[tuple[str | None, str] | None] = [None] * frame.height
     values = frame["value"].gather(rows).to_list()
     for row, value in zip(rows.to_list(), values, strict=True):
-        fields[row] = _lone_surrogate_field(value)
-    field = pl.Series("field", fields, pl.String)
-    lone = field.is_not_null()
+        findings[row] = _lone_surrogate(value)
+    lone = pl.Series([finding is not None for finding in findings])
     if not lone.any():
         return frame, empty_rejects()
+    found = [finding for finding in findings if finding is not None]
     rejects = frame.filter(lone).select(
         "partition",
         "offset",
         pl.lit(Reason.INVALID_JSON.value).alias("reason"),
-        field.filter(lone),
-        pl.lit(
-            "lone UTF-16 surrogate escape (\\uD800 to \\uDFFF without its pair), "
-            "which stands for no Unicode character"
-        ).alias("detail"),
+        pl.Series("field", [field for field, _ in found], pl.String),
+        pl.Series("detail", [detail for _, detail in found], pl.String),
         "value",
     )
     return frame.filter(~lone), rejects
@@ -295,23 +292,36 @@ class _Members(list[tuple[str, Any]]):
     """A JSON object as the list of its members, duplicate keys included."""
 
 
-def _lone_surrogate_field(value: bytes) -> str | None:
-    """Return the top-level field whose key or value has a lone surrogate, else None.
+_LONE_SURROGATE: Final = (
+    "lone UTF-16 surrogate escape (\\uD800 to \\uDFFF without its pair), "
+    "which stands for no Unicode character"
+)
+_TOO_DEEP_TO_CHECK: Final = (
+    "surrogate escape without its pair, in JSON nested too deep to check"
+)
+
+
+def _lone_surrogate(value: bytes) -> tuple[str | None, str] | None:
+    """Return (top-level field, detail) when a key or value has a lone surrogate, else None.
 
     Every member counts, a repeated key too: Python's parser would keep the
     last of two members with the same key and Polars' reader the first. A
-    value that Python cannot parse as an object is left to the reader, which
-    gives it its reason code.
+    value that Python cannot parse is left to the reader, which gives it its
+    reason code, unless its nesting is too deep for Python: Polars reads a
+    little deeper and would turn a lone high surrogate into NUL, so the value
+    is rejected without a field.
     """
     try:
         document = json.loads(value, object_pairs_hook=_Members)
-    except (ValueError, RecursionError):
+    except RecursionError:
+        return None, _TOO_DEEP_TO_CHECK
+    except ValueError:
         return None
     if not isinstance(document, _Members):
         return None
     for key, item in document:
         if _has_lone_surrogate(key) or _has_lone_surrogate(item):
-            return key.encode("utf-8", "backslashreplace").decode()
+            return key.encode("utf-8", "backslashreplace").decode(), _LONE_SURROGATE
     return None
 
 

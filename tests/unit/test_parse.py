@@ -586,8 +586,21 @@ def test_parse_surrogate_pairs_skip_python_check() -> None:
         json.dumps(reading(name=f"Ann \N{GRINNING FACE}{n} Lee")).encode()
         for n in range(50)
     ]
-    with mock.patch("etl.parse._lone_surrogate_field") as check:
+    with mock.patch("etl.parse._lone_surrogate") as check:
         rows = rows_of(values)
 
     assert len(rows) == 50
     check.assert_not_called()
+
+
+@pytest.mark.parametrize("depth", [995, 1010, 1040])
+def test_parse_lone_surrogate_too_deep_for_python(depth: int) -> None:
+    """Polars reads a little deeper than Python's parser: such a value is still rejected."""
+    nested = "[" * depth + "]" * depth
+    document = json.dumps(reading(device_id=SURROGATE_MARK))
+    text = f'{{"x": {nested}, ' + document[1:]
+    value = text.replace(json.dumps(SURROGATE_MARK)[1:-1], r"\ud800").encode()
+
+    (reject,) = rejects_of([value])
+
+    assert reject["reason"] == Reason.INVALID_JSON
