@@ -254,14 +254,24 @@ def services_start(state_dir: Path, kafka_port: int, redis_port: int) -> None:
         stack = start_local_stack(
             state_dir, kafka_port=kafka_port, redis_port=redis_port
         )
+    except ServiceError as exc:
+        errors.print(f"[red]error:[/red] {exc}")
+        sys.exit(EXIT_INFRASTRUCTURE)
+    try:
         forgotten = forget_stale_offsets(
             state_dir,
             stack.env["VITALS_REDIS_URL"],
             settings.redis_offsets_key,
             settings.kafka_topic,
         )
-    except (ServiceError, RedisError) as exc:
-        errors.print(f"[red]error:[/red] {exc}")
+    except RedisError as exc:
+        errors.print(
+            f"[red]error:[/red] the local broker started again, but the offsets of "
+            f"topic {settings.kafka_topic} in {settings.redis_offsets_key} at "
+            f"{stack.env['VITALS_REDIS_URL']} could not be removed: {exc}. Both "
+            "services run; fix the key and run 'etl services start' again, which "
+            "retries"
+        )
         sys.exit(EXIT_INFRASTRUCTURE)
     if forgotten:
         errors.print(

@@ -710,11 +710,15 @@ def load_staging(settings: Settings, staging: Path) -> BatchReport:
         stop_reason=manifest["stop_reason"],
     )
     sink = RedisSink(settings)
-    if manifest.get("topic_id"):
-        sink.set_topic_id(manifest["topic"], manifest["topic_id"])
+    drained_id = manifest.get("topic_id")
+    if drained_id:
+        sink.set_topic_id(manifest["topic"], drained_id)
     source: KafkaSource | None = None
     try:
         sink.check()
+        if drained_id:
+            source = KafkaSource(settings)
+            _check_still_same_topic(source, drained_id)
         for stem in manifest.get("processed", []):
             chunk = load_chunk_file(staging, stem)
             meta = json.loads((staging / f"chunk-{stem}.json").read_text())
@@ -727,7 +731,7 @@ def load_staging(settings: Settings, staging: Path) -> BatchReport:
             # Fails when Redis lost offsets after the last write. Kafka then
             # gets what Redis stores, which a concurrent batch may have moved on.
             stored = sink.check_offsets_kept(manifest["topic"])
-            source = KafkaSource(settings)
+            source = source or KafkaSource(settings)
             source.commit({int(p): stored[int(p)] for p in report.offsets})
     finally:
         if source is not None:
@@ -736,6 +740,24 @@ def load_staging(settings: Settings, staging: Path) -> BatchReport:
     report.duration_s = manifest["drain_s"] + time.monotonic() - started
     (staging / "report.json").write_text(json.dumps(report.to_dict(), indent=1))
     return report
+
+
+def _check_still_same_topic(source: KafkaSource, drained_id: str) -> None:
+    """Fail before any write when the topic was recreated since the staged drain.
+
+    Writing the staged chunks would store, and commit to Kafka, offsets of
+    the old topic as if they were the new topic's, so a later batch would
+    skip the new topic's first records.
+    """
+    current = source.topic_id()
+    if current is not None and current != drained_id:
+        msg = (
+            f"topic {source.topic} was recreated after the staged drain: the chunks "
+            f"come from the topic with id {drained_id}, and the topic now has id "
+            f"{current}. Nothing was written or committed; the next run checks the "
+            "stored offsets against the new topic"
+        )
+        raise OffsetsOutOfRange(msg)
 
 
 def report_staging(settings: Settings, staging: Path) -> dict[str, Any]:

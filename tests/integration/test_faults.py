@@ -584,27 +584,37 @@ def test_recreated_topic_without_stored_id_fails(
     assert stored_records == 90
 
 
+@pytest.mark.parametrize("before_load", ["new-topic-read", "offsets-reset"])
 def test_stale_staged_load_after_recreate_writes_nothing(
-    redis_service: str, tmp_path: Path
+    redis_service: str, tmp_path: Path, before_load: str
 ) -> None:
-    """Chunks drained before the topic was recreated are not written over the new topic's."""
+    """Chunks drained before the topic was recreated are neither written nor committed."""
     port = free_port()
     broker = start_broker(port=port, state_dir=tmp_path / "kafka")
     settings = make_settings(f"127.0.0.1:{port}", redis_service)
     client = redis.Redis.from_url(redis_service)
     try:
         create_topic(settings, PARTITIONS)
-        produce_tracked(settings, mixed_values(200))
+        produce_tracked(settings, mixed_values(60))
+        run_batch(settings)
+        produce_tracked(settings, mixed_values(40))
         drain_to_staging(settings, tmp_path / "staging")
         transform_staging(settings, tmp_path / "staging")
         broker.stop()
         broker = start_broker(port=port, state_dir=tmp_path / "kafka")
         create_topic(settings, PARTITIONS)
-        produce_tracked(settings, mixed_values(90))
-        assert run_batch(settings).read == 90
+        produce_tracked(settings, mixed_values(150))
+        with pytest.raises(OffsetsOutOfRange, match="was recreated") as failure:
+            run_batch(settings)
+        reset = str(failure.value).split("Reset them with ")[1].split(" (see")[0]
+        client.execute_command(*reset.split())
+        if before_load == "new-topic-read":
+            assert run_batch(settings).read == 150
 
-        with pytest.raises(OffsetConflict, match="was recreated"):
+        with pytest.raises(OffsetsOutOfRange, match="after the staged drain"):
             load_staging(settings, tmp_path / "staging")
+        committed = kafka_committed(settings, PARTITIONS)
+        report = run_batch(settings)
         stored_records = client.llen(settings.redis_list_key) + client.llen(
             settings.redis_rejects_key
         )
@@ -612,7 +622,10 @@ def test_stale_staged_load_after_recreate_writes_nothing(
         broker.stop()
         client.close()
 
-    assert stored_records == 90
+    if before_load == "offsets-reset":
+        assert committed == {}
+        assert report.read == 150
+    assert stored_records == 60 + 150
 
 
 def test_run_json_failure_on_stdout(redis_service: str, tmp_path: Path) -> None:
