@@ -297,7 +297,8 @@ _LONE_SURROGATE: Final = (
     "which stands for no Unicode character"
 )
 _TOO_DEEP_TO_CHECK: Final = (
-    "surrogate escape without its pair, in JSON nested too deep to check"
+    "surrogate escape (\\uD800 to \\uDFFF) that may lack its pair, in JSON "
+    "nested too deep to check"
 )
 
 
@@ -359,7 +360,9 @@ def _fold_line_breaks(frame: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     for value in multi_line["value"].to_list():
         try:
             json.loads(value)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, RecursionError):
+            # Unreadable, or nested too deep for Python to tell whether a
+            # break sits inside a string: rejected with its reason below.
             folded.append(None)
         else:
             folded.append(value.replace(b"\r", b" ").replace(b"\n", b" "))

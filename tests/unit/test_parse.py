@@ -604,3 +604,14 @@ def test_parse_lone_surrogate_too_deep_for_python(depth: int) -> None:
     (reject,) = rejects_of([value])
 
     assert reject["reason"] == Reason.INVALID_JSON
+
+
+def test_parse_deep_multiline_value_rejected() -> None:
+    """A raw line break beside nesting too deep for Python's parser: a reject, no crash."""
+    nested = "[" * 1000 + "]" * 1000
+    value = (json.dumps(reading())[:-1] + f',\n"x": {nested}}}').encode()
+
+    rows, rejects = run_chunk([encode(reading()), value, encode(reading())])
+
+    assert rows["offset"].to_list() == [0, 2]
+    assert rejects["reason"].to_list() == [Reason.INVALID_JSON]
