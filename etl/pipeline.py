@@ -732,6 +732,9 @@ def load_staging(settings: Settings, staging: Path) -> BatchReport:
             # gets what Redis stores, which a concurrent batch may have moved on.
             stored = sink.check_offsets_kept(manifest["topic"])
             source = source or KafkaSource(settings)
+            if drained_id:
+                # Kafka would take the old topic's offsets for the new one's.
+                _check_still_same_topic(source, drained_id, written=True)
             source.commit({int(p): stored[int(p)] for p in report.offsets})
     finally:
         if source is not None:
@@ -742,20 +745,30 @@ def load_staging(settings: Settings, staging: Path) -> BatchReport:
     return report
 
 
-def _check_still_same_topic(source: KafkaSource, drained_id: str) -> None:
-    """Fail before any write when the topic was recreated since the staged drain.
+def _check_still_same_topic(
+    source: KafkaSource, drained_id: str, *, written: bool = False
+) -> None:
+    """Fail when the topic was recreated since the staged drain.
 
-    Writing the staged chunks would store, and commit to Kafka, offsets of
+    Run before the first write and again before the Kafka commit. Writing the
+    staged chunks would store, and committing would hand Kafka, offsets of
     the old topic as if they were the new topic's, so a later batch would
-    skip the new topic's first records.
+    skip the new topic's first records. ``written`` says the chunks are in
+    Redis already.
     """
     current = source.topic_id()
     if current is not None and current != drained_id:
+        done = (
+            "The chunks were written under the old topic's id and nothing was "
+            "committed to Kafka"
+            if written
+            else "Nothing was written or committed"
+        )
         msg = (
             f"topic {source.topic} was recreated after the staged drain: the chunks "
             f"come from the topic with id {drained_id}, and the topic now has id "
-            f"{current}. Nothing was written or committed; the next run checks the "
-            "stored offsets against the new topic"
+            f"{current}. {done}; the next run checks the stored offsets against "
+            "the new topic"
         )
         raise OffsetsOutOfRange(msg)
 

@@ -628,6 +628,49 @@ def test_stale_staged_load_after_recreate_writes_nothing(
     assert stored_records == 60 + 150
 
 
+def test_recreate_before_staged_commit_commits_nothing(
+    redis_service: str, tmp_path: Path
+) -> None:
+    """The topic is recreated between the load's last write and its Kafka commit."""
+    port = free_port()
+    brokers = [start_broker(port=port, state_dir=tmp_path / "kafka")]
+    settings = make_settings(f"127.0.0.1:{port}", redis_service, chunk_size=100)
+    client = redis.Redis.from_url(redis_service)
+    original = RedisSink.write_chunk
+
+    def write_then_recreate(self: RedisSink, topic: str, chunk: Any) -> Any:
+        result = original(self, topic, chunk)
+        if chunk.next_offsets and max(chunk.next_offsets.values()) > 0:
+            brokers[-1].stop()
+            brokers.append(start_broker(port=port, state_dir=tmp_path / "kafka"))
+            create_topic(settings, PARTITIONS)
+            produce_tracked(settings, mixed_values(120))
+        return result
+
+    try:
+        create_topic(settings, PARTITIONS)
+        produce_tracked(settings, mixed_values(60))
+        drain_to_staging(settings, tmp_path / "staging")
+        transform_staging(settings, tmp_path / "staging")
+        with (
+            mock.patch.object(RedisSink, "write_chunk", write_then_recreate),
+            pytest.raises(OffsetsOutOfRange, match="nothing was committed"),
+        ):
+            load_staging(settings, tmp_path / "staging")
+        committed = kafka_committed(settings, PARTITIONS)
+        with pytest.raises(OffsetsOutOfRange, match="was recreated") as failure:
+            run_batch(settings)
+        reset = str(failure.value).split("Reset them with ")[1].split(" (see")[0]
+        client.execute_command(*reset.split())
+        report = run_batch(settings)
+    finally:
+        brokers[-1].stop()
+        client.close()
+
+    assert committed == {}
+    assert report.read == 120
+
+
 def test_run_json_failure_on_stdout(redis_service: str, tmp_path: Path) -> None:
     """With --json a failed batch still prints one JSON object, for schedulers that parse it."""
     port = free_port()
