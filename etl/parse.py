@@ -308,9 +308,9 @@ def _lone_surrogate(value: bytes) -> tuple[str | None, str] | None:
     Every member counts, a repeated key too: Python's parser would keep the
     last of two members with the same key and Polars' reader the first. A
     value that Python cannot parse is left to the reader, which gives it its
-    reason code, unless its nesting is too deep for Python: Polars reads a
-    little deeper and would turn a lone high surrogate into NUL, so the value
-    is rejected without a field.
+    reason code. A value nested too deep for Python is rejected without a
+    field, because Polars reads a little deeper and would turn a lone high
+    surrogate into NUL.
     """
     try:
         document = json.loads(value, object_pairs_hook=_Members)

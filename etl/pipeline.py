@@ -753,8 +753,8 @@ def _check_still_same_topic(
     Run before the first write and again before the Kafka commit. Writing the
     staged chunks would store, and committing would hand Kafka, offsets of
     the old topic as if they were the new topic's, so a later batch would
-    skip the new topic's first records. ``written`` says the chunks are in
-    Redis already.
+    skip the new topic's first records. ``written`` is true once the chunks
+    are in Redis.
     """
     current = source.topic_id()
     if current is not None and current != drained_id:

@@ -548,6 +548,12 @@ def test_run_broker_unreachable_fails_fast(redis_service: str, tmp_path: Path) -
     assert child.elapsed_s < 3.0 + 15
 
 
+def run_printed_reset(client: redis.Redis, error: BaseException) -> None:
+    """Run the HDEL that a recreated-topic error tells the operator to run."""
+    command = str(error).split("Reset them with ")[1].split(" (see")[0]
+    client.execute_command(*command.split())
+
+
 def test_recreated_topic_without_stored_id_fails(
     redis_service: str, tmp_path: Path
 ) -> None:
@@ -606,8 +612,7 @@ def test_stale_staged_load_after_recreate_writes_nothing(
         produce_tracked(settings, mixed_values(150))
         with pytest.raises(OffsetsOutOfRange, match="was recreated") as failure:
             run_batch(settings)
-        reset = str(failure.value).split("Reset them with ")[1].split(" (see")[0]
-        client.execute_command(*reset.split())
+        run_printed_reset(client, failure.value)
         if before_load == "new-topic-read":
             assert run_batch(settings).read == 150
 
@@ -660,8 +665,7 @@ def test_recreate_before_staged_commit_commits_nothing(
         committed = kafka_committed(settings, PARTITIONS)
         with pytest.raises(OffsetsOutOfRange, match="was recreated") as failure:
             run_batch(settings)
-        reset = str(failure.value).split("Reset them with ")[1].split(" (see")[0]
-        client.execute_command(*reset.split())
+        run_printed_reset(client, failure.value)
         report = run_batch(settings)
     finally:
         brokers[-1].stop()
@@ -731,8 +735,7 @@ def test_recreated_topic_fails_instead_of_skipping(
 
         with pytest.raises(OffsetsOutOfRange, match="was recreated") as failure:
             run(settings)
-        command = str(failure.value).split("Reset them with ")[1].split(" (see")[0]
-        client.execute_command(*command.split())
+        run_printed_reset(client, failure.value)
         report = run(settings)
         second_id = client.hget(settings.redis_offsets_key, id_field)
         stored_records = client.llen(settings.redis_list_key) + client.llen(
