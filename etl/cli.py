@@ -251,16 +251,14 @@ def services_start(state_dir: Path, kafka_port: int, redis_port: int) -> None:
     # Settings first, so that an invalid one stops the command before anything starts.
     settings = settings_or_exit()
     try:
-        stack = start_local_stack(
-            state_dir, kafka_port=kafka_port, redis_port=redis_port
-        )
+        env = start_local_stack(state_dir, kafka_port=kafka_port, redis_port=redis_port)
     except ServiceError as exc:
         errors.print(f"[red]error:[/red] {exc}")
         sys.exit(EXIT_INFRASTRUCTURE)
     try:
         forgotten = forget_stale_offsets(
             state_dir,
-            stack.env["VITALS_REDIS_URL"],
+            env["VITALS_REDIS_URL"],
             settings.redis_offsets_key,
             settings.kafka_topic,
         )
@@ -268,7 +266,7 @@ def services_start(state_dir: Path, kafka_port: int, redis_port: int) -> None:
         errors.print(
             f"[red]error:[/red] the local broker started again, but the offsets of "
             f"topic {settings.kafka_topic} in {settings.redis_offsets_key} at "
-            f"{stack.env['VITALS_REDIS_URL']} could not be removed: {exc}. Both "
+            f"{env['VITALS_REDIS_URL']} could not be removed: {exc}. Both "
             "services run; fix the key and run 'etl services start' again, which "
             "retries"
         )
@@ -280,7 +278,7 @@ def services_start(state_dir: Path, kafka_port: int, redis_port: int) -> None:
             f"removed {forgotten} fields of {settings.redis_offsets_key} "
             "(the rows stay)."
         )
-    for name, value in stack.env.items():
+    for name, value in env.items():
         click.echo(f"export {name}={value}")
 
 

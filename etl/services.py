@@ -274,14 +274,6 @@ def _alive(pid: int) -> bool:
 # can run as separate commands.
 
 
-@dataclass(frozen=True)
-class LocalStack:
-    """The addresses of the local services, and which of them this call started."""
-
-    env: dict[str, str]
-    started: list[str]
-
-
 #: Marks a local broker started since the stored offsets were last forgotten.
 _FRESH_BROKER: Final = "kafka.fresh"
 
@@ -291,13 +283,12 @@ def start_local_stack(
     *,
     kafka_port: int = DEFAULT_KAFKA_PORT,
     redis_port: int = DEFAULT_REDIS_PORT,
-) -> LocalStack:
+) -> dict[str, str]:
     """Start the broker and Redis unless their pid files show them running.
 
-    ``env`` has the addresses to export as ``VITALS_KAFKA_BOOTSTRAP_SERVERS``
-    and ``VITALS_REDIS_URL``: the ports of the services already running,
-    else the ports given. Both ports are checked before either service
-    starts.
+    Returns the addresses to export as ``VITALS_KAFKA_BOOTSTRAP_SERVERS`` and
+    ``VITALS_REDIS_URL``: the ports of the services already running, else the
+    ports given. Both ports are checked before either service starts.
     """
     state_dir.mkdir(parents=True, exist_ok=True)
     redis_server_binary()  # Fail before starting anything when Redis is missing.
@@ -326,11 +317,10 @@ def start_local_stack(
                 port=ports[name], state_dir=state_dir, persistent=True
             )
         (state_dir / f"{name}.pid").write_text(f"{service.pid} {ports[name]}\n")
-    env = {
+    return {
         "VITALS_KAFKA_BOOTSTRAP_SERVERS": f"{HOST}:{ports['kafka']}",
         "VITALS_REDIS_URL": f"redis://{HOST}:{ports['redis']}/0",
     }
-    return LocalStack(env, to_start)
 
 
 def forget_stale_offsets(
@@ -341,8 +331,8 @@ def forget_stale_offsets(
     The local broker keeps its topics in memory, so after it starts again
     the offsets that Redis stored for its topics point into data that is
     gone. The rows stay in their lists. A marker file left by
-    :func:`start_local_stack` survives a failure here, so the next call
-    forgets them. Returns how many fields were deleted.
+    :func:`start_local_stack` stays after a failure here, so the next call
+    deletes them. Returns how many fields were deleted.
     """
     marker = state_dir / _FRESH_BROKER
     if not marker.exists():

@@ -162,7 +162,7 @@ class RedisSink:
         except redis.RedisError as exc:
             msg = f"cannot read offsets from Redis at {self._settings.redis_url_redacted}: {exc}"
             raise SinkError(msg) from exc
-        return value.decode() if isinstance(value, bytes) else value
+        return _decoded(value)
 
     def set_topic_id(self, topic: str, topic_id: str) -> None:
         """Record ``topic_id`` with the offsets of every later write to ``topic``."""
@@ -288,8 +288,8 @@ class RedisSink:
                 if stored[p] is None or next_offset > (stored[p] or 0)
             }
             advance[write_id_field(topic)] = write_id
-            if topic in self._topic_ids:
-                advance[topic_id_field(topic)] = self._topic_ids[topic]
+            if topic_id is not None:
+                advance[topic_id_field(topic)] = topic_id
 
             counts = counters(rows, rejects)
             # WATCH took a connection from the pool; the transaction uses it too.
@@ -381,10 +381,8 @@ def _check_same_topic_id(
     Another batch that read the topic after it was recreated stored them, so
     the records of this chunk, read before, are not those of its offsets.
     """
-    if topic_id is None or stored_id is None:
-        return
-    stored = stored_id.decode() if isinstance(stored_id, bytes) else stored_id
-    if stored != topic_id:
+    stored = _decoded(stored_id)
+    if topic_id is not None and stored is not None and stored != topic_id:
         msg = (
             f"the offsets of topic {topic} in Redis now belong to the topic with id "
             f"{stored}, while this batch read the topic with id {topic_id}: the topic "
@@ -392,6 +390,11 @@ def _check_same_topic_id(
             "records are not written. Rerun the batch"
         )
         raise OffsetConflict(msg)
+
+
+def _decoded(value: bytes | str | None) -> str | None:
+    """Return a hash field or value from Redis as text."""
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _check_still_stored(partition: int, offset: int, stored: int | None) -> None:

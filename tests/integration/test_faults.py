@@ -37,6 +37,7 @@ from etl.sink import OffsetConflict, RedisSink, SinkError
 from etl.source import KafkaSource, OffsetsOutOfRange
 from tests.conftest import Broker, create_topic, encode, make_settings, reading
 from tests.integration.accounting import (
+    Position,
     assert_accounted,
     assert_prefix_written,
     kafka_committed,
@@ -397,20 +398,27 @@ def spawn_paused_before_first_write(
     return process, out, err, go
 
 
+def records_for_own_redis(
+    broker: Broker, own_redis: Service, *, redis_timeout_s: float
+) -> tuple[Settings, list[Position]]:
+    """Return settings on the test's own Redis (chunks of 100) and 400 produced records."""
+    settings = make_settings(
+        broker.bootstrap,
+        f"redis://127.0.0.1:{own_redis.port}/0",
+        chunk_size=100,
+        redis_timeout_s=redis_timeout_s,
+    )
+    create_topic(settings, PARTITIONS)
+    return settings, produce_tracked(settings, mixed_values(400))
+
+
 def test_redis_restarted_mid_batch_fails_or_completes_cleanly(
     broker: Broker, own_redis: Service, tmp_path: Path
 ) -> None:
     """Redis killed and restarted on the same port during a batch: no loss, no duplicate."""
     from etl.services import start_redis
 
-    settings = make_settings(
-        broker.bootstrap,
-        f"redis://127.0.0.1:{own_redis.port}/0",
-        chunk_size=100,
-        redis_timeout_s=2.0,
-    )
-    create_topic(settings, PARTITIONS)
-    produced = produce_tracked(settings, mixed_values(400))
+    settings, produced = records_for_own_redis(broker, own_redis, redis_timeout_s=2.0)
     process, out, err, go = spawn_paused_before_first_write(settings, tmp_path)
     started = time.monotonic()
 
@@ -436,14 +444,7 @@ def test_redis_frozen_mid_batch_fails_in_bounded_time(
     broker: Broker, own_redis: Service, tmp_path: Path
 ) -> None:
     """Redis stops replying (SIGSTOP) before a write: exit 3 after the retries, no hang."""
-    settings = make_settings(
-        broker.bootstrap,
-        f"redis://127.0.0.1:{own_redis.port}/0",
-        chunk_size=100,
-        redis_timeout_s=1.0,
-    )
-    create_topic(settings, PARTITIONS)
-    produced = produce_tracked(settings, mixed_values(400))
+    settings, produced = records_for_own_redis(broker, own_redis, redis_timeout_s=1.0)
     process, out, err, go = spawn_paused_before_first_write(settings, tmp_path)
     started = time.monotonic()
 
@@ -549,7 +550,7 @@ def test_run_broker_unreachable_fails_fast(redis_service: str, tmp_path: Path) -
 
 
 def run_printed_reset(client: redis.Redis, error: BaseException) -> None:
-    """Run the HDEL that a recreated-topic error tells the operator to run."""
+    """Run the HDEL command printed in a recreated-topic error."""
     command = str(error).split("Reset them with ")[1].split(" (see")[0]
     client.execute_command(*command.split())
 
