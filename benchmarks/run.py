@@ -722,7 +722,7 @@ def target_for(name: str) -> Target | None:
 
 
 def verdict(target: Target | None, value: float, args: argparse.Namespace) -> str:
-    """Say whether ``value`` meets ``target``, or at which sizes the target applies."""
+    """Return whether ``value`` meets ``target``, or the sizes the target applies to."""
     if target is None:
         return ""
     if not target.sizes_match(args):

@@ -327,7 +327,10 @@ def _lone_surrogate(value: bytes) -> tuple[str | None, str] | None:
 
 
 def _has_lone_surrogate(root: Any) -> bool:
-    """Search strings at any depth, without recursion: nesting may be deep."""
+    """Return whether a string at any depth of ``root`` has a lone surrogate.
+
+    A loop, not recursion, because nesting may be deep.
+    """
     pending = [root]
     while pending:
         item = pending.pop()

@@ -185,7 +185,7 @@ class KafkaSource:
             description = futures[self._topic].result(timeout=timeout + 1)
         except (KafkaException, TimeoutError) as exc:
             logger.warning(
-                "Cannot read the id of topic %s, so a recreated topic goes unnoticed: %s",
+                "Reading the id of topic %s failed (%s); a recreated topic goes unnoticed",
                 self._topic,
                 exc,
             )
@@ -196,7 +196,8 @@ class KafkaSource:
             and topic_id.get_least_significant_bits() == 0
         ):
             logger.warning(
-                "The broker gives topic %s no id, so a recreated topic goes unnoticed",
+                "Topic %s has no id on the broker (Kafka before 2.8?); a recreated "
+                "topic goes unnoticed",
                 self._topic,
             )
             return None

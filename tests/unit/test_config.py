@@ -95,7 +95,7 @@ def test_redact_url_cases(url: str, expected: str) -> None:
 
 
 def test_settings_key_clash_hides_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A check across fields sees every setting; its error shows none of them."""
+    """A check across fields receives every setting; its error shows none of them."""
     monkeypatch.setenv("VITALS_REDIS_URL", "redis://:redis-Secret-1@127.0.0.1:6380/0")
     monkeypatch.setenv("VITALS_KAFKA_SASL_PASSWORD", "sasl-Secret-2")
     monkeypatch.setenv("VITALS_REDIS_OFFSETS_KEY", "liste-patients")
