@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any, Final
 import polars as pl
 import redis
 
+from etl.config import ConfigurationError
+
 if TYPE_CHECKING:
     from etl.config import Settings
 
@@ -35,6 +37,8 @@ logger = logging.getLogger(__name__)
 VALUES_PER_COMMAND: Final = 10_000
 _RETRIES: Final = 5
 _RETRY_BASE_S: Final = 0.2
+#: Redis's reply to ``SELECT`` with an index at or above its ``databases`` setting.
+_DB_OUT_OF_RANGE: Final = "DB index is out of range"
 
 
 class SinkError(RuntimeError):
@@ -127,12 +131,27 @@ class RedisSink:
         self._cancelled.set()
 
     def check(self) -> None:
-        """Fail fast, naming the URL with its password masked, when PING fails."""
+        """Fail fast, naming the URL with its password masked, when PING fails.
+
+        A database index that the server does not have is a settings error
+        (:class:`~etl.config.ConfigurationError`), not an unreachable server.
+        """
         url = self._settings.redis_url_redacted
         try:
             self.client.ping()
         except redis.AuthenticationError as exc:
             msg = f"Redis at {url} rejected the user or password of VITALS_REDIS_URL: {exc}"
+            raise SinkError(msg) from exc
+        except redis.ResponseError as exc:
+            if _DB_OUT_OF_RANGE in str(exc):
+                database = self.client.connection_pool.connection_kwargs.get("db", 0)
+                msg = (
+                    f"Redis at {url} has no database {database}: the number at the end "
+                    "of VITALS_REDIS_URL must be below the server's 'databases' "
+                    "setting (16 by default)"
+                )
+                raise ConfigurationError(msg) from exc
+            msg = f"Redis at {url} refused the connection: {exc}"
             raise SinkError(msg) from exc
         except redis.RedisError as exc:
             msg = f"Redis at {url} is unreachable: {exc}"

@@ -226,6 +226,23 @@ def test_run_redis_down_exits_3(
     assert kafka_committed(settings, PARTITIONS) == {}
 
 
+def test_run_redis_database_out_of_range_exits_2(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """A URL naming a database the server lacks is a settings error, not a lost server."""
+    url = settings.redis_url.get_secret_value().rsplit("/", 1)[0] + "/99"
+    missing_database = settings.model_copy(update={"redis_url": SecretStr(url)})
+
+    child = run_child(etl_argv("run", "--json"), missing_database, tmp_path, timeout=60)
+
+    failure = json.loads(child.stdout)
+    assert child.returncode == 2, child.stderr
+    assert failure["error"] == "ConfigurationError"
+    assert "has no database 99" in failure["message"]
+    assert "unreachable" not in failure["message"]
+    assert "Traceback" not in child.stderr
+
+
 # 5. The Redis connection drops in the middle of a chunk's transaction (C23, C26).
 
 
