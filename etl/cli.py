@@ -42,7 +42,24 @@ def main(verbose: int) -> None:
     )
 
 
-@main.command()
+class _JsonFailureCommand(click.Command):
+    """A command that also prints invalid arguments as a JSON failure under ``--json``.
+
+    Click rejects a bad option value before the command runs. Its usage text
+    stays on stderr and its exit code stays 2.
+    """
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        wants_json = "--json" in args
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as exc:
+            if wants_json:
+                click.echo(json.dumps(_failure(exc, exc.exit_code), indent=2))
+            raise
+
+
+@main.command(cls=_JsonFailureCommand)
 @click.option("--topic", help="Kafka topic (default: VITALS_KAFKA_TOPIC).")
 @click.option(
     "--chunk-size",
@@ -117,14 +134,22 @@ def run(
 def _exit_with_json(as_json: bool, error: Exception, code: int) -> NoReturn:
     """Exit with ``code``; with ``--json``, print the failure as JSON on stdout first."""
     if as_json:
-        failure = {
-            "status": "failed",
-            "error": type(error).__name__,
-            "message": str(error),
-            "exit_code": code,
-        }
-        click.echo(json.dumps(failure, indent=2))
+        click.echo(json.dumps(_failure(error, code), indent=2))
     sys.exit(code)
+
+
+def _failure(error: Exception, code: int) -> dict[str, Any]:
+    message = (
+        error.format_message()
+        if isinstance(error, click.ClickException)
+        else str(error)
+    )
+    return {
+        "status": "failed",
+        "error": type(error).__name__,
+        "message": message,
+        "exit_code": code,
+    }
 
 
 @main.command()

@@ -119,3 +119,29 @@ def test_run_json_invalid_settings_on_stdout() -> None:
     assert failure["error"] == "ConfigurationError"
     assert failure["exit_code"] == 2
     assert "VITALS_CHUNK_SIZE" in failure["message"]
+
+
+@pytest.mark.parametrize(
+    ("arguments", "detail"),
+    [
+        (["--chunk-size", "0", "--json"], "'--chunk-size': 0 is not in the range"),
+        (["--json", "--unknown"], "No such option '--unknown'"),
+    ],
+)
+def test_run_json_invalid_argument_on_stdout(arguments: list[str], detail: str) -> None:
+    result = CliRunner().invoke(main, ["run", *arguments])
+
+    failure = json.loads(result.stdout)
+    assert result.exit_code == 2
+    assert failure["status"] == "failed"
+    assert failure["exit_code"] == 2
+    assert detail in failure["message"]
+    assert "Usage:" in result.stderr
+
+
+def test_run_invalid_argument_without_json() -> None:
+    result = CliRunner().invoke(main, ["run", "--chunk-size", "0"])
+
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    assert "Invalid value for '--chunk-size'" in result.stderr
