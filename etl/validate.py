@@ -204,7 +204,12 @@ def _split_with_pandera(
         .otherwise(pl.col("column"))
         .alias("field"),
         pl.col("check")
-        .replace({"not_nullable": "required field is null or absent"})
+        .replace(
+            {
+                "not_nullable": "required field is null or absent",
+                "diastolic_below_systolic": "diastolic must be below systolic",
+            }
+        )
         .alias("detail"),
     )
     indexed = frame.select("partition", "offset", "value").with_row_index("index")

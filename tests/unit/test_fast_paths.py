@@ -193,3 +193,12 @@ def test_rare_gc_restores_thresholds() -> None:
         assert gc.get_threshold()[0] >= 100_000
         raise RuntimeError("inside")
     assert gc.get_threshold() == before
+
+
+def test_split_valid_diastolic_detail_is_sentence() -> None:
+    frame = typed_readings().with_columns(pl.lit(200, pl.Int64).alias("diastolic"))
+
+    _, rejects = split_valid(frame, InputReading, carry=CARRY)
+
+    assert set(rejects["field"].to_list()) == {"diastolic"}
+    assert set(rejects["detail"].to_list()) == {"diastolic must be below systolic"}
