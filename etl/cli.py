@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 from pathlib import Path
-from typing import Any, Final, NoReturn
+from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 import click
 from rich.console import Console
@@ -15,9 +16,33 @@ from rich.table import Table
 from etl.config import ConfigurationError, Settings, load_settings
 from etl.exit_codes import EXIT_CONFIG, EXIT_INFRASTRUCTURE
 
+if TYPE_CHECKING:
+    import redis
+
 console = Console()
 # Not wrapped: an error may end with a command to copy, such as a reset.
 errors = Console(stderr=True, soft_wrap=True)
+
+
+def redis_read_failed(
+    error: Exception, client: redis.Redis, settings: Settings, name: str
+) -> NoReturn:
+    """Print why ``name`` could not be read from Redis and exit: 2 for a settings error, else 3."""
+    import redis
+
+    from etl.sink import missing_database
+
+    url = settings.redis_url_redacted
+    missing = (
+        missing_database(error, client, url)
+        if isinstance(error, redis.RedisError)
+        else None
+    )
+    if missing is not None:
+        errors.print(f"[red]error:[/red] {missing}")
+        sys.exit(EXIT_CONFIG)
+    errors.print(f"[red]cannot read {name} from {url}:[/red] {error}")
+    sys.exit(EXIT_INFRASTRUCTURE)
 
 
 def settings_or_exit(**overrides: Any) -> Settings:
@@ -42,6 +67,14 @@ def main(verbose: int) -> None:
     )
 
 
+def _finite(value: float | None) -> float | None:
+    """Reject NaN and infinity, which FloatRange lets through."""
+    if value is not None and not math.isfinite(value):
+        msg = f"{value} is not a finite number of seconds."
+        raise click.BadParameter(msg)
+    return value
+
+
 class _JsonFailureCommand(click.Command):
     """A command that also prints invalid arguments as a JSON failure under ``--json``.
 
@@ -50,7 +83,8 @@ class _JsonFailureCommand(click.Command):
     """
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        wants_json = "--json" in args
+        # Tokens are matched without parsing, so the value in "--topic --json" counts too.
+        wants_json = any(arg == "--json" or arg.startswith("--json=") for arg in args)
         try:
             return super().parse_args(ctx, args)
         except click.UsageError as exc:
@@ -75,6 +109,7 @@ class _JsonFailureCommand(click.Command):
     "--deadline",
     "deadline_s",
     type=click.FloatRange(min=0, min_open=True),
+    callback=lambda _ctx, _param, value: _finite(value),
     help="Stop the batch after this many seconds.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
@@ -232,10 +267,7 @@ def show(start: int, stop: int, key: str | None) -> None:
     try:
         values = client.lrange(name, start, stop)
     except redis.RedisError as exc:
-        errors.print(
-            f"[red]cannot read {name} from {settings.redis_url_redacted}:[/red] {exc}"
-        )
-        sys.exit(EXIT_INFRASTRUCTURE)
+        redis_read_failed(exc, client, settings, name)
     if not values:
         click.echo("(empty list or set)")
     for index, value in enumerate(values, start=1):
@@ -269,14 +301,23 @@ STATE_DIR_OPTION: Final = click.option(
 @click.option("--redis-port", type=int, default=6380, show_default=True)
 def services_start(state_dir: Path, kafka_port: int, redis_port: int) -> None:
     """Start both services unless they run; print the variables that point at them."""
-    from redis import RedisError
+    from redis import ConnectionPool, RedisError
 
     from etl.services import ServiceError, forget_stale_offsets, start_local_stack
 
     # Settings first, so that an invalid one stops the command before anything starts.
     settings = settings_or_exit()
+    # The local Redis gets the database of VITALS_REDIS_URL, where batches keep offsets.
+    database = ConnectionPool.from_url(
+        settings.redis_url.get_secret_value()
+    ).connection_kwargs.get("db", 0)
     try:
-        env = start_local_stack(state_dir, kafka_port=kafka_port, redis_port=redis_port)
+        env = start_local_stack(
+            state_dir,
+            kafka_port=kafka_port,
+            redis_port=redis_port,
+            redis_database=int(database),
+        )
     except ServiceError as exc:
         errors.print(f"[red]error:[/red] {exc}")
         sys.exit(EXIT_INFRASTRUCTURE)

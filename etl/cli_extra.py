@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from etl.config import Settings
-from etl.exit_codes import EXIT_FAILED, EXIT_INFRASTRUCTURE
+from etl.exit_codes import EXIT_FAILED
 
 if TYPE_CHECKING:
     from etl.feed import FeedResult
@@ -185,11 +185,9 @@ def reports(last: int, as_json: bool) -> None:
     try:
         entries = read_reports(client, settings.redis_reports_key, last=last)
     except redis.RedisError as exc:
-        errors.print(
-            f"[red]cannot read {settings.redis_reports_key} from "
-            f"{settings.redis_url_redacted}:[/red] {exc}"
-        )
-        sys.exit(EXIT_INFRASTRUCTURE)
+        from etl.cli import redis_read_failed
+
+        redis_read_failed(exc, client, settings, settings.redis_reports_key)
     finally:
         client.close()
 

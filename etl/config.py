@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 from typing import Any, Final, Literal
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
@@ -46,7 +46,9 @@ class Settings(BaseSettings):
         default_factory=dict,
         description="Extra librdkafka properties as a JSON object; they win over ours.",
     )
-    kafka_timeout_s: float = Field(10.0, gt=0, description="Broker metadata timeout.")
+    kafka_timeout_s: float = Field(
+        10.0, gt=0, allow_inf_nan=False, description="Broker metadata timeout."
+    )
 
     # Redis
     redis_url: SecretStr = SecretStr("redis://127.0.0.1:6380/0")
@@ -57,7 +59,7 @@ class Settings(BaseSettings):
     redis_reports_key: str = "liste-patients:reports"
     redis_stats_key: str = "liste-patients:stats"
     redis_reports_maxlen: int = Field(1000, ge=1)
-    redis_timeout_s: float = Field(10.0, gt=0)
+    redis_timeout_s: float = Field(10.0, gt=0, allow_inf_nan=False)
 
     # Rules and output
     rule_set: RuleSet = "acc_aha_2017"
@@ -66,10 +68,12 @@ class Settings(BaseSettings):
     # Batch limits
     chunk_size: int = Field(50_000, ge=1, le=1_000_000)
     max_records: int = Field(2_000_000, ge=1)
-    deadline_s: float = Field(180.0, gt=0)
+    deadline_s: float = Field(180.0, gt=0, allow_inf_nan=False)
     max_message_bytes: int = Field(65_536, ge=256)
-    max_future_skew_s: float = Field(3600.0, ge=0)
-    min_timestamp: float = Field(946_684_800.0, description="2000-01-01T00:00:00Z")
+    max_future_skew_s: float = Field(3600.0, ge=0, allow_inf_nan=False)
+    min_timestamp: float = Field(
+        946_684_800.0, allow_inf_nan=False, description="2000-01-01T00:00:00Z"
+    )
 
     @field_validator("time_zone")
     @classmethod
@@ -86,10 +90,21 @@ class Settings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _redis_scheme(cls, value: SecretStr) -> SecretStr:
-        scheme = urlsplit(value.get_secret_value()).scheme
-        if scheme not in {"redis", "rediss", "unix"}:
+        parts = urlsplit(value.get_secret_value())
+        if parts.scheme not in {"redis", "rediss", "unix"}:
             msg = "must start with redis://, rediss:// (TLS) or unix://"
             raise ValueError(msg)
+        # redis.connection.parse_url skips a path that is not a number, so database 0 is used.
+        databases = parse_qs(parts.query).get("db", [])
+        if parts.scheme != "unix" and parts.path.strip("/"):
+            databases.append(parts.path.strip("/"))
+        for database in databases:
+            if not (database.isascii() and database.isdigit()):
+                msg = (
+                    f"the database {database!r} is not a number 0 or above, as in "
+                    "redis://host:port/0"
+                )
+                raise ValueError(msg)
         return value
 
     @field_validator("kafka_topic", "kafka_group_id", "kafka_bootstrap_servers")

@@ -283,12 +283,14 @@ def start_local_stack(
     *,
     kafka_port: int = DEFAULT_KAFKA_PORT,
     redis_port: int = DEFAULT_REDIS_PORT,
+    redis_database: int = 0,
 ) -> dict[str, str]:
     """Start the broker and Redis unless their pid files show them running.
 
     Returns the addresses to export as ``VITALS_KAFKA_BOOTSTRAP_SERVERS`` and
-    ``VITALS_REDIS_URL``: the ports of the services already running, else the
-    ports given. Both ports are checked before either service starts.
+    ``VITALS_REDIS_URL`` (with ``redis_database``): the ports of the services
+    already running, else the ports given. Both ports are checked before
+    either service starts.
     """
     state_dir.mkdir(parents=True, exist_ok=True)
     redis_server_binary()  # Fail before starting anything when Redis is missing.
@@ -319,7 +321,7 @@ def start_local_stack(
         (state_dir / f"{name}.pid").write_text(f"{service.pid} {ports[name]}\n")
     return {
         "VITALS_KAFKA_BOOTSTRAP_SERVERS": f"{HOST}:{ports['kafka']}",
-        "VITALS_REDIS_URL": f"redis://{HOST}:{ports['redis']}/0",
+        "VITALS_REDIS_URL": f"redis://{HOST}:{ports['redis']}/{redis_database}",
     }
 
 

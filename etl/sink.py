@@ -143,15 +143,10 @@ class RedisSink:
             msg = f"Redis at {url} rejected the user or password of VITALS_REDIS_URL: {exc}"
             raise SinkError(msg) from exc
         except redis.ResponseError as exc:
-            if _DB_OUT_OF_RANGE in str(exc):
-                database = self.client.connection_pool.connection_kwargs.get("db", 0)
-                msg = (
-                    f"Redis at {url} has no database {database}: the number at the end "
-                    "of VITALS_REDIS_URL must be below the server's 'databases' "
-                    "setting (16 by default)"
-                )
-                raise ConfigurationError(msg) from exc
-            msg = f"Redis at {url} refused the connection: {exc}"
+            missing = missing_database(exc, self.client, url)
+            if missing is not None:
+                raise missing from exc
+            msg = f"Redis at {url} rejected PING: {exc}"
             raise SinkError(msg) from exc
         except redis.RedisError as exc:
             msg = f"Redis at {url} is unreachable: {exc}"
@@ -390,6 +385,24 @@ class RedisSink:
             self.client.close()
         except redis.RedisError:
             logger.warning("Closing the Redis client failed", exc_info=True)
+
+
+def missing_database(
+    error: redis.RedisError, client: redis.Redis, url: str
+) -> ConfigurationError | None:
+    """Return a settings error when ``error`` is Redis's reply to SELECT of a database it lacks.
+
+    ``url`` is the URL to show, with its password masked.
+    """
+    if not isinstance(error, redis.ResponseError) or _DB_OUT_OF_RANGE not in str(error):
+        return None
+    database = client.connection_pool.connection_kwargs.get("db", 0)
+    msg = (
+        f"Redis at {url} has no database {database}: the database number in "
+        "VITALS_REDIS_URL must be below the server's 'databases' setting "
+        "(16 by default)"
+    )
+    return ConfigurationError(msg)
 
 
 def _check_same_topic_id(

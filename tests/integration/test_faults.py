@@ -21,9 +21,11 @@ from unittest import mock
 
 import pytest
 import redis
+from click.testing import CliRunner
 from pydantic import SecretStr
 from redis.connection import AbstractConnection
 
+from etl.cli import main
 from etl.config import Settings
 from etl.pipeline import (
     BatchReport,
@@ -241,6 +243,35 @@ def test_run_redis_database_out_of_range_exits_2(
     assert "has no database 99" in failure["message"]
     assert "unreachable" not in failure["message"]
     assert "Traceback" not in child.stderr
+
+
+@pytest.mark.parametrize("command", ["show", "reports"])
+def test_read_command_database_out_of_range_exits_2(
+    settings: Settings, command: str
+) -> None:
+    env = settings_env(settings)
+    env["VITALS_REDIS_URL"] = env["VITALS_REDIS_URL"].rsplit("/", 1)[0] + "/99"
+
+    result = CliRunner().invoke(main, [command], env=env)
+
+    assert result.exit_code == 2, result.output
+    assert "has no database 99" in result.stderr
+
+
+def test_ping_error_reply_is_named(settings: Settings) -> None:
+    """An error reply to PING other than a missing database, such as a missing ACL right."""
+    sink = RedisSink(settings)
+    no_permission = redis.ResponseError(
+        "NOPERM this user has no permissions to run 'ping'"
+    )
+    try:
+        with (
+            mock.patch.object(sink.client, "ping", side_effect=no_permission),
+            pytest.raises(SinkError, match="rejected PING: NOPERM"),
+        ):
+            sink.check()
+    finally:
+        sink.close()
 
 
 # 5. The Redis connection drops in the middle of a chunk's transaction (C23, C26).

@@ -32,26 +32,30 @@ def invoke(state_dir: Path, kafka_port: int, redis_port: int, **env: str) -> Res
     )
 
 
-def start(state_dir: Path, kafka_port: int, redis_port: int) -> str:
-    """Run 'etl services start'; return its standard error."""
-    result = invoke(state_dir, kafka_port, redis_port)
+def start(state_dir: Path, kafka_port: int, redis_port: int, **env: str) -> Result:
+    """Run 'etl services start', which must succeed."""
+    result = invoke(state_dir, kafka_port, redis_port, **env)
     assert result.exit_code == 0, result.output
-    return result.stderr
+    return result
 
 
-def test_broker_restart_forgets_stored_offsets(tmp_path: Path) -> None:
+@pytest.mark.parametrize("database", [0, 2])
+def test_broker_restart_forgets_stored_offsets(tmp_path: Path, database: int) -> None:
+    """The offsets go from the database of VITALS_REDIS_URL, which the exported URL keeps."""
     kafka_port, redis_port = free_port(), free_port()
-    client = redis.Redis(port=redis_port, decode_responses=True)
+    url = f"redis://127.0.0.1:{redis_port}/{database}"
+    client = redis.Redis(port=redis_port, db=database, decode_responses=True)
     try:
-        assert start(tmp_path, kafka_port, redis_port) == ""
+        first = start(tmp_path, kafka_port, redis_port, VITALS_REDIS_URL=url)
         client.hset("liste-patients:offsets", mapping={"vitals:0": 12, "other:0": 7})
         client.rpush("liste-patients", "a row")
 
-        assert start(tmp_path, kafka_port, redis_port) == ""  # both still run
+        # Both still run, so nothing is removed.
+        assert start(tmp_path, kafka_port, redis_port).stderr == ""
         kafka_pid = local_stack_status(tmp_path)["kafka"]
         assert kafka_pid is not None
         terminate(kafka_pid)
-        message = start(tmp_path, kafka_port, redis_port)
+        message = start(tmp_path, kafka_port, redis_port, VITALS_REDIS_URL=url).stderr
 
         offsets = client.hgetall("liste-patients:offsets")
         rows = client.llen("liste-patients")
@@ -59,6 +63,8 @@ def test_broker_restart_forgets_stored_offsets(tmp_path: Path) -> None:
         client.close()
         stop_local_stack(tmp_path)
 
+    assert first.stderr == ""
+    assert f"export VITALS_REDIS_URL={url}" in first.stdout
     assert "removed 1 fields of liste-patients:offsets" in " ".join(message.split())
     assert offsets == {"other:0": "7"}
     assert rows == 1

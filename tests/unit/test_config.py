@@ -45,6 +45,30 @@ def test_settings_read_prefixed_environment(monkeypatch: pytest.MonkeyPatch) -> 
         pytest.param(
             "VITALS_DEADLINE_S", "-1", "VITALS_DEADLINE_S", id="negative-deadline"
         ),
+        pytest.param(
+            "VITALS_DEADLINE_S", "inf", "finite number", id="infinite-deadline"
+        ),
+        pytest.param(
+            "VITALS_REDIS_TIMEOUT_S", "nan", "finite number", id="nan-timeout"
+        ),
+        pytest.param(
+            "VITALS_REDIS_URL",
+            "redis://127.0.0.1:6380/abc",
+            "database 'abc' is not a number",
+            id="redis-database-text",
+        ),
+        pytest.param(
+            "VITALS_REDIS_URL",
+            "redis://127.0.0.1:6380/-1",
+            "database '-1' is not a number",
+            id="redis-database-negative",
+        ),
+        pytest.param(
+            "VITALS_REDIS_URL",
+            "unix:///run/redis.sock?db=x",
+            "database 'x' is not a number",
+            id="redis-database-query",
+        ),
     ],
 )
 def test_settings_invalid_value_names_variable(
@@ -145,3 +169,31 @@ def test_run_invalid_argument_without_json() -> None:
     assert result.exit_code == 2
     assert result.stdout == ""
     assert "Invalid value for '--chunk-size'" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://127.0.0.1:6380",
+        "redis://127.0.0.1:6380/",
+        "redis://127.0.0.1:6380/15",
+        "rediss://user:secret@host:6380/0?db=3",
+        "unix:///run/redis.sock?db=2",
+    ],
+)
+def test_settings_accept_redis_database_forms(
+    monkeypatch: pytest.MonkeyPatch, url: str
+) -> None:
+    monkeypatch.setenv("VITALS_REDIS_URL", url)
+
+    assert load_settings().redis_url.get_secret_value() == url
+
+
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_run_deadline_must_be_finite(value: str) -> None:
+    result = CliRunner().invoke(main, ["run", "--deadline", value, "--json"])
+
+    failure = json.loads(result.stdout)
+    assert result.exit_code == 2
+    assert "'--deadline'" in failure["message"]
+    assert "not a finite number of seconds" in failure["message"]
