@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 import re
 from typing import Any, Final, Literal
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import unquote, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
+from redis.connection import parse_url
 
 ENV_PREFIX: Final = "VITALS_"
+#: Redis reads the index of SELECT as a C int.
+_MAX_DATABASE: Final = 2**31 - 1
 
 RuleSet = Literal["acc_aha_2017", "esc_esh_2018", "legacy_age_bands"]
 
@@ -89,22 +92,35 @@ class Settings(BaseSettings):
 
     @field_validator("redis_url")
     @classmethod
-    def _redis_scheme(cls, value: SecretStr) -> SecretStr:
-        parts = urlsplit(value.get_secret_value())
+    def _redis_url(cls, value: SecretStr) -> SecretStr:
+        # Messages quote no part of the URL: a password with a bare '/', '?' or
+        # '#' is split into the other parts of the URL.
+        url = value.get_secret_value()
+        parts = urlsplit(url)
         if parts.scheme not in {"redis", "rediss", "unix"}:
             msg = "must start with redis://, rediss:// (TLS) or unix://"
             raise ValueError(msg)
-        # redis.connection.parse_url skips a path that is not a number, so database 0 is used.
-        databases = parse_qs(parts.query).get("db", [])
-        if parts.scheme != "unix" and parts.path.strip("/"):
-            databases.append(parts.path.strip("/"))
-        for database in databases:
-            if not (database.isascii() and database.isdigit()):
-                msg = (
-                    f"the database {database!r} is not a number 0 or above, as in "
-                    "redis://host:port/0"
-                )
-                raise ValueError(msg)
+        try:
+            options: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
+        except ValueError:
+            msg = (
+                "is not a valid Redis URL: a port or query value is not a number, "
+                "or the user name or password has a '/', '?', '#' or '@' that is "
+                "not percent-encoded"
+            )
+            raise ValueError(msg) from None
+        # parse_url skips a path that is not a number, and database 0 is then used.
+        path = unquote(parts.path).replace("/", "")
+        database = options.get("db", 0)
+        if (parts.scheme != "unix" and path and "db" not in options) or not (
+            0 <= database <= _MAX_DATABASE
+        ):
+            msg = (
+                "the database part is not a number from 0 to the server's "
+                "'databases' setting minus 1, as in redis://host:port/0; "
+                "percent-encode any '/', '?' or '#' in the password"
+            )
+            raise ValueError(msg)
         return value
 
     @field_validator("kafka_topic", "kafka_group_id", "kafka_bootstrap_servers")

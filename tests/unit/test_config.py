@@ -54,19 +54,25 @@ def test_settings_read_prefixed_environment(monkeypatch: pytest.MonkeyPatch) -> 
         pytest.param(
             "VITALS_REDIS_URL",
             "redis://127.0.0.1:6380/abc",
-            "database 'abc' is not a number",
+            "database part is not a number",
             id="redis-database-text",
         ),
         pytest.param(
             "VITALS_REDIS_URL",
             "redis://127.0.0.1:6380/-1",
-            "database '-1' is not a number",
+            "database part is not a number",
             id="redis-database-negative",
         ),
         pytest.param(
             "VITALS_REDIS_URL",
+            "redis://127.0.0.1:6380/99999999999999999999",
+            "database part is not a number",
+            id="redis-database-huge",
+        ),
+        pytest.param(
+            "VITALS_REDIS_URL",
             "unix:///run/redis.sock?db=x",
-            "database 'x' is not a number",
+            "not a valid Redis URL",
             id="redis-database-query",
         ),
     ],
@@ -179,6 +185,8 @@ def test_run_invalid_argument_without_json() -> None:
         "redis://127.0.0.1:6380/15",
         "rediss://user:secret@host:6380/0?db=3",
         "unix:///run/redis.sock?db=2",
+        "redis://127.0.0.1:6380/%31",
+        "redis://127.0.0.1:6380/path?db=2",
     ],
 )
 def test_settings_accept_redis_database_forms(
@@ -197,3 +205,24 @@ def test_run_deadline_must_be_finite(value: str) -> None:
     assert result.exit_code == 2
     assert "'--deadline'" in failure["message"]
     assert "not a finite number of seconds" in failure["message"]
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://:se/cret@127.0.0.1:6380/0",
+        "redis://:se?db=cret@127.0.0.1:6380/0",
+        "redis://:s#cret@127.0.0.1:6380/0",
+    ],
+)
+def test_settings_unencoded_password_not_shown(
+    monkeypatch: pytest.MonkeyPatch, url: str
+) -> None:
+    """A bare '/', '?' or '#' splits the password across the URL; no part of it is shown."""
+    monkeypatch.setenv("VITALS_REDIS_URL", url)
+
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings()
+
+    assert "cret" not in str(caught.value)
+    assert "percent-encode" in str(caught.value)
