@@ -28,16 +28,10 @@ def redis_read_failed(
     error: Exception, client: redis.Redis, settings: Settings, name: str
 ) -> NoReturn:
     """Print why ``name`` could not be read from Redis and exit: 2 for a settings error, else 3."""
-    import redis
-
-    from etl.sink import missing_database
+    from etl.sink import database_of, missing_database
 
     url = settings.redis_url_redacted
-    missing = (
-        missing_database(error, client, url)
-        if isinstance(error, redis.RedisError)
-        else None
-    )
+    missing = missing_database(error, url, database_of(client))
     if missing is not None:
         errors.print(f"[red]error:[/red] {missing}")
         sys.exit(EXIT_CONFIG)
@@ -301,22 +295,21 @@ STATE_DIR_OPTION: Final = click.option(
 @click.option("--redis-port", type=int, default=6380, show_default=True)
 def services_start(state_dir: Path, kafka_port: int, redis_port: int) -> None:
     """Start both services unless they run; print the variables that point at them."""
-    from redis import ConnectionPool, RedisError
+    from redis import Redis, RedisError
 
     from etl.services import ServiceError, forget_stale_offsets, start_local_stack
+    from etl.sink import database_of, missing_database
 
     # Settings first, so that an invalid one stops the command before anything starts.
     settings = settings_or_exit()
     # The local Redis gets the database of VITALS_REDIS_URL, where batches keep offsets.
-    database = ConnectionPool.from_url(
-        settings.redis_url.get_secret_value()
-    ).connection_kwargs.get("db", 0)
+    database = database_of(Redis.from_url(settings.redis_url.get_secret_value()))
     try:
         env = start_local_stack(
             state_dir,
             kafka_port=kafka_port,
             redis_port=redis_port,
-            redis_database=int(database),
+            redis_database=database,
         )
     except ServiceError as exc:
         errors.print(f"[red]error:[/red] {exc}")
@@ -329,6 +322,13 @@ def services_start(state_dir: Path, kafka_port: int, redis_port: int) -> None:
             settings.kafka_topic,
         )
     except RedisError as exc:
+        missing = missing_database(exc, env["VITALS_REDIS_URL"], database)
+        if missing is not None:
+            errors.print(
+                f"[red]error:[/red] {missing}. Both services run; fix the URL and "
+                "run 'etl services start' again to remove the topic's offsets"
+            )
+            sys.exit(EXIT_CONFIG)
         errors.print(
             f"[red]error:[/red] the local broker started again, but the offsets of "
             f"topic {settings.kafka_topic} in {settings.redis_offsets_key} at "

@@ -143,10 +143,10 @@ class RedisSink:
             msg = f"Redis at {url} rejected the user or password of VITALS_REDIS_URL: {exc}"
             raise SinkError(msg) from exc
         except redis.ResponseError as exc:
-            missing = missing_database(exc, self.client, url)
+            missing = missing_database(exc, url, database_of(self.client))
             if missing is not None:
                 raise missing from exc
-            msg = f"Redis at {url} rejected PING: {exc}"
+            msg = f"Redis at {url} replied with an error on connecting: {exc}"
             raise SinkError(msg) from exc
         except redis.RedisError as exc:
             msg = f"Redis at {url} is unreachable: {exc}"
@@ -388,7 +388,7 @@ class RedisSink:
 
 
 def missing_database(
-    error: redis.RedisError, client: redis.Redis, url: str
+    error: Exception, url: str, database: int
 ) -> ConfigurationError | None:
     """Return a settings error when ``error`` is Redis's reply to SELECT of a database it lacks.
 
@@ -396,13 +396,17 @@ def missing_database(
     """
     if not isinstance(error, redis.ResponseError) or _DB_OUT_OF_RANGE not in str(error):
         return None
-    database = client.connection_pool.connection_kwargs.get("db", 0)
     msg = (
         f"Redis at {url} has no database {database}: the database number in "
         "VITALS_REDIS_URL must be below the server's 'databases' setting "
         "(16 by default)"
     )
     return ConfigurationError(msg)
+
+
+def database_of(client: redis.Redis) -> int:
+    """Return the database number that ``client`` selects."""
+    return int(client.connection_pool.connection_kwargs.get("db", 0))
 
 
 def _check_same_topic_id(

@@ -267,7 +267,9 @@ def test_ping_error_reply_is_named(settings: Settings) -> None:
     try:
         with (
             mock.patch.object(sink.client, "ping", side_effect=no_permission),
-            pytest.raises(SinkError, match="rejected PING: NOPERM"),
+            pytest.raises(
+                SinkError, match="replied with an error on connecting: NOPERM"
+            ),
         ):
             sink.check()
     finally:

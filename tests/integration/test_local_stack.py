@@ -98,3 +98,18 @@ def test_running_redis_port_wins(tmp_path: Path) -> None:
 
     assert result.exit_code == 0
     assert f"VITALS_REDIS_URL=redis://127.0.0.1:{redis_port}/0" in result.stdout
+
+
+def test_missing_database_is_settings_error(tmp_path: Path) -> None:
+    """The local Redis lacks database 99: exit 2 naming it, with both services running."""
+    redis_port = free_port()
+    url = f"redis://127.0.0.1:{redis_port}/99"
+    try:
+        result = invoke(tmp_path, free_port(), redis_port, VITALS_REDIS_URL=url)
+        status = local_stack_status(tmp_path)
+    finally:
+        stop_local_stack(tmp_path)
+
+    assert result.exit_code == 2, result.output
+    assert "has no database 99" in result.stderr
+    assert None not in status.values()
