@@ -250,7 +250,11 @@ def generate(
 @click.option("--stop", type=int, default=9, show_default=True)
 @click.option("--key", help="Redis list (default: VITALS_REDIS_LIST_KEY).")
 def show(start: int, stop: int, key: str | None) -> None:
-    """Print list elements the way 'redis-cli LRANGE key start stop' does."""
+    """Print list elements numbered like 'redis-cli LRANGE key start stop', as UTF-8 text.
+
+    redis-cli escapes quotes and non-ASCII bytes (``\xc3\xa9``); this prints
+    them as they are, so accented names stay readable.
+    """
     import redis
 
     settings = settings_or_exit()
