@@ -183,6 +183,9 @@ def redis_url(
         for name in REDIS_SSL_OPTIONS
         if extra.get(name) is not None
     }
+    # An IPv6 address needs brackets in a URL (RFC 3986, section 3.2.2).
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
     url = f"{scheme}://{credentials}{host}:{port or 6379}/{db}"
     return f"{url}?{urlencode(query)}" if query else url
 

@@ -100,6 +100,21 @@ def test_redis_url_credentials(
 
 
 @pytest.mark.parametrize(
+    ("host", "expected"),
+    [
+        pytest.param("::1", "redis://[::1]:6380/0", id="ipv6"),
+        pytest.param("[::1]", "redis://[::1]:6380/0", id="ipv6-bracketed"),
+        pytest.param("10.0.0.5", "redis://10.0.0.5:6380/0", id="ipv4"),
+    ],
+)
+def test_redis_url_host_forms_pass_settings(host: str, expected: str) -> None:
+    url = redis_url(host=host, port=6380, login=None, password=None, extra={})
+
+    assert url == expected
+    assert load_settings(redis_url=url).redis_url.get_secret_value() == expected
+
+
+@pytest.mark.parametrize(
     ("host", "extra", "match"),
     [
         pytest.param(None, {}, "has no host", id="no-host"),
