@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 from typing import Any, Final, Literal
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
@@ -96,23 +96,32 @@ class Settings(BaseSettings):
         # Messages quote no part of the URL: a password with a bare '/', '?' or
         # '#' is split into the other parts of the URL.
         url = value.get_secret_value()
-        parts = urlsplit(url)
-        if parts.scheme not in {"redis", "rediss", "unix"}:
+        scheme = url.partition("://")[0]
+        if scheme not in {"redis", "rediss", "unix"}:
             msg = "must start with redis://, rediss:// (TLS) or unix://"
             raise ValueError(msg)
+        unreadable = (
+            "is not a valid Redis URL: it names no host (or socket path), a port or "
+            "query value is not a number, or the user name or password has a '/', "
+            "'?', '#', '@' or '[' that is not percent-encoded"
+        )
         try:
+            parts = urlsplit(url)
             options: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
         except ValueError:
-            msg = (
-                "is not a valid Redis URL: a port or query value is not a number, "
-                "or the user name or password has a '/', '?', '#' or '@' that is "
-                "not percent-encoded"
-            )
-            raise ValueError(msg) from None
-        # parse_url skips a path that is not a number, and database 0 is then used.
-        path = unquote(parts.path).replace("/", "")
+            raise ValueError(unreadable) from None
+        # Without a host redis-py connects to localhost:6379, and a Redis URL has
+        # no fragment: both mean a password that split the URL.
+        missing = "path" not in options if scheme == "unix" else not parts.hostname
+        if missing or "#" in url:
+            raise ValueError(unreadable)
+        # parse_url drops every '/' of the path and reads the rest with int(),
+        # which takes "+1" and "1_0" too. It skips a path that is not a number,
+        # and database 0 is then used.
+        path = unquote(parts.path).strip("/")
         database = options.get("db", 0)
-        if (parts.scheme != "unix" and path and "db" not in options) or not (
+        path_read = scheme == "unix" or not path or "db" in parse_qs(parts.query)
+        if not (path_read or (path.isascii() and path.isdigit())) or not (
             0 <= database <= _MAX_DATABASE
         ):
             msg = (

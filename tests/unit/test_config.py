@@ -187,6 +187,9 @@ def test_run_invalid_argument_without_json() -> None:
         "unix:///run/redis.sock?db=2",
         "redis://127.0.0.1:6380/%31",
         "redis://127.0.0.1:6380/path?db=2",
+        "redis://[::1]:6380/0",
+        "unix://:pw@/run/redis.sock?db=1",
+        "redis://host",
     ],
 )
 def test_settings_accept_redis_database_forms(
@@ -213,6 +216,10 @@ def test_run_deadline_must_be_finite(value: str) -> None:
         "redis://:se/cret@127.0.0.1:6380/0",
         "redis://:se?db=cret@127.0.0.1:6380/0",
         "redis://:s#cret@127.0.0.1:6380/0",
+        "redis://:6379?cret@redis:6380/0",
+        "redis://alice:6380#cret@redis/0",
+        "unix://:se?cret@/run/redis.sock",
+        "redis://:se[cret@redis/0",
     ],
 )
 def test_settings_unencoded_password_not_shown(
@@ -226,3 +233,24 @@ def test_settings_unencoded_password_not_shown(
 
     assert "cret" not in str(caught.value)
     assert "percent-encode" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("redis://", "names no host"),
+        ("redis:///0", "names no host"),
+        ("REDIS://redis:6379/0", "must start with redis://"),
+        ("redis://h/0/1", "database part is not a number"),
+        ("redis://h/1_0", "database part is not a number"),
+        ("redis://h/+1", "database part is not a number"),
+    ],
+)
+def test_settings_reject_redis_url_forms(
+    monkeypatch: pytest.MonkeyPatch, url: str, message: str
+) -> None:
+    """Forms redis-py would read as another host or another database."""
+    monkeypatch.setenv("VITALS_REDIS_URL", url)
+
+    with pytest.raises(ConfigurationError, match=message):
+        load_settings()
