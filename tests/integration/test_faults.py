@@ -599,6 +599,33 @@ def test_run_broker_unreachable_fails_fast(redis_service: str, tmp_path: Path) -
     assert child.elapsed_s < 3.0 + 15
 
 
+class StorelessBroker:
+    """A broker for one test, which it may kill or restart; a restart loses its topics."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.port = free_port()
+        self._state_dir = state_dir
+        self.service = start_broker(port=self.port, state_dir=state_dir)
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def restart(self) -> None:
+        """Stop the broker and start it again on the same port, with no topics."""
+        self.service.stop()
+        self.service = start_broker(port=self.port, state_dir=self._state_dir)
+
+
+@pytest.fixture
+def storeless_broker(tmp_path: Path) -> Iterator[StorelessBroker]:
+    broker = StorelessBroker(tmp_path / "kafka")
+    try:
+        yield broker
+    finally:
+        broker.service.stop()
+
+
 def run_printed_reset(client: redis.Redis, error: BaseException) -> None:
     """Run the HDEL command printed in a recreated-topic error."""
     command = str(error).split("Reset them with ")[1].split(" (see")[0]
@@ -606,12 +633,10 @@ def run_printed_reset(client: redis.Redis, error: BaseException) -> None:
 
 
 def test_recreated_topic_without_stored_id_fails(
-    redis_service: str, tmp_path: Path
+    redis_service: str, storeless_broker: StorelessBroker
 ) -> None:
     """Offsets stored without a topic id (an older version): Kafka's lost commits tell."""
-    port = free_port()
-    broker = start_broker(port=port, state_dir=tmp_path / "kafka")
-    settings = make_settings(f"127.0.0.1:{port}", redis_service)
+    settings = make_settings(storeless_broker.bootstrap, redis_service)
     client = redis.Redis.from_url(redis_service)
     id_field = f"{settings.kafka_topic}:topic_id"
     try:
@@ -624,31 +649,28 @@ def test_recreated_topic_without_stored_id_fails(
         assert run_batch(settings).read == 30
         assert client.hget(settings.redis_offsets_key, id_field) is not None
         client.hdel(settings.redis_offsets_key, id_field)
-        broker.stop()
-        broker = start_broker(port=port, state_dir=tmp_path / "kafka")
+        storeless_broker.restart()
         create_topic(settings, PARTITIONS)
         produce_tracked(settings, mixed_values(300))
 
         with pytest.raises(OffsetsOutOfRange, match="carry no topic id"):
             run_batch(settings)
-        stored_records = client.llen(settings.redis_list_key) + client.llen(
-            settings.redis_rejects_key
-        )
+        stored = redis_positions(client, settings)
     finally:
-        broker.stop()
         client.close()
 
-    assert stored_records == 90
+    assert len(stored) == 90
 
 
 @pytest.mark.parametrize("before_load", ["new-topic-read", "offsets-reset"])
 def test_stale_staged_load_after_recreate_writes_nothing(
-    redis_service: str, tmp_path: Path, before_load: str
+    redis_service: str,
+    storeless_broker: StorelessBroker,
+    tmp_path: Path,
+    before_load: str,
 ) -> None:
     """Chunks drained before the topic was recreated are neither written nor committed."""
-    port = free_port()
-    broker = start_broker(port=port, state_dir=tmp_path / "kafka")
-    settings = make_settings(f"127.0.0.1:{port}", redis_service)
+    settings = make_settings(storeless_broker.bootstrap, redis_service)
     client = redis.Redis.from_url(redis_service)
     try:
         create_topic(settings, PARTITIONS)
@@ -657,8 +679,7 @@ def test_stale_staged_load_after_recreate_writes_nothing(
         produce_tracked(settings, mixed_values(40))
         drain_to_staging(settings, tmp_path / "staging")
         transform_staging(settings, tmp_path / "staging")
-        broker.stop()
-        broker = start_broker(port=port, state_dir=tmp_path / "kafka")
+        storeless_broker.restart()
         create_topic(settings, PARTITIONS)
         produce_tracked(settings, mixed_values(150))
         with pytest.raises(OffsetsOutOfRange, match="was recreated") as failure:
@@ -671,34 +692,28 @@ def test_stale_staged_load_after_recreate_writes_nothing(
             load_staging(settings, tmp_path / "staging")
         committed = kafka_committed(settings, PARTITIONS)
         report = run_batch(settings)
-        stored_records = client.llen(settings.redis_list_key) + client.llen(
-            settings.redis_rejects_key
-        )
+        stored = redis_positions(client, settings)
     finally:
-        broker.stop()
         client.close()
 
     if before_load == "offsets-reset":
         assert committed == {}
         assert report.read == 150
-    assert stored_records == 60 + 150
+    assert len(stored) == 60 + 150
 
 
 def test_recreate_before_staged_commit_commits_nothing(
-    redis_service: str, tmp_path: Path
+    redis_service: str, storeless_broker: StorelessBroker, tmp_path: Path
 ) -> None:
     """The topic is recreated between the load's last write and its Kafka commit."""
-    port = free_port()
-    brokers = [start_broker(port=port, state_dir=tmp_path / "kafka")]
-    settings = make_settings(f"127.0.0.1:{port}", redis_service, chunk_size=100)
+    settings = make_settings(storeless_broker.bootstrap, redis_service, chunk_size=100)
     client = redis.Redis.from_url(redis_service)
     original = RedisSink.write_chunk
 
     def write_then_recreate(self: RedisSink, topic: str, chunk: Any) -> Any:
         result = original(self, topic, chunk)
         if chunk.next_offsets and max(chunk.next_offsets.values()) > 0:
-            brokers[-1].stop()
-            brokers.append(start_broker(port=port, state_dir=tmp_path / "kafka"))
+            storeless_broker.restart()
             create_topic(settings, PARTITIONS)
             produce_tracked(settings, mixed_values(120))
         return result
@@ -719,7 +734,6 @@ def test_recreate_before_staged_commit_commits_nothing(
         run_printed_reset(client, failure.value)
         report = run_batch(settings)
     finally:
-        brokers[-1].stop()
         client.close()
 
     assert committed == {}
@@ -741,16 +755,6 @@ def test_run_json_failure_on_stdout(redis_service: str, tmp_path: Path) -> None:
     assert f"127.0.0.1:{port}" in failure["message"]
 
 
-@pytest.fixture
-def own_broker(tmp_path: Path) -> Iterator[Service]:
-    """A broker for one test only, which the test may kill."""
-    service = start_broker(port=free_port(), state_dir=tmp_path / "kafka")
-    try:
-        yield service
-    finally:
-        service.stop()
-
-
 def batch_runner(kind: str, staging: Path) -> Callable[[Settings], BatchReport]:
     """The plain batch, or the Airflow tasks' staged steps one after the other."""
 
@@ -764,12 +768,10 @@ def batch_runner(kind: str, staging: Path) -> Callable[[Settings], BatchReport]:
 
 @pytest.mark.parametrize("kind", ["plain", "staged"])
 def test_recreated_topic_fails_instead_of_skipping(
-    redis_service: str, tmp_path: Path, kind: str
+    redis_service: str, storeless_broker: StorelessBroker, tmp_path: Path, kind: str
 ) -> None:
     """A broker without storage restarts and new records arrive: exit 3 and a reset, no skip."""
-    port = free_port()
-    broker = start_broker(port=port, state_dir=tmp_path / "kafka")
-    settings = make_settings(f"127.0.0.1:{port}", redis_service)
+    settings = make_settings(storeless_broker.bootstrap, redis_service)
     run = batch_runner(kind, tmp_path / "staging")
     client = redis.Redis.from_url(redis_service)
     id_field = f"{settings.kafka_topic}:topic_id"
@@ -778,8 +780,7 @@ def test_recreated_topic_fails_instead_of_skipping(
         produce_tracked(settings, mixed_values(60))
         assert run(settings).read == 60
         first_id = client.hget(settings.redis_offsets_key, id_field)
-        broker.stop()
-        broker = start_broker(port=port, state_dir=tmp_path / "kafka")
+        storeless_broker.restart()
         # The same name again, at offset 0, with more records than were stored.
         create_topic(settings, PARTITIONS)
         produce_tracked(settings, mixed_values(300))
@@ -789,11 +790,8 @@ def test_recreated_topic_fails_instead_of_skipping(
         run_printed_reset(client, failure.value)
         report = run(settings)
         second_id = client.hget(settings.redis_offsets_key, id_field)
-        stored_records = client.llen(settings.redis_list_key) + client.llen(
-            settings.redis_rejects_key
-        )
+        stored = redis_positions(client, settings)
     finally:
-        broker.stop()
         client.close()
 
     assert first_id is not None
@@ -801,8 +799,8 @@ def test_recreated_topic_fails_instead_of_skipping(
     assert second_id != first_id
     assert report.read == 300
     assert report.written + report.rejected == 300
-    # The 60 records of the first topic stay; none of the new topic is missing.
-    assert stored_records == 60 + 300
+    # The 60 records of the first topic stay, and none of the new topic is missing.
+    assert len(stored) == 60 + 300
 
 
 @pytest.mark.slow
@@ -816,11 +814,14 @@ def test_recreated_topic_fails_instead_of_skipping(
     ],
 )
 def test_broker_lost_mid_drain_fails_in_bounded_time(
-    own_broker: Service, redis_service: str, tmp_path: Path, fault: signal.Signals
+    storeless_broker: StorelessBroker,
+    redis_service: str,
+    tmp_path: Path,
+    fault: signal.Signals,
 ) -> None:
     """The broker is lost while records are still to be fetched: an error, no hang, a clean prefix."""
     settings = make_settings(
-        f"127.0.0.1:{own_broker.port}",
+        storeless_broker.bootstrap,
         redis_service,
         chunk_size=200,
         kafka_timeout_s=3.0,
@@ -838,18 +839,18 @@ def test_broker_lost_mid_drain_fails_in_bounded_time(
     process, out, err, go = spawn_paused_before_first_write(settings, tmp_path)
     started = time.monotonic()
 
-    os.kill(own_broker.pid, fault)
+    os.kill(storeless_broker.service.pid, fault)
     killed_at = time.monotonic()
     go.touch()
     try:
         child = finish(process, out, err, started=started, timeout=90)
     finally:
-        os.kill(own_broker.pid, signal.SIGCONT)
+        os.kill(storeless_broker.service.pid, signal.SIGCONT)
     after_kill = time.monotonic() - killed_at
 
     assert child.returncode == 1, child.stderr[-3000:]
     assert "SourceError" in child.stderr
-    assert f"127.0.0.1:{own_broker.port}" in child.stderr
+    assert storeless_broker.bootstrap in child.stderr
     assert after_kill < settings.kafka_timeout_s + 15, child.stderr[-4000:]
     client = redis.Redis.from_url(redis_service)
     try:
