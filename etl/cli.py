@@ -7,7 +7,7 @@ import logging
 import math
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, NoReturn
+from typing import Any, Final, NoReturn
 
 import click
 from rich.console import Console
@@ -16,22 +16,17 @@ from rich.table import Table
 from etl.config import ConfigurationError, Settings, load_settings
 from etl.exit_codes import EXIT_CONFIG, EXIT_INFRASTRUCTURE
 
-if TYPE_CHECKING:
-    import redis
-
 console = Console()
 # Not wrapped: an error may end with a command to copy, such as a reset.
 errors = Console(stderr=True, soft_wrap=True)
 
 
-def redis_read_failed(
-    error: Exception, client: redis.Redis, settings: Settings, name: str
-) -> NoReturn:
+def redis_read_failed(error: Exception, settings: Settings, name: str) -> NoReturn:
     """Print why ``name`` could not be read from Redis and exit: 2 for a settings error, else 3."""
-    from etl.sink import database_of, missing_database
+    from etl.sink import missing_database
 
     url = settings.redis_url_redacted
-    missing = missing_database(error, url, database_of(client))
+    missing = missing_database(error, url, settings.redis_database)
     if missing is not None:
         errors.print(f"[red]error:[/red] {missing}")
         sys.exit(EXIT_CONFIG)
@@ -61,7 +56,9 @@ def main(verbose: int) -> None:
     )
 
 
-def _finite(value: float | None) -> float | None:
+def _finite(
+    _context: click.Context, _parameter: click.Parameter, value: float | None
+) -> float | None:
     """Reject NaN and infinity, which FloatRange lets through."""
     if value is not None and not math.isfinite(value):
         msg = f"{value} is not a finite number of seconds."
@@ -103,7 +100,7 @@ class _JsonFailureCommand(click.Command):
     "--deadline",
     "deadline_s",
     type=click.FloatRange(min=0, min_open=True),
-    callback=lambda _ctx, _param, value: _finite(value),
+    callback=_finite,
     help="Stop the batch after this many seconds.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
@@ -265,7 +262,7 @@ def show(start: int, stop: int, key: str | None) -> None:
     try:
         values = client.lrange(name, start, stop)
     except redis.RedisError as exc:
-        redis_read_failed(exc, client, settings, name)
+        redis_read_failed(exc, settings, name)
     if not values:
         click.echo("(empty list or set)")
     for index, value in enumerate(values, start=1):
@@ -299,21 +296,20 @@ STATE_DIR_OPTION: Final = click.option(
 @click.option("--redis-port", type=int, default=6380, show_default=True)
 def services_start(state_dir: Path, kafka_port: int, redis_port: int) -> None:
     """Start both services unless they run; print the variables that point at them."""
-    from redis import Redis, RedisError
+    from redis import RedisError
 
     from etl.services import ServiceError, forget_stale_offsets, start_local_stack
-    from etl.sink import database_of, missing_database
+    from etl.sink import missing_database
 
     # Settings first, so that an invalid one stops the command before anything starts.
     settings = settings_or_exit()
-    # The local Redis gets the database of VITALS_REDIS_URL, where batches keep offsets.
-    database = database_of(Redis.from_url(settings.redis_url.get_secret_value()))
     try:
+        # The local Redis gets the database of VITALS_REDIS_URL, where batches keep offsets.
         env = start_local_stack(
             state_dir,
             kafka_port=kafka_port,
             redis_port=redis_port,
-            redis_database=database,
+            redis_database=settings.redis_database,
         )
     except ServiceError as exc:
         errors.print(f"[red]error:[/red] {exc}")
@@ -326,7 +322,9 @@ def services_start(state_dir: Path, kafka_port: int, redis_port: int) -> None:
             settings.kafka_topic,
         )
     except RedisError as exc:
-        missing = missing_database(exc, env["VITALS_REDIS_URL"], database)
+        missing = missing_database(
+            exc, env["VITALS_REDIS_URL"], settings.redis_database
+        )
         if missing is not None:
             errors.print(
                 f"[red]error:[/red] {missing}. Both services run; fix the URL and "

@@ -195,6 +195,12 @@ class Settings(BaseSettings):
         return data
 
     @property
+    def redis_database(self) -> int:
+        """The database number that ``redis_url`` selects."""
+        options = parse_url(self.redis_url.get_secret_value())  # type: ignore[no-untyped-call]
+        return int(options.get("db", 0))
+
+    @property
     def redis_url_redacted(self) -> str:
         return redact_url(self.redis_url.get_secret_value())
 

@@ -143,7 +143,7 @@ class RedisSink:
             msg = f"Redis at {url} rejected the user or password of VITALS_REDIS_URL: {exc}"
             raise SinkError(msg) from exc
         except redis.ResponseError as exc:
-            missing = missing_database(exc, url, database_of(self.client))
+            missing = missing_database(exc, url, self._settings.redis_database)
             if missing is not None:
                 raise missing from exc
             msg = f"Redis at {url} replied with an error on connecting: {exc}"
@@ -402,11 +402,6 @@ def missing_database(
         "(16 by default)"
     )
     return ConfigurationError(msg)
-
-
-def database_of(client: redis.Redis) -> int:
-    """Return the database number that ``client`` selects."""
-    return int(client.connection_pool.connection_kwargs.get("db", 0))
 
 
 def _check_same_topic_id(
