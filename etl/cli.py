@@ -22,7 +22,7 @@ errors = Console(stderr=True, soft_wrap=True)
 
 
 def redis_read_failed(error: Exception, settings: Settings, name: str) -> NoReturn:
-    """Print why ``name`` could not be read from Redis and exit: 2 for a settings error, else 3."""
+    """Print why ``name`` could not be read from Redis, then exit 2 for a settings error, else 3."""
     from etl.sink import missing_database
 
     url = settings.redis_url_redacted
@@ -249,8 +249,8 @@ def generate(
 def show(start: int, stop: int, key: str | None) -> None:
     """Print list elements numbered like 'redis-cli LRANGE key start stop', as UTF-8 text.
 
-    redis-cli escapes quotes and non-ASCII bytes (``\xc3\xa9``); this prints
-    them as they are, so accented names stay readable.
+    redis-cli escapes quotes and non-ASCII bytes (``\\xc3\\xa9``). This command
+    prints them as they are, so accented names stay readable.
     """
     import redis
 

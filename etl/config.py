@@ -13,7 +13,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 from redis.connection import parse_url
 
 ENV_PREFIX: Final = "VITALS_"
-#: Redis reads the index of SELECT as a C int.
+#: SELECT takes a 32-bit signed index: Redis 7 replies "value is out of range" above it.
 _MAX_DATABASE: Final = 2**31 - 1
 
 RuleSet = Literal["acc_aha_2017", "esc_esh_2018", "legacy_age_bands"]
@@ -110,8 +110,8 @@ class Settings(BaseSettings):
             options: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
         except ValueError:
             raise ValueError(unreadable) from None
-        # Without a host redis-py connects to localhost:6379, and a Redis URL has
-        # no fragment: both mean a password that split the URL.
+        # Without a host, redis-py connects to localhost:6379. A Redis URL has no
+        # fragment either, so both mean a password that split the URL.
         missing = "path" not in options if scheme == "unix" else not parts.hostname
         if missing or "#" in url:
             raise ValueError(unreadable)

@@ -228,9 +228,7 @@ def test_run_redis_down_exits_3(
     assert kafka_committed(settings, PARTITIONS) == {}
 
 
-def test_run_redis_database_out_of_range_exits_2(
-    settings: Settings, tmp_path: Path
-) -> None:
+def test_run_missing_database_exits_2(settings: Settings, tmp_path: Path) -> None:
     """A URL naming a database the server lacks is a settings error, not a lost server."""
     url = settings.redis_url.get_secret_value().rsplit("/", 1)[0] + "/99"
     missing_database = settings.model_copy(update={"redis_url": SecretStr(url)})
@@ -246,7 +244,7 @@ def test_run_redis_database_out_of_range_exits_2(
 
 
 @pytest.mark.parametrize("command", ["show", "reports"])
-def test_read_command_database_out_of_range_exits_2(
+def test_read_commands_missing_database_exit_2(
     settings: Settings, command: str
 ) -> None:
     env = settings_env(settings)
@@ -600,7 +598,7 @@ def test_run_broker_unreachable_fails_fast(redis_service: str, tmp_path: Path) -
 
 
 class StorelessBroker:
-    """A broker for one test, which it may kill or restart; a restart loses its topics."""
+    """A broker for one test, which the test may kill or restart. A restart loses its topics."""
 
     def __init__(self, state_dir: Path) -> None:
         self.port = free_port()

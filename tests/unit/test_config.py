@@ -225,7 +225,7 @@ def test_run_deadline_must_be_finite(value: str) -> None:
 def test_settings_unencoded_password_not_shown(
     monkeypatch: pytest.MonkeyPatch, url: str
 ) -> None:
-    """A bare '/', '?' or '#' splits the password across the URL; no part of it is shown."""
+    """A bare '/', '?' or '#' splits the password across the URL, and no part of it is shown."""
     monkeypatch.setenv("VITALS_REDIS_URL", url)
 
     with pytest.raises(ConfigurationError) as caught:
