@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any, Final, Literal
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -10,17 +11,49 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
-from redis.connection import parse_url
+from redis.connection import ConnectionPool, parse_url
 
 ENV_PREFIX: Final = "VITALS_"
 #: SELECT takes a 32-bit signed index: Redis 7 replies "value is out of range" above it.
 _MAX_DATABASE: Final = 2**31 - 1
+#: Query options of a Redis URL that redis-py reads as seconds.
+_URL_TIMEOUTS: Final = ("socket_timeout", "socket_connect_timeout", "timeout")
 
 RuleSet = Literal["acc_aha_2017", "esc_esh_2018", "legacy_age_bands"]
 
 
 class ConfigurationError(ValueError):
     """Invalid settings: the message names the variable and the expected value."""
+
+
+def _check_url_options(url: str, options: dict[str, Any]) -> None:
+    """Reject query options of a Redis URL that redis-py would fail on or misuse.
+
+    redis-py passes every query option to its connection class. That class
+    raises TypeError on an unknown name when the first connection is made, so
+    a connection object is built here, which does not connect. Timeouts in the
+    query replace ``VITALS_REDIS_TIMEOUT_S``, so they must be usable.
+    """
+    try:
+        ConnectionPool.from_url(url).make_connection()
+    except TypeError:
+        msg = (
+            "has a query option that redis-py does not accept for this scheme "
+            "(ssl_ options need rediss://); see the URL options of redis-py's "
+            "Redis.from_url"
+        )
+        raise ValueError(msg) from None
+    for name in _URL_TIMEOUTS:
+        timeout = options.get(name)
+        if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
+            msg = f"the query option {name} must be a finite number of seconds above 0"
+            raise ValueError(msg)
+    interval = options.get("health_check_interval")
+    if interval is not None and not (math.isfinite(interval) and interval >= 0):
+        msg = (
+            "the query option health_check_interval must be a finite number of seconds"
+        )
+        raise ValueError(msg)
 
 
 class Settings(BaseSettings):
@@ -130,6 +163,7 @@ class Settings(BaseSettings):
                 "percent-encode any '/', '?' or '#' in the password"
             )
             raise ValueError(msg)
+        _check_url_options(url, options)
         return value
 
     @field_validator("kafka_topic", "kafka_group_id", "kafka_bootstrap_servers")

@@ -190,6 +190,8 @@ def test_run_invalid_argument_without_json() -> None:
         "redis://[::1]:6380/0",
         "unix://:pw@/run/redis.sock?db=1",
         "redis://host",
+        "redis://h/0?socket_timeout=2.5&health_check_interval=0",
+        "rediss://h/0?ssl_ca_certs=/ca.pem&ssl_cert_reqs=required",
     ],
 )
 def test_settings_accept_redis_database_forms(
@@ -244,6 +246,12 @@ def test_settings_unencoded_password_not_shown(
         ("redis://h/0/1", "database part is not a number"),
         ("redis://h/1_0", "database part is not a number"),
         ("redis://h/+1", "database part is not a number"),
+        ("redis://h/0?sokcet_timeout=5", "query option that redis-py does not accept"),
+        ("redis://h/0?ssl_ca_certs=/ca.pem", "ssl_ options need rediss://"),
+        ("redis://h/0?socket_timeout=-1", "socket_timeout must be a finite number"),
+        ("redis://h/0?socket_timeout=nan", "socket_timeout must be a finite number"),
+        ("redis://h/0?socket_connect_timeout=0", "socket_connect_timeout must be"),
+        ("redis://h/0?health_check_interval=-5", "health_check_interval must be"),
     ],
 )
 def test_settings_reject_redis_url_forms(
