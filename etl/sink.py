@@ -258,11 +258,44 @@ class RedisSink:
             _check_still_stored(partition, offset, stored.get(partition))
         return stored
 
+    def _check_key_types(self) -> None:
+        """Raise SinkError if a key that the transaction appends to has another type.
+
+        Redis still applies the other commands of a transaction when one of
+        them fails, so a string under the list's name would let the offsets
+        move past rows that were never stored. The offsets hash needs no
+        check here: reading it before the transaction fails first.
+        """
+        settings = self._settings
+        expected = {
+            settings.redis_list_key: "list",
+            settings.redis_rejects_key: "list",
+            settings.redis_alerts_key: "list",
+            settings.redis_stats_key: "hash",
+        }
+        with self.client.pipeline(transaction=False) as pipe:
+            for key in expected:
+                pipe.type(key)
+            found = [_decoded(kind) for kind in pipe.execute()]
+        wrong = [
+            f"{key!r} is a {kind}, not a {wanted}"
+            for (key, wanted), kind in zip(expected.items(), found, strict=True)
+            if kind not in (wanted, "none")
+        ]
+        if wrong:
+            msg = (
+                f"Redis at {settings.redis_url_redacted} holds keys of another type "
+                f"under the names this batch writes: {'; '.join(wrong)}. Rename or "
+                "delete them, or set other VITALS_REDIS_*_KEY names"
+            )
+            raise SinkError(msg)
+
     def _write_once(
         self, topic: str, chunk: Chunk, *, write_id: str, sent: list[WriteResult]
     ) -> WriteResult:
         """Write the chunk in one transaction; ``sent`` collects what each attempt sent."""
         settings = self._settings
+        self._check_key_types()
         earlier = {
             p: offset
             for p, offset in self._stored_by_us.get(topic, {}).items()

@@ -112,18 +112,52 @@ def test_exec_transaction_queue_error_applies_nothing(
     assert redis_client.ping()
 
 
-def test_write_chunk_wrong_type_key_fails_clearly(
-    settings: Settings, redis_client: redis.Redis
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("list", "is a string, not a list"),
+        ("rejects", "is a string, not a list"),
+        ("alerts", "is a string, not a list"),
+        ("stats", "is a string, not a hash"),
+    ],
+)
+def test_write_chunk_wrong_type_key_writes_nothing(
+    settings: Settings, redis_client: redis.Redis, kind: str, message: str
 ) -> None:
-    """A foreign string under the list's name: SinkError, and the client still works."""
-    redis_client.set(settings.redis_list_key, "not a list")
+    """A foreign string under a name the transaction writes: SinkError before any write."""
+    key = getattr(settings, f"redis_{kind}_key")
+    redis_client.set(key, "not ours")
     sink = RedisSink(settings)
     try:
-        with pytest.raises(SinkError, match="WRONGTYPE"):
+        with pytest.raises(SinkError, match=f"'{key}' {message}"):
             sink.write_chunk(TOPIC, rows_chunk(range(5)))
         assert sink.client.ping()
     finally:
         sink.close()
+
+    others = [
+        getattr(settings, f"redis_{name}_key")
+        for name in ("list", "rejects", "alerts", "stats")
+        if name != kind
+    ]
+    assert redis_client.hgetall(settings.redis_offsets_key) == {}
+    assert redis_client.exists(*others) == 0
+    assert redis_client.get(key) == b"not ours"
+
+
+def test_write_chunk_wrong_type_offsets_writes_nothing(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    redis_client.set(settings.redis_offsets_key, "not ours")
+    sink = RedisSink(settings)
+    try:
+        with pytest.raises(SinkError, match="WRONGTYPE"):
+            sink.write_chunk(TOPIC, rows_chunk(range(5)))
+    finally:
+        sink.close()
+
+    assert redis_client.exists(settings.redis_list_key) == 0
+    assert redis_client.exists(settings.redis_stats_key) == 0
 
 
 def test_write_chunk_cancel_stops_retries(settings: Settings) -> None:
