@@ -178,10 +178,12 @@ def redis_url(
         credentials += "@"
 
     db = _database(extra.get("db", 0))
+    # Without TLS, redis-py ignores these options when given to Redis(), as the
+    # provider does, but rejects them in a redis:// URL.
     query = {
         name: str(extra[name]).lower() if isinstance(extra[name], bool) else extra[name]
         for name in REDIS_SSL_OPTIONS
-        if extra.get(name) is not None
+        if extra.get(name) is not None and scheme == "rediss"
     }
     # An IPv6 address needs brackets in a URL (RFC 3986, section 3.2.2).
     if ":" in host and not host.startswith("["):

@@ -69,6 +69,12 @@ def clean_environ(**extra: str) -> dict[str, str]:
             "rediss://redis.internal:6379/0?ssl_cert_reqs=none&ssl_check_hostname=false",
             id="tls-options",
         ),
+        # TLS options without TLS: the provider passes them to Redis(), which ignores them.
+        pytest.param(
+            {"ssl": False, "ssl_cert_reqs": "none"},
+            "redis://redis.internal:6379/0",
+            id="tls-options-without-tls",
+        ),
     ],
 )
 def test_redis_url_from_extra(extra: dict[str, Any], expected: str) -> None:
