@@ -12,12 +12,13 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 from redis.connection import ConnectionPool, parse_url
+from redis.exceptions import RedisError
 
 ENV_PREFIX: Final = "VITALS_"
 #: SELECT takes a 32-bit signed index: Redis 7 replies "value is out of range" above it.
 _MAX_DATABASE: Final = 2**31 - 1
 #: Query options of a Redis URL that redis-py reads as seconds.
-_URL_TIMEOUTS: Final = ("socket_timeout", "socket_connect_timeout", "timeout")
+_URL_TIMEOUTS: Final = ("socket_timeout", "socket_connect_timeout")
 
 RuleSet = Literal["acc_aha_2017", "esc_esh_2018", "legacy_age_bands"]
 
@@ -29,18 +30,18 @@ class ConfigurationError(ValueError):
 def _check_url_options(url: str, options: dict[str, Any]) -> None:
     """Reject query options of a Redis URL that redis-py would fail on or misuse.
 
-    redis-py passes every query option to its connection class. That class
-    raises TypeError on an unknown name when the first connection is made, so
-    a connection object is built here, which does not connect. Timeouts in the
-    query replace ``VITALS_REDIS_TIMEOUT_S``, so they must be usable.
+    redis-py passes every query option to its connection class, which fails
+    on an unknown name or an invalid value only when the first connection is
+    made. So a connection object is built here, without connecting. Timeouts
+    in the query replace ``VITALS_REDIS_TIMEOUT_S``, so they must be usable.
     """
     try:
         ConnectionPool.from_url(url).make_connection()
-    except TypeError:
+    except (TypeError, ValueError, RedisError):
         msg = (
-            "has a query option that redis-py does not accept for this scheme "
-            "(ssl_ options need rediss://); see the URL options of redis-py's "
-            "Redis.from_url"
+            "has a query option or value that redis-py does not accept for this "
+            "scheme (ssl_ options need rediss://); see the URL options of "
+            "redis-py's Redis.from_url"
         )
         raise ValueError(msg) from None
     for name in _URL_TIMEOUTS:
@@ -243,8 +244,10 @@ class Settings(BaseSettings):
 #: may hold a client secret although its name says nothing of it.
 _SECRET_WORDS: Final = ("password", "secret", "key", "token", "credential")
 _SECRET_PROPERTIES: Final = frozenset({"sasl.oauthbearer.config"})
-#: Query parameters that redis-py reads as a password (``?password=...``).
-_PASSWORD_QUERY: Final = re.compile(r"(?i)([?&]password=)[^&#]*")
+#: Query parameters named as secrets (``?password=``, ``?ssl_password=``).
+_PASSWORD_QUERY: Final = re.compile(
+    r"(?i)([?&][^=&#]*(?:password|secret|token|credential)[^=&#]*=)[^&#]*"
+)
 
 
 def _is_secret_key(key: str) -> bool:
@@ -256,8 +259,8 @@ def redact_url(url: str) -> str:
     """Mask the password of a URL: ``redis://user:pw@host`` -> ``redis://user:***@host``.
 
     The user part ends at the last ``@``, so a password holding ``@``, ``/``
-    or ``?`` without percent-encoding is masked whole. A ``password`` query
-    parameter is masked too.
+    or ``?`` without percent-encoding is masked whole. Query parameters such
+    as ``password`` and ``ssl_password`` are masked too.
     """
     scheme, separator, rest = url.partition("://")
     if not separator:

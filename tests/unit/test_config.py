@@ -118,6 +118,11 @@ def test_settings_redacted_masks_secrets() -> None:
         ),
         pytest.param("redis://:pw@h:1/0", "redis://:***@h:1/0", id="password-only"),
         pytest.param("rediss://etl:pw@h/2", "rediss://etl:***@h/2", id="user-and-tls"),
+        pytest.param(
+            "rediss://h/0?ssl_password=pp&ssl_keyfile=/k.pem&PASSWORD=x",
+            "rediss://h/0?ssl_password=***&ssl_keyfile=/k.pem&PASSWORD=***",
+            id="secret-query-parameters",
+        ),
     ],
 )
 def test_redact_url_cases(url: str, expected: str) -> None:
@@ -246,7 +251,10 @@ def test_settings_unencoded_password_not_shown(
         ("redis://h/0/1", "database part is not a number"),
         ("redis://h/1_0", "database part is not a number"),
         ("redis://h/+1", "database part is not a number"),
-        ("redis://h/0?sokcet_timeout=5", "query option that redis-py does not accept"),
+        ("redis://h/0?sokcet_timeout=5", "query option or value that redis-py"),
+        ("rediss://h/0?ssl_cert_reqs=bogus", "query option or value that redis-py"),
+        ("redis://h/0?protocol=4", "query option or value that redis-py"),
+        ("redis://h/0?timeout=5", "query option or value that redis-py"),
         ("redis://h/0?ssl_ca_certs=/ca.pem", "ssl_ options need rediss://"),
         ("redis://h/0?socket_timeout=-1", "socket_timeout must be a finite number"),
         ("redis://h/0?socket_timeout=nan", "socket_timeout must be a finite number"),
