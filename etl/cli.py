@@ -13,8 +13,12 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from etl.cohort import MAX_COHORT_SIZE
 from etl.config import ConfigurationError, Settings, load_settings
 from etl.exit_codes import EXIT_CONFIG, EXIT_INFRASTRUCTURE
+
+#: A TCP port to listen on.
+PORT: Final = click.IntRange(1, 65535)
 
 console = Console()
 # Not wrapped: an error may end with a command to copy, such as a reset.
@@ -61,7 +65,7 @@ def _finite(
 ) -> float | None:
     """Reject NaN and infinity, which FloatRange lets through."""
     if value is not None and not math.isfinite(value):
-        msg = f"{value} is not a finite number of seconds."
+        msg = f"{value} is not a finite number."
         raise click.BadParameter(msg)
     return value
 
@@ -189,6 +193,7 @@ def _failure(error: Exception, code: int) -> dict[str, Any]:
 @click.option(
     "--rate",
     type=click.FloatRange(min=0, min_open=True),
+    callback=_finite,
     help="Maximum readings per second (default: as fast as possible).",
 )
 @click.option(
@@ -200,7 +205,7 @@ def _failure(error: Exception, code: int) -> dict[str, Any]:
 )
 @click.option(
     "--cohort-size",
-    type=click.IntRange(min=1),
+    type=click.IntRange(1, MAX_COHORT_SIZE),
     default=200,
     show_default=True,
     help="Number of distinct patients.",
@@ -292,8 +297,8 @@ STATE_DIR_OPTION: Final = click.option(
 
 @services.command("start")
 @STATE_DIR_OPTION
-@click.option("--kafka-port", type=int, default=9092, show_default=True)
-@click.option("--redis-port", type=int, default=6380, show_default=True)
+@click.option("--kafka-port", type=PORT, default=9092, show_default=True)
+@click.option("--redis-port", type=PORT, default=6380, show_default=True)
 def services_start(state_dir: Path, kafka_port: int, redis_port: int) -> None:
     """Start both services unless they run; print the variables that point at them."""
     from redis import RedisError

@@ -214,7 +214,7 @@ def test_run_deadline_must_be_finite(value: str) -> None:
     failure = json.loads(result.stdout)
     assert result.exit_code == 2
     assert "'--deadline'" in failure["message"]
-    assert "not a finite number of seconds" in failure["message"]
+    assert "is not a finite number" in failure["message"]
 
 
 @pytest.mark.parametrize(
@@ -270,3 +270,21 @@ def test_settings_reject_redis_url_forms(
 
     with pytest.raises(ConfigurationError, match=message):
         load_settings()
+
+
+@pytest.mark.parametrize(
+    ("arguments", "detail"),
+    [
+        (["services", "start", "--kafka-port", "70000"], "70000 is not in the range"),
+        (["services", "start", "--redis-port", "0"], "0 is not in the range"),
+        (["generate", "--rate", "inf"], "inf is not a finite number"),
+        (["generate", "--cohort-size", "2000000"], "2000000 is not in the range"),
+    ],
+)
+def test_cli_out_of_range_option_usage_error(arguments: list[str], detail: str) -> None:
+    """Rejected by Click before anything starts, with exit code 2 and no traceback."""
+    result = CliRunner().invoke(main, arguments)
+
+    assert result.exit_code == 2
+    assert detail in result.stderr
+    assert "Traceback" not in result.stderr
