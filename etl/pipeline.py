@@ -726,7 +726,12 @@ def load_staging(settings: Settings, staging: Path) -> BatchReport:
             report.duplicates += meta["duplicates"]
             result = sink.write_chunk(manifest["topic"], chunk)
             report.add(chunk, result)
-            if result.concurrent:
+            # A chunk that Redis already stores whole was written by an earlier
+            # attempt of this load (a retry) or another batch: both are skipped.
+            if (
+                result.concurrent
+                and result.skipped < chunk.rows.height + chunk.rejects.height
+            ):
                 report.status = "concurrent_batch"
         if report.offsets:
             # Fails when Redis lost offsets after the last write. Kafka then

@@ -429,6 +429,7 @@ def test_staged_load_retried_after_timeout_writes_once(
 
     assert retried.written + retried.rejected == len(produced) - 200
     assert retried.skipped == 200
+    assert retried.status == "ok"
     assert_accounted(redis_client, settings, produced)
 
 
