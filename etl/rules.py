@@ -385,7 +385,10 @@ def bp_status(
         if rule_set == "acc_aha_2017":
             labels = _ACC_AHA_2017_LABELS
             adult = _band_rank(
-                ACC_AHA_2017_BANDS, systolic=systolic, diastolic=diastolic
+                ACC_AHA_2017_BANDS,
+                systolic=systolic,
+                diastolic=diastolic,
+                low_below=BP_STAGE_1,
             )
         else:
             labels = _ESC_ESH_2018_LABELS
@@ -431,12 +434,18 @@ def _rank_expr(
 
 
 def _band_rank(
-    bands: Sequence[BpBand], *, systolic: pl.Expr, diastolic: pl.Expr
+    bands: Sequence[BpBand],
+    *,
+    systolic: pl.Expr,
+    diastolic: pl.Expr,
+    low_below: str | None = None,
 ) -> pl.Expr:
     """Rank an adult reading, 0 in the low range and ``i + 1`` for ``bands[i]``.
 
-    Outside the low range the rank is the higher of the SBP and the DBP rank, as
-    both guidelines require. These are the ranks of :data:`BP_LABEL_RANK`.
+    The rank is the higher of the SBP and the DBP rank, as both guidelines
+    require, and 0 when one value is low (SBP < 90 or DBP < 60) and that rank
+    is below the band labelled ``low_below``. Without ``low_below`` a low
+    value always gives 0. These are the ranks of :data:`BP_LABEL_RANK`.
     """
     ranked = list(enumerate(bands, start=1))
     systolic_rank = _rank_expr(
@@ -446,22 +455,26 @@ def _band_rank(
         diastolic, [(rank, band.diastolic_min, band.strict) for rank, band in ranked]
     )
 
-    # One low value makes the reading low even when the other value is high, so
-    # 150/55 is low. A low value may mean hypotension or a failed measurement,
-    # which the max rule would hide.
+    rank = pl.max_horizontal(systolic_rank, diastolic_rank)
     is_low = (systolic < HYPOTENSION_SYSTOLIC_BELOW) | (
         diastolic < HYPOTENSION_DIASTOLIC_BELOW
     )
-    return (
-        pl.when(is_low)
-        .then(pl.lit(0, dtype=pl.Int64))
-        .otherwise(pl.max_horizontal(systolic_rank, diastolic_rank))
-    )
+    if low_below is not None:
+        # A hypertension range wins over a low value, so 150/55 is Stage 2 (ESC/ESH
+        # 2018 grades such a reading as isolated systolic hypertension).
+        first_kept = 1 + [band.label for band in bands].index(low_below)
+        is_low = is_low & (rank < first_kept)
+    return pl.when(is_low).then(pl.lit(0, dtype=pl.Int64)).otherwise(rank)
 
 
 def _esc_esh_2018_code(*, systolic: pl.Expr, diastolic: pl.Expr) -> pl.Expr:
     """Code an adult reading by ESC/ESH 2018, with isolated systolic grades."""
-    rank = _band_rank(ESC_ESH_2018_BANDS, systolic=systolic, diastolic=diastolic)
+    rank = _band_rank(
+        ESC_ESH_2018_BANDS,
+        systolic=systolic,
+        diastolic=diastolic,
+        low_below=BP_GRADE_1,
+    )
     # With DBP < 90 the grade comes from SBP alone, so only the label changes. A
     # reading in the low range keeps rank 0, which the renaming leaves as it is.
     isolated_codes = {
@@ -531,7 +544,11 @@ def _paediatric_code(
 
 
 def _legacy_code(*, systolic: pl.Expr, diastolic: pl.Expr, age: pl.Expr) -> pl.Expr:
-    """Code a reading by the legacy Low/Normal/High bands for its age."""
+    """Code a reading by the legacy Low/Normal/High bands for its age.
+
+    Low wins over High (150/55 is Low), as in the system this rule set
+    reproduces, which tests for Low first.
+    """
     code: pl.Expr = pl.lit(None, dtype=pl.Int64)
     # Wrap from the oldest band down, so the outermost test is the youngest band.
     for band in reversed(LEGACY_AGE_BANDS):

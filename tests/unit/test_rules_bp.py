@@ -105,11 +105,15 @@ ACC_AHA_2017_CASES = [
     pytest.param(181, 70, BP_CRISIS, id="crisis-sbp-181"),
     pytest.param(110, 121, BP_CRISIS, id="crisis-dbp-121"),
     pytest.param(181, 121, BP_CRISIS, id="crisis-both"),
-    # Hypotension: SBP < 90 or DBP < 60, taking precedence over the max rule.
+    # Hypotension: SBP < 90 or DBP < 60, unless the other value is Stage 1 or higher.
     pytest.param(89, 70, BP_HYPOTENSION, id="low-sbp-89"),
     pytest.param(110, 59, BP_HYPOTENSION, id="low-dbp-59"),
-    pytest.param(85, 95, BP_HYPOTENSION, id="low-sbp-wins-over-dbp"),
-    pytest.param(200, 55, BP_HYPOTENSION, id="low-dbp-wins-over-sbp"),
+    pytest.param(129, 59, BP_HYPOTENSION, id="low-dbp-wins-over-elevated"),
+    pytest.param(89, 79, BP_HYPOTENSION, id="low-sbp-dbp-79"),
+    pytest.param(130, 59, BP_STAGE_1, id="stage1-sbp-wins-over-low-dbp"),
+    pytest.param(85, 95, BP_STAGE_2, id="stage2-dbp-wins-over-low-sbp"),
+    pytest.param(150, 55, BP_STAGE_2, id="stage2-sbp-wins-over-low-dbp"),
+    pytest.param(200, 55, BP_CRISIS, id="crisis-sbp-wins-over-low-dbp"),
 ]
 
 
@@ -151,10 +155,14 @@ ESC_ESH_2018_CASES = [
     pytest.param(180, 89, BP_ISOLATED_SYSTOLIC_GRADE_3, id="isolated-grade3"),
     pytest.param(220, 60, BP_ISOLATED_SYSTOLIC_GRADE_3, id="isolated-grade3-dbp-60"),
     pytest.param(139, 89, BP_HIGH_NORMAL, id="isolated-needs-sbp-140"),
-    # Hypotension: SBP < 90 or DBP < 60, before isolated systolic hypertension.
+    # Hypotension: SBP < 90 or DBP < 60, unless the other value is grade 1 or higher.
     pytest.param(89, 70, BP_HYPOTENSION, id="low-sbp-89"),
     pytest.param(110, 59, BP_HYPOTENSION, id="low-dbp-59"),
-    pytest.param(200, 59, BP_HYPOTENSION, id="low-dbp-wins-over-isolated"),
+    pytest.param(139, 59, BP_HYPOTENSION, id="low-dbp-wins-over-high-normal"),
+    pytest.param(140, 59, BP_ISOLATED_SYSTOLIC_GRADE_1, id="isolated-grade1-dbp-59"),
+    pytest.param(165, 58, BP_ISOLATED_SYSTOLIC_GRADE_2, id="isolated-grade2-dbp-58"),
+    pytest.param(200, 59, BP_ISOLATED_SYSTOLIC_GRADE_3, id="isolated-grade3-dbp-59"),
+    pytest.param(85, 90, BP_GRADE_1, id="grade1-dbp-wins-over-low-sbp"),
 ]
 
 
@@ -395,10 +403,23 @@ def neutral_reading(rule_set: str, age: int) -> tuple[int, int]:
     return (90, 0) if is_child else (90, 60)
 
 
-def is_low(rule_set: str, systolic: int, diastolic: int, age: int) -> bool:
+#: Lowest rank of a hypertension range, which a low value does not override.
+FIRST_HYPERTENSION_RANK = {
+    "acc_aha_2017": BP_LABEL_RANK["acc_aha_2017"][BP_STAGE_1],
+    "esc_esh_2018": BP_LABEL_RANK["esc_esh_2018"][BP_GRADE_1],
+}
+
+
+def is_low(
+    rule_set: str, systolic: int, diastolic: int, age: int, value_rank: int
+) -> bool:
+    """Tell whether a reading is in the low range; ``value_rank`` is the max of its value ranks."""
     if rule_set != "legacy_age_bands" and age < 13:
         return systolic < pals_floor(age)
-    return systolic < 90 or diastolic < 60
+    has_low_value = systolic < 90 or diastolic < 60
+    if rule_set == "legacy_age_bands":
+        return has_low_value
+    return has_low_value and value_rank < FIRST_HYPERTENSION_RANK[rule_set]
 
 
 def ranks(rule_set: str, rows: list[tuple[int, int, int, str | None]]) -> list[int]:
@@ -466,13 +487,12 @@ def test_bp_status_rank_is_max_of_values(
         rows, combined, systolic_only, diastolic_only, strict=True
     ):
         systolic, diastolic, age, _ = row
-        # A low value overrides the max rule, so the reading gets rank 0 instead.
-        if is_low(rule_set, systolic, diastolic, age):
+        value_rank = max(systolic_rank, diastolic_rank)
+        # A low value overrides the max rule below the hypertension ranges.
+        if is_low(rule_set, systolic, diastolic, age, value_rank):
             assert rank == 0, f"low reading {row} not ranked 0"
         else:
-            assert rank == max(systolic_rank, diastolic_rank), (
-                f"max rule broken for {row}"
-            )
+            assert rank == value_rank, f"max rule broken for {row}"
 
 
 @settings(deadline=None)
