@@ -46,10 +46,15 @@ KAFKA_FIELDS: Final = {
 }
 
 #: Consumer properties the batch sets itself: a connection that changed them
-#: would break the end-of-partition drain or commit offsets before Redis has
-#: the rows.
+#: would break the end-of-partition drain, commit offsets before Redis has the
+#: rows, or jump over records when a stored offset is outside the topic.
 KAFKA_RESERVED: Final = frozenset(
-    {"enable.auto.commit", "enable.auto.offset.store", "enable.partition.eof"}
+    {
+        "enable.auto.commit",
+        "enable.auto.offset.store",
+        "enable.partition.eof",
+        "auto.offset.reset",
+    }
 )
 
 #: TLS options of the Redis provider, passed to redis-py as URL query arguments.
