@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
 from typing import Any, Final, Literal
 from urllib.parse import parse_qs, unquote, urlsplit
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
@@ -25,6 +26,17 @@ RuleSet = Literal["acc_aha_2017", "esc_esh_2018", "legacy_age_bands"]
 
 class ConfigurationError(ValueError):
     """Invalid settings: the message names the variable and the expected value."""
+
+
+@functools.cache
+def iana_time_zones() -> frozenset[str]:
+    """Return the IANA zone names that both zoneinfo and Polars accept.
+
+    zoneinfo also opens other files of the zone folder ("localtime",
+    "posixrules", "right/UTC", "posix/Europe/Paris") and the tzdata zone
+    "Factory", all of which Polars' time-zone conversion rejects.
+    """
+    return frozenset(available_timezones() - {"Factory", "localtime"})
 
 
 def _check_url_options(url: str, options: dict[str, Any]) -> None:
@@ -117,6 +129,8 @@ class Settings(BaseSettings):
     def _known_time_zone(cls, value: str) -> str:
         try:
             ZoneInfo(value)
+            if value not in iana_time_zones():
+                raise ValueError(value)
         except (ZoneInfoNotFoundError, ValueError):
             msg = (
                 f"unknown time zone {value!r}; use an IANA name such as 'Europe/Paris'"

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 
+import polars as pl
 import pytest
 from click.testing import CliRunner
 
 from etl.cli import main
-from etl.config import ConfigurationError, load_settings, redact_url
+from etl.config import ConfigurationError, iana_time_zones, load_settings, redact_url
 
 
 def test_settings_defaults_point_at_localhost() -> None:
@@ -33,6 +34,15 @@ def test_settings_read_prefixed_environment(monkeypatch: pytest.MonkeyPatch) -> 
     [
         pytest.param(
             "VITALS_TIME_ZONE", "Mars/Base", "VITALS_TIME_ZONE='Mars/Base'", id="zone"
+        ),
+        pytest.param(
+            "VITALS_TIME_ZONE", "localtime", "unknown time zone", id="zone-localtime"
+        ),
+        pytest.param(
+            "VITALS_TIME_ZONE", "right/UTC", "unknown time zone", id="zone-right"
+        ),
+        pytest.param(
+            "VITALS_TIME_ZONE", "Factory", "unknown time zone", id="zone-factory"
         ),
         pytest.param("VITALS_CHUNK_SIZE", "0", "VITALS_CHUNK_SIZE", id="chunk-zero"),
         pytest.param("VITALS_RULE_SET", "who_1999", "VITALS_RULE_SET", id="rule-set"),
@@ -288,3 +298,10 @@ def test_cli_out_of_range_option_usage_error(arguments: list[str], detail: str) 
     assert result.exit_code == 2
     assert detail in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_settings_time_zones_all_convert_in_polars() -> None:
+    """Every zone the settings accept converts in Polars, as the transform needs."""
+    instant = pl.Series([0]).cast(pl.Datetime("us", "UTC"))
+    for zone in sorted(iana_time_zones()):
+        assert instant.dt.convert_time_zone(zone).len() == 1, zone
