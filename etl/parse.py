@@ -23,6 +23,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 from typing import Any, Final
 
 import polars as pl
@@ -576,8 +577,26 @@ def _json_token_for(field: str, *, numbers_allowed: bool) -> pl.Expr:
     # The message is searched only where the text looks like a JSON token:
     # other rows are null here, and the regex skips nulls.
     suspect = pl.when(pl.col(field).is_not_null() & looks_like).then(pl.col("value"))
-    in_message = suspect.cast(pl.String).str.contains(rf'"{field}"\s*:\s*(?:{tokens})')
+    key = _json_key_pattern(field)
+    in_message = suspect.cast(pl.String).str.contains(rf"{key}\s*:\s*(?:{tokens})")
     return in_message.fill_null(False)
+
+
+def _json_key_pattern(field: str) -> str:
+    """Return a regex for ``field`` as a JSON object key, each character plain or escaped.
+
+    JSON lets any character of a key be written as a ``\\uXXXX`` escape
+    (RFC 8259, section 7), which Polars decodes, so ``"p\\u0061tient_id"`` is
+    the key ``patient_id`` too.
+    """
+    parts = []
+    for character in field:
+        code = f"{ord(character):04x}"
+        hex_digits = "".join(
+            f"[{digit}{digit.upper()}]" if digit.isalpha() else digit for digit in code
+        )
+        parts.append(f"(?:{re.escape(character)}|\\\\u{hex_digits})")
+    return '"' + "".join(parts) + '"'
 
 
 def _blood_pressure() -> pl.Expr:

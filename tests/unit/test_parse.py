@@ -117,6 +117,11 @@ def test_parse_tolerances(fields: dict[str, Any], expected: dict[str, Any]) -> N
         assert row[key] == value
 
 
+def escaped_key(fields: dict[str, Any], key: str, written: str) -> bytes:
+    """Encode ``fields`` with ``key`` written as ``written``, a JSON escape of it."""
+    return encode(fields).replace(f'"{key}"'.encode(), f'"{written}"'.encode(), 1)
+
+
 @pytest.mark.parametrize(
     ("value", "reason", "field"),
     [
@@ -189,6 +194,26 @@ def test_parse_tolerances(fields: dict[str, Any], expected: dict[str, Any]) -> N
         ),
         pytest.param(
             encode(reading(name=True)), Reason.WRONG_TYPE, "name", id="name-boolean"
+        ),
+        pytest.param(
+            escaped_key(reading(name=["x", {"y": 1}]), "name", "n\\u0061me"),
+            Reason.WRONG_TYPE,
+            "name",
+            id="name-array-escaped-key",
+        ),
+        pytest.param(
+            escaped_key(
+                reading(patient_id={"mrn": "123"}), "patient_id", "\\u0070atient_id"
+            ),
+            Reason.WRONG_TYPE,
+            "patient_id",
+            id="patient-id-object-escaped-key",
+        ),
+        pytest.param(
+            escaped_key(reading(device_id=True), "device_id", "device\\u005Fid"),
+            Reason.WRONG_TYPE,
+            "device_id",
+            id="device-id-boolean-escaped-key",
         ),
         pytest.param(
             encode(reading(on_oxygen="maybe")),
