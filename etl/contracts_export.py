@@ -330,6 +330,9 @@ def _property(
         options = [{"type": "boolean"}]
 
     if nullable:
+        if field.kind != "string":
+            # The parser reads a blank string in an optional field as absent.
+            options.append({"type": "string", "pattern": r"^\s*$"})
         options.append({"type": "null"})
     if len(options) == 1:
         return {"description": description, **options[0]}

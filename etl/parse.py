@@ -541,9 +541,23 @@ def _number(field: str, typed: frozenset[str]) -> pl.Expr:
     return _text(field).cast(pl.Float64, strict=False)
 
 
+#: Optional number and boolean fields, where a blank string counts as absent, as
+#: it does in every text field.
+_BLANK_IS_ABSENT: Final = frozenset(
+    {"spo2", "respiratory_rate", "on_oxygen", "spo2_scale"}
+)
+
+
+def _present(field: str, typed: frozenset[str]) -> pl.Expr:
+    """Return whether ``field`` carries a value (a blank optional value does not)."""
+    if field in typed or field not in _BLANK_IS_ABSENT:
+        return pl.col(field).is_not_null()
+    return _text(field).str.len_bytes() > 0
+
+
 def _unreadable_number(field: str, typed: frozenset[str]) -> pl.Expr:
     number = _number(field, typed)
-    return pl.col(field).is_not_null() & (number.is_null() | ~number.is_finite())
+    return _present(field, typed) & (number.is_null() | ~number.is_finite())
 
 
 def _not_integral(field: str, typed: frozenset[str]) -> pl.Expr:
@@ -643,7 +657,7 @@ def _boolean(field: str, typed: frozenset[str]) -> pl.Expr:
     return (
         pl.when(text.is_in(["true", "1"]))
         .then(True)
-        .when(pl.col(field).is_not_null())
+        .when(_present(field, typed))
         .then(False)
     )
 
@@ -652,7 +666,7 @@ def _unreadable_boolean(field: str, typed: frozenset[str]) -> pl.Expr:
     if field in typed:
         return pl.lit(False)
     text = _text(field).str.to_lowercase()
-    return pl.col(field).is_not_null() & ~text.is_in(["true", "false", "1", "0"])
+    return _present(field, typed) & ~text.is_in(["true", "false", "1", "0"])
 
 
 #: Checks that make a message unreadable as a reading, in the order they are

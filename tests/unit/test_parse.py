@@ -640,3 +640,41 @@ def test_parse_deep_multiline_value_rejected() -> None:
 
     assert rows["offset"].to_list() == [0, 2]
     assert rejects["reason"].to_list() == [Reason.INVALID_JSON]
+
+
+COMPLETE_NEWS2 = {
+    "spo2": 97,
+    "respiratory_rate": 16,
+    "consciousness": "A",
+    "on_oxygen": False,
+    "spo2_scale": 1,
+    "sex": "F",
+}
+
+
+@pytest.mark.parametrize(
+    ("field", "risk"),
+    [
+        ("spo2", "Incomplete"),
+        ("respiratory_rate", "Incomplete"),
+        ("on_oxygen", "Incomplete"),
+        ("consciousness", "Incomplete"),
+        ("spo2_scale", "Low"),
+        ("sex", "Low"),
+    ],
+)
+@pytest.mark.parametrize("blank", ["", "  "])
+def test_parse_blank_optional_field_is_absent(
+    field: str, risk: str, blank: str
+) -> None:
+    (row,) = rows_of([encode(reading(**{**COMPLETE_NEWS2, field: blank}))])
+
+    assert row["news2_risk"] == risk
+
+
+@pytest.mark.parametrize("field", ["age", "heart_rate", "temperature"])
+def test_parse_blank_required_number_rejected(field: str) -> None:
+    (reject,) = rejects_of([encode(reading(**{field: ""}))])
+
+    assert reject["reason"] == Reason.WRONG_TYPE.value
+    assert reject["field"] == field
