@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import re
 from typing import Any, Final, Literal
@@ -67,6 +68,23 @@ def _check_url_options(url: str, options: dict[str, Any]) -> None:
             "the query option health_check_interval must be a finite number of seconds"
         )
         raise ValueError(msg)
+
+
+class _KafkaClientLog:
+    """Pass librdkafka's log lines to the ``etl.kafka_client`` logger at DEBUG.
+
+    Without a logger, librdkafka writes each failed connection attempt to
+    stderr, many lines a second while a broker is down. The batch reports such
+    failures itself in one message, so these lines only help with ``-vv``.
+    """
+
+    _logger = logging.getLogger("etl.kafka_client")
+
+    def log(self, _level: int, message: str, *args: Any) -> None:
+        self._logger.debug(message, *args)
+
+
+_KAFKA_CLIENT_LOG: Final = _KafkaClientLog()
 
 
 class Settings(BaseSettings):
@@ -216,6 +234,7 @@ class Settings(BaseSettings):
     def kafka_config(self) -> dict[str, Any]:
         """Return the librdkafka properties shared by consumers and producers."""
         config: dict[str, Any] = {
+            "logger": _KAFKA_CLIENT_LOG,
             "bootstrap.servers": self.kafka_bootstrap_servers,
             "security.protocol": self.kafka_security_protocol,
             "socket.timeout.ms": int(self.kafka_timeout_s * 1000),
