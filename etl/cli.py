@@ -297,9 +297,19 @@ STATE_DIR_OPTION: Final = click.option(
 
 @services.command("start")
 @STATE_DIR_OPTION
-@click.option("--kafka-port", type=PORT, default=9092, show_default=True)
-@click.option("--redis-port", type=PORT, default=6380, show_default=True)
-def services_start(state_dir: Path, kafka_port: int, redis_port: int) -> None:
+@click.option(
+    "--kafka-port",
+    type=PORT,
+    help="Broker port (default: the port of its last start, else 9092).",
+)
+@click.option(
+    "--redis-port",
+    type=PORT,
+    help="Redis port (default: the port of its last start, else 6380).",
+)
+def services_start(
+    state_dir: Path, kafka_port: int | None, redis_port: int | None
+) -> None:
     """Start both services unless they run; print the variables that point at them."""
     from redis import RedisError
 

@@ -281,26 +281,32 @@ _FRESH_BROKER: Final = "kafka.fresh"
 def start_local_stack(
     state_dir: Path,
     *,
-    kafka_port: int = DEFAULT_KAFKA_PORT,
-    redis_port: int = DEFAULT_REDIS_PORT,
+    kafka_port: int | None = None,
+    redis_port: int | None = None,
     redis_database: int = 0,
 ) -> dict[str, str]:
     """Start the broker and Redis unless their pid files show them running.
 
     Returns the addresses to export as ``VITALS_KAFKA_BOOTSTRAP_SERVERS`` and
     ``VITALS_REDIS_URL`` (with ``redis_database``): the ports of the services
-    already running, else the ports given. Both ports are checked before
-    either service starts.
+    already running, else the ports given. A service started without a port
+    takes the one its pid file records, so a service that died comes back
+    where its clients look, else the default port. Both ports are checked
+    before either service starts.
     """
     state_dir.mkdir(parents=True, exist_ok=True)
     redis_server_binary()  # Fail before starting anything when Redis is missing.
-    ports = {"kafka": kafka_port, "redis": redis_port}
+    given = {"kafka": kafka_port, "redis": redis_port}
+    defaults = {"kafka": DEFAULT_KAFKA_PORT, "redis": DEFAULT_REDIS_PORT}
+    ports: dict[str, int] = {}
     to_start = []
-    for name in ports:
+    for name in given:
         pid_file = state_dir / f"{name}.pid"
+        recorded = _recorded_port(pid_file)
+        ports[name] = given[name] or recorded or defaults[name]
         if _running_from(pid_file):
             logger.info("%s already running (pid file %s)", name, pid_file)
-            ports[name] = _recorded_port(pid_file) or ports[name]
+            ports[name] = recorded or ports[name]
         elif port_in_use(ports[name]):
             msg = (
                 f"port {ports[name]} on {HOST} is already in use by another program, "

@@ -113,3 +113,26 @@ def test_missing_database_is_settings_error(tmp_path: Path) -> None:
     assert result.exit_code == 2, result.output
     assert "has no database 99" in result.stderr
     assert None not in status.values()
+
+
+def test_dead_service_restarts_on_its_port(tmp_path: Path) -> None:
+    """Started again without ports, a Redis that died comes back on the port it had."""
+    kafka_port, redis_port = free_port(), free_port()
+    try:
+        start(tmp_path, kafka_port, redis_port)
+        redis_pid = local_stack_status(tmp_path)["redis"]
+        assert redis_pid is not None
+        terminate(redis_pid)
+        result = CliRunner().invoke(
+            main,
+            ["services", "start", "--state-dir", str(tmp_path)],
+            env={"VITALS_KAFKA_TOPIC": "vitals"},
+        )
+        status = local_stack_status(tmp_path)
+    finally:
+        stop_local_stack(tmp_path)
+
+    assert result.exit_code == 0, result.output
+    assert f"VITALS_REDIS_URL=redis://127.0.0.1:{redis_port}/0" in result.stdout
+    assert f"VITALS_KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:{kafka_port}" in result.stdout
+    assert status["redis"] is not None
