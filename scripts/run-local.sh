@@ -12,19 +12,27 @@
 # after the batch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+STATE_DIR=${STATE_DIR:-.local}
+# 'stop' uses the virtualenv of the last start unless VENV is set.
+if [ "${1:-}" = "stop" ] && [ -z "${VENV:-}" ] && [ -f "$STATE_DIR/venv" ]; then
+  VENV=$(cat "$STATE_DIR/venv")
+fi
 if [ "${SKIP_AIRFLOW:-0}" = "1" ]; then
   # Without Airflow the batch needs only the base and dev dependencies.
   EXTRAS=${EXTRAS:-dev}
 fi
 source scripts/setup-env.sh
 
-STATE_DIR=${STATE_DIR:-.local}
 KAFKA_PORT=${KAFKA_PORT:-9092}
 REDIS_PORT=${REDIS_PORT:-6380}
 export VITALS_KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:$KAFKA_PORT
 export VITALS_REDIS_URL=redis://127.0.0.1:$REDIS_PORT/0
 
 if [ "${1:-}" = "stop" ]; then
+  if [ ! -x "$VENV/bin/etl" ]; then
+    echo "error: $VENV/bin/etl not found; set VENV to the virtualenv that started the services" >&2
+    exit 2
+  fi
   if [ -x "$VENV/bin/airflow" ]; then
     VENV="$VENV" scripts/airflow-local.sh stop || true
   fi
@@ -35,6 +43,8 @@ fi
 install_redis
 install_project
 etl="$VENV/bin/etl"
+mkdir -p "$STATE_DIR"
+(cd "$VENV" && pwd) > "$STATE_DIR/venv"
 
 echo "== Starting the broker on 127.0.0.1:$KAFKA_PORT and Redis on 127.0.0.1:$REDIS_PORT"
 "$etl" services start --state-dir "$STATE_DIR" --kafka-port "$KAFKA_PORT" --redis-port "$REDIS_PORT" >/dev/null
