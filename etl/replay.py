@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any, Final
 
 import click
 
+from etl.reasons import Reason
+
 if TYPE_CHECKING:
     import redis
 
@@ -38,6 +40,10 @@ _PAGE: Final = 1000
 
 class ReplayError(RuntimeError):
     """A reject cannot be read, or the broker did not accept the replayed values."""
+
+
+class InvalidRejectFile(ReplayError):
+    """A line of the file given with ``--file`` is not a reject JSON object."""
 
 
 @dataclass
@@ -87,10 +93,32 @@ def rejects_from_file(path: Path) -> Iterator[dict[str, Any]]:
             if not line.strip():
                 continue
             try:
-                yield json.loads(line)
+                reject = json.loads(line)
             except json.JSONDecodeError as exc:
                 msg = f"{path}:{number} is not a reject JSON object: {exc.msg}"
-                raise ReplayError(msg) from None
+                raise InvalidRejectFile(msg) from None
+            problem = _reject_problem(reject)
+            if problem:
+                msg = f"{path}:{number} is not a reject JSON object: {problem}"
+                raise InvalidRejectFile(msg)
+            yield reject
+
+
+def _reject_problem(reject: Any) -> str | None:
+    """Say what a reject read from a file lacks for a replay, or return None."""
+    if not isinstance(reject, dict):
+        return "expected an object as in the rejects list"
+    source = reject.get("source")
+    if not isinstance(source, dict) or not {"topic", "partition", "offset"} <= set(
+        source
+    ):
+        return "'source' needs 'topic', 'partition' and 'offset'"
+    if "payload_base64" in reject:
+        try:
+            base64.b64decode(reject["payload_base64"], validate=True)
+        except (TypeError, ValueError):
+            return "'payload_base64' is not valid base64"
+    return None
 
 
 def replay_rejects(
@@ -190,6 +218,7 @@ def _produce(settings: Settings, batch: list[tuple[str, bytes]]) -> None:
     "--reason",
     "reasons",
     multiple=True,
+    type=click.Choice([reason.value for reason in Reason]),
     help="Replay only rejects with this reason code (repeatable; default: all).",
 )
 @click.option(
@@ -207,13 +236,16 @@ def replay_rejects_command(
 ) -> None:
     """Produce rejected values to the topic again, for the next batch to read."""
     from etl.cli import errors, settings_or_exit
-    from etl.exit_codes import EXIT_INFRASTRUCTURE
+    from etl.exit_codes import EXIT_CONFIG, EXIT_INFRASTRUCTURE
 
     settings = settings_or_exit()
     try:
         report = replay_rejects(
             settings, reasons=reasons, path=path, dry_run=dry_run, force=force
         )
+    except InvalidRejectFile as exc:
+        errors.print(f"[red]replay failed:[/red] {exc}")
+        raise SystemExit(EXIT_CONFIG) from None
     except ReplayError as exc:
         errors.print(f"[red]replay failed:[/red] {exc}")
         raise SystemExit(EXIT_INFRASTRUCTURE) from None

@@ -113,11 +113,50 @@ def test_reject_value_decodes_base64() -> None:
     assert reject_value({"reason": "tombstone"}) is None
 
 
-def test_replay_bad_file_line_fails(settings: Settings, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        ('{"reason": "invalid_json"', "Expecting"),
+        ("[1, 2]", "expected an object"),
+        ('{"reason": "invalid_json", "payload": "x"}', "'source' needs"),
+        (
+            '{"source": {"topic": "t", "partition": 0, "offset": 1}, '
+            '"payload_base64": "%%%"}',
+            "not valid base64",
+        ),
+    ],
+)
+def test_replay_bad_file_line_fails(
+    settings: Settings, tmp_path: Path, line: str, problem: str
+) -> None:
     broken = tmp_path / "broken.jsonl"
-    broken.write_text('{"reason": "invalid_json"\n')
-    with pytest.raises(ReplayError, match=r"broken.jsonl:1 is not a reject"):
+    broken.write_text(f"{line}\n")
+    with pytest.raises(
+        ReplayError, match=rf"broken.jsonl:1 is not a reject.*{problem}"
+    ):
         replay_rejects(settings, path=broken)
+
+
+def test_replay_command_bad_file_exits_2(settings: Settings, tmp_path: Path) -> None:
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("[1, 2]\n")
+    env = {
+        "VITALS_KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
+        "VITALS_REDIS_URL": settings.redis_url.get_secret_value(),
+    }
+    result = CliRunner().invoke(
+        replay_rejects_command, ["--file", str(broken)], env=env
+    )
+
+    assert result.exit_code == 2
+    assert "broken.jsonl:1 is not a reject JSON object" in result.stderr
+
+
+def test_replay_command_unknown_reason_is_usage_error() -> None:
+    result = CliRunner().invoke(replay_rejects_command, ["--reason", "nosuchreason"])
+
+    assert result.exit_code == 2
+    assert "'nosuchreason' is not one of" in result.stderr
 
 
 def test_replay_command_prints_counts(
