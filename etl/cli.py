@@ -25,7 +25,9 @@ console = Console()
 errors = Console(stderr=True, soft_wrap=True)
 
 
-def redis_read_failed(error: Exception, settings: Settings, name: str) -> NoReturn:
+def redis_read_failed(
+    error: Exception, settings: Settings, name: str, kind: str = "list"
+) -> NoReturn:
     """Print why ``name`` could not be read from Redis, then exit 2 for a settings error, else 3."""
     from etl.sink import missing_database
 
@@ -33,6 +35,12 @@ def redis_read_failed(error: Exception, settings: Settings, name: str) -> NoRetu
     missing = missing_database(error, url, settings.redis_database)
     if missing is not None:
         errors.print(f"[red]error:[/red] {missing}")
+        sys.exit(EXIT_CONFIG)
+    if str(error).startswith("WRONGTYPE"):
+        errors.print(
+            f"[red]error:[/red] the key {name!r} at {url} is not a {kind}; check "
+            "the key name"
+        )
         sys.exit(EXIT_CONFIG)
     errors.print(f"[red]cannot read {name} from {url}:[/red] {error}")
     sys.exit(EXIT_INFRASTRUCTURE)
@@ -248,13 +256,25 @@ def generate(
 
 
 @main.command()
-@click.option("--start", type=int, default=0, show_default=True)
-@click.option("--stop", type=int, default=9, show_default=True)
+@click.option(
+    "--start",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Index of the first element; negative counts from the end.",
+)
+@click.option(
+    "--stop",
+    type=int,
+    default=9,
+    show_default=True,
+    help="Index of the last element, included; -1 is the last.",
+)
 @click.option("--key", help="Redis list (default: VITALS_REDIS_LIST_KEY).")
 def show(start: int, stop: int, key: str | None) -> None:
     """Print list elements numbered like 'redis-cli LRANGE key start stop', as UTF-8 text.
 
-    redis-cli escapes quotes and non-ASCII bytes (``\\xc3\\xa9``). This command
+    redis-cli escapes quotes and non-ASCII bytes (\\xc3\\xa9). This command
     prints them as they are, so accented names stay readable.
     """
     import redis

@@ -187,7 +187,7 @@ def reports(last: int, as_json: bool) -> None:
     except redis.RedisError as exc:
         from etl.cli import redis_read_failed
 
-        redis_read_failed(exc, settings, settings.redis_reports_key)
+        redis_read_failed(exc, settings, settings.redis_reports_key, "stream")
     finally:
         client.close()
 

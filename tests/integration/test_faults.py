@@ -256,6 +256,27 @@ def test_read_commands_missing_database_exit_2(
     assert "has no database 99" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("command", "key_setting", "kind"),
+    [("show", "redis_list_key", "list"), ("reports", "redis_reports_key", "stream")],
+)
+def test_read_commands_wrong_key_type_exit_2(
+    settings: Settings,
+    redis_client: redis.Redis,
+    command: str,
+    key_setting: str,
+    kind: str,
+) -> None:
+    key = getattr(settings, key_setting)
+    redis_client.hset(key, "field", "value")
+
+    result = CliRunner().invoke(main, [command], env=settings_env(settings))
+
+    assert result.exit_code == 2, result.output
+    assert f"the key {key!r}" in result.stderr
+    assert f"is not a {kind}" in result.stderr
+
+
 def test_ping_error_reply_is_named(settings: Settings) -> None:
     """An error reply to PING other than a missing database, such as a missing ACL right."""
     sink = RedisSink(settings)
