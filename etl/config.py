@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import difflib
 import functools
 import json
 import logging
 import math
+import os
 import re
 from typing import Any, Final, Literal
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -17,6 +19,7 @@ from redis.connection import ConnectionPool, parse_url
 from redis.exceptions import RedisError
 
 ENV_PREFIX: Final = "VITALS_"
+logger = logging.getLogger(__name__)
 #: SELECT takes a 32-bit signed index: Redis 7 replies "value is out of range" above it.
 _MAX_DATABASE: Final = 2**31 - 1
 #: Query options of a Redis URL that redis-py reads as seconds.
@@ -314,6 +317,7 @@ def load_settings(**overrides: Any) -> Settings:
     ConfigurationError
         When a variable has an invalid value; the message names each variable.
     """
+    _warn_unknown_variables()
     try:
         return Settings(**overrides)
     except SettingsError as exc:
@@ -340,6 +344,21 @@ def load_settings(**overrides: Any) -> Settings:
             problems.append(f"{variable}={shown!r}: {error['msg']}")
         msg = "invalid settings: " + "; ".join(problems)
         raise ConfigurationError(msg) from None
+
+
+#: VITALS_* variables read by the DAG file, not by the settings.
+DAG_VARIABLES: Final = frozenset({"VITALS_DEMO_GENERATE", "VITALS_STAGING_DIR"})
+
+
+def _warn_unknown_variables() -> None:
+    """Log a warning for each VITALS_* variable that no setting reads, such as a typo."""
+    known = {f"{ENV_PREFIX}{name.upper()}" for name in Settings.model_fields}
+    for variable in sorted(os.environ):
+        if not variable.startswith(ENV_PREFIX) or variable in known | DAG_VARIABLES:
+            continue
+        close = difflib.get_close_matches(variable, sorted(known), n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        logger.warning("Ignoring %s: no setting has this name%s", variable, hint)
 
 
 def _may_hold_secret(field: str) -> bool:

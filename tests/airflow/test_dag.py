@@ -275,3 +275,10 @@ def test_dag_test_loads_rows_once(
     assert again["drain"]["read"] == 0
     assert again["report"]["written"] == 0
     assert redis_client.llen(settings.redis_list_key) == listed
+
+
+def test_dag_variables_known_to_settings(dag_module: ModuleType) -> None:
+    """The settings do not warn about the VITALS_* variables that the DAG file reads."""
+    from etl.config import DAG_VARIABLES
+
+    assert {dag_module.GENERATE_ENV, dag_module.STAGING_ENV} == DAG_VARIABLES

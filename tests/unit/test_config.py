@@ -305,3 +305,17 @@ def test_settings_time_zones_all_convert_in_polars() -> None:
     instant = pl.Series([0]).cast(pl.Datetime("us", "UTC"))
     for zone in sorted(iana_time_zones()):
         assert instant.dt.convert_time_zone(zone).len() == 1, zone
+
+
+def test_settings_warn_on_unknown_variable(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("VITALS_CHUNKSIZE", "10")
+    monkeypatch.setenv("VITALS_DEMO_GENERATE", "false")
+
+    settings = load_settings()
+
+    assert settings.chunk_size == 50_000
+    assert "Ignoring VITALS_CHUNKSIZE" in caplog.text
+    assert "did you mean VITALS_CHUNK_SIZE?" in caplog.text
+    assert "VITALS_DEMO_GENERATE" not in caplog.text
