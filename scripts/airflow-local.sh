@@ -65,7 +65,7 @@ check_settings() {
 
 check_venv() {
     [[ -x $AIRFLOW_BIN && -x $PYTHON_BIN ]] ||
-        die "bin/airflow or bin/python not found in VENV=$VENV. Create the virtualenv with: python3.11 -m venv .venv && .venv/bin/pip install '.[airflow]'"
+        die "bin/airflow or bin/python not found in VENV=$VENV. Create the virtualenv with: python3.11 -m venv .venv && .venv/bin/pip install -c constraints.txt -e '.[airflow]'"
     command -v curl >/dev/null || die "curl not found on PATH; install it (Debian package curl)"
     command -v setsid >/dev/null || die "setsid not found on PATH; install util-linux"
 }

@@ -1,7 +1,7 @@
 """Shared fixtures: a real Kafka-protocol broker and a real redis-server.
 
 By default the pytest session starts its own Tansu broker and ``redis-server`` on free
-ports of 127.0.0.1. Set ``KAFKA_BOOTSTRAP_SERVERS`` and ``REDIS_URL`` to run
+ports of 127.0.0.1. Set ``ETL_TEST_KAFKA_BOOTSTRAP_SERVERS`` and ``ETL_TEST_REDIS_URL`` to run
 the integration tests against an existing Apache Kafka and Redis instead;
 each test then uses its own topic and its own Redis key names.
 """
@@ -37,8 +37,8 @@ class Broker:
 
 @pytest.fixture(scope="session")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
-    """A broker for the whole session: Tansu on a free port, or KAFKA_BOOTSTRAP_SERVERS."""
-    external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    """A broker for the whole session: Tansu on a free port, or ETL_TEST_KAFKA_BOOTSTRAP_SERVERS."""
+    external = os.environ.get("ETL_TEST_KAFKA_BOOTSTRAP_SERVERS")
     if external:
         yield Broker(external, None)
         return
@@ -51,8 +51,8 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
 
 @pytest.fixture(scope="session")
 def redis_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The URL of a Redis for the session: our own redis-server, or REDIS_URL."""
-    external = os.environ.get("REDIS_URL")
+    """The URL of a Redis for the session: our own redis-server, or ETL_TEST_REDIS_URL."""
+    external = os.environ.get("ETL_TEST_REDIS_URL")
     if external:
         yield external
         return
