@@ -26,6 +26,7 @@ import logging
 import re
 from typing import Any, Final
 
+import orjson
 import polars as pl
 
 from etl.reasons import Reason
@@ -118,7 +119,6 @@ _SURROGATE_PAIR: Final = r"\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-
 # Minimum segment size below which a failing read_ndjson call is retried value
 # by value; bisection above it keeps the cost near n * log2(bad values).
 _BISECT_LEAF: Final = 16
-_TYPED_LEAF: Final = 256
 
 
 def empty_rejects() -> pl.DataFrame:
@@ -161,8 +161,9 @@ def parse(
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Decode and type a chunk: the result of :func:`decode` then :func:`to_typed`.
 
-    Messages that Polars reads with :data:`TYPED_SCHEMA` skip the text step;
-    the others take the text path. The typed rows keep the order of ``raw``.
+    A chunk that Polars reads with :data:`TYPED_SCHEMA` skips the text step;
+    other chunks are read as text (see :func:`_read_chunk`). The typed rows
+    keep the order of ``raw``.
     """
     candidates, prechecked = _precheck(raw, max_bytes=max_bytes)
     candidates = candidates.with_row_index(ROW_INDEX)
@@ -174,24 +175,10 @@ def parse(
     typed_parts: list[pl.DataFrame] = []
     rejects = [prechecked]
 
-    whole = _read_whole_typed(candidates)
-    if whole is not None:
-        fast_rows, fast_parts = list(range(whole.height)), [whole]
-        slow_rows: list[int] = []
-    else:
-        values = candidates["value"].to_list()
-        fast_rows, fast_parts, slow_rows = _read_typed(values)
-    if fast_rows:
-        ordered = candidates if not slow_rows else candidates[fast_rows]
-        fast = pl.concat([ordered, *_vstack(fast_parts)], how="horizontal")
-        typed, type_rejects = to_typed(fast, **limits)
+    for frame, read_rejects in _read_chunk(candidates):
+        typed, type_rejects = to_typed(frame, **limits)
         typed_parts.append(typed)
-        rejects.append(type_rejects)
-    if slow_rows:
-        text, text_rejects = _read_objects(candidates[slow_rows])
-        typed, type_rejects = to_typed(text, **limits)
-        typed_parts.append(typed)
-        rejects.extend([text_rejects, type_rejects])
+        rejects.extend([read_rejects, type_rejects])
 
     if not typed_parts:
         typed, _ = to_typed(_empty_text(candidates), **limits)
@@ -200,10 +187,6 @@ def parse(
     if len(typed_parts) > 1:
         typed = typed.sort(ROW_INDEX)
     return typed.drop(ROW_INDEX), pl.concat(rejects)
-
-
-def _vstack(parts: list[pl.DataFrame]) -> list[pl.DataFrame]:
-    return [pl.concat(parts, how="vertical", rechunk=True)] if parts else []
 
 
 def _empty_text(candidates: pl.DataFrame) -> pl.DataFrame:
@@ -428,7 +411,8 @@ def _read_whole_typed(candidates: pl.DataFrame) -> pl.DataFrame | None:
     """Read every value with :data:`TYPED_SCHEMA` in one go, or return None.
 
     Polars joins the values, with no Python object per value. A value that is
-    not UTF-8 or not readable this way sends the chunk to :func:`_read_typed`.
+    not UTF-8 or not readable this way sends the chunk to the other reads of
+    :func:`_read_chunk`.
     """
     if candidates.is_empty():
         return None
@@ -441,34 +425,56 @@ def _read_whole_typed(candidates: pl.DataFrame) -> pl.DataFrame | None:
     return frame if frame.height == candidates.height else None
 
 
-def _read_typed(
-    values: list[bytes],
-) -> tuple[list[int], list[pl.DataFrame], list[int]]:
-    """Read values with :data:`TYPED_SCHEMA`; return (rows read, their frames, other rows).
+def _read_chunk(
+    candidates: pl.DataFrame,
+) -> list[tuple[pl.DataFrame, pl.DataFrame]]:
+    """Read the values of ``candidates`` into field columns, as (frame, rejects) groups.
 
-    A segment that fails is halved until it has ``_TYPED_LEAF`` values or
-    fewer, and such a segment goes to the text path whole. A few odd messages
-    so cost a few extra reads instead of a read per message.
+    Polars first reads the whole chunk in :data:`TYPED_SCHEMA`. When that
+    fails, orjson decodes each value once to set apart the values that are not
+    JSON objects. The objects are then read in one go, typed or as text, and
+    only the others take the smaller reads of :func:`_read_objects`. Many odd
+    messages so cost one decode per value instead of many small reads.
     """
-    fast: list[int] = []
-    parts: list[pl.DataFrame] = []
-    slow: list[int] = []
-    pending = [(0, len(values))]
-    while pending:
-        start, stop = pending.pop()
-        if start >= stop:
-            continue
-        frame = _try_read(values[start:stop], TYPED_SCHEMA)
-        if frame is not None:
-            fast.extend(range(start, stop))
-            parts.append(frame)
-        elif stop - start <= _TYPED_LEAF:
-            slow.extend(range(start, stop))
-        else:
-            middle = (start + stop) // 2
-            pending.extend([(middle, stop), (start, middle)])
-    # Left halves are popped first, so segments are visited in chunk order.
-    return fast, parts, slow
+    if candidates.is_empty():
+        return []
+    whole = _read_whole_typed(candidates)
+    if whole is not None:
+        return [(pl.concat([candidates, whole], how="horizontal"), empty_rejects())]
+    values: list[bytes] = candidates["value"].to_list()
+    objects, others = _split_json_objects(values)
+    groups = []
+    if objects:
+        frame = candidates if not others else candidates[objects]
+        groups.append(_read_objects_at_once(frame, [values[i] for i in objects]))
+    if others:
+        groups.append(_read_objects(candidates[others]))
+    return groups
+
+
+def _split_json_objects(values: list[bytes]) -> tuple[list[int], list[int]]:
+    """Split the indexes of ``values`` into orjson-readable JSON objects and the rest."""
+    objects: list[int] = []
+    others: list[int] = []
+    for index, value in enumerate(values):
+        try:
+            is_object = isinstance(orjson.loads(value), dict)
+        except orjson.JSONDecodeError:
+            is_object = False
+        (objects if is_object else others).append(index)
+    return objects, others
+
+
+def _read_objects_at_once(
+    frame: pl.DataFrame, values: list[bytes]
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Read ``values`` typed, else as text, in one read each; else take :func:`_read_objects`."""
+    for schema in (TYPED_SCHEMA, TEXT_SCHEMA):
+        read = _try_read(values, schema)
+        if read is not None:
+            return pl.concat([frame, read], how="horizontal"), empty_rejects()
+    # orjson and Polars disagree on some value (nesting depth, a huge number).
+    return _read_objects(frame)
 
 
 def _try_read(

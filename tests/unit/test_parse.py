@@ -12,6 +12,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from etl.config import load_settings
+from etl.generate import iter_readings
 from etl.parse import RAW_SCHEMA, decode, to_typed
 from etl.pipeline import process_chunk
 from etl.reasons import Reason
@@ -678,3 +679,28 @@ def test_parse_blank_required_number_rejected(field: str) -> None:
 
     assert reject["reason"] == Reason.WRONG_TYPE.value
     assert reject["field"] == field
+
+
+@pytest.mark.parametrize("malformed_rate", [0.1, 0.6])
+def test_parse_mixed_chunk_as_each_message_alone(malformed_rate: float) -> None:
+    """A chunk with odd messages of every kind gives each message its result alone."""
+    values = [
+        value
+        for _, value in iter_readings(
+            count=80, seed=11, malformed_rate=malformed_rate, now=NOW
+        )
+    ]
+    rows, rejects = run_chunk(values)
+
+    alone = [run_chunk([value]) for value in values]
+    expected_rows = [row for one_rows, _ in alone for row in one_rows["payload"]]
+    expected_rejects = [
+        json.loads(reject)["reason"] for _, one in alone for reject in one["payload"]
+    ]
+    assert rows.height + rejects.height == len(values)
+    assert [json.loads(p)["patient_id"] for p in rows["payload"]] == [
+        json.loads(p)["patient_id"] for p in expected_rows
+    ]
+    assert sorted(json.loads(p)["reason"] for p in rejects["payload"]) == sorted(
+        expected_rejects
+    )
