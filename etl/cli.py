@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Final, NoReturn
@@ -134,11 +135,26 @@ def run(
         "max_records": max_records,
         "deadline_s": deadline_s,
     }
+    # A stop request (SIGTERM from a scheduler, or Ctrl-C) ends the batch through
+    # its cleanup, which lets a transaction in flight finish.
+    signal.signal(signal.SIGTERM, _raise_stop_request)
     try:
         settings = load_settings(
             **{k: v for k, v in overrides.items() if v is not None}
         )
         report = run_batch(settings)
+    except (StopRequested, KeyboardInterrupt) as exc:
+        name = "SIGINT" if isinstance(exc, KeyboardInterrupt) else str(exc)
+        errors.print(
+            f"[red]batch stopped:[/red] {name} received. Redis keeps the rows and "
+            "offsets of every chunk written before, so the next batch resumes from "
+            "there."
+        )
+        code = 128 + signal.Signals[name].value
+        if as_json:
+            stop = StopRequested(f"{name} received")
+            click.echo(json.dumps(_failure(stop, code), indent=2))
+        sys.exit(code)
     except ConfigurationError as exc:
         errors.print(f"[red]error:[/red] {exc}")
         _exit_with_json(as_json, exc, EXIT_CONFIG)
@@ -169,6 +185,14 @@ def run(
     console.print(table)
 
 
+class StopRequested(BaseException):
+    """A signal asked the batch to stop; a BaseException, so no handler swallows it."""
+
+
+def _raise_stop_request(signal_number: int, _frame: Any) -> None:
+    raise StopRequested(signal.Signals(signal_number).name)
+
+
 def _exit_with_json(as_json: bool, error: Exception, code: int) -> NoReturn:
     """Exit with ``code``; with ``--json``, print the failure as JSON on stdout first."""
     if as_json:
@@ -176,7 +200,7 @@ def _exit_with_json(as_json: bool, error: Exception, code: int) -> NoReturn:
     sys.exit(code)
 
 
-def _failure(error: Exception, code: int) -> dict[str, Any]:
+def _failure(error: BaseException, code: int) -> dict[str, Any]:
     message = (
         error.format_message()
         if isinstance(error, click.ClickException)

@@ -1129,3 +1129,27 @@ def test_hostile_corpus_through_kafka_and_redis(
             assert reject["payload"].encode() == value, reject
         else:
             assert base64.b64decode(reject["payload_base64"]) == value
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT])
+def test_run_stopped_by_signal_says_so(
+    settings: Settings, redis_client: redis.Redis, tmp_path: Path, signal_number: int
+) -> None:
+    """A scheduler's SIGTERM (or Ctrl-C) mid-batch: one clear line, exit 128 + signal."""
+    small = settings.model_copy(update={"chunk_size": 50})
+    create_topic(small, PARTITIONS)
+    produced = produce_tracked(small, mixed_values(8_000))
+    started = time.monotonic()
+    process, out, err = spawn(etl_argv("run"), settings_env(small), tmp_path)
+    deadline = time.monotonic() + 60
+    while redis_client.llen(small.redis_list_key) == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal_number)
+    child = finish(process, out, err, started=started)
+
+    name = signal.Signals(signal_number).name
+    assert child.returncode == 128 + signal_number, child.stderr[-3000:]
+    assert f"batch stopped: {name} received" in " ".join(child.stderr.split())
+    assert "Traceback" not in child.stderr
+    run_batch(small)
+    assert_accounted(redis_client, small, produced)
