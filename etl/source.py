@@ -371,10 +371,11 @@ class KafkaSource:
                 )
             }
             msg = (
-                f"partitions {silent} of topic {self._topic} sent neither records nor "
-                f"their end for {limit:.0f} s from offsets {positions}; if the topic was "
-                "recreated, the stored offsets point past its end: reset them (see "
-                "the README, Operations)"
+                f"partitions {silent} of topic {self._topic} on the Kafka broker at "
+                f"{self._settings.kafka_bootstrap_servers} sent neither records nor "
+                f"their end for {limit:.0f} s from offsets {positions}. The broker may "
+                "be hung or unreachable; or, if the topic was recreated, the stored "
+                "offsets point past its end: reset them (see the README, Operations)"
             )
             raise SourceError(msg)
 

@@ -50,6 +50,7 @@ ETL_COMMANDS: Final = (
     "exec",
     "rpush",
     "xadd",
+    "type",
 )
 
 
