@@ -53,10 +53,9 @@ def split_name(name: pl.Expr, *, normalised: bool = False) -> tuple[pl.Expr, pl.
     """
     clean = name if normalised else name.str.strip_chars().str.replace_all(r"\s+", " ")
     # Null rows skip the regex, so the capture groups run only on candidates.
-    trailing = clean.str.contains(UPPER_CASE_LAST_WORD) & ~clean.str.contains(
-        GENERATIONAL_SUFFIX
-    )
-    upper = pl.when(trailing).then(clean).str.extract_groups(UPPER_CASE_FAMILY_NAME)
+    trailing = pl.when(clean.str.contains(UPPER_CASE_LAST_WORD)).then(clean)
+    trailing = pl.when(~trailing.str.contains(GENERATIONAL_SUFFIX)).then(trailing)
+    upper = trailing.str.extract_groups(UPPER_CASE_FAMILY_NAME)
     leading = pl.when(clean.str.contains(LEADING_UPPER_CASE_WORD)).then(clean)
     upper_first = leading.str.extract_groups(LEADING_UPPER_CASE_FAMILY_NAME)
     parts = clean.str.splitn(" ", 2)
