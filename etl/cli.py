@@ -335,7 +335,7 @@ STATE_DIR_OPTION: Final = click.option(
     type=click.Path(file_okay=False, path_type=Path),
     default=Path(".local"),
     show_default=True,
-    help="Folder for pid files and logs.",
+    help="Folder for pid files and logs, relative to the current folder.",
 )
 
 
@@ -422,11 +422,18 @@ def services_stop(state_dir: Path) -> None:
 @services.command("status")
 @STATE_DIR_OPTION
 def services_status(state_dir: Path) -> None:
-    """Show which local services run."""
-    from etl.services import local_stack_status
+    """Show which local services run, with their ports; exit 3 when one is stopped."""
+    from etl.services import local_stack_ports, local_stack_status
 
-    for name, pid in local_stack_status(state_dir).items():
-        click.echo(f"{name}: {'running (pid ' + str(pid) + ')' if pid else 'stopped'}")
+    ports = local_stack_ports(state_dir)
+    statuses = local_stack_status(state_dir)
+    for name, pid in statuses.items():
+        if pid:
+            click.echo(f"{name}: running (pid {pid}, port {ports[name]})")
+        else:
+            click.echo(f"{name}: stopped (state folder {state_dir.resolve()})")
+    if not all(statuses.values()):
+        sys.exit(EXIT_INFRASTRUCTURE)
 
 
 from etl.cli_extra import contracts, reports, validate_feed  # noqa: E402

@@ -385,6 +385,13 @@ def local_stack_status(state_dir: Path) -> dict[str, int | None]:
     }
 
 
+def local_stack_ports(state_dir: Path) -> dict[str, int | None]:
+    """Return the port recorded for each local service at its last start."""
+    return {
+        name: _recorded_port(state_dir / f"{name}.pid") for name in ("kafka", "redis")
+    }
+
+
 def _recorded_port(pid_file: Path) -> int | None:
     """Return the port written after the pid in ``pid_file``, if any."""
     try:

@@ -136,3 +136,23 @@ def test_dead_service_restarts_on_its_port(tmp_path: Path) -> None:
     assert f"VITALS_REDIS_URL=redis://127.0.0.1:{redis_port}/0" in result.stdout
     assert f"VITALS_KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:{kafka_port}" in result.stdout
     assert status["redis"] is not None
+
+
+def test_status_shows_ports_and_exits_3_when_stopped(tmp_path: Path) -> None:
+    kafka_port, redis_port = free_port(), free_port()
+    try:
+        start(tmp_path, kafka_port, redis_port)
+        running = CliRunner().invoke(
+            main, ["services", "status", "--state-dir", str(tmp_path)]
+        )
+    finally:
+        stop_local_stack(tmp_path)
+    stopped = CliRunner().invoke(
+        main, ["services", "status", "--state-dir", str(tmp_path)]
+    )
+
+    assert running.exit_code == 0, running.output
+    assert f"port {kafka_port})" in running.stdout
+    assert f"port {redis_port})" in running.stdout
+    assert stopped.exit_code == 3
+    assert "kafka: stopped" in stopped.stdout
