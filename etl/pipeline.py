@@ -588,6 +588,10 @@ def _finish(report: BatchReport, sink: RedisSink, started: float) -> BatchReport
 MANIFEST: Final = "manifest.json"
 
 
+#: Suffix of the marker file that a staged load leaves before writing a chunk.
+ATTEMPTED: Final = ".attempted"
+
+
 def drain_to_staging(
     settings: Settings, staging: Path, *, now: float | None = None
 ) -> dict[str, Any]:
@@ -597,7 +601,7 @@ def drain_to_staging(
     and stored offsets, chunk files and counts.
     """
     staging.mkdir(parents=True, exist_ok=True)
-    for old in staging.glob("*.arrow"):
+    for old in [*staging.glob("*.arrow"), *staging.glob(f"*{ATTEMPTED}")]:
         old.unlink()
     started = time.monotonic()
     now = time.time() if now is None else now
@@ -724,14 +728,14 @@ def load_staging(settings: Settings, staging: Path) -> BatchReport:
             chunk = load_chunk_file(staging, stem)
             meta = json.loads((staging / f"chunk-{stem}.json").read_text())
             report.duplicates += meta["duplicates"]
+            # Marked before the write, so that a retry knows which chunks an
+            # earlier attempt may have written, even one stopped right after EXEC.
+            attempted = staging / f"chunk-{stem}{ATTEMPTED}"
+            earlier_attempt = attempted.exists()
+            attempted.touch()
             result = sink.write_chunk(manifest["topic"], chunk)
             report.add(chunk, result)
-            # A chunk that Redis already stores whole was written by an earlier
-            # attempt of this load (a retry) or another batch: both are skipped.
-            if (
-                result.concurrent
-                and result.skipped < chunk.rows.height + chunk.rejects.height
-            ):
+            if result.concurrent and not earlier_attempt:
                 report.status = "concurrent_batch"
         if report.offsets:
             # Fails when Redis lost offsets after the last write. Kafka then

@@ -454,6 +454,24 @@ def test_staged_load_retried_after_timeout_writes_once(
     assert_accounted(redis_client, settings, produced)
 
 
+def test_staged_load_after_other_batch_reports_it(
+    settings: Settings, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    """Another batch wrote every staged chunk before the load: concurrent_batch, no row twice."""
+    create_topic(settings, PARTITIONS)
+    produced = produce_tracked(settings, mixed_values(250))
+    chunked = settings.model_copy(update={"chunk_size": 100})
+    drain_to_staging(chunked, tmp_path)
+    transform_staging(chunked, tmp_path)
+    run_batch(chunked)
+
+    loaded = load_staging(chunked, tmp_path)
+
+    assert loaded.status == "concurrent_batch"
+    assert loaded.written + loaded.rejected == 0
+    assert_accounted(redis_client, settings, produced)
+
+
 def spawn_paused_before_first_write(
     settings: Settings, tmp_path: Path
 ) -> tuple[subprocess.Popen[bytes], Path, Path, Path]:
