@@ -16,15 +16,16 @@ UPPER_CASE_FAMILY_NAME: Final = r"^(?<first>.+?)\s+(?<last>\p{Lu}[\p{Lu}\p{M}'\x
 #: Every name that matches :data:`UPPER_CASE_FAMILY_NAME` ends like this. The
 #: test needs no capture groups, so it runs several times faster.
 UPPER_CASE_LAST_WORD: Final = r"\s\p{Lu}[\p{Lu}\p{M}'\x{2019}\-]+$"
-#: A generational suffix ("John Smith III") ends the family name, not the name.
-GENERATIONAL_SUFFIX: Final = r"\s(?:II|III|IV|JR|SR)$"
+#: Generational suffixes, which end a family name ("John Smith III").
+GENERATIONAL_SUFFIXES: Final = ("II", "III", "IV", "JR", "SR")
 #: A leading run of upper-case words before a capitalised word is the family
 #: name ("DUBOIS Marie Claire", "LE GALL Anne"), the order of French
 #: administrative records. A run of one word needs three letters, so that
 #: initials stay a first name ("AJ Smith").
 LEADING_UPPER_CASE_FAMILY_NAME: Final = (
     r"^(?<last>(?:\p{Lu}[\p{Lu}\p{M}'\x{2019}\-]+(?:\s+\p{Lu}[\p{Lu}\p{M}'\x{2019}\-]+)+"
-    r"|\p{Lu}[\p{Lu}\p{M}'\x{2019}\-]{2,}))\s+(?<first>\p{Lu}\p{Ll}.*)$"
+    r"|\p{Lu}[\p{Lu}\p{M}'\x{2019}\-]{2,}))\s+(?<first>\p{Lu}\p{Ll}.*?)"
+    rf"(?:\s(?<suffix>{'|'.join(GENERATIONAL_SUFFIXES)}))?$"
 )
 #: Every name that matches :data:`LEADING_UPPER_CASE_FAMILY_NAME` starts like this.
 LEADING_UPPER_CASE_WORD: Final = r"^\p{Lu}[\p{Lu}\p{M}'\x{2019}\-]+\s"
@@ -33,14 +34,14 @@ LEADING_UPPER_CASE_WORD: Final = r"^\p{Lu}[\p{Lu}\p{M}'\x{2019}\-]+\s"
 def split_name(name: pl.Expr, *, normalised: bool = False) -> tuple[pl.Expr, pl.Expr]:
     """Split a full name into first and last name.
 
-    A trailing run of upper-case words is the last name ("Marie Claire
-    DUBOIS"), unless it is only a generational suffix (II, III, IV, JR, SR). A
-    leading run of upper-case words before a capitalised word is the last name
-    too ("DUBOIS Marie Claire"). Otherwise the first whitespace-separated token
-    is the first name and the rest, particles and suffix included, is the last
-    name ("Pieter van den Broek" -> "Pieter" / "van den Broek"). Hyphens never
-    split ("Jean-Pierre"). A one-word name is a first name with a null last
-    name. With ``normalised=True`` the name must
+    A generational suffix at the end (II, III, IV, JR, SR) is set aside and
+    ends the last name. In the rest, a trailing run of upper-case words is the
+    last name ("Marie Claire DUBOIS"), and so is a leading run of upper-case
+    words before a capitalised word ("DUBOIS Marie Claire"). Otherwise the
+    first whitespace-separated token is the first name and the rest,
+    particles included, is the last name ("Pieter van den Broek" -> "Pieter" /
+    "van den Broek"). Hyphens never split ("Jean-Pierre"). A one-word name is
+    a first name with a null last name. With ``normalised=True`` the name must
     already be stripped, with whitespace runs collapsed to one space (as
     :func:`etl.parse.to_typed` leaves it).
 
@@ -54,21 +55,26 @@ def split_name(name: pl.Expr, *, normalised: bool = False) -> tuple[pl.Expr, pl.
     clean = name if normalised else name.str.strip_chars().str.replace_all(r"\s+", " ")
     # Null rows skip the regex, so the capture groups run only on candidates.
     trailing = pl.when(clean.str.contains(UPPER_CASE_LAST_WORD)).then(clean)
-    trailing = pl.when(~trailing.str.contains(GENERATIONAL_SUFFIX)).then(trailing)
     upper = trailing.str.extract_groups(UPPER_CASE_FAMILY_NAME)
+    # A run that is only a generational suffix is no family name ("John Smith III").
+    upper_last = upper.struct.field("last").replace(
+        dict.fromkeys(GENERATIONAL_SUFFIXES)
+    )
+    upper_first = pl.when(upper_last.is_not_null()).then(upper.struct.field("first"))
     leading = pl.when(clean.str.contains(LEADING_UPPER_CASE_WORD)).then(clean)
-    upper_first = leading.str.extract_groups(LEADING_UPPER_CASE_FAMILY_NAME)
+    lead = leading.str.extract_groups(LEADING_UPPER_CASE_FAMILY_NAME)
+    # A suffix after the given names ends the family name ("DUBOIS Marie JR").
+    lead_last = pl.concat_str(
+        lead.struct.field("last"),
+        lead.struct.field("suffix"),
+        separator=" ",
+        ignore_nulls=True,
+    )
+    lead_first = lead.struct.field("first")
+    lead_last = pl.when(lead_first.is_not_null()).then(lead_last)
     parts = clean.str.splitn(" ", 2)
-    first = pl.coalesce(
-        upper.struct.field("first"),
-        upper_first.struct.field("first"),
-        parts.struct.field("field_0"),
-    )
-    last = pl.coalesce(
-        upper.struct.field("last"),
-        upper_first.struct.field("last"),
-        parts.struct.field("field_1"),
-    )
+    first = pl.coalesce(upper_first, lead_first, parts.struct.field("field_0"))
+    last = pl.coalesce(upper_last, lead_last, parts.struct.field("field_1"))
     return first, last
 
 
