@@ -88,12 +88,15 @@ def rejects_from_redis(client: redis.Redis, key: str) -> Iterator[dict[str, Any]
 
 def rejects_from_file(path: Path) -> Iterator[dict[str, Any]]:
     """Yield the rejects of a file with one reject JSON object per line."""
-    with path.open(encoding="utf-8") as lines:
+    with path.open("rb") as lines:
         for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             try:
-                reject = json.loads(line)
+                reject = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError:
+                msg = f"{path}:{number} is not a reject JSON object: not UTF-8"
+                raise InvalidRejectFile(msg) from None
             except json.JSONDecodeError as exc:
                 msg = f"{path}:{number} is not a reject JSON object: {exc.msg}"
                 raise InvalidRejectFile(msg) from None

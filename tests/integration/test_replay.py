@@ -117,6 +117,7 @@ def test_reject_value_decodes_base64() -> None:
     ("line", "problem"),
     [
         ('{"reason": "invalid_json"', "Expecting"),
+        ('{"reason": "not_utf8", "payload": "\udcff"}', "not UTF-8"),
         ("[1, 2]", "expected an object"),
         ('{"reason": "invalid_json", "payload": "x"}', "'source' needs"),
         (
@@ -130,7 +131,7 @@ def test_replay_bad_file_line_fails(
     settings: Settings, tmp_path: Path, line: str, problem: str
 ) -> None:
     broken = tmp_path / "broken.jsonl"
-    broken.write_text(f"{line}\n")
+    broken.write_bytes(f"{line}\n".encode("utf-8", errors="surrogateescape"))
     with pytest.raises(
         ReplayError, match=rf"broken.jsonl:1 is not a reject.*{problem}"
     ):

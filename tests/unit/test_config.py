@@ -319,3 +319,15 @@ def test_settings_warn_on_unknown_variable(
     assert "Ignoring VITALS_CHUNKSIZE" in caplog.text
     assert "did you mean VITALS_CHUNK_SIZE?" in caplog.text
     assert "VITALS_DEMO_GENERATE" not in caplog.text
+
+
+def test_settings_lower_case_variable_not_warned(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """pydantic-settings reads names in any case, so a lower-case one is no typo."""
+    monkeypatch.setenv("VITALS_chunk_size", "123")
+
+    settings = load_settings()
+
+    assert settings.chunk_size == 123
+    assert "Ignoring" not in caplog.text
