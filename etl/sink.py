@@ -259,7 +259,7 @@ class RedisSink:
         return stored
 
     def _check_key_types(self) -> None:
-        """Raise SinkError if a key that the transaction appends to has another type.
+        """Raise ConfigurationError if a key that the transaction appends to has another type.
 
         Redis still applies the other commands of a transaction when one of
         them fails, so a string under the list's name would let the offsets
@@ -288,7 +288,8 @@ class RedisSink:
                 f"under the names this batch writes: {'; '.join(wrong)}. Rename or "
                 "delete them, or set other VITALS_REDIS_*_KEY names"
             )
-            raise SinkError(msg)
+            # A settings error, not an outage: a retry would fail the same way.
+            raise ConfigurationError(msg)
 
     def _write_once(
         self, topic: str, chunk: Chunk, *, write_id: str, sent: list[WriteResult]

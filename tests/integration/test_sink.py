@@ -10,7 +10,7 @@ import polars as pl
 import pytest
 import redis
 
-from etl.config import Settings
+from etl.config import ConfigurationError, Settings
 from etl.sink import VALUES_PER_COMMAND, Chunk, RedisSink, SinkError, _exec_transaction
 
 pytestmark = pytest.mark.integration
@@ -124,12 +124,12 @@ def test_exec_transaction_queue_error_applies_nothing(
 def test_write_chunk_wrong_type_key_writes_nothing(
     settings: Settings, redis_client: redis.Redis, kind: str, message: str
 ) -> None:
-    """A foreign string under a name the transaction writes: SinkError before any write."""
+    """A foreign string under a name the transaction writes: a settings error, no write."""
     key = getattr(settings, f"redis_{kind}_key")
     redis_client.set(key, "not ours")
     sink = RedisSink(settings)
     try:
-        with pytest.raises(SinkError, match=f"'{key}' {message}"):
+        with pytest.raises(ConfigurationError, match=f"'{key}' {message}"):
             sink.write_chunk(TOPIC, rows_chunk(range(5)))
         assert sink.client.ping()
     finally:
