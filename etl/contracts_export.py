@@ -47,6 +47,12 @@ OUTPUT_YAML_FILE: Final = "output_row.yaml"
 
 #: A decimal number as text, as the parser reads it (surrounding spaces allowed).
 NUMBER_TEXT: Final = r"^\s*-?\d+(\.\d+)?\s*$"
+#: Text that Polars' ``strip_chars()`` empties: the Unicode White_Space
+#: characters, listed because ``\s`` differs between regex dialects.
+BLANK_TEXT: Final = (
+    "^[\\t\\n\\u000b\\f\\r \\u0085\\u00a0\\u1680\\u2000-\\u200a"
+    "\\u2028\\u2029\\u202f\\u205f\\u3000]*$"
+)
 #: A whole number as text; "42.0" counts as whole, like the JSON number 42.0.
 INTEGER_TEXT: Final = r"^\s*\d+(\.0+)?\s*$"
 #: ISO-8601 date and time with seconds and a UTC offset or Z.
@@ -332,7 +338,7 @@ def _property(
     if nullable:
         if field.kind != "string":
             # The parser reads a blank string in an optional field as absent.
-            options.append({"type": "string", "pattern": r"^\s*$"})
+            options.append({"type": "string", "pattern": BLANK_TEXT})
         options.append({"type": "null"})
     if len(options) == 1:
         return {"description": description, **options[0]}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from contracts.models import InputReading, OutputRow
 from etl.cli import main
 from etl.config import load_settings
 from etl.contracts_export import (
+    BLANK_TEXT,
     CONTRACTS_DIR,
     INPUT_YAML_FILE,
     JSON_SCHEMA_FILE,
@@ -360,3 +362,12 @@ def test_json_schema_agrees_with_batch_on_cases() -> None:
             assert reason in {None, *BATCH_ONLY_REASONS}, envelope["case"]
         else:
             assert reason is not None, envelope["case"]
+
+
+def test_blank_text_pattern_matches_parser_strip() -> None:
+    """The schema's blank pattern accepts exactly the text that the parser strips away."""
+    characters = [chr(code) for code in range(0x3001) if not 0xD800 <= code <= 0xDFFF]
+    stripped = pl.Series(characters).str.strip_chars().str.len_bytes() == 0
+
+    for character, blank in zip(characters, stripped.to_list(), strict=True):
+        assert bool(re.fullmatch(BLANK_TEXT, character)) == blank, hex(ord(character))
