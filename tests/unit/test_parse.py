@@ -704,3 +704,14 @@ def test_parse_mixed_chunk_as_each_message_alone(malformed_rate: float) -> None:
     assert sorted(json.loads(p)["reason"] for p in rejects["payload"]) == sorted(
         expected_rejects
     )
+
+
+def test_parse_object_polars_cannot_read_still_accounted() -> None:
+    """Should orjson read a value that Polars cannot, each value is read on its own."""
+    good = encode(reading(patient_id="PT-GOOD"))
+    values = [good, b"not json", good]
+    with mock.patch("etl.parse._split_json_objects", return_value=([0, 1, 2], [])):
+        rows, rejects = run_chunk(values)
+
+    assert rows.height == 2
+    assert [json.loads(p)["reason"] for p in rejects["payload"]] == ["invalid_json"]
