@@ -18,6 +18,7 @@ import logging
 import queue
 import threading
 import time
+import uuid
 from collections import Counter, deque
 from collections.abc import Generator, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -590,6 +591,7 @@ MANIFEST: Final = "manifest.json"
 
 #: Suffix of the marker file that a staged load leaves before writing a chunk.
 ATTEMPTED: Final = ".attempted"
+_WRITTEN: Final = "done"
 
 
 def drain_to_staging(
@@ -724,18 +726,20 @@ def load_staging(settings: Settings, staging: Path) -> BatchReport:
         if drained_id:
             source = KafkaSource(settings)
             _check_still_same_topic(source, drained_id)
+        # Read before this load's writes replace it.
+        last_write = sink.last_write_id(manifest["topic"])
         for stem in manifest.get("processed", []):
             chunk = load_chunk_file(staging, stem)
             meta = json.loads((staging / f"chunk-{stem}.json").read_text())
             report.duplicates += meta["duplicates"]
-            # Marked before the write, so that a retry knows which chunks an
-            # earlier attempt may have written, even one stopped right after EXEC.
-            attempted = staging / f"chunk-{stem}{ATTEMPTED}"
-            earlier_attempt = attempted.exists()
-            attempted.touch()
-            result = sink.write_chunk(manifest["topic"], chunk)
+            written_before = _written_by_earlier_attempt(
+                staging / f"chunk-{stem}{ATTEMPTED}", last_write
+            )
+            result = _write_marked(
+                sink, manifest["topic"], chunk, staging / f"chunk-{stem}{ATTEMPTED}"
+            )
             report.add(chunk, result)
-            if result.concurrent and not earlier_attempt:
+            if result.concurrent and not written_before:
                 report.status = "concurrent_batch"
         if report.offsets:
             # Fails when Redis lost offsets after the last write. Kafka then
@@ -753,6 +757,30 @@ def load_staging(settings: Settings, staging: Path) -> BatchReport:
     report.duration_s = manifest["drain_s"] + time.monotonic() - started
     (staging / "report.json").write_text(json.dumps(report.to_dict(), indent=1))
     return report
+
+
+def _written_by_earlier_attempt(marker: Path, last_write: str | None) -> bool:
+    """Tell whether an earlier attempt of this staged load applied the chunk of ``marker``.
+
+    The marker holds ``done`` after a write, or the id of a write that was
+    sent; that write was applied if it is ``last_write``, the topic's last
+    write when this load started.
+    """
+    if not marker.exists():
+        return False
+    earlier = marker.read_text().strip()
+    return earlier in (_WRITTEN, last_write)
+
+
+def _write_marked(
+    sink: RedisSink, topic: str, chunk: Chunk, marker: Path
+) -> WriteResult:
+    """Write ``chunk`` with its write id in ``marker`` first, and ``done`` there after."""
+    write_id = uuid.uuid4().hex
+    marker.write_text(write_id)
+    result = sink.write_chunk(topic, chunk, write_id=write_id)
+    marker.write_text(_WRITTEN)
+    return result
 
 
 def _check_still_same_topic(

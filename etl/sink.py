@@ -186,14 +186,18 @@ class RedisSink:
         """Return the id given to :meth:`set_topic_id`, if any."""
         return self._topic_ids.get(topic)
 
-    def write_chunk(self, topic: str, chunk: Chunk) -> WriteResult:
+    def write_chunk(
+        self, topic: str, chunk: Chunk, *, write_id: str | None = None
+    ) -> WriteResult:
         """Write one chunk in one transaction; retry transient failures safely.
 
         A retry re-reads the stored offsets, so if an earlier attempt's EXEC
         succeeded before its reply was lost, the retry writes nothing again.
+        The transaction stores ``write_id`` (random by default) as the topic's
+        last write, which :meth:`last_write_id` returns.
         """
         delay = _RETRY_BASE_S
-        write_id = uuid.uuid4().hex
+        write_id = write_id or uuid.uuid4().hex
         sent: list[WriteResult] = []
         for attempt in range(1, _RETRIES + 1):
             try:
@@ -250,6 +254,16 @@ class RedisSink:
         if self._cancelled.wait(delay):
             msg = f"writing to Redis at {url} was cancelled after {attempts}: {failure}"
             raise SinkError(msg) from failure
+
+    def last_write_id(self, topic: str) -> str | None:
+        """Return the write id stored by the last transaction on ``topic``."""
+        try:
+            # HMGET, which the documented ACL allows already.
+            (value,) = self.client.hmget(self.offsets_key, [write_id_field(topic)])
+        except redis.RedisError as exc:
+            msg = f"cannot read offsets from Redis at {self._settings.redis_url_redacted}: {exc}"
+            raise SinkError(msg) from exc
+        return _decoded(value)
 
     def check_offsets_kept(self, topic: str) -> dict[int, int]:
         """Return the stored offsets, raising OffsetConflict if one this sink wrote is gone."""

@@ -28,6 +28,7 @@ from redis.connection import AbstractConnection
 from etl.cli import main
 from etl.config import Settings
 from etl.pipeline import (
+    ATTEMPTED,
     BatchReport,
     drain_to_staging,
     load_staging,
@@ -434,8 +435,10 @@ def test_staged_load_retried_after_timeout_writes_once(
     original = RedisSink.write_chunk
     calls = {"n": 0}
 
-    def write_then_time_out(self: RedisSink, topic: str, chunk: Any) -> Any:
-        result = original(self, topic, chunk)
+    def write_then_time_out(
+        self: RedisSink, topic: str, chunk: Any, **options: Any
+    ) -> Any:
+        result = original(self, topic, chunk, **options)
         calls["n"] += 1
         if calls["n"] == 2:
             raise SinkError("injected: the task timed out after the write")
@@ -454,15 +457,24 @@ def test_staged_load_retried_after_timeout_writes_once(
     assert_accounted(redis_client, settings, produced)
 
 
+@pytest.mark.parametrize("earlier_attempt", [False, True])
 def test_staged_load_after_other_batch_reports_it(
-    settings: Settings, redis_client: redis.Redis, tmp_path: Path
+    settings: Settings, redis_client: redis.Redis, tmp_path: Path, earlier_attempt: bool
 ) -> None:
-    """Another batch wrote every staged chunk before the load: concurrent_batch, no row twice."""
+    """Another batch wrote every staged chunk before the load: concurrent_batch, no row twice.
+
+    With ``earlier_attempt``, an attempt of the load had sent each chunk's write
+    and failed before Redis applied it.
+    """
     create_topic(settings, PARTITIONS)
     produced = produce_tracked(settings, mixed_values(250))
     chunked = settings.model_copy(update={"chunk_size": 100})
     drain_to_staging(chunked, tmp_path)
     transform_staging(chunked, tmp_path)
+    if earlier_attempt:
+        for processed in tmp_path.glob("chunk-*.json"):
+            marker = processed.with_name(processed.stem + ATTEMPTED)
+            marker.write_text("a-write-that-never-reached-redis")
     run_batch(chunked)
 
     loaded = load_staging(chunked, tmp_path)
@@ -568,8 +580,10 @@ def test_stored_offsets_vanish_mid_batch_fail_loudly(
     original = RedisSink.write_chunk
     writes: list[int] = []
 
-    def write_then_lose_offsets(self: RedisSink, topic: str, chunk: Any) -> Any:
-        result = original(self, topic, chunk)
+    def write_then_lose_offsets(
+        self: RedisSink, topic: str, chunk: Any, **options: Any
+    ) -> Any:
+        result = original(self, topic, chunk, **options)
         writes.append(result.written + result.rejected)
         if len(writes) == 1:
             redis_client.delete(settings.redis_offsets_key)
@@ -601,8 +615,10 @@ def test_staged_load_detects_offsets_lost_after_last_write(
     original = RedisSink.write_chunk
     writes: list[int] = []
 
-    def write_then_lose_offsets(self: RedisSink, topic: str, chunk: Any) -> Any:
-        result = original(self, topic, chunk)
+    def write_then_lose_offsets(
+        self: RedisSink, topic: str, chunk: Any, **options: Any
+    ) -> Any:
+        result = original(self, topic, chunk, **options)
         writes.append(result.written + result.rejected)
         if len(writes) == chunks:
             redis_client.delete(settings.redis_offsets_key)
@@ -750,8 +766,10 @@ def test_recreate_before_staged_commit_commits_nothing(
     client = redis.Redis.from_url(redis_service)
     original = RedisSink.write_chunk
 
-    def write_then_recreate(self: RedisSink, topic: str, chunk: Any) -> Any:
-        result = original(self, topic, chunk)
+    def write_then_recreate(
+        self: RedisSink, topic: str, chunk: Any, **options: Any
+    ) -> Any:
+        result = original(self, topic, chunk, **options)
         if chunk.next_offsets and max(chunk.next_offsets.values()) > 0:
             storeless_broker.restart()
             create_topic(settings, PARTITIONS)
