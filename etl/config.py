@@ -354,11 +354,15 @@ def _warn_unknown_variables() -> None:
     """Log a warning for each VITALS_* variable that no setting reads, such as a typo."""
     known = {f"{ENV_PREFIX}{name.upper()}" for name in Settings.model_fields}
     for variable in sorted(os.environ):
-        # pydantic-settings reads the names in any case.
+        # pydantic-settings reads the names in any case, the DAG file only as written.
         name = variable.upper()
-        if not name.startswith(ENV_PREFIX) or name in known | DAG_VARIABLES:
+        if (
+            not name.startswith(ENV_PREFIX)
+            or name in known
+            or variable in DAG_VARIABLES
+        ):
             continue
-        close = difflib.get_close_matches(name, sorted(known), n=1)
+        close = difflib.get_close_matches(name, sorted(known | DAG_VARIABLES), n=1)
         hint = f"; did you mean {close[0]}?" if close else ""
         logger.warning("Ignoring %s: no setting has this name%s", variable, hint)
 

@@ -45,19 +45,22 @@ JSON_SCHEMA_FILE: Final = "vitals_input.schema.json"
 INPUT_YAML_FILE: Final = "input_reading.yaml"
 OUTPUT_YAML_FILE: Final = "output_row.yaml"
 
-#: A decimal number as text, as the parser reads it (surrounding spaces allowed).
-NUMBER_TEXT: Final = r"^\s*-?\d+(\.\d+)?\s*$"
-#: Text that Polars' ``strip_chars()`` empties: the Unicode White_Space
-#: characters, listed because ``\s`` differs between regex dialects.
-BLANK_TEXT: Final = (
-    "^[\\t\\n\\u000b\\f\\r \\u0085\\u00a0\\u1680\\u2000-\\u200a"
-    "\\u2028\\u2029\\u202f\\u205f\\u3000]*$"
+#: The characters that Polars' ``strip_chars()`` removes (Unicode White_Space),
+#: listed because ``\s`` and ``\d`` differ between regex dialects (Python's
+#: ``re`` adds U+001C to U+001F and non-ASCII digits, ECMA-262 adds U+FEFF).
+_SPACE: Final = (
+    r"[\t\n\u000b\f\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
 )
+#: Text that the parser reads as absent: blank.
+BLANK_TEXT: Final = rf"^{_SPACE}*$"
+#: A decimal number as text, as the parser reads it (surrounding spaces allowed).
+NUMBER_TEXT: Final = rf"^{_SPACE}*-?[0-9]+(\.[0-9]+)?{_SPACE}*$"
 #: A whole number as text; "42.0" counts as whole, like the JSON number 42.0.
-INTEGER_TEXT: Final = r"^\s*\d+(\.0+)?\s*$"
+INTEGER_TEXT: Final = rf"^{_SPACE}*[0-9]+(\.0+)?{_SPACE}*$"
 #: ISO-8601 date and time with seconds and a UTC offset or Z.
 ISO_8601_TEXT: Final = (
-    r"^\s*\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}(:?\d{2})?)\s*$"
+    rf"^{_SPACE}*[0-9]{{4}}-[0-9]{{2}}-[0-9]{{2}}T[0-9]{{2}}:[0-9]{{2}}:[0-9]{{2}}"
+    rf"(\.[0-9]+)?(Z|[+-][0-9]{{2}}(:?[0-9]{{2}})?){_SPACE}*$"
 )
 #: Columns that the Kafka source adds; they are not part of a message.
 KAFKA_COLUMNS: Final = ("partition", "offset")

@@ -8,11 +8,12 @@ Two steps, both vectorised:
    (numeric strings, ``"130.0/85.0"``, epoch milliseconds, ISO-8601 with an
    offset). A value that cannot be read becomes a reject with a reason code.
 
-``parse`` runs both steps with a fast path: a chunk whose messages all have
-their numbers and booleans in their JSON types is read straight into typed
-columns (:data:`TYPED_SCHEMA`), which is cheaper than reading every number
-as text and parsing it again. In a chunk with any other message, all the
-JSON objects take the text path, and both paths give the same rows.
+``parse`` runs both steps with a fast path: JSON objects whose numbers and
+booleans have their JSON types are read straight into typed columns
+(:data:`TYPED_SCHEMA`), which is cheaper than reading every number as text
+and parsing it again. Values that are not JSON objects are set apart first;
+one object with a number or boolean in another type sends all the chunk's
+objects to the text path. Both paths give the same rows.
 
 Range, nullability and cross-field rules live in the Pandera input contract
 (``contracts.models.InputReading``), applied after this module.
@@ -161,9 +162,8 @@ def parse(
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Decode and type a chunk: the result of :func:`decode` then :func:`to_typed`.
 
-    A chunk that Polars reads with :data:`TYPED_SCHEMA` skips the text step;
-    other chunks are read as text (see :func:`_read_chunk`). The typed rows
-    keep the order of ``raw``.
+    JSON objects that Polars reads with :data:`TYPED_SCHEMA` skip the text
+    step (see :func:`_read_chunk`). The typed rows keep the order of ``raw``.
     """
     candidates, prechecked = _precheck(raw, max_bytes=max_bytes)
     candidates = candidates.with_row_index(ROW_INDEX)

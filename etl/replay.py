@@ -14,6 +14,7 @@ truncated value, or a tombstone, cannot be replayed and is counted apart.
 from __future__ import annotations
 
 import base64
+import io
 import json
 import logging
 from collections.abc import Iterable, Iterator
@@ -88,23 +89,27 @@ def rejects_from_redis(client: redis.Redis, key: str) -> Iterator[dict[str, Any]
 
 def rejects_from_file(path: Path) -> Iterator[dict[str, Any]]:
     """Yield the rejects of a file with one reject JSON object per line."""
-    with path.open("rb") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                reject = json.loads(line.decode("utf-8"))
-            except UnicodeDecodeError:
-                msg = f"{path}:{number} is not a reject JSON object: not UTF-8"
-                raise InvalidRejectFile(msg) from None
-            except json.JSONDecodeError as exc:
-                msg = f"{path}:{number} is not a reject JSON object: {exc.msg}"
-                raise InvalidRejectFile(msg) from None
-            problem = _reject_problem(reject)
-            if problem:
-                msg = f"{path}:{number} is not a reject JSON object: {problem}"
-                raise InvalidRejectFile(msg)
-            yield reject
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        number = data[: exc.start].count(b"\n") + 1
+        msg = f"{path}:{number} is not a reject JSON object: not UTF-8"
+        raise InvalidRejectFile(msg) from None
+    # Universal newlines, as when the file is read as text: \n, \r\n or \r.
+    for number, line in enumerate(io.StringIO(text, newline=None), start=1):
+        if not line.strip():
+            continue
+        try:
+            reject = json.loads(line)
+        except json.JSONDecodeError as exc:
+            msg = f"{path}:{number} is not a reject JSON object: {exc.msg}"
+            raise InvalidRejectFile(msg) from None
+        problem = _reject_problem(reject)
+        if problem:
+            msg = f"{path}:{number} is not a reject JSON object: {problem}"
+            raise InvalidRejectFile(msg)
+        yield reject
 
 
 def _reject_problem(reject: Any) -> str | None:

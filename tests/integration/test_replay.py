@@ -16,6 +16,7 @@ from etl.replay import (
     REPLAYED_SUFFIX,
     ReplayError,
     reject_value,
+    rejects_from_file,
     replay_rejects,
     replay_rejects_command,
 )
@@ -173,3 +174,18 @@ def test_replay_command_prints_counts(
     result = CliRunner().invoke(replay_rejects_command, ["--dry-run"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["selected"] == 0
+
+
+def test_replay_file_reads_universal_newlines(tmp_path: Path) -> None:
+    """CR, CRLF and LF end lines as in text mode; U+2028 inside a string does not."""
+    line = json.dumps(
+        {"source": {"topic": "t", "partition": 0, "offset": 1}, "payload": "x\u2028y"},
+        ensure_ascii=False,
+    )
+    path = tmp_path / "rejects.jsonl"
+    path.write_bytes(f"{line}\r{line}\r\n\u00a0\n{line}\n".encode())
+
+    rejects = list(rejects_from_file(path))
+
+    assert len(rejects) == 3
+    assert rejects[0]["payload"] == "x\u2028y"
