@@ -474,7 +474,7 @@ def _read_objects_at_once(
         if read is not None:
             return pl.concat([frame, read], how="horizontal"), empty_rejects()
     # NOTE: reached only if orjson reads as an object a value that Polars cannot
-    # read; no such value is known (both fail at 1024 levels and on 1e400).
+    # read. No such value is known: both fail at 1024 levels and on 1e400.
     return _read_objects(frame)
 
 
