@@ -732,12 +732,9 @@ def load_staging(settings: Settings, staging: Path) -> BatchReport:
             chunk = load_chunk_file(staging, stem)
             meta = json.loads((staging / f"chunk-{stem}.json").read_text())
             report.duplicates += meta["duplicates"]
-            written_before = _written_by_earlier_attempt(
-                staging / f"chunk-{stem}{ATTEMPTED}", last_write
-            )
-            result = _write_marked(
-                sink, manifest["topic"], chunk, staging / f"chunk-{stem}{ATTEMPTED}"
-            )
+            marker = staging / f"chunk-{stem}{ATTEMPTED}"
+            written_before = _written_by_earlier_attempt(marker, last_write)
+            result = _write_marked(sink, manifest["topic"], chunk, marker)
             report.add(chunk, result)
             if result.concurrent and not written_before:
                 report.status = "concurrent_batch"
@@ -762,8 +759,8 @@ def load_staging(settings: Settings, staging: Path) -> BatchReport:
 def _written_by_earlier_attempt(marker: Path, last_write: str | None) -> bool:
     """Tell whether an earlier attempt of this staged load applied the chunk of ``marker``.
 
-    The marker holds ``done`` after a write, or the id of a write that was
-    sent; that write was applied if it is ``last_write``, the topic's last
+    The marker contains ``done`` after a write, or the id of a write that was
+    sent. That write was applied if it is ``last_write``, the topic's last
     write when this load started.
     """
     if not marker.exists():

@@ -113,7 +113,7 @@ def rejects_from_file(path: Path) -> Iterator[dict[str, Any]]:
 
 
 def _reject_problem(reject: Any) -> str | None:
-    """Say what a reject read from a file lacks for a replay, or return None."""
+    """Return what a reject read from a file lacks for a replay, or None."""
     if not isinstance(reject, dict):
         return "expected an object as in the rejects list"
     source = reject.get("source")

@@ -296,14 +296,14 @@ def start_local_stack(
     """
     state_dir.mkdir(parents=True, exist_ok=True)
     redis_server_binary()  # Fail before starting anything when Redis is missing.
-    given = {"kafka": kafka_port, "redis": redis_port}
+    requested = {"kafka": kafka_port, "redis": redis_port}
     defaults = {"kafka": DEFAULT_KAFKA_PORT, "redis": DEFAULT_REDIS_PORT}
     ports: dict[str, int] = {}
     to_start = []
-    for name in given:
+    for name in requested:
         pid_file = state_dir / f"{name}.pid"
         recorded = _recorded_port(pid_file)
-        ports[name] = given[name] or recorded or defaults[name]
+        ports[name] = requested[name] or recorded or defaults[name]
         if _running_from(pid_file):
             logger.info("%s already running (pid file %s)", name, pid_file)
             ports[name] = recorded or ports[name]

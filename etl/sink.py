@@ -169,10 +169,16 @@ class RedisSink:
 
     def stored_topic_id(self, topic: str) -> str | None:
         """Return the topic id recorded with the stored offsets, if any."""
+        return self._offsets_field(topic_id_field(topic))
+
+    def last_write_id(self, topic: str) -> str | None:
+        """Return the write id stored by the last transaction on ``topic``."""
+        return self._offsets_field(write_id_field(topic))
+
+    def _offsets_field(self, field: str) -> str | None:
+        """Return one field of the offsets hash, read with HMGET as the documented ACL allows."""
         try:
-            (value,) = self.client.hmget(
-                self._settings.redis_offsets_key, [topic_id_field(topic)]
-            )
+            (value,) = self.client.hmget(self._settings.redis_offsets_key, [field])
         except redis.RedisError as exc:
             msg = f"cannot read offsets from Redis at {self._settings.redis_url_redacted}: {exc}"
             raise SinkError(msg) from exc
@@ -255,16 +261,6 @@ class RedisSink:
             msg = f"writing to Redis at {url} was cancelled after {attempts}: {failure}"
             raise SinkError(msg) from failure
 
-    def last_write_id(self, topic: str) -> str | None:
-        """Return the write id stored by the last transaction on ``topic``."""
-        try:
-            # HMGET, which the documented ACL allows already.
-            (value,) = self.client.hmget(self.offsets_key, [write_id_field(topic)])
-        except redis.RedisError as exc:
-            msg = f"cannot read offsets from Redis at {self._settings.redis_url_redacted}: {exc}"
-            raise SinkError(msg) from exc
-        return _decoded(value)
-
     def check_offsets_kept(self, topic: str) -> dict[int, int]:
         """Return the stored offsets, raising OffsetConflict if one this sink wrote is gone."""
         stored = self.stored_offsets(topic)
@@ -298,7 +294,7 @@ class RedisSink:
         ]
         if wrong:
             msg = (
-                f"Redis at {settings.redis_url_redacted} holds keys of another type "
+                f"Redis at {settings.redis_url_redacted} has keys of another type "
                 f"under the names this batch writes: {'; '.join(wrong)}. Rename or "
                 "delete them, or set other VITALS_REDIS_*_KEY names"
             )
