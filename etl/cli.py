@@ -186,7 +186,7 @@ def run(
 
 
 class StopRequested(BaseException):
-    """A signal asked the batch to stop; a BaseException, so no handler swallows it."""
+    """Stop request from a signal. A BaseException, so that no ``except Exception`` swallows it."""
 
 
 def _raise_stop_request(signal_number: int, _frame: Any) -> None:

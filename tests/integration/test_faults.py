@@ -458,7 +458,7 @@ def test_staged_load_retried_after_timeout_writes_once(
 
 
 @pytest.mark.parametrize("earlier_attempt", [False, True])
-def test_staged_load_after_other_batch_reports_it(
+def test_staged_load_reports_other_batch(
     settings: Settings, redis_client: redis.Redis, tmp_path: Path, earlier_attempt: bool
 ) -> None:
     """Another batch wrote every staged chunk before the load: concurrent_batch, no row twice.
@@ -1168,7 +1168,7 @@ def test_hostile_corpus_through_kafka_and_redis(
 
 
 @pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT])
-def test_run_stopped_by_signal_says_so(
+def test_run_stopped_by_signal(
     settings: Settings, redis_client: redis.Redis, tmp_path: Path, signal_number: int
 ) -> None:
     """A scheduler's SIGTERM (or Ctrl-C) mid-batch: one clear line, exit 128 + signal."""

@@ -291,7 +291,7 @@ def test_settings_reject_redis_url_forms(
         (["generate", "--cohort-size", "2000000"], "2000000 is not in the range"),
     ],
 )
-def test_cli_out_of_range_option_usage_error(arguments: list[str], detail: str) -> None:
+def test_out_of_range_option_usage_error(arguments: list[str], detail: str) -> None:
     """Rejected by Click before anything starts, with exit code 2 and no traceback."""
     result = CliRunner().invoke(main, arguments)
 
@@ -300,7 +300,7 @@ def test_cli_out_of_range_option_usage_error(arguments: list[str], detail: str) 
     assert "Traceback" not in result.stderr
 
 
-def test_settings_time_zones_all_convert_in_polars() -> None:
+def test_time_zones_convert_in_polars() -> None:
     """Every zone the settings accept converts in Polars, as the transform needs."""
     instant = pl.Series([0]).cast(pl.Datetime("us", "UTC"))
     for zone in sorted(iana_time_zones()):
