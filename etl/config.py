@@ -15,7 +15,7 @@ from zoneinfo import available_timezones
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
-from redis.connection import ConnectionPool, parse_url
+from redis.connection import URL_QUERY_ARGUMENT_PARSERS, ConnectionPool, parse_url
 from redis.exceptions import RedisError
 
 ENV_PREFIX: Final = "VITALS_"
@@ -24,6 +24,29 @@ logger = logging.getLogger(__name__)
 _MAX_DATABASE: Final = 2**31 - 1
 #: Query options of a Redis URL that redis-py reads as seconds.
 _URL_TIMEOUTS: Final = ("socket_timeout", "socket_connect_timeout")
+#: Query options that redis-py hands to its connection class as text, where
+#: text is what the class expects. redis-py converts the options of
+#: ``URL_QUERY_ARGUMENT_PARSERS`` to numbers and booleans. Any other option
+#: reaches the connection as a string in place of a mapping or a boolean:
+#: ``socket_keepalive_options=x`` fails at connect, and the string
+#: ``decode_responses=false`` counts as true.
+_TEXT_URL_OPTIONS: Final = frozenset(
+    {
+        "client_name",
+        "lib_name",
+        "lib_version",
+        "username",
+        "password",
+        "ssl_keyfile",
+        "ssl_certfile",
+        "ssl_cert_reqs",
+        "ssl_ca_certs",
+        "ssl_ca_data",
+        "ssl_ca_path",
+        "ssl_password",
+        "ssl_ciphers",
+    }
+)
 
 RuleSet = Literal["acc_aha_2017", "esc_esh_2018", "legacy_age_bands"]
 
@@ -51,6 +74,14 @@ def _check_url_options(url: str, options: dict[str, Any]) -> None:
     made. So a connection object is built here, without connecting. Timeouts
     in the query replace ``VITALS_REDIS_TIMEOUT_S``, so they must be usable.
     """
+    supported = _TEXT_URL_OPTIONS | URL_QUERY_ARGUMENT_PARSERS.keys()
+    for name in parse_qs(urlsplit(url).query, keep_blank_values=True):
+        if name not in supported:
+            msg = (
+                f"has the unsupported query option {name!r}; the supported "
+                f"options are {', '.join(sorted(supported))}"
+            )
+            raise ValueError(msg)
     try:
         ConnectionPool.from_url(url).make_connection()
     except (TypeError, ValueError, RedisError):

@@ -207,6 +207,7 @@ def test_run_invalid_argument_without_json() -> None:
         "redis://host",
         "redis://h/0?socket_timeout=2.5&health_check_interval=0",
         "rediss://h/0?ssl_ca_certs=/ca.pem&ssl_cert_reqs=required",
+        "redis://h/0?client_name=vitals-etl&socket_keepalive=true&protocol=3",
     ],
 )
 def test_settings_accept_redis_database_forms(
@@ -261,7 +262,10 @@ def test_settings_unencoded_password_not_shown(
         ("redis://h/0/1", "database part is not a number"),
         ("redis://h/1_0", "database part is not a number"),
         ("redis://h/+1", "database part is not a number"),
-        ("redis://h/0?sokcet_timeout=5", "query option or value that redis-py"),
+        ("redis://h/0?sokcet_timeout=5", "unsupported query option 'sokcet_timeout'"),
+        ("redis://h/0?socket_keepalive_options=x", "unsupported query option"),
+        ("redis://h/0?decode_responses=false", "unsupported query option"),
+        ("rediss://h/0?ssl_validate_ocsp=false", "unsupported query option"),
         ("rediss://h/0?ssl_cert_reqs=bogus", "query option or value that redis-py"),
         ("redis://h/0?protocol=4", "query option or value that redis-py"),
         ("redis://h/0?timeout=5", "query option or value that redis-py"),
