@@ -273,6 +273,9 @@ def generate(
             partitions=partitions,
             progress=count >= 10_000,
         )
+    except ConfigurationError as exc:
+        errors.print(f"[red]error:[/red] {exc}")
+        sys.exit(EXIT_CONFIG)
     except RuntimeError as exc:
         errors.print(f"[red]generate failed:[/red] {exc}")
         sys.exit(EXIT_INFRASTRUCTURE)

@@ -9,7 +9,8 @@ import logging
 import math
 import os
 import re
-from typing import Any, Final, Literal
+from collections.abc import Callable
+from typing import Any, Final, Literal, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 from zoneinfo import available_timezones
 
@@ -22,6 +23,10 @@ ENV_PREFIX: Final = "VITALS_"
 logger = logging.getLogger(__name__)
 #: SELECT takes a 32-bit signed index: Redis 7 replies "value is out of range" above it.
 _MAX_DATABASE: Final = 2**31 - 1
+#: Legal Kafka topic names, as the broker checks them (Apache Kafka's
+#: ``org.apache.kafka.common.internals.Topic``).
+_TOPIC_NAME: Final = re.compile(r"[a-zA-Z0-9._-]{1,249}")
+_MAX_PORT: Final = 65_535
 #: Query options of a Redis URL that redis-py reads as seconds.
 _URL_TIMEOUTS: Final = ("socket_timeout", "socket_connect_timeout")
 #: Query options that redis-py hands to its connection class as text, where
@@ -47,6 +52,8 @@ _TEXT_URL_OPTIONS: Final = frozenset(
         "ssl_ciphers",
     }
 )
+
+T = TypeVar("T")
 
 RuleSet = Literal["acc_aha_2017", "esc_esh_2018", "legacy_age_bands"]
 
@@ -104,6 +111,17 @@ def _check_url_options(url: str, options: dict[str, Any]) -> None:
         raise ValueError(msg)
 
 
+def kafka_client(factory: Callable[[dict[str, Any]], T], config: dict[str, Any]) -> T:
+    """Build a confluent-kafka client; a property librdkafka refuses is a settings error."""
+    from confluent_kafka import KafkaException
+
+    try:
+        return factory(config)
+    except KafkaException as exc:
+        msg = f"invalid Kafka client settings (check VITALS_KAFKA_EXTRA): {exc.args[0]}"
+        raise ConfigurationError(msg) from exc
+
+
 class _KafkaClientLog:
     """Pass librdkafka's log lines to the ``etl.kafka_client`` logger at DEBUG.
 
@@ -147,8 +165,13 @@ class Settings(BaseSettings):
         default_factory=dict,
         description="Extra librdkafka properties as a JSON object; they win over ours.",
     )
+    #: librdkafka takes ``socket.timeout.ms`` from 10 to 300000 (CONFIGURATION.md).
     kafka_timeout_s: float = Field(
-        10.0, gt=0, allow_inf_nan=False, description="Broker metadata timeout."
+        10.0,
+        ge=0.01,
+        le=300,
+        allow_inf_nan=False,
+        description="Broker metadata timeout.",
     )
 
     # Redis
@@ -203,6 +226,17 @@ class Settings(BaseSettings):
         )
         try:
             parts = urlsplit(url)
+            port = parts.port
+        except ValueError:
+            port = -1
+        if port is not None and not 1 <= port <= _MAX_PORT:
+            msg = (
+                f"the port is not a number from 1 to {_MAX_PORT}, or the user name "
+                "or password has a '/', '?', '#', '@' or '[' that is not "
+                "percent-encoded"
+            )
+            raise ValueError(msg)
+        try:
             options: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
         except ValueError:
             raise ValueError(unreadable) from None
@@ -235,6 +269,53 @@ class Settings(BaseSettings):
         if not value.strip():
             raise ValueError("must not be empty")
         return value.strip()
+
+    @field_validator(
+        "redis_list_key",
+        "redis_rejects_key",
+        "redis_offsets_key",
+        "redis_alerts_key",
+        "redis_reports_key",
+        "redis_stats_key",
+    )
+    @classmethod
+    def _key_not_blank(cls, value: str) -> str:
+        # Kept as written: spaces are legal in a Redis key name.
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+    @field_validator("kafka_topic")
+    @classmethod
+    def _legal_topic(cls, value: str) -> str:
+        if not _TOPIC_NAME.fullmatch(value) or value in {".", ".."}:
+            msg = (
+                "a Kafka topic name has 1 to 249 characters among ASCII letters, "
+                "digits, '.', '_' and '-', and is not '.' or '..'"
+            )
+            raise ValueError(msg)
+        return value
+
+    @field_validator("kafka_bootstrap_servers")
+    @classmethod
+    def _bootstrap_ports(cls, value: str) -> str:
+        for server in value.split(","):
+            port = server.strip().rpartition(":")[2]
+            if ":" in server and port.isdigit() and not 1 <= int(port) <= _MAX_PORT:
+                msg = f"the port of {server.strip()!r} is not from 1 to {_MAX_PORT}"
+                raise ValueError(msg)
+        return value
+
+    @field_validator("kafka_extra")
+    @classmethod
+    def _no_bootstrap_in_extra(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if "bootstrap.servers" in value or "metadata.broker.list" in value:
+            msg = (
+                "must not set bootstrap.servers or metadata.broker.list; "
+                "use VITALS_KAFKA_BOOTSTRAP_SERVERS"
+            )
+            raise ValueError(msg)
+        return value
 
     @model_validator(mode="after")
     def _distinct_keys(self) -> Settings:

@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 from etl.cohort import Patient, build_cohort, draw_reading
-from etl.config import ENV_PREFIX
+from etl.config import ENV_PREFIX, kafka_client
 from etl.malformed import MALFORMED_KINDS
 
 if TYPE_CHECKING:
@@ -157,7 +157,7 @@ def ensure_topic(settings: Settings, *, partitions: int = 3) -> None:
     topic = settings.kafka_topic
     servers = settings.kafka_bootstrap_servers
     timeout_s = settings.kafka_timeout_s
-    admin = AdminClient(settings.kafka_config())
+    admin = kafka_client(AdminClient, settings.kafka_config())
 
     try:
         metadata = admin.list_topics(timeout=timeout_s)
@@ -265,7 +265,7 @@ def produce_readings(
     topic = settings.kafka_topic
     servers = settings.kafka_bootstrap_servers
     reports = _DeliveryReports()
-    producer = Producer(PRODUCER_TUNING | settings.kafka_config())
+    producer = kafka_client(Producer, PRODUCER_TUNING | settings.kafka_config())
     logger.info("Producing %d readings to topic %s", count, topic)
     started = time.monotonic()
     try:

@@ -190,7 +190,9 @@ def replay_rejects(
 def _produce(settings: Settings, batch: list[tuple[str, bytes]]) -> None:
     from confluent_kafka import KafkaException, Producer
 
-    producer = Producer(settings.kafka_config())
+    from etl.config import kafka_client
+
+    producer = kafka_client(Producer, settings.kafka_config())
     failures: list[str] = []
 
     def on_delivery(error: Any, _message: Any) -> None:
@@ -244,6 +246,7 @@ def replay_rejects_command(
 ) -> None:
     """Produce rejected values to the topic again, for the next batch to read."""
     from etl.cli import errors, settings_or_exit
+    from etl.config import ConfigurationError
     from etl.exit_codes import EXIT_CONFIG, EXIT_INFRASTRUCTURE
 
     settings = settings_or_exit()
@@ -251,7 +254,7 @@ def replay_rejects_command(
         report = replay_rejects(
             settings, reasons=reasons, path=path, dry_run=dry_run, force=force
         )
-    except InvalidRejectFile as exc:
+    except (InvalidRejectFile, ConfigurationError) as exc:
         errors.print(f"[red]replay failed:[/red] {exc}")
         raise SystemExit(EXIT_CONFIG) from None
     except ReplayError as exc:

@@ -34,7 +34,7 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient
 
-from etl.config import ConfigurationError
+from etl.config import kafka_client
 from etl.parse import RAW_SCHEMA
 
 if TYPE_CHECKING:
@@ -121,11 +121,7 @@ class KafkaSource:
             "group.id": settings.kafka_group_id,
             "error_cb": self._on_error,
         }
-        try:
-            self._consumer = Consumer(config)
-        except KafkaException as exc:
-            msg = f"invalid Kafka client settings (check VITALS_KAFKA_EXTRA): {exc.args[0]}"
-            raise ConfigurationError(msg) from exc
+        self._consumer = kafka_client(Consumer, config)
         self._admin: AdminClient | None = None
         self._commits_failed = False
         self._errors: list[KafkaError] = []

@@ -154,6 +154,26 @@ def test_replay_command_bad_file_exits_2(settings: Settings, tmp_path: Path) -> 
     assert "broken.jsonl:1 is not a reject JSON object" in result.stderr
 
 
+def test_replay_command_refused_kafka_property_exits_2(
+    settings: Settings, tmp_path: Path
+) -> None:
+    corrected = tmp_path / "corrected.jsonl"
+    corrected.write_text(
+        '{"source": {"topic": "vitals", "partition": 0, "offset": 1}, "payload": "{}"}\n'
+    )
+    env = {
+        "VITALS_KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
+        "VITALS_REDIS_URL": settings.redis_url.get_secret_value(),
+        "VITALS_KAFKA_EXTRA": '{"bogus.prop": 1}',
+    }
+    result = CliRunner().invoke(
+        replay_rejects_command, ["--file", str(corrected)], env=env
+    )
+
+    assert result.exit_code == 2
+    assert "No such configuration property" in result.stderr
+
+
 def test_replay_command_unknown_reason_is_usage_error() -> None:
     result = CliRunner().invoke(replay_rejects_command, ["--reason", "nosuchreason"])
 

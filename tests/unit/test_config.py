@@ -85,6 +85,39 @@ def test_settings_read_prefixed_environment(monkeypatch: pytest.MonkeyPatch) -> 
             "not a valid Redis URL",
             id="redis-database-query",
         ),
+        pytest.param(
+            "VITALS_REDIS_URL",
+            "redis://127.0.0.1:99999/0",
+            "port is not a number from 1 to 65535",
+            id="redis-port-range",
+        ),
+        pytest.param(
+            "VITALS_KAFKA_TIMEOUT_S", "301", "less than or equal to 300", id="kafka-301"
+        ),
+        pytest.param(
+            "VITALS_KAFKA_TIMEOUT_S",
+            "0.001",
+            "greater than or equal to 0.01",
+            id="kafka-1ms",
+        ),
+        pytest.param(
+            "VITALS_KAFKA_BOOTSTRAP_SERVERS",
+            "127.0.0.1:9092,127.0.0.1:99999",
+            "port of '127.0.0.1:99999' is not from 1 to 65535",
+            id="bootstrap-port",
+        ),
+        pytest.param(
+            "VITALS_KAFKA_TOPIC", "bad topic!", "Kafka topic name", id="topic-chars"
+        ),
+        pytest.param("VITALS_KAFKA_TOPIC", "t" * 250, "1 to 249", id="topic-long"),
+        pytest.param("VITALS_KAFKA_TOPIC", "..", "not '.' or '..'", id="topic-dots"),
+        pytest.param("VITALS_REDIS_LIST_KEY", "", "must not be empty", id="empty-key"),
+        pytest.param(
+            "VITALS_KAFKA_EXTRA",
+            '{"bootstrap.servers": "other:9092"}',
+            "use VITALS_KAFKA_BOOTSTRAP_SERVERS",
+            id="extra-bootstrap",
+        ),
     ],
 )
 def test_settings_invalid_value_names_variable(
@@ -335,3 +368,29 @@ def test_settings_lower_case_variable_not_warned(
 
     assert settings.chunk_size == 123
     assert "Ignoring" not in caplog.text
+
+
+def test_settings_keep_legal_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VITALS_KAFKA_TOPIC", "ward-3.vitals_v2")
+    monkeypatch.setenv("VITALS_KAFKA_BOOTSTRAP_SERVERS", "[::1]:9092,kafka:65535")
+    monkeypatch.setenv("VITALS_REDIS_LIST_KEY", "ward 3 patients")
+
+    settings = load_settings()
+
+    assert settings.kafka_topic == "ward-3.vitals_v2"
+    assert settings.kafka_bootstrap_servers == "[::1]:9092,kafka:65535"
+    assert settings.redis_list_key == "ward 3 patients"
+
+
+def test_generate_refused_kafka_property_exits_2(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """librdkafka refuses the property when the client is built, before any connection."""
+    monkeypatch.setenv("VITALS_KAFKA_EXTRA", '{"bogus.prop": 1}')
+    monkeypatch.setenv("VITALS_KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9")
+
+    result = CliRunner().invoke(main, ["generate", "--count", "1"])
+
+    assert result.exit_code == 2
+    assert "No such configuration property" in result.stderr
+    assert "Traceback" not in result.stderr
