@@ -43,8 +43,8 @@ class ReplayError(RuntimeError):
     """A reject cannot be read, or the broker did not accept the replayed values."""
 
 
-class InvalidRejectFile(ReplayError):
-    """A line of the file given with ``--file`` is not a reject JSON object."""
+class InvalidReject(ReplayError):
+    """A line of the ``--file`` file or an element of the rejects list that is not a reject."""
 
 
 @dataclass
@@ -53,6 +53,8 @@ class ReplayReport:
 
     selected: int = 0
     produced: int = 0
+    #: What a dry run would have produced.
+    would_produce: int = 0
     skipped_truncated: int = 0
     skipped_tombstone: int = 0
     skipped_already_replayed: int = 0
@@ -80,8 +82,20 @@ def rejects_from_redis(client: redis.Redis, key: str) -> Iterator[dict[str, Any]
     start = 0
     while True:
         page = client.lrange(key, start, start + _PAGE - 1)
-        for raw in page:
-            yield json.loads(raw)
+        for index, raw in enumerate(page, start=start):
+            try:
+                reject = json.loads(raw)
+            except ValueError as exc:  # Not UTF-8, or not JSON.
+                problem: str | None = str(exc).partition(":")[0]
+            else:
+                problem = _reject_problem(reject)
+            if problem:
+                msg = (
+                    f"element {index} of the Redis list {key!r} is not a reject "
+                    f"JSON object: {problem}"
+                )
+                raise InvalidReject(msg)
+            yield reject
         if len(page) < _PAGE:
             return
         start += _PAGE
@@ -95,7 +109,7 @@ def rejects_from_file(path: Path) -> Iterator[dict[str, Any]]:
     except UnicodeDecodeError as exc:
         number = data[: exc.start].count(b"\n") + 1
         msg = f"{path}:{number} is not a reject JSON object: not UTF-8"
-        raise InvalidRejectFile(msg) from None
+        raise InvalidReject(msg) from None
     # Universal newlines, as when the file is read as text: \n, \r\n or \r.
     for number, line in enumerate(io.StringIO(text, newline=None), start=1):
         if not line.strip():
@@ -104,16 +118,16 @@ def rejects_from_file(path: Path) -> Iterator[dict[str, Any]]:
             reject = json.loads(line)
         except json.JSONDecodeError as exc:
             msg = f"{path}:{number} is not a reject JSON object: {exc.msg}"
-            raise InvalidRejectFile(msg) from None
+            raise InvalidReject(msg) from None
         problem = _reject_problem(reject)
         if problem:
             msg = f"{path}:{number} is not a reject JSON object: {problem}"
-            raise InvalidRejectFile(msg)
+            raise InvalidReject(msg)
         yield reject
 
 
 def _reject_problem(reject: Any) -> str | None:
-    """Return what a reject read from a file lacks for a replay, or None."""
+    """Return what a reject lacks for a replay, or None."""
     if not isinstance(reject, dict):
         return "expected an object as in the rejects list"
     source = reject.get("source")
@@ -177,14 +191,28 @@ def replay_rejects(
         if batch and not dry_run:
             _produce(settings, batch)
             client.sadd(replayed_key, *(marker for marker, _ in batch))
-        report.produced = 0 if dry_run else len(batch)
+        if dry_run:
+            report.would_produce = len(batch)
+        else:
+            report.produced = len(batch)
+    except redis_lib.ResponseError as exc:
+        if not str(exc).startswith("WRONGTYPE"):
+            raise ReplayError(_redis_failed(settings, exc)) from exc
+        msg = (
+            f"the key {settings.redis_rejects_key!r} is not a list, or "
+            f"{replayed_key!r} is not a set; check VITALS_REDIS_REJECTS_KEY"
+        )
+        raise InvalidReject(msg) from exc
     except redis_lib.RedisError as exc:
-        msg = f"Redis at {settings.redis_url_redacted} failed during the replay: {exc}"
-        raise ReplayError(msg) from exc
+        raise ReplayError(_redis_failed(settings, exc)) from exc
     finally:
         client.close()
     logger.info("Replay of rejects done: %s", asdict(report))
     return report
+
+
+def _redis_failed(settings: Settings, error: Exception) -> str:
+    return f"Redis at {settings.redis_url_redacted} failed during the replay: {error}"
 
 
 def _produce(settings: Settings, batch: list[tuple[str, bytes]]) -> None:
@@ -254,7 +282,7 @@ def replay_rejects_command(
         report = replay_rejects(
             settings, reasons=reasons, path=path, dry_run=dry_run, force=force
         )
-    except (InvalidRejectFile, ConfigurationError) as exc:
+    except (InvalidReject, ConfigurationError) as exc:
         errors.print(f"[red]replay failed:[/red] {exc}")
         raise SystemExit(EXIT_CONFIG) from None
     except ReplayError as exc:

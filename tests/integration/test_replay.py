@@ -14,6 +14,7 @@ from etl.config import Settings
 from etl.pipeline import run_batch
 from etl.replay import (
     REPLAYED_SUFFIX,
+    InvalidReject,
     ReplayError,
     reject_value,
     rejects_from_file,
@@ -102,7 +103,44 @@ def test_replay_dry_run_and_unreplayable(
     assert report.skipped_truncated == 1
     assert report.skipped_tombstone == 1
     assert report.produced == 0
+    assert report.would_produce == 1
     assert redis_client.exists(settings.redis_rejects_key + REPLAYED_SUFFIX) == 0
+
+
+@pytest.mark.parametrize(
+    ("element", "problem"),
+    [
+        (b"not json", "Expecting value"),
+        (b'{"reason": "invalid_json"}', "'source' needs"),
+        (b"\xff", "codec can't decode"),
+    ],
+)
+def test_replay_bad_list_element_fails(
+    settings: Settings, redis_client: redis.Redis, element: bytes, problem: str
+) -> None:
+    redis_client.rpush(settings.redis_rejects_key, element)
+
+    with pytest.raises(InvalidReject, match=problem) as caught:
+        replay_rejects(settings)
+
+    assert "element 0 of the Redis list" in str(caught.value)
+
+
+def test_replay_command_wrong_key_type_exits_2(settings: Settings) -> None:
+    client = redis.Redis.from_url(settings.redis_url.get_secret_value())
+    try:
+        client.set(settings.redis_rejects_key, "not a list")
+    finally:
+        client.close()
+    env = {
+        "VITALS_KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
+        "VITALS_REDIS_URL": settings.redis_url.get_secret_value(),
+        "VITALS_REDIS_REJECTS_KEY": settings.redis_rejects_key,
+    }
+    result = CliRunner().invoke(replay_rejects_command, ["--dry-run"], env=env)
+
+    assert result.exit_code == 2
+    assert "is not a list" in result.stderr
 
 
 def test_reject_value_decodes_base64() -> None:
