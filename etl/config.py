@@ -27,6 +27,15 @@ _MAX_DATABASE: Final = 2**31 - 1
 #: ``org.apache.kafka.common.internals.Topic``).
 _TOPIC_NAME: Final = re.compile(r"[a-zA-Z0-9._-]{1,249}")
 _MAX_PORT: Final = 65_535
+#: The settings that name Redis keys.
+_REDIS_KEY_FIELDS: Final = (
+    "redis_list_key",
+    "redis_rejects_key",
+    "redis_offsets_key",
+    "redis_alerts_key",
+    "redis_reports_key",
+    "redis_stats_key",
+)
 #: Query options of a Redis URL that redis-py reads as seconds.
 _URL_TIMEOUTS: Final = ("socket_timeout", "socket_connect_timeout")
 #: Query options that redis-py hands to its connection class as text, where
@@ -270,14 +279,7 @@ class Settings(BaseSettings):
             raise ValueError("must not be empty")
         return value.strip()
 
-    @field_validator(
-        "redis_list_key",
-        "redis_rejects_key",
-        "redis_offsets_key",
-        "redis_alerts_key",
-        "redis_reports_key",
-        "redis_stats_key",
-    )
+    @field_validator(*_REDIS_KEY_FIELDS)
     @classmethod
     def _key_not_blank(cls, value: str) -> str:
         # Kept as written: spaces are legal in a Redis key name.
@@ -319,16 +321,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _distinct_keys(self) -> Settings:
-        fields = [
-            "redis_list_key",
-            "redis_rejects_key",
-            "redis_offsets_key",
-            "redis_alerts_key",
-            "redis_reports_key",
-            "redis_stats_key",
-        ]
         by_key: dict[str, list[str]] = {}
-        for field in fields:
+        for field in _REDIS_KEY_FIELDS:
             by_key.setdefault(getattr(self, field), []).append(
                 f"{ENV_PREFIX}{field.upper()}"
             )
