@@ -62,7 +62,7 @@ _TEXT_URL_OPTIONS: Final = frozenset(
     }
 )
 
-T = TypeVar("T")
+_Client = TypeVar("_Client")
 
 RuleSet = Literal["acc_aha_2017", "esc_esh_2018", "legacy_age_bands"]
 
@@ -120,7 +120,9 @@ def _check_url_options(url: str, options: dict[str, Any]) -> None:
         raise ValueError(msg)
 
 
-def kafka_client(factory: Callable[[dict[str, Any]], T], config: dict[str, Any]) -> T:
+def kafka_client(
+    factory: Callable[[dict[str, Any]], _Client], config: dict[str, Any]
+) -> _Client:
     """Build a confluent-kafka client; a property librdkafka refuses is a settings error."""
     from confluent_kafka import KafkaException
 
@@ -235,10 +237,13 @@ class Settings(BaseSettings):
         )
         try:
             parts = urlsplit(url)
-            port = parts.port
         except ValueError:
-            port = -1
-        if port is not None and not 1 <= port <= _MAX_PORT:
+            raise ValueError(unreadable) from None
+        try:
+            port_valid = parts.port is None or parts.port >= 1
+        except ValueError:  # Not a number, or above 65535.
+            port_valid = False
+        if not port_valid:
             msg = (
                 f"the port is not a number from 1 to {_MAX_PORT}, or the user name "
                 "or password has a '/', '?', '#', '@' or '[' that is not "
@@ -301,10 +306,10 @@ class Settings(BaseSettings):
     @field_validator("kafka_bootstrap_servers")
     @classmethod
     def _bootstrap_ports(cls, value: str) -> str:
-        for server in value.split(","):
-            port = server.strip().rpartition(":")[2]
+        for server in (part.strip() for part in value.split(",")):
+            port = server.rpartition(":")[2]
             if ":" in server and port.isdigit() and not 1 <= int(port) <= _MAX_PORT:
-                msg = f"the port of {server.strip()!r} is not from 1 to {_MAX_PORT}"
+                msg = f"the port of {server!r} is not from 1 to {_MAX_PORT}"
                 raise ValueError(msg)
         return value
 

@@ -83,19 +83,7 @@ def rejects_from_redis(client: redis.Redis, key: str) -> Iterator[dict[str, Any]
     while True:
         page = client.lrange(key, start, start + _PAGE - 1)
         for index, raw in enumerate(page, start=start):
-            try:
-                reject = json.loads(raw)
-            except ValueError as exc:  # Not UTF-8, or not JSON.
-                problem: str | None = str(exc).partition(":")[0]
-            else:
-                problem = _reject_problem(reject)
-            if problem:
-                msg = (
-                    f"element {index} of the Redis list {key!r} is not a reject "
-                    f"JSON object: {problem}"
-                )
-                raise InvalidReject(msg)
-            yield reject
+            yield _read_reject(raw, f"element {index} of the Redis list {key!r}")
         if len(page) < _PAGE:
             return
         start += _PAGE
@@ -114,16 +102,24 @@ def rejects_from_file(path: Path) -> Iterator[dict[str, Any]]:
     for number, line in enumerate(io.StringIO(text, newline=None), start=1):
         if not line.strip():
             continue
-        try:
-            reject = json.loads(line)
-        except json.JSONDecodeError as exc:
-            msg = f"{path}:{number} is not a reject JSON object: {exc.msg}"
-            raise InvalidReject(msg) from None
+        yield _read_reject(line, f"{path}:{number}")
+
+
+def _read_reject(raw: str | bytes, where: str) -> dict[str, Any]:
+    """Decode one reject; raise :class:`InvalidReject` naming ``where`` when it is not one."""
+    problem: str | None
+    try:
+        reject: dict[str, Any] = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        problem = exc.msg
+    except UnicodeDecodeError as exc:
+        problem = str(exc).partition(":")[0]
+    else:
         problem = _reject_problem(reject)
-        if problem:
-            msg = f"{path}:{number} is not a reject JSON object: {problem}"
-            raise InvalidReject(msg)
-        yield reject
+    if problem:
+        msg = f"{where} is not a reject JSON object: {problem}"
+        raise InvalidReject(msg) from None
+    return reject
 
 
 def _reject_problem(reject: Any) -> str | None:
