@@ -123,7 +123,7 @@ def _check_url_options(url: str, options: dict[str, Any]) -> None:
 def kafka_client(
     factory: Callable[[dict[str, Any]], _Client], config: dict[str, Any]
 ) -> _Client:
-    """Build a confluent-kafka client; a property librdkafka refuses is a settings error."""
+    """Build a confluent-kafka client, raising a settings error for a property librdkafka rejects."""
     from confluent_kafka import KafkaException
 
     try:
@@ -176,7 +176,7 @@ class Settings(BaseSettings):
         default_factory=dict,
         description="Extra librdkafka properties as a JSON object; they win over ours.",
     )
-    #: librdkafka takes ``socket.timeout.ms`` from 10 to 300000 (CONFIGURATION.md).
+    #: librdkafka 2.16 rejects a ``socket.timeout.ms`` outside 10 to 300000.
     kafka_timeout_s: float = Field(
         10.0,
         ge=0.01,
@@ -287,7 +287,7 @@ class Settings(BaseSettings):
     @field_validator(*_REDIS_KEY_FIELDS)
     @classmethod
     def _key_not_blank(cls, value: str) -> str:
-        # Kept as written: spaces are legal in a Redis key name.
+        # Not stripped, because a Redis key name may contain spaces.
         if not value.strip():
             raise ValueError("must not be empty")
         return value

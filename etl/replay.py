@@ -53,7 +53,7 @@ class ReplayReport:
 
     selected: int = 0
     produced: int = 0
-    #: What a dry run would have produced.
+    #: Values a dry run would have produced.
     would_produce: int = 0
     skipped_truncated: int = 0
     skipped_tombstone: int = 0

@@ -192,7 +192,7 @@ def test_replay_command_bad_file_exits_2(settings: Settings, tmp_path: Path) -> 
     assert "broken.jsonl:1 is not a reject JSON object" in result.stderr
 
 
-def test_replay_command_refused_kafka_property_exits_2(
+def test_replay_rejected_kafka_property_exits_2(
     settings: Settings, tmp_path: Path
 ) -> None:
     corrected = tmp_path / "corrected.jsonl"

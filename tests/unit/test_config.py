@@ -382,10 +382,10 @@ def test_settings_keep_legal_names(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.redis_list_key == "ward 3 patients"
 
 
-def test_generate_refused_kafka_property_exits_2(
+def test_generate_rejected_kafka_property_exits_2(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """librdkafka refuses the property when the client is built, before any connection."""
+    """librdkafka rejects the property when the client is built, before any connection."""
     monkeypatch.setenv("VITALS_KAFKA_EXTRA", '{"bogus.prop": 1}')
     monkeypatch.setenv("VITALS_KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9")
 
