@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import polars as pl
 from pandera.api.polars.types import PolarsData
@@ -162,6 +162,61 @@ def _check_condition(check: Check, key: str) -> pl.Expr | None:
     return result.fill_null(False)
 
 
+@functools.cache
+def _check_details(model: type[pa.DataFrameModel]) -> dict[str, str]:
+    """Map the name Pandera gives each failed check of ``model`` to a sentence.
+
+    Pandera names a failed built-in check by its call, such as
+    ``less_than_or_equal_to(130)``. A check without a sentence keeps that name.
+    """
+    schema = model.to_schema()
+    checks = [
+        *(check for column in schema.columns.values() for check in column.checks),
+        *schema.checks,
+    ]
+    details = {
+        "not_nullable": "required field is null or absent",
+        "diastolic_below_systolic": "diastolic must be below systolic",
+    }
+    for check in checks:
+        sentence = _check_sentence(check.name, check.statistics)
+        if sentence is not None:
+            details.setdefault(check.error or check.name, sentence)
+    return details
+
+
+def _check_sentence(name: str | None, statistics: dict[str, Any]) -> str | None:
+    """Describe a Pandera check as the rule a valid value follows, or return None."""
+    low, high = statistics.get("min_value"), statistics.get("max_value")
+    if name == "greater_than_or_equal_to":
+        return f"must be at least {low}"
+    if name == "greater_than":
+        return f"must be above {low}"
+    if name == "less_than_or_equal_to":
+        return f"must be at most {high}"
+    if name == "less_than":
+        return f"must be below {high}"
+    closed = statistics.get("include_min", True) and statistics.get("include_max", True)
+    if name == "in_range" and closed:
+        return f"must be from {low} to {high}"
+    if name == "isin":
+        allowed = ", ".join(str(value) for value in statistics["allowed_values"])
+        return f"must be one of {allowed}"
+    if name == "str_length":
+        if low is not None and high is not None:
+            return f"must be {low} to {high} characters long"
+        if high is not None:
+            return f"must be at most {high} characters long"
+        if low is not None:
+            plural = "" if low == 1 else "s"
+            return f"must be at least {low} character{plural} long"
+    if name == "str_matches":
+        return f"must match the pattern {statistics['pattern']}"
+    if name == "contains_letter":
+        return "must contain a letter"
+    return None
+
+
 def _split_with_pandera(
     frame: pl.DataFrame,
     checked: pl.DataFrame,
@@ -203,14 +258,7 @@ def _split_with_pandera(
         .then(pl.lit("diastolic"))
         .otherwise(pl.col("column"))
         .alias("field"),
-        pl.col("check")
-        .replace(
-            {
-                "not_nullable": "required field is null or absent",
-                "diastolic_below_systolic": "diastolic must be below systolic",
-            }
-        )
-        .alias("detail"),
+        pl.col("check").replace(_check_details(model)).alias("detail"),
     )
     indexed = frame.select("partition", "offset", "value").with_row_index("index")
     rejects = indexed.join(reasons, on="index", how="inner").select(

@@ -8,16 +8,22 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+import pandera.polars as pa
 import polars as pl
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from contracts.models import InputReading
+from contracts.models import InputReading, OutputRow
 from etl.parse import decode, parse, to_typed
 from etl.reasons import Reason
 from etl.source import Prefetcher, SourceError, _rare_gc
-from etl.validate import _split_with_pandera, split_valid
+from etl.validate import (
+    _check_details,
+    _check_sentence,
+    _split_with_pandera,
+    split_valid,
+)
 from tests.conftest import encode, reading
 from tests.unit.test_parse import NOW, json_scalars, raw_frame
 
@@ -202,3 +208,57 @@ def test_split_valid_diastolic_detail_is_sentence() -> None:
 
     assert set(rejects["field"].to_list()) == {"diastolic"}
     assert set(rejects["detail"].to_list()) == {"diastolic must be below systolic"}
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "detail"),
+    [
+        ("age", 200, "must be at most 130"),
+        ("heart_rate", -1.0, "must be at least 0"),
+        ("systolic", 20, "must be above 20"),
+        ("consciousness", "Z", "must be one of A, C, V, P, U"),
+        ("patient_id", "P" * 80, "must be 1 to 64 characters long"),
+        ("device_id", "d" * 200, "must be at most 128 characters long"),
+        ("name", "1234", "must contain a letter"),
+    ],
+)
+def test_split_valid_range_detail_is_sentence(
+    column: str, value: Any, detail: str
+) -> None:
+    frame = typed_readings()
+    frame = frame.with_columns(pl.lit(value, frame.schema[column]).alias(column))
+
+    _, rejects = split_valid(frame, InputReading, carry=CARRY)
+
+    assert set(rejects["field"].to_list()) == {column}
+    assert set(rejects["detail"].to_list()) == {detail}
+
+
+@pytest.mark.parametrize("model", [InputReading, OutputRow])
+def test_every_contract_check_has_sentence(model: Any) -> None:
+    schema = model.to_schema()
+    checks = [
+        *(check for column in schema.columns.values() for check in column.checks),
+        *schema.checks,
+    ]
+
+    details = _check_details(model)
+
+    for check in checks:
+        assert details[check.error or check.name] != (check.error or check.name)
+
+
+@pytest.mark.parametrize(
+    ("check", "sentence"),
+    [
+        (pa.Check.in_range(1, 5), "must be from 1 to 5"),
+        (pa.Check.in_range(1, 5, include_max=False), None),
+        (pa.Check.less_than(3), "must be below 3"),
+        (pa.Check.str_length(min_value=1), "must be at least 1 character long"),
+        (pa.Check.str_length(min_value=2), "must be at least 2 characters long"),
+        (pa.Check.str_length(exact_value=4), None),
+        (pa.Check.str_matches("^a$"), "must match the pattern ^a$"),
+    ],
+)
+def test_check_sentence_for_builtin_checks(check: Any, sentence: str | None) -> None:
+    assert _check_sentence(check.name, check.statistics) == sentence

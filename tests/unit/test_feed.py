@@ -122,7 +122,7 @@ def test_feed_skips_blank_lines() -> None:
 
     assert result.blank == 2
     assert result.failures == [
-        LineFailure(4, "out_of_range", "age", "less_than_or_equal_to(130)")
+        LineFailure(4, "out_of_range", "age", "must be at most 130")
     ]
 
 
