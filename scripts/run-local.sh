@@ -55,8 +55,9 @@ echo "== Producing 500 readings to topic ${VITALS_KAFKA_TOPIC:-vitals}"
 echo "== Running one batch"
 "$etl" run
 
-echo "== First rows of liste-patients (redis-cli -p $REDIS_PORT LRANGE liste-patients 0 4)"
-"$etl" show --start 0 --stop 4
+# The list keeps the rows of earlier runs, so the newest rows are at its end.
+echo "== Last rows of liste-patients (redis-cli -p $REDIS_PORT LRANGE liste-patients -5 -1)"
+"$etl" show --start -5 --stop -1
 
 if [ "${SKIP_AIRFLOW:-0}" = "1" ]; then
   exit 0
