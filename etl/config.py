@@ -129,7 +129,10 @@ def kafka_client(
     try:
         return factory(config)
     except KafkaException as exc:
-        msg = f"invalid Kafka client settings (check VITALS_KAFKA_EXTRA): {exc.args[0]}"
+        msg = (
+            f"invalid Kafka client settings: {exc.args[0]}. Check the VITALS_KAFKA_* "
+            "variables: security protocol, SASL, SSL and VITALS_KAFKA_EXTRA"
+        )
         raise ConfigurationError(msg) from exc
 
 
@@ -147,7 +150,7 @@ class _KafkaClientLog:
         self._logger.debug(message, *args)
 
 
-_KAFKA_CLIENT_LOG: Final = _KafkaClientLog()
+KAFKA_CLIENT_LOG: Final = _KafkaClientLog()
 
 
 class Settings(BaseSettings):
@@ -344,7 +347,7 @@ class Settings(BaseSettings):
     def kafka_config(self) -> dict[str, Any]:
         """Return the librdkafka properties shared by consumers and producers."""
         config: dict[str, Any] = {
-            "logger": _KAFKA_CLIENT_LOG,
+            "logger": KAFKA_CLIENT_LOG,
             "bootstrap.servers": self.kafka_bootstrap_servers,
             "security.protocol": self.kafka_security_protocol,
             "socket.timeout.ms": int(self.kafka_timeout_s * 1000),

@@ -18,7 +18,9 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
+
+from etl.config import KAFKA_CLIENT_LOG
 
 logger = logging.getLogger(__name__)
 
@@ -187,7 +189,14 @@ def wait_for_broker(
     """Wait until the broker at ``bootstrap`` returns cluster metadata."""
     from confluent_kafka.admin import AdminClient
 
-    admin = AdminClient({"bootstrap.servers": bootstrap, "socket.timeout.ms": 2000})
+    # The logger keeps librdkafka's "Connection refused" lines, expected while
+    # the broker starts, off stderr.
+    config: dict[str, Any] = {
+        "bootstrap.servers": bootstrap,
+        "socket.timeout.ms": 2000,
+        "logger": KAFKA_CLIENT_LOG,
+    }
+    admin = AdminClient(config)
     deadline = time.monotonic() + timeout
     while True:
         if process is not None and process.poll() is not None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -156,3 +158,21 @@ def test_status_shows_ports_and_exits_3_when_stopped(tmp_path: Path) -> None:
     assert f"port {redis_port})" in running.stdout
     assert stopped.exit_code == 3
     assert "kafka: stopped" in stopped.stdout
+
+
+def test_broker_wait_prints_no_librdkafka_lines() -> None:
+    """librdkafka writes to file descriptor 2 directly, so only a child process shows it."""
+    code = (
+        "from etl.services import wait_for_broker\n"
+        f"wait_for_broker('127.0.0.1:{free_port()}', timeout=1)"
+    )
+    waited = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+
+    assert "did not answer within 1 s" in waited.stderr
+    assert "rdkafka" not in waited.stderr

@@ -394,3 +394,17 @@ def test_generate_rejected_kafka_property_exits_2(
     assert result.exit_code == 2
     assert "No such configuration property" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_rejected_sasl_mechanism_names_kafka_settings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("VITALS_KAFKA_SECURITY_PROTOCOL", "SASL_PLAINTEXT")
+    monkeypatch.setenv("VITALS_KAFKA_SASL_MECHANISM", "FOO")
+    monkeypatch.setenv("VITALS_KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9")
+
+    result = CliRunner().invoke(main, ["generate", "--count", "1"])
+
+    assert result.exit_code == 2
+    assert "Unsupported SASL mechanism: FOO" in result.stderr
+    assert "Check the VITALS_KAFKA_* variables" in result.stderr
