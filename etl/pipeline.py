@@ -55,6 +55,13 @@ ALERT_RISKS: Final = ("Medium", "High")
 #: Raw payload bytes kept in a reject; the rest is cut and flagged.
 REJECT_PAYLOAD_BYTES: Final = 4096
 _CARRY: Final = ("partition", "offset", "value")
+#: Input contract columns that the parser derives from a message field of
+#: another name. A missing value is reported under the field the producer sends.
+MESSAGE_FIELD_OF: Final = {
+    "systolic": "blood_pressure",
+    "diastolic": "blood_pressure",
+    "measured_at": "timestamp",
+}
 #: Seconds between checks of the write thread while the caller waits for it.
 _POLL_S: Final = 0.05
 #: Chunks processed at once. While one chunk is in a single-threaded step (a
@@ -185,6 +192,13 @@ def process_chunk(
         min_timestamp=settings.min_timestamp,
     )
     readings, contract_rejects = split_valid(typed, InputReading, carry=_CARRY)
+    missing = pl.col("reason") == Reason.MISSING_FIELD.value
+    contract_rejects = contract_rejects.with_columns(
+        pl.when(missing)
+        .then(pl.col("field").replace(MESSAGE_FIELD_OF))
+        .otherwise(pl.col("field"))
+        .alias("field")
+    )
     # Polars 2.1 can panic in pl.format on a frame that filtering left with an
     # empty chunk between others ("assertion failed: i < self.len()"); one
     # contiguous chunk avoids it.

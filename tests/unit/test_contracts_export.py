@@ -25,6 +25,7 @@ from etl.contracts_export import (
     CONTRACTS_DIR,
     INPUT_YAML_FILE,
     JSON_SCHEMA_FILE,
+    MESSAGE_FIELDS,
     OUTPUT_YAML_FILE,
     ContractExportError,
     check_artefacts,
@@ -34,7 +35,7 @@ from etl.contracts_export import (
     render_artefacts,
 )
 from etl.parse import RAW_SCHEMA
-from etl.pipeline import process_chunk
+from etl.pipeline import MESSAGE_FIELD_OF, process_chunk
 from tests.conftest import case_value, load_cases, reading
 
 NOW = 1_718_000_600.0
@@ -371,3 +372,14 @@ def test_blank_text_pattern_matches_parser_strip() -> None:
 
     for character, blank in zip(characters, stripped.to_list(), strict=True):
         assert bool(re.fullmatch(BLANK_TEXT, character)) == blank, hex(ord(character))
+
+
+def test_reject_field_names_match_message_fields() -> None:
+    derived = {
+        column: field.name
+        for field in MESSAGE_FIELDS
+        for column in field.columns
+        if column != field.name
+    }
+
+    assert derived == MESSAGE_FIELD_OF

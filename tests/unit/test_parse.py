@@ -262,6 +262,18 @@ def escaped_key(fields: dict[str, Any], key: str, written: str) -> bytes:
             encode(reading(name="   ")), Reason.MISSING_FIELD, "name", id="name-blank"
         ),
         pytest.param(
+            encode({k: v for k, v in reading().items() if k != "timestamp"}),
+            Reason.MISSING_FIELD,
+            "timestamp",
+            id="ts-absent",
+        ),
+        pytest.param(
+            encode(reading(blood_pressure=None)),
+            Reason.MISSING_FIELD,
+            "blood_pressure",
+            id="bp-null",
+        ),
+        pytest.param(
             encode(reading(name="?!-")),
             Reason.INVALID_NAME,
             "name",
