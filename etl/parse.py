@@ -25,6 +25,7 @@ import io
 import json
 import logging
 import re
+from datetime import UTC, datetime
 from typing import Any, Final
 
 import orjson
@@ -512,6 +513,18 @@ def _classify_unreadable(frame: pl.DataFrame) -> pl.DataFrame:
     )
 
 
+#: JSON's names (RFC 8259) for the Python types that ``json.loads`` returns.
+_JSON_TYPE_NAMES: Final = {
+    dict: "object",
+    list: "array",
+    str: "string",
+    int: "number",
+    float: "number",
+    bool: "boolean",
+    type(None): "null",
+}
+
+
 def _diagnose(value: bytes) -> tuple[Reason, str]:
     try:
         text = value.decode("utf-8")
@@ -522,13 +535,13 @@ def _diagnose(value: bytes) -> tuple[Reason, str]:
     try:
         document = json.loads(text)
     except json.JSONDecodeError as exc:
-        return Reason.INVALID_JSON, f"{exc.msg} (character {exc.pos})"
+        return Reason.INVALID_JSON, f"{exc.msg}: character {exc.pos}"
     except RecursionError:
         return Reason.INVALID_JSON, "nesting too deep"
     if not isinstance(document, dict):
         return (
             Reason.NOT_AN_OBJECT,
-            f"JSON {type(document).__name__}, expected an object",
+            f"JSON {_JSON_TYPE_NAMES[type(document)]}, expected an object",
         )
     # Python's parser is more lenient than Polars' (NaN, 1e400, deep nesting).
     return (
@@ -742,7 +755,8 @@ def _read_checks(
         (
             "timestamp",
             Reason.TIMESTAMP_INVALID,
-            "before the earliest accepted time",
+            "before the earliest accepted time, "
+            f"{datetime.fromtimestamp(min_timestamp, UTC):%Y-%m-%dT%H:%M:%SZ}",
             seconds < min_timestamp,
         ),
         (

@@ -175,7 +175,7 @@ def _check_details(model: type[pa.DataFrameModel]) -> dict[str, str]:
         *schema.checks,
     ]
     details = {
-        "not_nullable": "required field is null or absent",
+        "not_nullable": "required field is null, blank or absent",
         "diastolic_below_systolic": "diastolic must be below systolic",
     }
     for check in checks:
@@ -187,7 +187,9 @@ def _check_details(model: type[pa.DataFrameModel]) -> dict[str, str]:
 
 def _check_sentence(name: str | None, statistics: dict[str, Any]) -> str | None:
     """Describe a Pandera check as the rule a valid value follows, or return None."""
-    low, high = statistics.get("min_value"), statistics.get("max_value")
+    low = _plain_number(statistics.get("min_value"))
+    high = _plain_number(statistics.get("max_value"))
+
     if name == "greater_than_or_equal_to":
         return f"must be at least {low}"
     if name == "greater_than":
@@ -199,9 +201,11 @@ def _check_sentence(name: str | None, statistics: dict[str, Any]) -> str | None:
     closed = statistics.get("include_min", True) and statistics.get("include_max", True)
     if name == "in_range" and closed:
         return f"must be from {low} to {high}"
+
     if name == "isin":
         allowed = ", ".join(str(value) for value in statistics["allowed_values"])
         return f"must be one of {allowed}"
+
     if name == "str_length":
         if low is not None and high is not None:
             return f"must be {low} to {high} characters long"
@@ -210,11 +214,19 @@ def _check_sentence(name: str | None, statistics: dict[str, Any]) -> str | None:
         if low is not None:
             plural = "" if low == 1 else "s"
             return f"must be at least {low} character{plural} long"
+
     if name == "str_matches":
         return f"must match the pattern {statistics['pattern']}"
     if name == "contains_letter":
         return "must contain a letter"
     return None
+
+
+def _plain_number(value: Any) -> Any:
+    """Return a whole float as an int, so that a bound of 47.0 reads as 47."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
 
 
 def _split_with_pandera(

@@ -215,6 +215,8 @@ def test_split_valid_diastolic_detail_is_sentence() -> None:
     [
         ("age", 200, "must be at most 130"),
         ("heart_rate", -1.0, "must be at least 0"),
+        ("temperature", 50.0, "must be at most 47"),
+        ("temperature", 10.0, "must be at least 14.2"),
         ("systolic", 20, "must be above 20"),
         ("consciousness", "Z", "must be one of A, C, V, P, U"),
         ("patient_id", "P" * 80, "must be 1 to 64 characters long"),

@@ -727,3 +727,31 @@ def test_parse_object_polars_cannot_read_still_accounted() -> None:
 
     assert rows.height == 2
     assert [json.loads(p)["reason"] for p in rejects["payload"]] == ["invalid_json"]
+
+
+@pytest.mark.parametrize(
+    ("value", "detail"),
+    [
+        (b"[1, 2]", "JSON array, expected an object"),
+        (b'"text"', "JSON string, expected an object"),
+        (b"12", "JSON number, expected an object"),
+        (b"1.5", "JSON number, expected an object"),
+        (b"true", "JSON boolean, expected an object"),
+        (b"null", "JSON null, expected an object"),
+        (b'{"a": "b', "Unterminated string starting at: character 6"),
+    ],
+)
+def test_unreadable_value_detail_uses_json_terms(value: bytes, detail: str) -> None:
+    _, rejects = run_chunk([value])
+
+    (reject,) = [json.loads(p) for p in rejects["payload"].to_list()]
+    assert reject["detail"] == detail
+
+
+def test_early_timestamp_detail_names_earliest_time() -> None:
+    _, rejects = run_chunk([encode(reading(timestamp=12))])
+
+    (reject,) = [json.loads(p) for p in rejects["payload"].to_list()]
+    assert reject["detail"] == (
+        "before the earliest accepted time, 2000-01-01T00:00:00Z"
+    )
