@@ -162,8 +162,8 @@ def run(
         errors.print(f"[red]batch failed:[/red] {exc}")
         if not isinstance(exc, OffsetConflict | OffsetsOutOfRange):
             errors.print(
-                "Redis keeps the rows and offsets of every chunk written before the "
-                "failure, so the next batch resumes from there."
+                "Chunks written before the failure, if any, stay in Redis with "
+                "their offsets, so the next batch resumes after them."
             )
         _exit_with_json(as_json, exc, EXIT_INFRASTRUCTURE)
     if as_json:

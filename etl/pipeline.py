@@ -525,7 +525,8 @@ class _WriteBehind:
                 if result.concurrent:
                     self._report.status = "concurrent_batch"
                     logger.warning(
-                        "Another batch is writing the same topic; stopping after %s chunks",
+                        "Another batch is writing the same topic; stopping after "
+                        "%s chunk(s)",
                         self._report.chunks,
                     )
                     return
