@@ -124,13 +124,15 @@ def kafka_client(
     factory: Callable[[dict[str, Any]], _Client], config: dict[str, Any]
 ) -> _Client:
     """Build a confluent-kafka client, raising a settings error for a property librdkafka rejects."""
-    from confluent_kafka import KafkaException
+    from confluent_kafka import KafkaError, KafkaException
 
     try:
         return factory(config)
     except KafkaException as exc:
+        error = exc.args[0]
+        text = error.str() if isinstance(error, KafkaError) else str(error)
         msg = (
-            f"invalid Kafka client settings: {exc.args[0]}. Check the VITALS_KAFKA_* "
+            f"invalid Kafka client settings: {text}. Check the VITALS_KAFKA_* "
             "variables: security protocol, SASL, SSL and VITALS_KAFKA_EXTRA"
         )
         raise ConfigurationError(msg) from exc
@@ -209,8 +211,14 @@ class Settings(BaseSettings):
     deadline_s: float = Field(180.0, gt=0, allow_inf_nan=False)
     max_message_bytes: int = Field(65_536, ge=256)
     max_future_skew_s: float = Field(3600.0, ge=0, allow_inf_nan=False)
+    #: Up to 9999-12-31T23:59:59Z, the last second Python's datetime can show.
+    #: An epoch in milliseconds by mistake (1.7e12) is beyond it.
     min_timestamp: float = Field(
-        946_684_800.0, allow_inf_nan=False, description="2000-01-01T00:00:00Z"
+        946_684_800.0,
+        ge=0,
+        le=253_402_300_799,
+        allow_inf_nan=False,
+        description="2000-01-01T00:00:00Z",
     )
 
     @field_validator("time_zone")

@@ -535,9 +535,16 @@ def _diagnose(value: bytes) -> tuple[Reason, str]:
     try:
         document = json.loads(text)
     except json.JSONDecodeError as exc:
-        return Reason.INVALID_JSON, f"{exc.msg}: character {exc.pos}"
+        return (
+            Reason.INVALID_JSON,
+            f"{exc.msg}: line {exc.lineno} column {exc.colno}",
+        )
     except RecursionError:
         return Reason.INVALID_JSON, "nesting too deep"
+    # Python reads NaN and Infinity, which RFC 8259 does not allow. A huge
+    # number such as 1e400 is valid JSON, which Python reads as infinity.
+    if isinstance(document, float) and text.strip().lstrip("-")[:1] in ("N", "I"):
+        return Reason.INVALID_JSON, "NaN or Infinity, which JSON does not allow"
     if not isinstance(document, dict):
         return (
             Reason.NOT_AN_OBJECT,
@@ -548,6 +555,13 @@ def _diagnose(value: bytes) -> tuple[Reason, str]:
         Reason.INVALID_JSON,
         "JSON the strict reader rejects (NaN, Infinity, huge number or deep nesting)",
     )
+
+
+def _utc_text(seconds: float) -> str:
+    """Return epoch ``seconds`` as ISO-8601 UTC, with microseconds when not whole."""
+    timespec = "seconds" if float(seconds).is_integer() else "microseconds"
+    moment = datetime.fromtimestamp(seconds, UTC).isoformat(timespec=timespec)
+    return moment.replace("+00:00", "Z")
 
 
 def _text(field: str) -> pl.Expr:
@@ -755,8 +769,7 @@ def _read_checks(
         (
             "timestamp",
             Reason.TIMESTAMP_INVALID,
-            "before the earliest accepted time, "
-            f"{datetime.fromtimestamp(min_timestamp, UTC):%Y-%m-%dT%H:%M:%SZ}",
+            f"before the earliest accepted time, {_utc_text(min_timestamp)}",
             seconds < min_timestamp,
         ),
         (

@@ -408,3 +408,10 @@ def test_rejected_sasl_mechanism_names_kafka_settings(
     assert result.exit_code == 2
     assert "Unsupported SASL mechanism: FOO" in result.stderr
     assert "Check the VITALS_KAFKA_* variables" in result.stderr
+    assert "KafkaError{" not in result.stderr
+
+
+@pytest.mark.parametrize("value", ["-1", "1.7e12", "nan"])
+def test_min_timestamp_outside_datetime_range_rejected(value: str) -> None:
+    with pytest.raises(ConfigurationError, match="VITALS_MIN_TIMESTAMP"):
+        load_settings(min_timestamp=value)

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from etl.config import load_settings
 from etl.generate import iter_readings
-from etl.parse import RAW_SCHEMA, decode, to_typed
+from etl.parse import RAW_SCHEMA, _utc_text, decode, to_typed
 from etl.pipeline import process_chunk
 from etl.reasons import Reason
 from tests.conftest import case_value, encode, load_cases, reading
@@ -738,7 +738,10 @@ def test_parse_object_polars_cannot_read_still_accounted() -> None:
         (b"1.5", "JSON number, expected an object"),
         (b"true", "JSON boolean, expected an object"),
         (b"null", "JSON null, expected an object"),
-        (b'{"a": "b', "Unterminated string starting at: character 6"),
+        (b'{"a": "b', "Unterminated string starting at: line 1 column 7"),
+        (b"-Infinity", "NaN or Infinity, which JSON does not allow"),
+        (b"NaN", "NaN or Infinity, which JSON does not allow"),
+        (b"1e400", "JSON number, expected an object"),
     ],
 )
 def test_unreadable_value_detail_uses_json_terms(value: bytes, detail: str) -> None:
@@ -755,3 +758,15 @@ def test_early_timestamp_detail_names_earliest_time() -> None:
     assert reject["detail"] == (
         "before the earliest accepted time, 2000-01-01T00:00:00Z"
     )
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (946_684_800, "2000-01-01T00:00:00Z"),
+        (1_500_000_000.9, "2017-07-14T02:40:00.900000Z"),
+        (253_402_300_799, "9999-12-31T23:59:59Z"),
+    ],
+)
+def test_utc_text_keeps_fraction(seconds: float, text: str) -> None:
+    assert _utc_text(seconds) == text
