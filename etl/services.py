@@ -189,8 +189,9 @@ def wait_for_broker(
     """Wait until the broker at ``bootstrap`` returns cluster metadata."""
     from confluent_kafka.admin import AdminClient
 
-    # The logger keeps librdkafka's "Connection refused" lines, expected while
-    # the broker starts, off stderr.
+    # With a logger, librdkafka's "Connection refused" lines, expected while the
+    # broker starts, stay off stderr. This client is never polled, so they are
+    # dropped.
     config: dict[str, Any] = {
         "bootstrap.servers": bootstrap,
         "socket.timeout.ms": 2000,

@@ -10,6 +10,7 @@ Pandera then decides, so its reason codes and failure cases stay the same.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final
@@ -174,14 +175,21 @@ def _check_details(model: type[pa.DataFrameModel]) -> dict[str, str]:
         *(check for column in schema.columns.values() for check in column.checks),
         *schema.checks,
     ]
-    details = {
-        "not_nullable": "required field is null, blank or absent",
-        "diastolic_below_systolic": "diastolic must be below systolic",
-    }
+    sentences: dict[str, set[str | None]] = {}
     for check in checks:
-        sentence = _check_sentence(check.name, check.statistics)
-        if sentence is not None:
-            details.setdefault(check.error or check.name, sentence)
+        name = check.error or check.name
+        sentences.setdefault(name, set()).add(
+            _check_sentence(check.name, check.statistics)
+        )
+    # Pandera gives checks that differ only in options, such as in_range with
+    # and without include_max, one name. Such a name keeps its Pandera form.
+    details = {
+        name: sentence
+        for name, (sentence, *others) in sentences.items()
+        if sentence is not None and not others
+    }
+    details["not_nullable"] = "required field is null, blank or absent"
+    details["diastolic_below_systolic"] = "diastolic must be below systolic"
     return details
 
 
@@ -203,8 +211,14 @@ def _check_sentence(name: str | None, statistics: dict[str, Any]) -> str | None:
         return f"must be from {low} to {high}"
 
     if name == "isin":
-        allowed = ", ".join(str(value) for value in statistics["allowed_values"])
-        return f"must be one of {allowed}"
+        values = statistics["allowed_values"]
+        if isinstance(values, set | frozenset):
+            values = sorted(values, key=str)
+        texts = [str(_plain_number(value)) for value in values]
+        # Quoted when a value is blank or contains the separator, so each reads apart.
+        if any(not text.strip() or "," in text for text in texts):
+            texts = [json.dumps(text, ensure_ascii=False) for text in texts]
+        return f"must be one of {', '.join(texts)}"
 
     if name == "str_length":
         if low is not None and high is not None:

@@ -260,7 +260,23 @@ def test_every_contract_check_has_sentence(model: Any) -> None:
         (pa.Check.str_length(min_value=2), "must be at least 2 characters long"),
         (pa.Check.str_length(exact_value=4), None),
         (pa.Check.str_matches("^a$"), "must match the pattern ^a$"),
+        (pa.Check.isin([1.0, 2.5]), "must be one of 1, 2.5"),
+        (pa.Check.isin(["a, b", ""]), 'must be one of "a, b", ""'),
+        (pa.Check.isin({"M", "F"}), "must be one of F, M"),
     ],
 )
 def test_check_sentence_for_builtin_checks(check: Any, sentence: str | None) -> None:
     assert _check_sentence(check.name, check.statistics) == sentence
+
+
+def test_shared_check_name_keeps_pandera_form() -> None:
+    class Scores(pa.DataFrameModel):
+        closed: float = pa.Field(in_range={"min_value": 1, "max_value": 5})
+        half_open: float = pa.Field(
+            in_range={"min_value": 1, "max_value": 5, "include_max": False}
+        )
+
+    details = _check_details(Scores)
+
+    assert "in_range(1, 5)" not in details
+    assert details["not_nullable"] == "required field is null, blank or absent"
