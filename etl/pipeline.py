@@ -223,6 +223,16 @@ def process_chunk(
         )
 
     rejects = pl.concat([type_rejects, contract_rejects, output_rejects])
+    # The Kafka key of each reject, so that a replay sends it with the same key.
+    if rejects.height:
+        rejects = rejects.join(
+            unique.select("partition", "offset", "key"),
+            on=["partition", "offset"],
+            how="left",
+            maintain_order="left",
+        )
+    else:
+        rejects = rejects.with_columns(pl.lit(None, pl.Binary).alias("key"))
     row_frame = _encode_rows(rows)
     chunk = Chunk(
         rows=row_frame,
@@ -251,19 +261,29 @@ def _encode_rows(rows: pl.DataFrame) -> pl.DataFrame:
 
 
 def _encode_rejects(rejects: pl.DataFrame, *, topic: str) -> pl.DataFrame:
-    """Serialise each reject with its source and its raw value, bounded in size.
+    """Serialise each reject with its source, Kafka key and raw value, bounded in size.
 
     A value that is valid UTF-8 is kept as text; any other is kept as base64,
-    so the list stays valid JSON and the bytes can be replayed.
+    so the list stays valid JSON and the bytes can be replayed. The Kafka key
+    is kept the same way, and left out when it is null or longer than the
+    payload bound.
     """
     payloads = []
-    for partition, offset, reason, field_name, detail, value in rejects.iter_rows():
+    columns = ("partition", "offset", "reason", "field", "detail", "key", "value")
+    for partition, offset, reason, field_name, detail, key, value in rejects.select(
+        columns
+    ).iter_rows():
         document: dict[str, Any] = {
             "reason": reason,
             "field": field_name,
             "detail": detail,
             "source": {"topic": topic, "partition": partition, "offset": offset},
         }
+        if key is not None and len(key) <= REJECT_PAYLOAD_BYTES:
+            try:
+                document["key"] = key.decode("utf-8")
+            except UnicodeDecodeError:
+                document["key_base64"] = _base64(key)
         if value is not None:
             kept = value[:REJECT_PAYLOAD_BYTES]
             truncated = len(value) > REJECT_PAYLOAD_BYTES

@@ -1,9 +1,10 @@
 """Send rejected readings back to the Kafka topic, after their cause was fixed.
 
 A reject (an element of ``liste-patients:rejects``) keeps the raw Kafka value:
-as text when it was UTF-8, else as base64, cut at 4096 bytes. This module
-produces those values again, read from Redis or from a file of reject JSON
-lines that an operator has corrected. The next batch then reads them as new
+as text when it was UTF-8, else as base64, cut at 4096 bytes. It keeps the
+Kafka key the same way. This module produces those values again with their
+keys, read from Redis or from a file of reject JSON lines that an operator
+has corrected. The next batch then reads them as new
 records, with new offsets; the old rejects stay in place as the audit trail.
 
 Each replayed reject's source (``topic:partition:offset``) goes into the set
@@ -71,6 +72,15 @@ def reject_value(reject: dict[str, Any]) -> bytes | None:
     return None
 
 
+def reject_key(reject: dict[str, Any]) -> bytes | None:
+    """Return the Kafka key kept in a reject, or None when it had none."""
+    if "key" in reject:
+        return str(reject["key"]).encode("utf-8")
+    if "key_base64" in reject:
+        return base64.b64decode(reject["key_base64"], validate=True)
+    return None
+
+
 def source_marker(reject: dict[str, Any]) -> str:
     """Return ``topic:partition:offset`` of the record a reject came from."""
     source = reject["source"]
@@ -131,11 +141,12 @@ def _reject_problem(reject: Any) -> str | None:
         source
     ):
         return "'source' needs 'topic', 'partition' and 'offset'"
-    if "payload_base64" in reject:
-        try:
-            base64.b64decode(reject["payload_base64"], validate=True)
-        except (TypeError, ValueError):
-            return "'payload_base64' is not valid base64"
+    for field in ("payload_base64", "key_base64"):
+        if field in reject:
+            try:
+                base64.b64decode(reject[field], validate=True)
+            except (TypeError, ValueError):
+                return f"'{field}' is not valid base64"
     return None
 
 
@@ -147,7 +158,7 @@ def replay_rejects(
     dry_run: bool = False,
     force: bool = False,
 ) -> ReplayReport:
-    """Produce the values of the selected rejects to ``settings.kafka_topic`` again.
+    """Produce the values of the selected rejects to ``settings.kafka_topic`` again, with their keys.
 
     ``reasons`` limits the replay to these reason codes (all when empty);
     ``path`` reads the rejects from a file instead of Redis. With
@@ -167,7 +178,7 @@ def replay_rejects(
             if path
             else rejects_from_redis(client, settings.redis_rejects_key)
         )
-        batch: list[tuple[str, bytes]] = []
+        batch: list[tuple[str, bytes, bytes | None]] = []
         for reject in source:
             if selected_reasons and reject.get("reason") not in selected_reasons:
                 continue
@@ -183,10 +194,10 @@ def replay_rejects(
             if not force and client.sismember(replayed_key, marker):
                 report.skipped_already_replayed += 1
                 continue
-            batch.append((marker, value))
+            batch.append((marker, value, reject_key(reject)))
         if batch and not dry_run:
             _produce(settings, batch)
-            client.sadd(replayed_key, *(marker for marker, _ in batch))
+            client.sadd(replayed_key, *(marker for marker, _, _ in batch))
         if dry_run:
             report.would_produce = len(batch)
         else:
@@ -211,7 +222,7 @@ def _redis_failed(settings: Settings, error: Exception) -> str:
     return f"Redis at {settings.redis_url_redacted} failed during the replay: {error}"
 
 
-def _produce(settings: Settings, batch: list[tuple[str, bytes]]) -> None:
+def _produce(settings: Settings, batch: list[tuple[str, bytes, bytes | None]]) -> None:
     from confluent_kafka import KafkaException, Producer
 
     from etl.config import kafka_client
@@ -224,10 +235,11 @@ def _produce(settings: Settings, batch: list[tuple[str, bytes]]) -> None:
             failures.append(str(error))
 
     try:
-        for marker, value in batch:
+        for marker, value, key in batch:
             producer.produce(
                 settings.kafka_topic,
                 value=value,
+                key=key,
                 headers={REPLAY_HEADER: marker},
                 on_delivery=on_delivery,
             )

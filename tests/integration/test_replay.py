@@ -16,6 +16,7 @@ from etl.replay import (
     REPLAYED_SUFFIX,
     InvalidReject,
     ReplayError,
+    reject_key,
     reject_value,
     rejects_from_file,
     replay_rejects,
@@ -152,6 +153,12 @@ def test_reject_value_decodes_base64() -> None:
     assert reject_value({"reason": "tombstone"}) is None
 
 
+def test_reject_key_decodes_text_and_base64() -> None:
+    assert reject_key({"key": "PT-7"}) == b"PT-7"
+    assert reject_key({"key_base64": "/w=="}) == b"\xff"
+    assert reject_key({"payload": "{}"}) is None
+
+
 @pytest.mark.parametrize(
     ("line", "problem"),
     [
@@ -163,6 +170,11 @@ def test_reject_value_decodes_base64() -> None:
             '{"source": {"topic": "t", "partition": 0, "offset": 1}, '
             '"payload_base64": "%%%"}',
             "not valid base64",
+        ),
+        (
+            '{"source": {"topic": "t", "partition": 0, "offset": 1}, '
+            '"payload": "{}", "key_base64": "%%%"}',
+            "'key_base64' is not valid base64",
         ),
     ],
 )
@@ -247,3 +259,28 @@ def test_replay_file_reads_universal_newlines(tmp_path: Path) -> None:
 
     assert len(rejects) == 3
     assert rejects[0]["payload"] == "x\u2028y"
+
+
+def test_replay_sends_original_key(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    """Records of one patient keep their partition, so a replay keeps their order."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    create_topic(settings, partitions=1)
+    skewed = encode(reading(patient_id="PT-7", timestamp=2e9))
+    produce_tracked(settings, [skewed, b"not json"], keys=[b"PT-7", b"\xff"])
+    run_batch(settings)
+
+    report = replay_rejects(settings)
+    consumer = Consumer(
+        {"bootstrap.servers": settings.kafka_bootstrap_servers, "group.id": "keys"}
+    )
+    try:
+        consumer.assign([TopicPartition(settings.kafka_topic, 0, 2)])
+        replayed = consumer.consume(num_messages=2, timeout=10)
+    finally:
+        consumer.close()
+
+    assert report.produced == 2
+    assert sorted(message.key() for message in replayed) == [b"PT-7", b"\xff"]

@@ -372,6 +372,23 @@ def test_parse_reject_keeps_non_utf8_as_base64() -> None:
     assert reject["payload_base64"] == "eyJuYW1lIjogIkjpbOhuZSJ9"
 
 
+@pytest.mark.parametrize(
+    ("key", "kept"),
+    [
+        (b"PT-0001", {"key": "PT-0001"}),
+        (b"\xff\xfe", {"key_base64": "//4="}),
+        (None, {}),
+        (b"k" * 4097, {}),
+    ],
+)
+def test_reject_keeps_kafka_key(key: bytes | None, kept: dict[str, str]) -> None:
+    raw = raw_frame([b"not json"]).with_columns(pl.lit(key, pl.Binary).alias("key"))
+    chunk, _ = process_chunk(raw, SETTINGS, topic="vitals", now=NOW, expected={0: None})
+
+    (reject,) = [json.loads(p) for p in chunk.rejects["payload"].to_list()]
+    assert {k: v for k, v in reject.items() if k.startswith("key")} == kept
+
+
 def test_parse_reject_payload_is_bounded() -> None:
     (reject,) = rejects_of([b"y" * 70_000])
     assert reject["payload_truncated"] is True
