@@ -264,9 +264,8 @@ def _encode_rejects(rejects: pl.DataFrame, *, topic: str) -> pl.DataFrame:
     """Serialise each reject with its source, Kafka key and raw value, bounded in size.
 
     A value that is valid UTF-8 is kept as text; any other is kept as base64,
-    so the list stays valid JSON and the bytes can be replayed. The Kafka key
-    is kept the same way, and left out when it is null or longer than the
-    payload bound.
+    so the list stays valid JSON and the bytes can be replayed. The Kafka key,
+    when not null, is kept the same way and flagged ``key_truncated``.
     """
     payloads = []
     columns = ("partition", "offset", "reason", "field", "detail", "key", "value")
@@ -279,26 +278,33 @@ def _encode_rejects(rejects: pl.DataFrame, *, topic: str) -> pl.DataFrame:
             "detail": detail,
             "source": {"topic": topic, "partition": partition, "offset": offset},
         }
-        if key is not None and len(key) <= REJECT_PAYLOAD_BYTES:
-            try:
-                document["key"] = key.decode("utf-8")
-            except UnicodeDecodeError:
-                document["key_base64"] = _base64(key)
+        if key is not None:
+            document.update(_kept_bytes(key, "key"))
         if value is not None:
-            kept = value[:REJECT_PAYLOAD_BYTES]
-            truncated = len(value) > REJECT_PAYLOAD_BYTES
-            # A cut through a multi-byte character drops that character, so
-            # long UTF-8 text stays text instead of turning into base64.
-            decoder = codecs.getincrementaldecoder("utf-8")()
-            try:
-                document["payload"] = decoder.decode(kept, final=not truncated)
-            except UnicodeDecodeError:
-                document["payload_base64"] = _base64(kept)
-            document["payload_truncated"] = truncated
+            document.update(_kept_bytes(value, "payload"))
         payloads.append(orjson.dumps(document))
     return rejects.select(
         "partition", "offset", pl.Series("payload", payloads, pl.Binary), "reason"
     )
+
+
+def _kept_bytes(data: bytes, name: str) -> dict[str, Any]:
+    """Return ``data`` as the reject fields ``name`` (text) or ``name_base64``, cut in size.
+
+    The ``name_truncated`` field is true when the bytes were cut at
+    :data:`REJECT_PAYLOAD_BYTES`.
+    """
+    kept = data[:REJECT_PAYLOAD_BYTES]
+    truncated = len(data) > REJECT_PAYLOAD_BYTES
+    # A cut through a multi-byte character drops that character, so long
+    # UTF-8 text stays text instead of turning into base64.
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        fields: dict[str, Any] = {name: decoder.decode(kept, final=not truncated)}
+    except UnicodeDecodeError:
+        fields = {f"{name}_base64": _base64(kept)}
+    fields[f"{name}_truncated"] = truncated
+    return fields
 
 
 def _base64(data: bytes) -> str:

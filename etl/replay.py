@@ -56,6 +56,7 @@ class ReplayReport:
     produced: int = 0
     #: Values a dry run would have produced.
     would_produce: int = 0
+    #: Rejects whose value or key was cut at 4096 bytes.
     skipped_truncated: int = 0
     skipped_tombstone: int = 0
     skipped_already_replayed: int = 0
@@ -73,10 +74,10 @@ def reject_value(reject: dict[str, Any]) -> bytes | None:
 
 
 def reject_key(reject: dict[str, Any]) -> bytes | None:
-    """Return the Kafka key kept in a reject, or None when it had none."""
-    if "key" in reject:
+    """Return the Kafka key kept in a reject, or None when it had none (or null)."""
+    if reject.get("key") is not None:
         return str(reject["key"]).encode("utf-8")
-    if "key_base64" in reject:
+    if reject.get("key_base64") is not None:
         return base64.b64decode(reject["key_base64"], validate=True)
     return None
 
@@ -142,11 +143,15 @@ def _reject_problem(reject: Any) -> str | None:
     ):
         return "'source' needs 'topic', 'partition' and 'offset'"
     for field in ("payload_base64", "key_base64"):
-        if field in reject:
+        if reject.get(field) is not None:
             try:
                 base64.b64decode(reject[field], validate=True)
             except (TypeError, ValueError):
                 return f"'{field}' is not valid base64"
+    if reject.get("key") is not None and not isinstance(reject["key"], str):
+        return "'key' must be a string or null"
+    if reject.get("key") is not None and reject.get("key_base64") is not None:
+        return "'key' and 'key_base64' cannot both be set"
     return None
 
 
@@ -185,11 +190,13 @@ def replay_rejects(
             report.selected += 1
             marker = source_marker(reject)
             value = reject_value(reject)
+            # A cut value is not the record, and a cut key could send it to
+            # another partition.
+            if reject.get("payload_truncated") or reject.get("key_truncated"):
+                report.skipped_truncated += 1
+                continue
             if value is None:
-                if reject.get("payload_truncated"):
-                    report.skipped_truncated += 1
-                else:
-                    report.skipped_tombstone += 1
+                report.skipped_tombstone += 1
                 continue
             if not force and client.sismember(replayed_key, marker):
                 report.skipped_already_replayed += 1

@@ -157,6 +157,7 @@ def test_reject_key_decodes_text_and_base64() -> None:
     assert reject_key({"key": "PT-7"}) == b"PT-7"
     assert reject_key({"key_base64": "/w=="}) == b"\xff"
     assert reject_key({"payload": "{}"}) is None
+    assert reject_key({"key": None}) is None
 
 
 @pytest.mark.parametrize(
@@ -175,6 +176,16 @@ def test_reject_key_decodes_text_and_base64() -> None:
             '{"source": {"topic": "t", "partition": 0, "offset": 1}, '
             '"payload": "{}", "key_base64": "%%%"}',
             "'key_base64' is not valid base64",
+        ),
+        (
+            '{"source": {"topic": "t", "partition": 0, "offset": 1}, '
+            '"payload": "{}", "key": 123}',
+            "'key' must be a string or null",
+        ),
+        (
+            '{"source": {"topic": "t", "partition": 0, "offset": 1}, '
+            '"payload": "{}", "key": "A", "key_base64": "Qg=="}',
+            "cannot both be set",
         ),
     ],
 )
@@ -264,7 +275,7 @@ def test_replay_file_reads_universal_newlines(tmp_path: Path) -> None:
 def test_replay_sends_original_key(
     settings: Settings, redis_client: redis.Redis
 ) -> None:
-    """Records of one patient keep their partition, so a replay keeps their order."""
+    """Each replayed value goes back with the key of the record it came from."""
     from confluent_kafka import Consumer, TopicPartition
 
     create_topic(settings, partitions=1)
@@ -284,3 +295,17 @@ def test_replay_sends_original_key(
 
     assert report.produced == 2
     assert sorted(message.key() for message in replayed) == [b"PT-7", b"\xff"]
+
+
+def test_replay_skips_truncated_key(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    create_topic(settings, partitions=1)
+    produce_tracked(settings, [b"not json"], keys=[b"k" * 5000])
+    run_batch(settings)
+
+    report = replay_rejects(settings)
+
+    (reject,) = rejects(redis_client, settings)
+    assert reject["key_truncated"] is True
+    assert (report.skipped_truncated, report.produced) == (1, 0)

@@ -375,10 +375,10 @@ def test_parse_reject_keeps_non_utf8_as_base64() -> None:
 @pytest.mark.parametrize(
     ("key", "kept"),
     [
-        (b"PT-0001", {"key": "PT-0001"}),
-        (b"\xff\xfe", {"key_base64": "//4="}),
+        (b"PT-0001", {"key": "PT-0001", "key_truncated": False}),
+        (b"\xff\xfe", {"key_base64": "//4=", "key_truncated": False}),
         (None, {}),
-        (b"k" * 4097, {}),
+        (b"k" * 4097, {"key": "k" * 4096, "key_truncated": True}),
     ],
 )
 def test_reject_keeps_kafka_key(key: bytes | None, kept: dict[str, str]) -> None:
