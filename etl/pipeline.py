@@ -279,30 +279,30 @@ def _encode_rejects(rejects: pl.DataFrame, *, topic: str) -> pl.DataFrame:
             "source": {"topic": topic, "partition": partition, "offset": offset},
         }
         if key is not None:
-            document.update(_kept_bytes(key, "key"))
+            document.update(_reject_bytes(key, "key"))
         if value is not None:
-            document.update(_kept_bytes(value, "payload"))
+            document.update(_reject_bytes(value, "payload"))
         payloads.append(orjson.dumps(document))
     return rejects.select(
         "partition", "offset", pl.Series("payload", payloads, pl.Binary), "reason"
     )
 
 
-def _kept_bytes(data: bytes, name: str) -> dict[str, Any]:
+def _reject_bytes(data: bytes, name: str) -> dict[str, Any]:
     """Return ``data`` as the reject fields ``name`` (text) or ``name_base64``, cut in size.
 
     The ``name_truncated`` field is true when the bytes were cut at
     :data:`REJECT_PAYLOAD_BYTES`.
     """
-    kept = data[:REJECT_PAYLOAD_BYTES]
+    head = data[:REJECT_PAYLOAD_BYTES]
     truncated = len(data) > REJECT_PAYLOAD_BYTES
     # A cut through a multi-byte character drops that character, so long
     # UTF-8 text stays text instead of turning into base64.
     decoder = codecs.getincrementaldecoder("utf-8")()
     try:
-        fields: dict[str, Any] = {name: decoder.decode(kept, final=not truncated)}
+        fields: dict[str, Any] = {name: decoder.decode(head, final=not truncated)}
     except UnicodeDecodeError:
-        fields = {f"{name}_base64": _base64(kept)}
+        fields = {f"{name}_base64": _base64(head)}
     fields[f"{name}_truncated"] = truncated
     return fields
 

@@ -189,12 +189,12 @@ def replay_rejects(
                 continue
             report.selected += 1
             marker = source_marker(reject)
-            value = reject_value(reject)
             # A cut value is not the record, and a cut key could send it to
             # another partition.
             if reject.get("payload_truncated") or reject.get("key_truncated"):
                 report.skipped_truncated += 1
                 continue
+            value = reject_value(reject)
             if value is None:
                 report.skipped_tombstone += 1
                 continue

@@ -206,9 +206,12 @@ def _check_sentence(name: str | None, statistics: dict[str, Any]) -> str | None:
         return f"must be at most {high}"
     if name == "less_than":
         return f"must be below {high}"
-    closed = statistics.get("include_min", True) and statistics.get("include_max", True)
-    if name == "in_range" and closed:
-        return f"must be from {low} to {high}"
+    if name == "in_range":
+        # An open end has no sentence, and the check keeps its Pandera name.
+        closed = statistics.get("include_min", True) and statistics.get(
+            "include_max", True
+        )
+        return f"must be from {low} to {high}" if closed else None
 
     if name == "isin":
         values = statistics["allowed_values"]
