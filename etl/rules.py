@@ -308,7 +308,7 @@ def _news2_risk(total: int, *, has_red_score: bool) -> str:
     return NEWS2_RISK_LOW
 
 
-# news2() sums one code per parameter, which is its score plus this weight when
+# news2_code() sums one code per parameter, which is its score plus this weight when
 # the score is 3. The sum is total + weight x (number of red scores), and the
 # total is below the weight, so one sum gives both the total and the risk.
 _RED_SCORE_WEIGHT: Final = NEWS2_MAX_SCORE + 1
@@ -664,6 +664,37 @@ def news2(
     >>> df.select(score, risk).row(0)
     (7, 'High')
     """
+    code = news2_code(
+        respiratory_rate=respiratory_rate,
+        spo2=spo2,
+        on_oxygen=on_oxygen,
+        systolic=systolic,
+        heart_rate=heart_rate,
+        consciousness=consciousness,
+        temperature=temperature,
+        spo2_scale=spo2_scale,
+    )
+    return news2_from_code(code, age=age)
+
+
+def news2_code(
+    *,
+    respiratory_rate: pl.Expr,
+    spo2: pl.Expr,
+    on_oxygen: pl.Expr,
+    systolic: pl.Expr,
+    heart_rate: pl.Expr,
+    consciousness: pl.Expr,
+    temperature: pl.Expr,
+    spo2_scale: pl.Expr | None = None,
+) -> pl.Expr:
+    """Build the one Int64 sum that :func:`news2_from_code` reads both outputs from.
+
+    The inputs are those of :func:`news2_parameter_scores`, without the age.
+    Eager Polars evaluates an expression once per output that uses it, so a
+    frame that needs both the score and the risk can store this sum as a
+    column first and pass that column to :func:`news2_from_code`.
+    """
     codes = _parameter_scores(
         respiratory_rate=respiratory_rate,
         spo2=spo2,
@@ -676,9 +707,15 @@ def news2(
         red_weight=_RED_SCORE_WEIGHT,
     ).values()
     # Plain addition keeps a null part, unlike pl.sum_horizontal, which skips it.
-    # Both outputs read this one sum, because eager Polars does not share common
-    # subexpressions and a separate red-score test would score every part again.
-    code = reduce(operator.add, codes)
+    return reduce(operator.add, codes)
+
+
+def news2_from_code(code: pl.Expr, *, age: pl.Expr) -> tuple[pl.Expr, pl.Expr]:
+    """Return ``news2_score`` and ``news2_risk`` from the sum of :func:`news2_code`.
+
+    Both outputs read the one sum, so a separate test for a red score does
+    not score every parameter again.
+    """
     total = code % _RED_SCORE_WEIGHT
     risk = code.replace_strict(
         _NEWS2_RISK_BY_CODE, default=NEWS2_RISK_INCOMPLETE, return_dtype=pl.String
@@ -704,7 +741,7 @@ def _parameter_scores(
 ) -> dict[str, pl.Expr]:
     """Score the seven NEWS2 parameters, without the age limit.
 
-    A score of 3 comes out as ``3 + red_weight``, the code that news2() sums.
+    A score of 3 comes out as ``3 + red_weight``, the code that news2_code() sums.
     """
     # Rates, SpO2 and SBP are banded as whole numbers and temperature to 0.1 C,
     # so that 20.5 or 35.05 cannot fall between two bands. Halves round away

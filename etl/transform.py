@@ -53,16 +53,37 @@ def split_name(name: pl.Expr, *, normalised: bool = False) -> tuple[pl.Expr, pl.
     [('Jean-Pierre', 'Morel'), ('Marie Claire', 'DUBOIS'), ('Teodora', None)]
     """
     clean = name if normalised else name.str.strip_chars().str.replace_all(r"\s+", " ")
+    return name_from_candidates(**name_candidates(clean))
+
+
+def name_candidates(clean: pl.Expr) -> dict[str, pl.Expr]:
+    """Return the candidate splits of a normalised name, which :func:`split_name` picks from.
+
+    ``upper`` and ``lead`` are the capture groups of a trailing and of a
+    leading run of upper-case words, null where the name has no such run;
+    ``words`` is the first word and the rest. Eager Polars evaluates an
+    expression once per output that uses it, so :func:`transform` stores these
+    as columns and builds both names from them with :func:`name_from_candidates`.
+    """
     # Null rows skip the regex, so the capture groups run only on candidates.
     trailing = pl.when(clean.str.contains(UPPER_CASE_LAST_WORD)).then(clean)
-    upper = trailing.str.extract_groups(UPPER_CASE_FAMILY_NAME)
+    leading = pl.when(clean.str.contains(LEADING_UPPER_CASE_WORD)).then(clean)
+    return {
+        "upper": trailing.str.extract_groups(UPPER_CASE_FAMILY_NAME),
+        "lead": leading.str.extract_groups(LEADING_UPPER_CASE_FAMILY_NAME),
+        "words": clean.str.splitn(" ", 2),
+    }
+
+
+def name_from_candidates(
+    *, upper: pl.Expr, lead: pl.Expr, words: pl.Expr
+) -> tuple[pl.Expr, pl.Expr]:
+    """Return the first and last name from the candidates of :func:`name_candidates`."""
     # A run that is only a generational suffix is no family name ("John Smith III").
     upper_last = upper.struct.field("last").replace(
         dict.fromkeys(GENERATIONAL_SUFFIXES)
     )
     upper_first = pl.when(upper_last.is_not_null()).then(upper.struct.field("first"))
-    leading = pl.when(clean.str.contains(LEADING_UPPER_CASE_WORD)).then(clean)
-    lead = leading.str.extract_groups(LEADING_UPPER_CASE_FAMILY_NAME)
     # A suffix after the given names ends the family name ("DUBOIS Marie JR").
     lead_last = pl.concat_str(
         lead.struct.field("last"),
@@ -72,9 +93,8 @@ def split_name(name: pl.Expr, *, normalised: bool = False) -> tuple[pl.Expr, pl.
     )
     lead_first = lead.struct.field("first")
     lead_last = pl.when(lead_first.is_not_null()).then(lead_last)
-    parts = clean.str.splitn(" ", 2)
-    first = pl.coalesce(upper_first, lead_first, parts.struct.field("field_0"))
-    last = pl.coalesce(upper_last, lead_last, parts.struct.field("field_1"))
+    first = pl.coalesce(upper_first, lead_first, words.struct.field("field_0"))
+    last = pl.coalesce(upper_last, lead_last, words.struct.field("field_1"))
     return first, last
 
 
@@ -95,19 +115,22 @@ def transform(
     readings: pl.DataFrame, *, topic: str, rule_set: str, time_zone: str
 ) -> pl.DataFrame:
     """Build the output rows (columns in :data:`contracts.models.OUTPUT_KEYS` order)."""
-    # An eager select: the lazy optimiser cost about 10 ms per call on these
-    # expression trees, more than evaluating them on a 50k-row chunk.
-    return readings.select(_output_columns(topic, rule_set, time_zone)).select(
-        OUTPUT_KEYS
-    )
+    # Eager selects: the lazy optimiser cost about 10 ms per call on these
+    # expression trees, more than evaluating them on a 50k-row chunk. Eager
+    # Polars shares no subexpression, so the parts that two output columns
+    # read are stored as columns first.
+    shared, columns = _output_columns(topic, rule_set, time_zone)
+    return readings.with_columns(shared).select(columns).select(OUTPUT_KEYS)
 
 
 @functools.lru_cache(maxsize=16)
-def _output_columns(topic: str, rule_set: str, time_zone: str) -> tuple[pl.Expr, ...]:
-    """Build the expressions of the output columns once per setting."""
+def _output_columns(
+    topic: str, rule_set: str, time_zone: str
+) -> tuple[tuple[pl.Expr, ...], tuple[pl.Expr, ...]]:
+    """Build the expressions of the shared parts and of the output columns once per setting."""
     # Names come from etl.parse.to_typed, already stripped and collapsed.
-    first_name, last_name = split_name(pl.col("name"), normalised=True)
-    news2_score, news2_risk = rules.news2(
+    name_parts = name_candidates(pl.col("name"))
+    news2_code = rules.news2_code(
         respiratory_rate=pl.col("respiratory_rate"),
         spo2=pl.col("spo2"),
         on_oxygen=pl.col("on_oxygen"),
@@ -115,8 +138,17 @@ def _output_columns(topic: str, rule_set: str, time_zone: str) -> tuple[pl.Expr,
         heart_rate=pl.col("heart_rate"),
         consciousness=pl.col("consciousness"),
         temperature=pl.col("temperature"),
-        age=pl.col("age"),
         spo2_scale=pl.col("spo2_scale"),
+    )
+    shared = (
+        *(expr.alias(f"_name_{part}") for part, expr in name_parts.items()),
+        news2_code.alias("_news2_code"),
+    )
+    first_name, last_name = name_from_candidates(
+        **{part: pl.col(f"_name_{part}") for part in name_parts}
+    )
+    news2_score, news2_risk = rules.news2_from_code(
+        pl.col("_news2_code"), age=pl.col("age")
     )
     status = rules.bp_status(
         rule_set,
@@ -125,7 +157,7 @@ def _output_columns(topic: str, rule_set: str, time_zone: str) -> tuple[pl.Expr,
         age=pl.col("age"),
         sex=pl.col("sex"),
     )
-    return (
+    columns = (
         pl.col("patient_id"),
         first_name.alias("first_name"),
         last_name.alias("last_name"),
@@ -152,3 +184,4 @@ def _output_columns(topic: str, rule_set: str, time_zone: str) -> tuple[pl.Expr,
             pl.lit(topic).alias("topic"), pl.col("partition"), pl.col("offset")
         ).alias("source"),
     )
+    return shared, columns

@@ -1,15 +1,17 @@
-"""Name split and timestamp formatting."""
+"""Name split, timestamp formatting and the output columns built from them."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 import polars as pl
 import pytest
-from hypothesis import example, given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from etl.transform import format_timestamp, split_name
+from etl import rules
+from etl.transform import format_timestamp, split_name, transform
 
 
 def split(names: list[str]) -> list[tuple[str | None, str | None]]:
@@ -127,3 +129,80 @@ def test_format_timestamp_winter_offset() -> None:
         frame.select(format_timestamp(pl.col("t"), "Europe/Paris")).item()
         == "2024-01-10T07:13:20.000+01:00"
     )
+
+
+NAMES = st.text(
+    alphabet=st.sampled_from(["A", "é", "Z", "b", "I", "J", "R", "-", "'", " "]),
+    max_size=24,
+).map(lambda name: " ".join(name.split()))
+OPTIONAL_RATES = st.none() | st.floats(0, 300, allow_nan=False)
+
+
+@settings(max_examples=50)
+@given(
+    rows=st.lists(
+        st.fixed_dictionaries(
+            {
+                "name": NAMES,
+                "age": st.integers(0, 130),
+                "respiratory_rate": OPTIONAL_RATES,
+                "spo2": st.none() | st.floats(50, 100, allow_nan=False),
+                "on_oxygen": st.none() | st.booleans(),
+                "heart_rate": st.floats(20, 250, allow_nan=False),
+                "temperature": st.floats(25, 45, allow_nan=False),
+                "consciousness": st.none() | st.sampled_from("ACVPU"),
+                "spo2_scale": st.none() | st.sampled_from([1, 2]),
+            }
+        ),
+        min_size=1,
+        max_size=30,
+    )
+)
+def test_transform_matches_the_single_expressions(rows: list[dict[str, Any]]) -> None:
+    """transform() stores shared parts as columns; its output is the same as without."""
+    readings = pl.DataFrame(
+        rows,
+        schema={
+            "name": pl.String,
+            "age": pl.Int64,
+            "respiratory_rate": pl.Float64,
+            "spo2": pl.Float64,
+            "on_oxygen": pl.Boolean,
+            "heart_rate": pl.Float64,
+            "temperature": pl.Float64,
+            "consciousness": pl.String,
+            "spo2_scale": pl.Int64,
+        },
+    ).with_columns(
+        patient_id=pl.lit("PT-1"),
+        systolic=pl.lit(120, pl.Int64),
+        diastolic=pl.lit(80, pl.Int64),
+        sex=pl.lit("F"),
+        measured_at=pl.lit(datetime(2024, 6, 10, tzinfo=UTC)),
+        partition=pl.lit(0, pl.Int32),
+        offset=pl.int_range(pl.len(), dtype=pl.Int64),
+    )
+    first, last = split_name(pl.col("name"), normalised=True)
+    score, risk = rules.news2(
+        **{
+            field: pl.col(field)
+            for field in (
+                "respiratory_rate",
+                "spo2",
+                "on_oxygen",
+                "systolic",
+                "heart_rate",
+                "consciousness",
+                "temperature",
+                "age",
+                "spo2_scale",
+            )
+        }
+    )
+    expected = readings.select(
+        first.alias("first_name"), last.alias("last_name"), score, risk
+    )
+    derived = transform(
+        readings, topic="vitals", rule_set="acc_aha_2017", time_zone="UTC"
+    )
+    assert derived.select(expected.columns).equals(expected)
