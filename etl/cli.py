@@ -439,11 +439,12 @@ def services_status(state_dir: Path) -> None:
         sys.exit(EXIT_INFRASTRUCTURE)
 
 
-from etl.cli_extra import contracts, reports, validate_feed  # noqa: E402
+from etl.cli_extra import contracts, publish, reports, validate_feed  # noqa: E402
 from etl.replay import replay_rejects_command  # noqa: E402
 
 main.add_command(contracts)
 main.add_command(validate_feed)
+main.add_command(publish)
 main.add_command(reports)
 main.add_command(replay_rejects_command)
 

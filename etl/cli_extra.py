@@ -1,4 +1,4 @@
-"""Commands ``etl contracts``, ``etl validate-feed`` and ``etl reports``.
+"""Commands ``etl contracts``, ``etl validate-feed``, ``etl publish`` and ``etl reports``.
 
 They are registered on the main group at the end of :mod:`etl.cli`.
 """
@@ -32,6 +32,14 @@ def _load_settings() -> Settings:
     from etl.cli import settings_or_exit
 
     return settings_or_exit()
+
+
+def _finite(
+    context: click.Context, parameter: click.Parameter, value: float | None
+) -> float | None:
+    from etl.cli import _finite as reject_nan_and_infinity
+
+    return reject_nan_and_infinity(context, parameter, value)
 
 
 # etl contracts
@@ -125,6 +133,79 @@ def validate_feed(feed: BinaryIO, as_json: bool, limit: int) -> None:
         _print_feed_result(result, limit=limit)
     if result.failures:
         sys.exit(EXIT_FAILED)
+
+
+# etl publish
+
+
+@click.command("publish")
+@click.argument("feed", type=click.File("rb"))
+@click.option(
+    "--key-field",
+    default="patient_id",
+    show_default=True,
+    help="JSON field whose string value becomes the message key; '' sends no key.",
+)
+@click.option(
+    "--partitions",
+    type=click.IntRange(min=1),
+    default=3,
+    show_default=True,
+    help="Partitions of the topic when it is created.",
+)
+@click.option(
+    "--rate",
+    type=click.FloatRange(min=0, min_open=True),
+    callback=_finite,
+    help="Maximum messages per second (default: as fast as possible).",
+)
+@click.option(
+    "--from-line",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="First line to send, to go on after a failure.",
+)
+def publish(
+    feed: BinaryIO, key_field: str, partitions: int, rate: float | None, from_line: int
+) -> None:
+    """Produce each line of FEED (NDJSON; '-' for stdin) to the topic, unchanged.
+
+    The batch then checks every message as it checks any producer's: run
+    'etl validate-feed FEED' first to see what it would reject. Blank lines
+    are skipped.
+    """
+    from etl.config import ConfigurationError
+    from etl.exit_codes import EXIT_CONFIG, EXIT_INFRASTRUCTURE
+    from etl.feed import PublishError, publish_feed
+
+    settings = _load_settings()
+    try:
+        result = publish_feed(
+            feed,
+            settings,
+            key_field=key_field,
+            partitions=partitions,
+            rate=rate,
+            from_line=from_line,
+        )
+    except ConfigurationError as exc:
+        errors.print(f"[red]error:[/red] {exc}")
+        sys.exit(EXIT_CONFIG)
+    except PublishError as exc:
+        errors.print(f"[red]publish failed:[/red] {exc}")
+        if exc.refused_line is not None:
+            line = exc.refused_line
+            errors.print(
+                f"Line {line} was refused, and every line before it was delivered. "
+                f"'--from-line {line}' sends the rest once that line is fixed, "
+                f"and '--from-line {line + 1}' skips it."
+            )
+        sys.exit(EXIT_INFRASTRUCTURE)
+    console.print(
+        f"Published {result.published} messages to topic {settings.kafka_topic}; "
+        f"{result.blank} blank lines skipped"
+    )
 
 
 def _print_feed_result(result: FeedResult, *, limit: int) -> None:

@@ -1,8 +1,9 @@
-"""Validate a producer's feed file (NDJSON, one Kafka message value per line).
+"""Validate or publish a producer's feed file (NDJSON, one Kafka message value per line).
 
-Each line goes through the batch's own parsing and contracts
+To validate, each line goes through the batch's own parsing and contracts
 (:func:`etl.pipeline.process_chunk`), so a line fails here exactly when the
-batch would reject the same message, with the same reason code.
+batch would reject the same message, with the same reason code. To publish,
+each line is produced to the topic unchanged.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import orjson
 import polars as pl
 
 from etl.parse import RAW_SCHEMA
@@ -129,3 +131,90 @@ def _check_lines(
             )
         )
     return sorted(failures, key=lambda failure: failure.line)
+
+
+@dataclass
+class PublishResult:
+    """Outcome of publishing a feed: lines read, blank lines skipped, messages sent."""
+
+    lines: int = 0
+    blank: int = 0
+    published: int = 0
+
+
+def message_key(value: bytes, key_field: str | None) -> bytes | None:
+    """Return the Kafka key for ``value``: its ``key_field`` string in UTF-8, else None.
+
+    A value that is not a JSON object, or whose ``key_field`` is missing or not
+    a string, gets no key. librdkafka's default partitioner then spreads such
+    messages over the partitions at random.
+    """
+    if not key_field:
+        return None
+    try:
+        document = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return None
+    key = document.get(key_field) if isinstance(document, dict) else None
+    return key.encode("utf-8", "backslashreplace") if isinstance(key, str) else None
+
+
+def publish_feed(
+    stream: Iterable[bytes],
+    settings: Settings,
+    *,
+    key_field: str | None = "patient_id",
+    partitions: int = 3,
+    rate: float | None = None,
+    from_line: int = 1,
+) -> PublishResult:
+    """Produce every line of ``stream`` from line ``from_line`` on to ``settings.kafka_topic``.
+
+    Lines are sent as they are, without their line ending, so the batch checks
+    them as it checks any producer's messages. Blank lines are skipped and
+    counted, as :func:`validate_feed` does. With ``key_field``, a JSON object's
+    string in that field is the message key, which keeps one patient's
+    readings in one partition and so in order.
+
+    Raises
+    ------
+    PublishError
+        When the broker is unreachable or a message cannot be sent. When the
+        producer refused one line, for example for its size, every line
+        before it was delivered and the error names that line.
+    """
+    from etl.generate import MessageRefused, produce_messages
+
+    result = PublishResult()
+
+    def messages() -> Iterator[tuple[bytes | None, bytes]]:
+        for number, value in iter_lines(stream):
+            result.lines = number
+            if number < from_line:
+                continue
+            if not value.strip():
+                result.blank += 1
+                continue
+            yield message_key(value, key_field), value
+
+    try:
+        result.published = produce_messages(
+            settings, messages(), rate=rate, partitions=partitions
+        )
+    except MessageRefused as exc:
+        raise PublishError(str(exc), refused_line=result.lines) from exc
+    except RuntimeError as exc:
+        raise PublishError(str(exc)) from exc
+    return result
+
+
+class PublishError(RuntimeError):
+    """A feed could not be published in full.
+
+    ``refused_line`` is the line that the producer refused, when every line
+    before it was delivered, else None.
+    """
+
+    def __init__(self, message: str, *, refused_line: int | None = None) -> None:
+        super().__init__(message)
+        self.refused_line = refused_line

@@ -12,7 +12,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Final
 
@@ -36,8 +36,10 @@ __all__ = [
     "MALFORMED_KINDS",
     "PRODUCER_TUNING",
     "WINDOW_S",
+    "MessageRefused",
     "ensure_topic",
     "iter_readings",
+    "produce_messages",
     "produce_readings",
 ]
 
@@ -224,6 +226,10 @@ class _DeliveryReports:
             raise RuntimeError(msg)
 
 
+class MessageRefused(RuntimeError):
+    """The producer refused one message; every message before it was delivered."""
+
+
 def produce_readings(
     settings: Settings,
     *,
@@ -251,29 +257,64 @@ def produce_readings(
         When the broker is unreachable, a delivery fails or the final flush times out.
         The message names the bootstrap servers.
     """
+    readings = iter_readings(
+        count=count, seed=seed, cohort_size=cohort_size, malformed_rate=malformed_rate
+    )
+    return produce_messages(
+        settings,
+        readings,
+        count=count,
+        rate=rate,
+        partitions=partitions,
+        progress=progress,
+    )
+
+
+def produce_messages(
+    settings: Settings,
+    messages: Iterable[tuple[bytes | None, bytes | None]],
+    *,
+    count: int | None = None,
+    rate: float | None = None,
+    partitions: int = 3,
+    progress: bool = False,
+) -> int:
+    """Produce ``(key, value)`` pairs to ``settings.kafka_topic`` and wait for every delivery.
+
+    The topic is created first if needed (see ``ensure_topic``). ``rate`` caps
+    the throughput in messages per second. ``count``, when known, sizes the
+    progress bar that ``progress=True`` draws. Returns the number of messages
+    delivered. The errors are those of :func:`produce_readings`.
+    """
     if rate is not None and not (rate > 0 and math.isfinite(rate)):
         msg = (
             "rate must be a finite number of messages/s above 0, or None for no cap, "
             f"got {rate!r}"
         )
         raise ValueError(msg)
-    readings = iter_readings(
-        count=count, seed=seed, cohort_size=cohort_size, malformed_rate=malformed_rate
-    )
     ensure_topic(settings, partitions=partitions)
 
     topic = settings.kafka_topic
     servers = settings.kafka_bootstrap_servers
     reports = _DeliveryReports()
     producer = kafka_client(Producer, PRODUCER_TUNING | settings.kafka_config())
-    logger.info("Producing %d readings to topic %s", count, topic)
+    logger.info("Producing to topic %s", topic)
     started = time.monotonic()
     try:
-        with _progress_bar(count, enabled=progress) as show_progress:
-            for index, (key, value) in enumerate(readings):
+        with _progress_bar(count or 0, enabled=progress) as show_progress:
+            for index, (key, value) in enumerate(messages):
                 if rate is not None:
                     _wait_until(producer, started + index / rate)
-                _produce(producer, topic, key, value, reports, servers=servers)
+                try:
+                    _produce(producer, topic, key, value, reports, servers=servers)
+                except RuntimeError as exc:
+                    # The messages queued before this one still go out, so that
+                    # the caller can go on from the refused one.
+                    left = producer.flush(_FLUSH_TIMEOUT_S)
+                    reports.raise_if_failed(servers, topic)
+                    if left:
+                        raise
+                    raise MessageRefused(str(exc)) from exc
                 if index % _POLL_EVERY == 0:
                     producer.poll(0)
                     show_progress(reports.delivered)
@@ -294,7 +335,7 @@ def produce_readings(
 
     elapsed = time.monotonic() - started
     logger.info(
-        "Delivered %d readings to topic %s in %.2f s", reports.delivered, topic, elapsed
+        "Delivered %d messages to topic %s in %.2f s", reports.delivered, topic, elapsed
     )
     return reports.delivered
 
@@ -302,7 +343,7 @@ def produce_readings(
 def _produce(
     producer: Producer,
     topic: str,
-    key: bytes,
+    key: bytes | None,
     value: bytes | None,
     reports: _DeliveryReports,
     *,

@@ -1,0 +1,141 @@
+"""Publish a feed file to a real broker, then run the batch on what arrived."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+import redis
+from click.testing import CliRunner
+
+from etl.cli import main
+from etl.config import Settings
+from etl.feed import PublishError, message_key, publish_feed
+from etl.pipeline import run_batch
+from etl.services import free_port
+from tests.conftest import encode, reading
+
+pytestmark = pytest.mark.integration
+
+
+def env_of(settings: Settings) -> dict[str, str]:
+    return {
+        "VITALS_KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
+        "VITALS_KAFKA_TOPIC": settings.kafka_topic,
+        "VITALS_KAFKA_TIMEOUT_S": "5",
+        "VITALS_REDIS_URL": settings.redis_url.get_secret_value(),
+    }
+
+
+def test_published_feed_becomes_rows_and_rejects(
+    settings: Settings, tmp_path: Path
+) -> None:
+    feed = tmp_path / "feed.ndjson"
+    lines = [
+        encode(reading(patient_id="PT-1", name="Marie Claire DUBOIS")),
+        b"",
+        encode(reading(patient_id="PT-2")) + b"\r",
+        b"not json",
+        encode(reading(patient_id="PT-3", temperature=98.6)),
+    ]
+    feed.write_bytes(b"\n".join(lines) + b"\n")
+
+    result = CliRunner().invoke(main, ["publish", str(feed)], env=env_of(settings))
+    report = run_batch(settings)
+
+    assert result.exit_code == 0, result.output
+    assert "Published 4 messages" in result.output
+    assert "1 blank lines skipped" in result.output
+    assert (report.read, report.written) == (4, 2)
+    assert report.rejected_by_reason == {"invalid_json": 1, "out_of_range": 1}
+    client = redis.Redis.from_url(settings.redis_url.get_secret_value())
+    try:
+        rows = [
+            json.loads(row) for row in client.lrange(settings.redis_list_key, 0, -1)
+        ]
+    finally:
+        client.close()
+    # The carriage return of a CRLF line ending is not part of the message.
+    assert sorted(row["patient_id"] for row in rows) == ["PT-1", "PT-2"]
+
+
+def test_readings_are_keyed_by_patient(settings: Settings) -> None:
+    feed = io.BytesIO(
+        b"\n".join(
+            encode(reading(patient_id=f"PT-{i % 3}", timestamp=1_718_000_000 + i))
+            for i in range(30)
+        )
+    )
+    result = publish_feed(feed, settings, partitions=3)
+    report = run_batch(settings)
+
+    assert (result.lines, result.blank, result.published) == (30, 0, 30)
+    assert report.written == 30
+    client = redis.Redis.from_url(settings.redis_url.get_secret_value())
+    try:
+        rows = [
+            json.loads(row) for row in client.lrange(settings.redis_list_key, 0, -1)
+        ]
+    finally:
+        client.close()
+    partitions: dict[str, set[int]] = {}
+    for row in rows:
+        partitions.setdefault(row["patient_id"], set()).add(row["source"]["partition"])
+    assert all(len(found) == 1 for found in partitions.values())
+
+
+@pytest.mark.parametrize(
+    ("value", "key_field", "key"),
+    [
+        pytest.param(b'{"patient_id": "PT-7"}', "patient_id", b"PT-7", id="string"),
+        pytest.param(b'{"patient_id": 7}', "patient_id", None, id="number"),
+        pytest.param(b'{"device_id": "D-1"}', "device_id", b"D-1", id="other-field"),
+        pytest.param(b'{"patient_id": "PT-7"}', "", None, id="no-key"),
+        pytest.param(b"[1, 2]", "patient_id", None, id="array"),
+        pytest.param(b"{", "patient_id", None, id="unreadable"),
+    ],
+)
+def test_message_key(value: bytes, key_field: str, key: bytes | None) -> None:
+    assert message_key(value, key_field) == key
+
+
+def test_refused_line_is_named_and_earlier_lines_delivered(
+    settings: Settings, tmp_path: Path
+) -> None:
+    # librdkafka refuses a message above message.max.bytes before sending it.
+    small = settings.model_copy(update={"kafka_extra": {"message.max.bytes": 2_000}})
+    feed = tmp_path / "feed.ndjson"
+    lines = [encode(reading(patient_id=f"PT-{i}")) for i in range(3)]
+    lines.insert(2, encode(reading(name="A" * 5_000)))
+    feed.write_bytes(b"\n".join(lines))
+    env = env_of(settings) | {"VITALS_KAFKA_EXTRA": '{"message.max.bytes": 2000}'}
+
+    refused = CliRunner().invoke(main, ["publish", str(feed)], env=env)
+    first = run_batch(small)
+    resumed = CliRunner().invoke(
+        main, ["publish", str(feed), "--from-line", "4"], env=env
+    )
+    second = run_batch(small)
+
+    assert refused.exit_code == 3
+    assert "Line 3 was refused, and every line before it was delivered" in (
+        refused.output
+    )
+    assert "'--from-line 4' skips it" in refused.output
+    assert first.written == 2
+    assert resumed.exit_code == 0, resumed.output
+    assert second.written == 1
+
+
+def test_unreachable_broker_names_no_line(settings: Settings) -> None:
+    gone = settings.model_copy(
+        update={
+            "kafka_bootstrap_servers": f"127.0.0.1:{free_port()}",
+            "kafka_timeout_s": 1.0,
+        }
+    )
+    with pytest.raises(PublishError, match="is unreachable") as caught:
+        publish_feed(io.BytesIO(encode(reading())), gone)
+    assert caught.value.refused_line is None
