@@ -194,10 +194,10 @@ def publish(
         sys.exit(EXIT_CONFIG)
     except PublishError as exc:
         errors.print(f"[red]publish failed:[/red] {exc}")
-        if exc.refused_line is not None:
-            line = exc.refused_line
+        if exc.failed_line is not None:
+            line = exc.failed_line
             errors.print(
-                f"Line {line} was refused, and every line before it was delivered. "
+                f"Line {line} could not be produced, and every line before it was delivered. "
                 f"'--from-line {line}' sends the rest once that line is fixed, "
                 f"and '--from-line {line + 1}' skips it."
             )

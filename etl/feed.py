@@ -179,11 +179,11 @@ def publish_feed(
     Raises
     ------
     PublishError
-        When the broker is unreachable or a message cannot be sent. When the
-        producer refused one line, for example for its size, every line
+        When the broker is unreachable or a message cannot be sent. When one
+        line could not be produced, for example for its size, every line
         before it was delivered and the error names that line.
     """
-    from etl.generate import MessageRefused, produce_messages
+    from etl.generate import ProduceFailed, produce_messages
 
     result = PublishResult()
 
@@ -201,8 +201,8 @@ def publish_feed(
         result.published = produce_messages(
             settings, messages(), rate=rate, partitions=partitions
         )
-    except MessageRefused as exc:
-        raise PublishError(str(exc), refused_line=result.lines) from exc
+    except ProduceFailed as exc:
+        raise PublishError(str(exc), failed_line=result.lines) from exc
     except RuntimeError as exc:
         raise PublishError(str(exc)) from exc
     return result
@@ -211,10 +211,10 @@ def publish_feed(
 class PublishError(RuntimeError):
     """A feed could not be published in full.
 
-    ``refused_line`` is the line that the producer refused, when every line
+    ``failed_line`` is the line that could not be produced when every line
     before it was delivered, else None.
     """
 
-    def __init__(self, message: str, *, refused_line: int | None = None) -> None:
+    def __init__(self, message: str, *, failed_line: int | None = None) -> None:
         super().__init__(message)
-        self.refused_line = refused_line
+        self.failed_line = failed_line

@@ -36,7 +36,7 @@ __all__ = [
     "MALFORMED_KINDS",
     "PRODUCER_TUNING",
     "WINDOW_S",
-    "MessageRefused",
+    "ProduceFailed",
     "ensure_topic",
     "iter_readings",
     "produce_messages",
@@ -226,8 +226,8 @@ class _DeliveryReports:
             raise RuntimeError(msg)
 
 
-class MessageRefused(RuntimeError):
-    """The producer refused one message; every message before it was delivered."""
+class ProduceFailed(RuntimeError):
+    """librdkafka failed to queue one message, and every message before it was delivered."""
 
 
 def produce_readings(
@@ -309,12 +309,12 @@ def produce_messages(
                     _produce(producer, topic, key, value, reports, servers=servers)
                 except RuntimeError as exc:
                     # The messages queued before this one still go out, so that
-                    # the caller can go on from the refused one.
+                    # the caller can go on from the failed one.
                     left = producer.flush(_FLUSH_TIMEOUT_S)
                     reports.raise_if_failed(servers, topic)
                     if left:
                         raise
-                    raise MessageRefused(str(exc)) from exc
+                    raise ProduceFailed(str(exc)) from exc
                 if index % _POLL_EVERY == 0:
                     producer.poll(0)
                     show_progress(reports.delivered)

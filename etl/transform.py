@@ -60,7 +60,7 @@ def name_candidates(clean: pl.Expr) -> dict[str, pl.Expr]:
     """Return the candidate splits of a normalised name, which :func:`split_name` picks from.
 
     ``upper`` and ``lead`` are the capture groups of a trailing and of a
-    leading run of upper-case words, null where the name has no such run;
+    leading run of upper-case words, null where the name has no such run.
     ``words`` is the first word and the rest. Eager Polars evaluates an
     expression once per output that uses it, so :func:`transform` stores these
     as columns and builds both names from them with :func:`name_from_candidates`.

@@ -48,7 +48,8 @@ def test_published_feed_becomes_rows_and_rejects(
     assert result.exit_code == 0, result.output
     assert "Published 4 messages" in result.output
     assert "1 blank lines skipped" in result.output
-    assert (report.read, report.written) == (4, 2)
+    assert report.read == 4
+    assert report.written == 2
     assert report.rejected_by_reason == {"invalid_json": 1, "out_of_range": 1}
     client = redis.Redis.from_url(settings.redis_url.get_secret_value())
     try:
@@ -71,7 +72,9 @@ def test_readings_are_keyed_by_patient(settings: Settings) -> None:
     result = publish_feed(feed, settings, partitions=3)
     report = run_batch(settings)
 
-    assert (result.lines, result.blank, result.published) == (30, 0, 30)
+    assert result.lines == 30
+    assert result.blank == 0
+    assert result.published == 30
     assert report.written == 30
     client = redis.Redis.from_url(settings.redis_url.get_secret_value())
     try:
@@ -101,10 +104,8 @@ def test_message_key(value: bytes, key_field: str, key: bytes | None) -> None:
     assert message_key(value, key_field) == key
 
 
-def test_refused_line_is_named_and_earlier_lines_delivered(
-    settings: Settings, tmp_path: Path
-) -> None:
-    # librdkafka refuses a message above message.max.bytes before sending it.
+def test_failed_line_resumes_with_from_line(settings: Settings, tmp_path: Path) -> None:
+    # librdkafka fails a message above message.max.bytes before sending it.
     small = settings.model_copy(update={"kafka_extra": {"message.max.bytes": 2_000}})
     feed = tmp_path / "feed.ndjson"
     lines = [encode(reading(patient_id=f"PT-{i}")) for i in range(3)]
@@ -112,30 +113,30 @@ def test_refused_line_is_named_and_earlier_lines_delivered(
     feed.write_bytes(b"\n".join(lines))
     env = env_of(settings) | {"VITALS_KAFKA_EXTRA": '{"message.max.bytes": 2000}'}
 
-    refused = CliRunner().invoke(main, ["publish", str(feed)], env=env)
+    failed = CliRunner().invoke(main, ["publish", str(feed)], env=env)
     first = run_batch(small)
     resumed = CliRunner().invoke(
         main, ["publish", str(feed), "--from-line", "4"], env=env
     )
     second = run_batch(small)
 
-    assert refused.exit_code == 3
-    assert "Line 3 was refused, and every line before it was delivered" in (
-        refused.output
+    assert failed.exit_code == 3
+    assert "Line 3 could not be produced, and every line before it was delivered" in (
+        failed.output
     )
-    assert "'--from-line 4' skips it" in refused.output
+    assert "'--from-line 4' skips it" in failed.output
     assert first.written == 2
     assert resumed.exit_code == 0, resumed.output
     assert second.written == 1
 
 
 def test_unreachable_broker_names_no_line(settings: Settings) -> None:
-    gone = settings.model_copy(
+    unreachable = settings.model_copy(
         update={
             "kafka_bootstrap_servers": f"127.0.0.1:{free_port()}",
             "kafka_timeout_s": 1.0,
         }
     )
     with pytest.raises(PublishError, match="is unreachable") as caught:
-        publish_feed(io.BytesIO(encode(reading())), gone)
-    assert caught.value.refused_line is None
+        publish_feed(io.BytesIO(encode(reading())), unreachable)
+    assert caught.value.failed_line is None

@@ -158,7 +158,7 @@ OPTIONAL_RATES = st.none() | st.floats(0, 300, allow_nan=False)
         max_size=30,
     )
 )
-def test_transform_matches_the_single_expressions(rows: list[dict[str, Any]]) -> None:
+def test_transform_matches_single_expressions(rows: list[dict[str, Any]]) -> None:
     """transform() stores shared parts as columns; its output is the same as without."""
     readings = pl.DataFrame(
         rows,
