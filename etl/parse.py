@@ -525,6 +525,11 @@ _JSON_TYPE_NAMES: Final = {
 }
 
 
+_STRICT_READER_DETAIL: Final = (
+    "JSON the strict reader rejects (NaN, Infinity, huge number or deep nesting)"
+)
+
+
 def _diagnose(value: bytes) -> tuple[Reason, str]:
     try:
         text = value.decode("utf-8")
@@ -541,6 +546,10 @@ def _diagnose(value: bytes) -> tuple[Reason, str]:
         )
     except RecursionError:
         return Reason.INVALID_JSON, "nesting too deep"
+    except ValueError:
+        # Python does not convert integers longer than sys.get_int_max_str_digits()
+        # digits (4300 by default), which also exceed what Polars' reader accepts.
+        return Reason.INVALID_JSON, _STRICT_READER_DETAIL
     # Python reads NaN and Infinity, which RFC 8259 does not allow. A huge
     # number such as 1e400 is valid JSON, which Python reads as infinity.
     if isinstance(document, float) and text.strip().lstrip("-")[:1] in ("N", "I"):
@@ -551,10 +560,7 @@ def _diagnose(value: bytes) -> tuple[Reason, str]:
             f"JSON {_JSON_TYPE_NAMES[type(document)]}, expected an object",
         )
     # Python's parser is more lenient than Polars' (NaN, 1e400, deep nesting).
-    return (
-        Reason.INVALID_JSON,
-        "JSON the strict reader rejects (NaN, Infinity, huge number or deep nesting)",
-    )
+    return Reason.INVALID_JSON, _STRICT_READER_DETAIL
 
 
 def _utc_text(seconds: float) -> str:

@@ -125,6 +125,9 @@ def _read_reject(raw: str | bytes, where: str) -> dict[str, Any]:
         problem = exc.msg
     except UnicodeDecodeError as exc:
         problem = str(exc).partition(":")[0]
+    except ValueError:
+        # An integer longer than sys.get_int_max_str_digits() digits.
+        problem = "a number too long to read"
     else:
         problem = _reject_problem(reject)
     if problem:

@@ -114,6 +114,7 @@ def test_replay_dry_run_and_unreplayable(
         (b"not json", "Expecting value"),
         (b'{"reason": "invalid_json"}', "'source' needs"),
         (b"\xff", "codec can't decode"),
+        (b'{"source": ' + b"7" * 5_000 + b"}", "a number too long to read"),
     ],
 )
 def test_replay_bad_list_element_fails(

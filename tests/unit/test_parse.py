@@ -141,6 +141,13 @@ def escaped_key(fields: dict[str, Any], key: str, written: str) -> bytes:
         pytest.param(
             b"{" * 2000 + b"}" * 2000, Reason.INVALID_JSON, None, id="deep-nesting"
         ),
+        # Python's json module does not convert integers of more than 4300 digits.
+        pytest.param(
+            encode(reading()).replace(b"}", b', "extra": ' + b"9" * 5_000 + b"}"),
+            Reason.INVALID_JSON,
+            None,
+            id="integer-of-5000-digits",
+        ),
         pytest.param(
             b'{"name": "a\nb"}', Reason.INVALID_JSON, None, id="raw-newline-in-string"
         ),
@@ -759,6 +766,10 @@ def test_parse_object_polars_cannot_read_still_accounted() -> None:
         (b"-Infinity", "NaN or Infinity, which JSON does not allow"),
         (b"NaN", "NaN or Infinity, which JSON does not allow"),
         (b"1e400", "JSON number, expected an object"),
+        (
+            b'{"age": ' + b"1" * 5_000 + b"}",
+            "JSON the strict reader rejects (NaN, Infinity, huge number or deep nesting)",
+        ),
     ],
 )
 def test_unreadable_value_detail_uses_json_terms(value: bytes, detail: str) -> None:
