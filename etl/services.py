@@ -384,7 +384,12 @@ def stop_local_stack(state_dir: Path) -> list[str]:
         if running is not None:
             terminate(running)
             stopped.append(name)
-        pid_file.unlink(missing_ok=True)
+        port = _recorded_port(pid_file)
+        if port is None:
+            pid_file.unlink(missing_ok=True)
+        else:
+            # The port stays, so that the next start without ports reuses it.
+            pid_file.write_text(f"{_NO_PID} {port}\n")
     return stopped
 
 
@@ -402,8 +407,12 @@ def local_stack_ports(state_dir: Path) -> dict[str, int | None]:
     }
 
 
+#: Written in place of the pid once a service is stopped.
+_NO_PID: Final = "-"
+
+
 def _recorded_port(pid_file: Path) -> int | None:
-    """Return the port written after the pid in ``pid_file``, if any."""
+    """Return the port written after the pid (or :data:`_NO_PID`) in ``pid_file``, if any."""
     try:
         return int(pid_file.read_text().split()[1])
     except (OSError, ValueError, IndexError):

@@ -140,6 +140,25 @@ def test_dead_service_restarts_on_its_port(tmp_path: Path) -> None:
     assert status["redis"] is not None
 
 
+def test_start_after_stop_reuses_ports(tmp_path: Path) -> None:
+    kafka_port, redis_port = free_port(), free_port()
+    try:
+        start(tmp_path, kafka_port, redis_port)
+        stop_local_stack(tmp_path)
+        result = CliRunner().invoke(
+            main,
+            ["services", "start", "--state-dir", str(tmp_path)],
+            env={"VITALS_KAFKA_TOPIC": "vitals"},
+        )
+    finally:
+        stop_local_stack(tmp_path)
+
+    assert result.exit_code == 0, result.output
+    assert f"VITALS_REDIS_URL=redis://127.0.0.1:{redis_port}/0" in result.stdout
+    assert f"VITALS_KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:{kafka_port}" in result.stdout
+    assert local_stack_status(tmp_path) == {"kafka": None, "redis": None}
+
+
 def test_status_shows_ports_and_exits_3_when_stopped(tmp_path: Path) -> None:
     kafka_port, redis_port = free_port(), free_port()
     try:
