@@ -231,6 +231,7 @@ def _failure(error: BaseException, code: int) -> dict[str, Any]:
 @click.option(
     "--malformed-rate",
     type=click.FloatRange(0, 1),
+    callback=_finite,
     default=0.0,
     show_default=True,
     help="Share of deliberately malformed messages.",
@@ -282,17 +283,21 @@ def generate(
     console.print(f"Produced {delivered} readings to topic {settings.kafka_topic}")
 
 
+#: Redis reads list indexes as signed 64-bit integers.
+LIST_INDEX: Final = click.IntRange(-(2**63), 2**63 - 1)
+
+
 @main.command()
 @click.option(
     "--start",
-    type=int,
+    type=LIST_INDEX,
     default=0,
     show_default=True,
     help="Index of the first element; negative counts from the end.",
 )
 @click.option(
     "--stop",
-    type=int,
+    type=LIST_INDEX,
     default=9,
     show_default=True,
     help="Index of the last element, included; -1 is the last.",
@@ -365,6 +370,14 @@ def services_start(
 
     # Settings first, so that an invalid one stops the command before anything starts.
     settings = settings_or_exit()
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        errors.print(
+            f"[red]error:[/red] cannot create the state folder {state_dir}: "
+            f"{exc.strerror or exc}. Choose another one with --state-dir"
+        )
+        sys.exit(EXIT_CONFIG)
     try:
         # The local Redis gets the database of VITALS_REDIS_URL, where batches keep offsets.
         env = start_local_stack(

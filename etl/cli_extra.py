@@ -245,7 +245,7 @@ def _print_feed_result(result: FeedResult, *, limit: int) -> None:
 @click.command("reports")
 @click.option(
     "--last",
-    type=click.IntRange(min=1),
+    type=click.IntRange(1, 2**63 - 1),
     default=10,
     show_default=True,
     help="Number of most recent batch reports to show.",

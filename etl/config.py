@@ -318,9 +318,16 @@ class Settings(BaseSettings):
     @classmethod
     def _bootstrap_ports(cls, value: str) -> str:
         for server in (part.strip() for part in value.split(",")):
-            port = server.rpartition(":")[2]
-            if ":" in server and port.isdigit() and not 1 <= int(port) <= _MAX_PORT:
-                msg = f"the port of {server!r} is not from 1 to {_MAX_PORT}"
+            if not server:
+                msg = "the list has an empty entry; separate servers with one comma"
+                raise ValueError(msg)
+            # librdkafka accepts "PLAINTEXT://host:port" and "[IPv6]:port" too.
+            address = server.partition("://")[2] or server
+            host, colon, port = address.rpartition(":")
+            if not colon or address.endswith("]"):
+                continue  # No port: librdkafka takes 9092.
+            if not host or not port.isdigit() or not 1 <= int(port) <= _MAX_PORT:
+                msg = f"{server!r} is not host:port with a port from 1 to {_MAX_PORT}"
                 raise ValueError(msg)
         return value
 

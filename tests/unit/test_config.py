@@ -103,8 +103,26 @@ def test_settings_read_prefixed_environment(monkeypatch: pytest.MonkeyPatch) -> 
         pytest.param(
             "VITALS_KAFKA_BOOTSTRAP_SERVERS",
             "127.0.0.1:9092,127.0.0.1:99999",
-            "port of '127.0.0.1:99999' is not from 1 to 65535",
+            "'127.0.0.1:99999' is not host:port with a port from 1 to 65535",
             id="bootstrap-port",
+        ),
+        pytest.param(
+            "VITALS_KAFKA_BOOTSTRAP_SERVERS",
+            "127.0.0.1:abc",
+            "'127.0.0.1:abc' is not host:port",
+            id="bootstrap-port-word",
+        ),
+        pytest.param(
+            "VITALS_KAFKA_BOOTSTRAP_SERVERS",
+            ":9092",
+            "':9092' is not host:port",
+            id="bootstrap-no-host",
+        ),
+        pytest.param(
+            "VITALS_KAFKA_BOOTSTRAP_SERVERS",
+            ",,",
+            "empty entry",
+            id="bootstrap-empty-entries",
         ),
         pytest.param(
             "VITALS_KAFKA_TOPIC", "bad topic!", "Kafka topic name", id="topic-chars"
@@ -372,13 +390,14 @@ def test_settings_lower_case_variable_not_warned(
 
 def test_settings_keep_legal_names(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VITALS_KAFKA_TOPIC", "ward-3.vitals_v2")
-    monkeypatch.setenv("VITALS_KAFKA_BOOTSTRAP_SERVERS", "[::1]:9092,kafka:65535")
+    servers = "[::1]:9092,kafka:65535,kafka,[::1],PLAINTEXT://kafka,SSL://kafka:9093"
+    monkeypatch.setenv("VITALS_KAFKA_BOOTSTRAP_SERVERS", servers)
     monkeypatch.setenv("VITALS_REDIS_LIST_KEY", "ward 3 patients")
 
     settings = load_settings()
 
     assert settings.kafka_topic == "ward-3.vitals_v2"
-    assert settings.kafka_bootstrap_servers == "[::1]:9092,kafka:65535"
+    assert settings.kafka_bootstrap_servers == servers
     assert settings.redis_list_key == "ward 3 patients"
 
 
@@ -415,3 +434,23 @@ def test_rejected_sasl_mechanism_names_kafka_settings(
 def test_min_timestamp_outside_datetime_range_rejected(value: str) -> None:
     with pytest.raises(ConfigurationError, match="VITALS_MIN_TIMESTAMP"):
         load_settings(min_timestamp=value)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "detail"),
+    [
+        (["generate", "--malformed-rate", "nan"], "nan is not a finite number"),
+        (["publish", "-", "--rate", "inf"], "inf is not a finite number"),
+        (["show", "--start", str(2**64)], "is not in the range"),
+        (["reports", "--last", str(2**64)], "is not in the range"),
+        (["services", "start", "--state-dir", "/dev/null"], "cannot create"),
+    ],
+)
+def test_invalid_argument_exits_2_before_connecting(
+    arguments: list[str], detail: str
+) -> None:
+    result = CliRunner().invoke(main, arguments, input="")
+
+    assert result.exit_code == 2
+    assert detail in result.stderr
+    assert "Traceback" not in result.output
