@@ -10,9 +10,19 @@ import polars as pl
 from contracts.models import OUTPUT_KEYS
 from etl import rules
 
+#: Lower-case particles that belong to the family name after them ("de GAULLE").
+FAMILY_NAME_PARTICLES: Final = (
+    "da", "das", "de", "del", "della", "den", "der", "des", "di", "do", "dos",
+    "du", "la", "le", "ten", "ter", "van", "von", "zu",
+)  # fmt: skip
 #: A trailing run of upper-case words is the family name ("Marie Claire DUBOIS"),
-#: the convention of French administrative records.
-UPPER_CASE_FAMILY_NAME: Final = r"^(?<first>.+?)\s+(?<last>\p{Lu}[\p{Lu}\p{M}'\x{2019}\-]+(?:\s+\p{Lu}[\p{Lu}\p{M}'\x{2019}\-]+)*)$"
+#: the convention of French administrative records, with the lower-case
+#: particles before it ("Charles de GAULLE").
+UPPER_CASE_FAMILY_NAME: Final = (
+    r"^(?<first>.+?)\s+(?<last>"
+    rf"(?:(?:{'|'.join(FAMILY_NAME_PARTICLES)})\s+)*"
+    r"\p{Lu}[\p{Lu}\p{M}'\x{2019}\-]+(?:\s+\p{Lu}[\p{Lu}\p{M}'\x{2019}\-]+)*)$"
+)
 #: Every name that matches :data:`UPPER_CASE_FAMILY_NAME` ends like this. The
 #: test needs no capture groups, so it runs several times faster.
 UPPER_CASE_LAST_WORD: Final = r"\s\p{Lu}[\p{Lu}\p{M}'\x{2019}\-]+$"
@@ -29,15 +39,24 @@ LEADING_UPPER_CASE_FAMILY_NAME: Final = (
 )
 #: Every name that matches :data:`LEADING_UPPER_CASE_FAMILY_NAME` starts like this.
 LEADING_UPPER_CASE_WORD: Final = r"^\p{Lu}[\p{Lu}\p{M}'\x{2019}\-]+\s"
+#: "FAMILY, Given" with one comma, the order of many admission exports
+#: ("DUPONT, Jean", "Smith, John III"). A generational suffix after the given
+#: names ends the family name.
+COMMA_SEPARATED_NAME: Final = (
+    r"^(?<last>[^,]+?)\s*,\s*(?<first>[^,]+?)"
+    rf"(?:\s(?<suffix>{'|'.join(GENERATIONAL_SUFFIXES)}))?$"
+)
 
 
 def split_name(name: pl.Expr, *, normalised: bool = False) -> tuple[pl.Expr, pl.Expr]:
     """Split a full name into first and last name.
 
+    A name with one comma is "family name, given names" ("DUPONT, Jean").
     A generational suffix at the end (II, III, IV, JR, SR) is set aside and
     ends the last name. In the rest, a trailing run of upper-case words is the
-    last name ("Marie Claire DUBOIS"), and so is a leading run of upper-case
-    words before a capitalised word ("DUBOIS Marie Claire"). Otherwise the
+    last name with the lower-case particles before it ("Marie Claire DUBOIS",
+    "Charles de GAULLE"), and so is a leading run of upper-case words before a
+    capitalised word ("DUBOIS Marie Claire"). Otherwise the
     first whitespace-separated token is the first name and the rest,
     particles included, is the last name ("Pieter van den Broek" -> "Pieter" /
     "van den Broek"). Hyphens never split ("Jean-Pierre"). A one-word name is
@@ -59,8 +78,9 @@ def split_name(name: pl.Expr, *, normalised: bool = False) -> tuple[pl.Expr, pl.
 def name_candidates(clean: pl.Expr) -> dict[str, pl.Expr]:
     """Return the candidate splits of a normalised name, which :func:`split_name` picks from.
 
-    ``upper`` and ``lead`` are the capture groups of a trailing and of a
-    leading run of upper-case words, null where the name has no such run.
+    ``comma`` is the capture groups of "family, given", null without one
+    comma. ``upper`` and ``lead`` are the capture groups of a trailing and of
+    a leading run of upper-case words, null where the name has no such run.
     ``words`` is the first word and the rest. Eager Polars evaluates an
     expression once per output that uses it, so :func:`transform` stores these
     as columns and builds both names from them with :func:`name_from_candidates`.
@@ -68,7 +88,9 @@ def name_candidates(clean: pl.Expr) -> dict[str, pl.Expr]:
     # Null rows skip the regex, so the capture groups run only on candidates.
     trailing = pl.when(clean.str.contains(UPPER_CASE_LAST_WORD)).then(clean)
     leading = pl.when(clean.str.contains(LEADING_UPPER_CASE_WORD)).then(clean)
+    with_comma = pl.when(clean.str.contains(",", literal=True)).then(clean)
     return {
+        "comma": with_comma.str.extract_groups(COMMA_SEPARATED_NAME),
         "upper": trailing.str.extract_groups(UPPER_CASE_FAMILY_NAME),
         "lead": leading.str.extract_groups(LEADING_UPPER_CASE_FAMILY_NAME),
         "words": clean.str.splitn(" ", 2),
@@ -76,9 +98,17 @@ def name_candidates(clean: pl.Expr) -> dict[str, pl.Expr]:
 
 
 def name_from_candidates(
-    *, upper: pl.Expr, lead: pl.Expr, words: pl.Expr
+    *, comma: pl.Expr, upper: pl.Expr, lead: pl.Expr, words: pl.Expr
 ) -> tuple[pl.Expr, pl.Expr]:
     """Return the first and last name from the candidates of :func:`name_candidates`."""
+    comma_last = pl.concat_str(
+        comma.struct.field("last"),
+        comma.struct.field("suffix"),
+        separator=" ",
+        ignore_nulls=True,
+    )
+    comma_first = comma.struct.field("first")
+    comma_last = pl.when(comma_first.is_not_null()).then(comma_last)
     # A run that is only a generational suffix is no family name ("John Smith III").
     upper_last = upper.struct.field("last").replace(
         dict.fromkeys(GENERATIONAL_SUFFIXES)
@@ -93,8 +123,10 @@ def name_from_candidates(
     )
     lead_first = lead.struct.field("first")
     lead_last = pl.when(lead_first.is_not_null()).then(lead_last)
-    first = pl.coalesce(upper_first, lead_first, words.struct.field("field_0"))
-    last = pl.coalesce(upper_last, lead_last, words.struct.field("field_1"))
+    first = pl.coalesce(
+        comma_first, upper_first, lead_first, words.struct.field("field_0")
+    )
+    last = pl.coalesce(comma_last, upper_last, lead_last, words.struct.field("field_1"))
     return first, last
 
 
