@@ -57,9 +57,10 @@ BLANK_TEXT: Final = rf"^{_SPACE}*$"
 NUMBER_TEXT: Final = rf"^{_SPACE}*-?[0-9]+(\.[0-9]+)?{_SPACE}*$"
 #: A whole number as text; "42.0" counts as whole, like the JSON number 42.0.
 INTEGER_TEXT: Final = rf"^{_SPACE}*[0-9]+(\.0+)?{_SPACE}*$"
-#: ISO-8601 date and time with seconds and a UTC offset or Z.
+#: ISO-8601 date and time with seconds and a UTC offset or Z. A space may
+#: replace the T, as RFC 3339 allows.
 ISO_8601_TEXT: Final = (
-    rf"^{_SPACE}*[0-9]{{4}}-[0-9]{{2}}-[0-9]{{2}}T[0-9]{{2}}:[0-9]{{2}}:[0-9]{{2}}"
+    rf"^{_SPACE}*[0-9]{{4}}-[0-9]{{2}}-[0-9]{{2}}[T ][0-9]{{2}}:[0-9]{{2}}:[0-9]{{2}}"
     rf"(\.[0-9]+)?(Z|[+-][0-9]{{2}}(:?[0-9]{{2}})?){_SPACE}*$"
 )
 #: Columns that the Kafka source adds; they are not part of a message.
@@ -356,8 +357,8 @@ def _timestamp_property(description: str) -> dict[str, Any]:
         "description": (
             f"{description} Unix epoch seconds, epoch milliseconds (values above "
             f"{EPOCH_MS_THRESHOLD:.0e} are read as milliseconds), or ISO-8601 with "
-            "seconds and a UTC offset or Z. Rejected when earlier than "
-            f"VITALS_MIN_TIMESTAMP (default {earliest:.0f}) or more than "
+            "seconds and a UTC offset or Z (a space may replace the T). Rejected when "
+            f"earlier than VITALS_MIN_TIMESTAMP (default {earliest:.0f}) or more than "
             f"VITALS_MAX_FUTURE_SKEW_S (default {skew:.0f} s) after the batch start."
         ),
         "oneOf": [

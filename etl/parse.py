@@ -103,6 +103,9 @@ REJECT_SCHEMA: Final = {
 EPOCH_MS_THRESHOLD: Final = 1e11
 
 ISO_FORMAT: Final = "%Y-%m-%dT%H:%M:%S%.f%#z"
+#: RFC 3339 (section 5.6) lets a space separate the date and the time, as
+#: Python's ``str(datetime)`` writes it.
+ISO_SPACE_FORMAT: Final = "%Y-%m-%d %H:%M:%S%.f%#z"
 #: ASCII digits only: ``\d`` also matches other scripts' digits ("١٢٠"), which
 #: the integer cast cannot read.
 BLOOD_PRESSURE_PATTERN: Final = (
@@ -681,13 +684,13 @@ def _epoch_seconds(typed: frozenset[str]) -> pl.Expr:
     )
     if "timestamp" in typed:
         return from_number
-    from_iso = (
-        _text("timestamp")
-        .str.to_datetime(ISO_FORMAT, time_zone="UTC", strict=False)
-        .dt.epoch("us")
+    text = _text("timestamp")
+    from_iso = [
+        text.str.to_datetime(iso_format, time_zone="UTC", strict=False).dt.epoch("us")
         / 1e6
-    )
-    return pl.coalesce(from_number, from_iso)
+        for iso_format in (ISO_FORMAT, ISO_SPACE_FORMAT)
+    ]
+    return pl.coalesce(from_number, *from_iso)
 
 
 def _boolean(field: str, typed: frozenset[str]) -> pl.Expr:

@@ -92,6 +92,11 @@ def rejects_of(values: list[bytes | None]) -> list[dict[str, Any]]:
             id="iso-z",
         ),
         pytest.param(
+            {"timestamp": "2024-06-10 08:13:20.25+02:00"},
+            {"timestamp": "2024-06-10T06:13:20.250+00:00"},
+            id="iso-space-separator",
+        ),
+        pytest.param(
             {"timestamp": "1718000000"},
             {"timestamp": "2024-06-10T06:13:20.000+00:00"},
             id="epoch-string",
