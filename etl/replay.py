@@ -60,6 +60,8 @@ class ReplayReport:
     skipped_truncated: int = 0
     skipped_tombstone: int = 0
     skipped_already_replayed: int = 0
+    #: Rejects read from another topic than the one the replay produces to.
+    skipped_other_topic: int = 0
 
 
 def reject_value(reject: dict[str, Any]) -> bytes | None:
@@ -165,11 +167,13 @@ def replay_rejects(
     path: Path | None = None,
     dry_run: bool = False,
     force: bool = False,
+    all_topics: bool = False,
 ) -> ReplayReport:
     """Produce the values of the selected rejects to ``settings.kafka_topic`` again, with their keys.
 
     ``reasons`` limits the replay to these reason codes (all when empty);
-    ``path`` reads the rejects from a file instead of Redis. With
+    ``path`` reads the rejects from a file instead of Redis. Only rejects read
+    from ``settings.kafka_topic`` are replayed, unless ``all_topics``. With
     ``dry_run`` nothing is produced or recorded.
     """
     import redis as redis_lib
@@ -191,6 +195,9 @@ def replay_rejects(
             if selected_reasons and reject.get("reason") not in selected_reasons:
                 continue
             report.selected += 1
+            if not all_topics and reject["source"]["topic"] != settings.kafka_topic:
+                report.skipped_other_topic += 1
+                continue
             marker = source_marker(reject)
             # A cut value is not the record, and a cut key could send it to
             # another partition.
@@ -287,8 +294,17 @@ def _produce(settings: Settings, batch: list[tuple[str, bytes, bytes | None]]) -
     "--dry-run", is_flag=True, help="Count what would be replayed; send nothing."
 )
 @click.option("--force", is_flag=True, help="Replay rejects that were replayed before.")
+@click.option(
+    "--all-topics",
+    is_flag=True,
+    help="Also replay rejects read from other topics (default: VITALS_KAFKA_TOPIC only).",
+)
 def replay_rejects_command(
-    reasons: tuple[str, ...], path: Path | None, dry_run: bool, force: bool
+    reasons: tuple[str, ...],
+    path: Path | None,
+    dry_run: bool,
+    force: bool,
+    all_topics: bool,
 ) -> None:
     """Produce rejected values to the topic again, for the next batch to read."""
     from etl.cli import errors, settings_or_exit
@@ -298,7 +314,12 @@ def replay_rejects_command(
     settings = settings_or_exit()
     try:
         report = replay_rejects(
-            settings, reasons=reasons, path=path, dry_run=dry_run, force=force
+            settings,
+            reasons=reasons,
+            path=path,
+            dry_run=dry_run,
+            force=force,
+            all_topics=all_topics,
         )
     except (InvalidReject, ConfigurationError) as exc:
         errors.print(f"[red]replay failed:[/red] {exc}")
@@ -306,4 +327,4 @@ def replay_rejects_command(
     except ReplayError as exc:
         errors.print(f"[red]replay failed:[/red] {exc}")
         raise SystemExit(EXIT_INFRASTRUCTURE) from None
-    click.echo(json.dumps(asdict(report), indent=2))
+    click.echo(json.dumps({"topic": settings.kafka_topic, **asdict(report)}, indent=2))

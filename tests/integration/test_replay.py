@@ -310,3 +310,35 @@ def test_replay_skips_truncated_key(
     (reject,) = rejects(redis_client, settings)
     assert reject["key_truncated"] is True
     assert (report.skipped_truncated, report.produced) == (1, 0)
+
+
+def test_replay_skips_rejects_of_other_topics(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    create_topic(settings)
+    produce_tracked(settings, [encode(reading(temperature=98.6))])
+    run_batch(settings)
+    other = {
+        "reason": "out_of_range",
+        "source": {"topic": "other-ward", "partition": 0, "offset": 4},
+        "payload": json.dumps(reading()),
+        "payload_truncated": False,
+    }
+    redis_client.rpush(settings.redis_rejects_key, json.dumps(other))
+    env = {
+        "VITALS_KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
+        "VITALS_KAFKA_TOPIC": settings.kafka_topic,
+        "VITALS_REDIS_URL": settings.redis_url.get_secret_value(),
+        "VITALS_REDIS_REJECTS_KEY": settings.redis_rejects_key,
+    }
+
+    own = CliRunner().invoke(replay_rejects_command, ["--dry-run"], env=env)
+    every = replay_rejects(settings, dry_run=True, all_topics=True)
+
+    assert own.exit_code == 0, own.output
+    counts = json.loads(own.stdout)
+    assert counts["topic"] == settings.kafka_topic
+    assert counts["would_produce"] == 1
+    assert counts["skipped_other_topic"] == 1
+    assert every.would_produce == 2
+    assert every.skipped_other_topic == 0
