@@ -60,6 +60,12 @@ class InputReading(pa.DataFrameModel):
     def _name_has_letter(cls, data: PolarsData) -> pl.LazyFrame:
         return data.lazyframe.select(pl.col(data.key).str.contains(r"\p{L}"))
 
+    @pa.check("spo2", name="percentage_not_fraction")
+    def _spo2_not_fraction(cls, data: PolarsData) -> pl.LazyFrame:
+        # 0.97 is 97 % sent as a fraction, which NEWS2 would score as severe hypoxaemia.
+        spo2 = pl.col(data.key)
+        return data.lazyframe.select(~spo2.is_between(0, 1, closed="right"))
+
     @pa.dataframe_check(name="diastolic_below_systolic")
     def _diastolic_below_systolic(cls, data: PolarsData) -> pl.LazyFrame:
         return data.lazyframe.select(pl.col("diastolic") < pl.col("systolic"))

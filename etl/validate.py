@@ -236,6 +236,8 @@ def _check_sentence(name: str | None, statistics: dict[str, Any]) -> str | None:
         return f"must match the pattern {statistics['pattern']}"
     if name == "contains_letter":
         return "must contain a letter"
+    if name == "percentage_not_fraction":
+        return "must be 0 or a percentage above 1 (97, not 0.97)"
     return None
 
 

@@ -195,6 +195,7 @@ def test_model_yaml_lists_custom_checks() -> None:
     assert list(document["columns"]) == list(InputReading.to_schema().columns)
     custom = document["custom_checks"]
     assert [c["name"] for c in custom["columns"]["name"]] == ["contains_letter"]
+    assert [c["name"] for c in custom["columns"]["spo2"]] == ["percentage_not_fraction"]
     assert [c["name"] for c in custom["dataframe"]] == ["diastolic_below_systolic"]
     assert all(len(c["source_sha256"]) == 64 for c in custom["dataframe"])
 
@@ -314,6 +315,7 @@ def test_json_schema_agrees_with_batch(fields: dict[str, Any], accepted: bool) -
         # Cross-field and letter checks are named in x-pandera-checks only.
         pytest.param({"blood_pressure": "80/120"}, id="diastolic-above-systolic"),
         pytest.param({"name": "12345"}, id="name-without-letter"),
+        pytest.param({"spo2": 0.97}, id="spo2-as-fraction"),
         # A range applies to the value of a numeric string only in the batch.
         pytest.param({"age": "131"}, id="numeric-string-out-of-range"),
         # The time window depends on the batch start.
