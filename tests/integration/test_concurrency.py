@@ -130,7 +130,11 @@ def test_three_batches_then_rerun(
     results = run_together(capped, tmp_path, 3)
 
     for result in results:
-        assert result.returncode == 0, result.stderr[-3000:]
+        # Three writers of one offsets hash can outlast a batch's five attempts
+        # on a loaded machine. That batch fails without writing its chunk, and
+        # the reruns below write it.
+        contended = "another batch kept changing the offsets" in result.stderr
+        assert result.returncode == 0 or contended, result.stderr[-3000:]
     while run_batch(capped).read:
         pass
     assert_accounted(redis_client, settings, produced)
