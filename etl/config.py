@@ -135,6 +135,11 @@ def kafka_client(
             f"invalid Kafka client settings: {text}. Check the VITALS_KAFKA_* "
             "variables: security protocol, SASL, SSL and VITALS_KAFKA_EXTRA"
         )
+        if "sasl.mechanism" not in config and "SASL mechanism GSSAPI" in text:
+            msg += (
+                f". {ENV_PREFIX}KAFKA_SASL_MECHANISM is not set, so librdkafka "
+                "tried GSSAPI (Kerberos): set it, for example to PLAIN or SCRAM-SHA-512"
+            )
         raise ConfigurationError(msg) from exc
 
 

@@ -454,3 +454,15 @@ def test_invalid_argument_exits_2_before_connecting(
     assert result.exit_code == 2
     assert detail in result.stderr
     assert "Traceback" not in result.output
+
+
+def test_sasl_without_mechanism_names_its_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("VITALS_KAFKA_SECURITY_PROTOCOL", "SASL_PLAINTEXT")
+    monkeypatch.setenv("VITALS_KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9")
+
+    result = CliRunner().invoke(main, ["generate", "--count", "1"])
+
+    assert result.exit_code == 2
+    assert "VITALS_KAFKA_SASL_MECHANISM is not set" in result.stderr
