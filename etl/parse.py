@@ -103,9 +103,13 @@ REJECT_SCHEMA: Final = {
 EPOCH_MS_THRESHOLD: Final = 1e11
 
 ISO_FORMAT: Final = "%Y-%m-%dT%H:%M:%S%.f%#z"
-#: RFC 3339 (section 5.6) lets a space separate the date and the time, as
-#: Python's ``str(datetime)`` writes it.
-ISO_SPACE_FORMAT: Final = "%Y-%m-%d %H:%M:%S%.f%#z"
+#: The ISO-8601 text that :data:`ISO_FORMAT` reads. RFC 3339 (section 5.6)
+#: lets a space separate the date and the time, as Python's ``str(datetime)``
+#: writes it, and allows a lower-case t and z.
+ISO_8601_PATTERN: Final = (
+    r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]+)?"
+    r"(?:[Zz]|[+-][0-9]{2}(?::?[0-9]{2})?)$"
+)
 #: ASCII digits only: ``\d`` also matches other scripts' digits ("١٢٠"), which
 #: the integer cast cannot read.
 BLOOD_PRESSURE_PATTERN: Final = (
@@ -685,12 +689,16 @@ def _epoch_seconds(typed: frozenset[str]) -> pl.Expr:
     if "timestamp" in typed:
         return from_number
     text = _text("timestamp")
-    from_iso = [
-        text.str.to_datetime(iso_format, time_zone="UTC", strict=False).dt.epoch("us")
+    # chrono skips whitespace where the format has none ("06:13:20 Z"), so the
+    # text must match the pattern first. Its date-time separator becomes a T.
+    iso = pl.when(text.str.contains(ISO_8601_PATTERN)).then(
+        pl.concat_str(text.str.slice(0, 10), pl.lit("T"), text.str.slice(11))
+    )
+    from_iso = (
+        iso.str.to_datetime(ISO_FORMAT, time_zone="UTC", strict=False).dt.epoch("us")
         / 1e6
-        for iso_format in (ISO_FORMAT, ISO_SPACE_FORMAT)
-    ]
-    return pl.coalesce(from_number, *from_iso)
+    )
+    return pl.coalesce(from_number, from_iso)
 
 
 def _boolean(field: str, typed: frozenset[str]) -> pl.Expr:

@@ -97,6 +97,11 @@ def rejects_of(values: list[bytes | None]) -> list[dict[str, Any]]:
             id="iso-space-separator",
         ),
         pytest.param(
+            {"timestamp": "2024-06-10t06:13:20z"},
+            {"timestamp": "2024-06-10T06:13:20.000+00:00"},
+            id="iso-lower-case",
+        ),
+        pytest.param(
             {"timestamp": "1718000000"},
             {"timestamp": "2024-06-10T06:13:20.000+00:00"},
             id="epoch-string",
@@ -245,6 +250,21 @@ def escaped_key(fields: dict[str, Any], key: str, written: str) -> bytes:
             Reason.TIMESTAMP_INVALID,
             "timestamp",
             id="ts-no-offset",
+        ),
+        *(
+            pytest.param(
+                encode(reading(timestamp=text)),
+                Reason.TIMESTAMP_INVALID,
+                "timestamp",
+                id=f"ts-{name}",
+            )
+            for name, text in (
+                ("two-spaces", "2024-06-10  06:13:20Z"),
+                ("tab", "2024-06-10\t06:13:20Z"),
+                ("no-separator", "2024-06-1006:13:20Z"),
+                ("space-before-zone", "2024-06-10T06:13:20 Z"),
+                ("space-after-t", "2024-06-10T 06:13:20Z"),
+            )
         ),
         pytest.param(
             encode(reading(timestamp=NOW + 86_400)),
