@@ -274,6 +274,12 @@ def test_json_schema_requires_non_nullable_fields() -> None:
         pytest.param({"timestamp": "2024-06-10T06:13:20Z"}, True, id="iso-z"),
         pytest.param({"timestamp": "2024-06-10T08:13:20+02:00"}, True, id="iso-offset"),
         pytest.param(
+            {"timestamp": "2024-06-10  06:13:20Z"}, False, id="iso-two-spaces"
+        ),
+        pytest.param(
+            {"timestamp": "2024-06-10T06:13:20 Z"}, False, id="iso-space-zone"
+        ),
+        pytest.param(
             {"timestamp": "2024-06-10 06:13:20.5+00:00"}, True, id="iso-space"
         ),
         pytest.param(
