@@ -39,13 +39,16 @@ LEADING_UPPER_CASE_FAMILY_NAME: Final = (
 )
 #: Every name that matches :data:`LEADING_UPPER_CASE_FAMILY_NAME` starts like this.
 LEADING_UPPER_CASE_WORD: Final = r"^\p{Lu}[\p{Lu}\p{M}'\x{2019}\-]+\s"
+#: A generational suffix in any case, with an optional full stop ("Jr.").
+_ANY_CASE_SUFFIX: Final = rf"(?i:{'|'.join(GENERATIONAL_SUFFIXES)})\.?"
 #: "FAMILY, Given" with one comma, the order of many admission exports
 #: ("DUPONT, Jean", "Smith, John III"). A generational suffix after the given
 #: names ends the family name.
 COMMA_SEPARATED_NAME: Final = (
-    r"^(?<last>[^,]+?)\s*,\s*(?<first>[^,]+?)"
-    rf"(?:\s(?<suffix>{'|'.join(GENERATIONAL_SUFFIXES)}))?$"
+    rf"^(?<last>[^,]+?)\s*,\s*(?<first>[^,]+?)(?:\s(?<suffix>{_ANY_CASE_SUFFIX}))?$"
 )
+#: A comma before a lone suffix is no "family, given" order ("King, Jr.").
+COMMA_BEFORE_SUFFIX: Final = rf",\s*{_ANY_CASE_SUFFIX}$"
 
 
 def split_name(name: pl.Expr, *, normalised: bool = False) -> tuple[pl.Expr, pl.Expr]:
@@ -88,7 +91,10 @@ def name_candidates(clean: pl.Expr) -> dict[str, pl.Expr]:
     # Null rows skip the regex, so the capture groups run only on candidates.
     trailing = pl.when(clean.str.contains(UPPER_CASE_LAST_WORD)).then(clean)
     leading = pl.when(clean.str.contains(LEADING_UPPER_CASE_WORD)).then(clean)
-    with_comma = pl.when(clean.str.contains(",", literal=True)).then(clean)
+    has_comma = clean.str.contains(",", literal=True)
+    with_comma = pl.when(has_comma & ~clean.str.contains(COMMA_BEFORE_SUFFIX)).then(
+        clean
+    )
     return {
         "comma": with_comma.str.extract_groups(COMMA_SEPARATED_NAME),
         "upper": trailing.str.extract_groups(UPPER_CASE_FAMILY_NAME),

@@ -85,6 +85,12 @@ def split(names: list[str]) -> list[tuple[str | None, str | None]]:
         pytest.param("Dupont,Jean Paul", ("Jean Paul", "Dupont"), id="comma-no-space"),
         pytest.param("Smith, John III", ("John", "Smith III"), id="comma-suffix"),
         pytest.param("A, B, C", ("A,", "B, C"), id="two-commas-split-at-space"),
+        pytest.param("Smith, John Jr.", ("John", "Smith Jr."), id="comma-suffix-dot"),
+        pytest.param(
+            "Martin Luther King, Jr.",
+            ("Martin", "Luther King, Jr."),
+            id="comma-before-suffix-only",
+        ),
         # Lower-case particles join the upper-case family name after them.
         pytest.param("Charles de GAULLE", ("Charles", "de GAULLE"), id="particle"),
         pytest.param("Anne de la TOUR", ("Anne", "de la TOUR"), id="two-particles"),
