@@ -300,6 +300,7 @@ def produce_messages(
     producer = kafka_client(Producer, PRODUCER_TUNING | settings.kafka_config())
     logger.info("Producing to topic %s", topic)
     started = time.monotonic()
+    sent = 0
     try:
         with _progress_bar(count or 0, enabled=progress) as show_progress:
             for index, (key, value) in enumerate(messages):
@@ -315,6 +316,7 @@ def produce_messages(
                     if left:
                         raise
                     raise ProduceFailed(str(exc)) from exc
+                sent += 1
                 if index % _POLL_EVERY == 0:
                     producer.poll(0)
                     show_progress(reports.delivered)
@@ -330,6 +332,17 @@ def produce_messages(
                 f"{_FLUSH_TIMEOUT_S} s. Check the broker's health"
             )
             raise RuntimeError(msg)
+    except ProduceFailed:
+        raise
+    except RuntimeError as exc:
+        # Drop what is still queued and let what is in flight settle, so that
+        # the count of delivered messages is final.
+        producer.purge(in_queue=True, in_flight=False)
+        producer.flush(_FLUSH_TIMEOUT_S)
+        msg = (
+            f"{exc}. Of the {sent} message(s) sent, {reports.delivered} were delivered"
+        )
+        raise RuntimeError(msg) from exc
     finally:
         _close_producer(producer)
 

@@ -54,7 +54,8 @@ COMMA_BEFORE_SUFFIX: Final = rf",\s*{_ANY_CASE_SUFFIX}$"
 def split_name(name: pl.Expr, *, normalised: bool = False) -> tuple[pl.Expr, pl.Expr]:
     """Split a full name into first and last name.
 
-    A name with one comma is "family name, given names" ("DUPONT, Jean").
+    A name with one comma is "family name, given names" ("DUPONT, Jean"),
+    unless only a generational suffix follows the comma ("King, Jr.").
     A generational suffix at the end (II, III, IV, JR, SR) is set aside and
     ends the last name. In the rest, a trailing run of upper-case words is the
     last name with the lower-case particles before it ("Marie Claire DUBOIS",

@@ -205,5 +205,6 @@ def test_delivery_failure_raises(monkeypatch: pytest.MonkeyPatch) -> None:
     )
     with pytest.raises(
         RuntimeError, match=rf"delivery to topic .* at {servers} failed"
-    ):
+    ) as caught:
         produce_readings(settings, count=10)
+    assert str(caught.value).endswith("Of the 10 message(s) sent, 0 were delivered")
