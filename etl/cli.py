@@ -338,9 +338,20 @@ def services() -> None:
     """Start or stop the local Kafka-protocol broker and Redis (127.0.0.1)."""
 
 
+def _folder_or_new(
+    _context: click.Context, _parameter: click.Parameter, value: Path
+) -> Path:
+    """Reject a path that exists and is no folder, such as /dev/null."""
+    if value.exists() and not value.is_dir():
+        msg = f"{value} exists and is not a folder."
+        raise click.BadParameter(msg)
+    return value
+
+
 STATE_DIR_OPTION: Final = click.option(
     "--state-dir",
     type=click.Path(file_okay=False, path_type=Path),
+    callback=_folder_or_new,
     default=Path(".local"),
     show_default=True,
     help="Folder for pid files and logs, relative to the current folder.",
@@ -371,14 +382,6 @@ def services_start(
     # Settings first, so that an invalid one stops the command before anything starts.
     settings = settings_or_exit()
     try:
-        state_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        errors.print(
-            f"[red]error:[/red] cannot create the state folder {state_dir}: "
-            f"{exc.strerror or exc}. Choose another one with --state-dir"
-        )
-        sys.exit(EXIT_CONFIG)
-    try:
         # The local Redis gets the database of VITALS_REDIS_URL, where batches keep offsets.
         env = start_local_stack(
             state_dir,
@@ -386,6 +389,13 @@ def services_start(
             redis_port=redis_port,
             redis_database=settings.redis_database,
         )
+    except OSError as exc:
+        where = exc.filename or state_dir
+        errors.print(
+            f"[red]error:[/red] cannot write to the state folder: {where}: "
+            f"{exc.strerror or exc}. Choose another one with --state-dir"
+        )
+        sys.exit(EXIT_CONFIG)
     except ServiceError as exc:
         errors.print(f"[red]error:[/red] {exc}")
         sys.exit(EXIT_INFRASTRUCTURE)

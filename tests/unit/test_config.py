@@ -443,7 +443,9 @@ def test_min_timestamp_outside_datetime_range_rejected(value: str) -> None:
         (["publish", "-", "--rate", "inf"], "inf is not a finite number"),
         (["show", "--start", str(2**64)], "is not in the range"),
         (["reports", "--last", str(2**64)], "is not in the range"),
-        (["services", "start", "--state-dir", "/dev/null"], "cannot create"),
+        (["services", "start", "--state-dir", "/dev/null"], "is not a folder"),
+        (["services", "stop", "--state-dir", "/dev/null"], "is not a folder"),
+        (["services", "start", "--state-dir", "/proc/1"], "cannot write"),
     ],
 )
 def test_invalid_argument_exits_2_before_connecting(
