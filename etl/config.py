@@ -27,6 +27,13 @@ _MAX_DATABASE: Final = 2**31 - 1
 #: ``org.apache.kafka.common.internals.Topic``).
 _TOPIC_NAME: Final = re.compile(r"[a-zA-Z0-9._-]{1,249}")
 _MAX_PORT: Final = 65_535
+#: One bootstrap server as librdkafka reads it: an optional protocol prefix, a
+#: host name, IPv4 or bracketed IPv6 address, and an optional port (9092).
+_BOOTSTRAP_SERVER: Final = re.compile(
+    r"(?:(?:PLAINTEXT|SSL|SASL_PLAINTEXT|SASL_SSL)://)?"
+    r"(?:\[[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*\]|[A-Za-z0-9._-]+)(?::(?P<port>[0-9]{1,5}))?",
+    re.IGNORECASE,
+)
 #: The settings that name Redis keys.
 _REDIS_KEY_FIELDS: Final = (
     "redis_list_key",
@@ -321,18 +328,18 @@ class Settings(BaseSettings):
 
     @field_validator("kafka_bootstrap_servers")
     @classmethod
-    def _bootstrap_ports(cls, value: str) -> str:
+    def _bootstrap_servers(cls, value: str) -> str:
         for server in (part.strip() for part in value.split(",")):
             if not server:
                 msg = "the list has an empty entry; separate servers with one comma"
                 raise ValueError(msg)
-            # librdkafka accepts "PLAINTEXT://host:port" and "[IPv6]:port" too.
-            address = server.partition("://")[2] or server
-            host, colon, port = address.rpartition(":")
-            if not colon or address.endswith("]"):
-                continue  # No port: librdkafka takes 9092.
-            if not host or not port.isdigit() or not 1 <= int(port) <= _MAX_PORT:
-                msg = f"{server!r} is not host:port with a port from 1 to {_MAX_PORT}"
+            match = _BOOTSTRAP_SERVER.fullmatch(server)
+            port = match and match["port"]
+            if match is None or (port and not 1 <= int(port) <= _MAX_PORT):
+                msg = (
+                    f"{server!r} is not host:port with a port from 1 to {_MAX_PORT} "
+                    "([IPv6]:port for an IPv6 address)"
+                )
                 raise ValueError(msg)
         return value
 

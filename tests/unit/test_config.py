@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import polars as pl
 import pytest
@@ -123,6 +124,21 @@ def test_settings_read_prefixed_environment(monkeypatch: pytest.MonkeyPatch) -> 
             ",,",
             "empty entry",
             id="bootstrap-empty-entries",
+        ),
+        *(
+            pytest.param(
+                "VITALS_KAFKA_BOOTSTRAP_SERVERS",
+                server,
+                re.escape(f"{server!r} is not host:port"),
+                id=f"bootstrap-{name}",
+            )
+            for name, server in (
+                ("arabic-indic-digits", "127.0.0.1:\u0669\u0660\u0669\u0662"),
+                ("unknown-scheme", "http://127.0.0.1:9092"),
+                ("unclosed-bracket", "[::1:9092"),
+                ("space-in-host", "a b:9092"),
+                ("two-ports", "127.0.0.1:9092:9093"),
+            )
         ),
         pytest.param(
             "VITALS_KAFKA_TOPIC", "bad topic!", "Kafka topic name", id="topic-chars"
