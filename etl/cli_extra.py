@@ -202,6 +202,12 @@ def publish(
                 f"and '--from-line {line + 1}' skips it."
             )
         sys.exit(EXIT_INFRASTRUCTURE)
+    if from_line > result.lines + 1:
+        errors.print(
+            f"[red]error:[/red] the feed has {result.lines} lines, so --from-line "
+            f"{from_line} is past its end and nothing was sent"
+        )
+        sys.exit(EXIT_CONFIG)
     console.print(
         f"Published {result.published} messages to topic {settings.kafka_topic}; "
         f"{result.blank} blank lines skipped"

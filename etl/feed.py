@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -155,8 +155,26 @@ def message_key(value: bytes, key_field: str | None) -> bytes | None:
         document = orjson.loads(value)
     except orjson.JSONDecodeError:
         return None
-    key = document.get(key_field) if isinstance(document, dict) else None
+    if not isinstance(document, dict):
+        return None
+    key = document.get(key_field)
+    if value.count(json.dumps(key_field).encode()) > 1:
+        # orjson keeps the last of two members with the same name, and the
+        # batch's reader the first, which the key must match.
+        try:
+            key = json.loads(value, object_pairs_hook=_first_member(key_field))
+        except (ValueError, RecursionError):
+            return None
     return key.encode("utf-8", "backslashreplace") if isinstance(key, str) else None
+
+
+def _first_member(name: str) -> Callable[[list[tuple[str, Any]]], Any]:
+    """Return an ``object_pairs_hook`` that gives the top level's first ``name`` member."""
+
+    def first(pairs: list[tuple[str, Any]]) -> Any:
+        return next((item for key, item in pairs if key == name), None)
+
+    return first
 
 
 def publish_feed(

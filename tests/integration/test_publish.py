@@ -98,6 +98,12 @@ def test_readings_are_keyed_by_patient(settings: Settings) -> None:
         pytest.param(b'{"patient_id": "PT-7"}', "", None, id="no-key"),
         pytest.param(b"[1, 2]", "patient_id", None, id="array"),
         pytest.param(b"{", "patient_id", None, id="unreadable"),
+        pytest.param(
+            b'{"patient_id": "A", "x": {"patient_id": "C"}, "patient_id": "B"}',
+            "patient_id",
+            b"A",
+            id="first-of-duplicates",
+        ),
     ],
 )
 def test_message_key(value: bytes, key_field: str, key: bytes | None) -> None:
@@ -140,3 +146,15 @@ def test_unreachable_broker_names_no_line(settings: Settings) -> None:
     with pytest.raises(PublishError, match="is unreachable") as caught:
         publish_feed(io.BytesIO(encode(reading())), unreachable)
     assert caught.value.failed_line is None
+
+
+def test_from_line_past_end_exits_2(settings: Settings, tmp_path: Path) -> None:
+    feed = tmp_path / "feed.ndjson"
+    feed.write_bytes(encode(reading()) + b"\n")
+
+    result = CliRunner().invoke(
+        main, ["publish", str(feed), "--from-line", "3"], env=env_of(settings)
+    )
+
+    assert result.exit_code == 2
+    assert "the feed has 1 lines, so --from-line 3 is past its end" in result.stderr
