@@ -261,6 +261,7 @@ def message_json_schema(
             check["name"]
             for name in message_field.columns
             for check in unregistered["columns"].get(name, [])
+            if check["name"] not in CUSTOM_CHECK_KEYWORDS
         ]
         if names:
             properties[message_field.name]["x-pandera-checks"] = names
@@ -369,12 +370,23 @@ def _timestamp_property(description: str) -> dict[str, Any]:
     }
 
 
+#: JSON Schema keywords of the custom checks that JSON Schema can express.
+#: The others are listed in x-pandera-checks.
+CUSTOM_CHECK_KEYWORDS: Final[dict[str, dict[str, Any]]] = {
+    "percentage_not_fraction": {
+        "not": {"type": "number", "exclusiveMinimum": 0, "maximum": 1}
+    },
+}
+
+
 def _keywords(column: Any) -> dict[str, Any]:
     """Translate the built-in checks of a Pandera column into JSON Schema keywords."""
     keywords: dict[str, Any] = {}
     for check in column.checks:
         if check.registry_name is None:
-            continue  # custom: listed in x-pandera-checks
+            # Custom: expressed here when it can be, else in x-pandera-checks.
+            keywords.update(CUSTOM_CHECK_KEYWORDS.get(check.name, {}))
+            continue
         statistics = check.statistics or {}
         if check.name in _BOUND_KEYWORDS:
             keyword, statistic, _ = _BOUND_KEYWORDS[check.name]

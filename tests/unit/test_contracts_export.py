@@ -196,6 +196,8 @@ def test_model_yaml_lists_custom_checks() -> None:
     custom = document["custom_checks"]
     assert [c["name"] for c in custom["columns"]["name"]] == ["contains_letter"]
     assert [c["name"] for c in custom["columns"]["spo2"]] == ["percentage_not_fraction"]
+    spo2 = message_json_schema()["properties"]["spo2"]
+    assert "x-pandera-checks" not in spo2
     assert [c["name"] for c in custom["dataframe"]] == ["diastolic_below_systolic"]
     assert all(len(c["source_sha256"]) == 64 for c in custom["dataframe"])
 
@@ -276,6 +278,10 @@ def test_json_schema_requires_non_nullable_fields() -> None:
         pytest.param(
             {"timestamp": "2024-06-10  06:13:20Z"}, False, id="iso-two-spaces"
         ),
+        pytest.param({"spo2": 0.97}, False, id="spo2-as-fraction"),
+        pytest.param({"spo2": 1}, False, id="spo2-one"),
+        pytest.param({"spo2": 0}, True, id="spo2-zero"),
+        pytest.param({"spo2": 1.5}, True, id="spo2-above-one"),
         pytest.param(
             {"timestamp": "2024-06-10T06:13:20 Z"}, False, id="iso-space-zone"
         ),
@@ -321,7 +327,6 @@ def test_json_schema_agrees_with_batch(fields: dict[str, Any], accepted: bool) -
         # Cross-field and letter checks are named in x-pandera-checks only.
         pytest.param({"blood_pressure": "80/120"}, id="diastolic-above-systolic"),
         pytest.param({"name": "12345"}, id="name-without-letter"),
-        pytest.param({"spo2": 0.97}, id="spo2-as-fraction"),
         # A range applies to the value of a numeric string only in the batch.
         pytest.param({"age": "131"}, id="numeric-string-out-of-range"),
         # The time window depends on the batch start.
