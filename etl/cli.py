@@ -11,19 +11,15 @@ from pathlib import Path
 from typing import Any, Final, NoReturn
 
 import click
-from rich.console import Console
 from rich.table import Table
 
 from etl.cohort import MAX_COHORT_SIZE
 from etl.config import ConfigurationError, Settings, load_settings
 from etl.exit_codes import EXIT_CONFIG, EXIT_INFRASTRUCTURE
+from etl.terminal import console, errors, print_error
 
 #: A TCP port to listen on.
 PORT: Final = click.IntRange(1, 65535)
-
-console = Console()
-# Not wrapped: an error may end with a command to copy, such as a reset.
-errors = Console(stderr=True, soft_wrap=True)
 
 
 def redis_read_failed(
@@ -35,15 +31,14 @@ def redis_read_failed(
     url = settings.redis_url_redacted
     missing = missing_database(error, url, settings.redis_database)
     if missing is not None:
-        errors.print(f"[red]error:[/red] {missing}")
+        print_error("error:", missing)
         sys.exit(EXIT_CONFIG)
     if str(error).startswith("WRONGTYPE"):
-        errors.print(
-            f"[red]error:[/red] the key {name!r} at {url} is not a {kind}; check "
-            "the key name"
+        print_error(
+            "error:", f"the key {name!r} at {url} is not a {kind}; check the key name"
         )
         sys.exit(EXIT_CONFIG)
-    errors.print(f"[red]cannot read {name} from {url}:[/red] {error}")
+    print_error(f"cannot read {name} from {url}:", error)
     sys.exit(EXIT_INFRASTRUCTURE)
 
 
@@ -52,7 +47,7 @@ def settings_or_exit(**overrides: Any) -> Settings:
     try:
         return load_settings(**{k: v for k, v in overrides.items() if v is not None})
     except ConfigurationError as exc:
-        errors.print(f"[red]error:[/red] {exc}")
+        print_error("error:", exc)
         sys.exit(EXIT_CONFIG)
 
 
@@ -145,10 +140,11 @@ def run(
         report = run_batch(settings)
     except (StopRequested, KeyboardInterrupt) as exc:
         name = "SIGINT" if isinstance(exc, KeyboardInterrupt) else str(exc)
-        errors.print(
-            f"[red]batch stopped:[/red] {name} received. Redis keeps the rows and "
+        print_error(
+            "batch stopped:",
+            f"{name} received. Redis keeps the rows and "
             "offsets of every chunk written before, so the next batch resumes from "
-            "there."
+            "there.",
         )
         code = 128 + signal.Signals[name].value
         if as_json:
@@ -156,10 +152,10 @@ def run(
             click.echo(json.dumps(_failure(stop, code), indent=2))
         sys.exit(code)
     except ConfigurationError as exc:
-        errors.print(f"[red]error:[/red] {exc}")
+        print_error("error:", exc)
         _exit_with_json(as_json, exc, EXIT_CONFIG)
     except (SourceError, SinkError, OffsetConflict) as exc:
-        errors.print(f"[red]batch failed:[/red] {exc}")
+        print_error("batch failed:", exc)
         if not isinstance(exc, OffsetConflict | OffsetsOutOfRange):
             errors.print(
                 "Chunks written before the failure, if any, stay in Redis with "
@@ -275,10 +271,10 @@ def generate(
             progress=count >= 10_000,
         )
     except ConfigurationError as exc:
-        errors.print(f"[red]error:[/red] {exc}")
+        print_error("error:", exc)
         sys.exit(EXIT_CONFIG)
     except RuntimeError as exc:
-        errors.print(f"[red]generate failed:[/red] {exc}")
+        print_error("generate failed:", exc)
         sys.exit(EXIT_INFRASTRUCTURE)
     console.print(f"Produced {delivered} readings to topic {settings.kafka_topic}")
 
@@ -391,13 +387,14 @@ def services_start(
         )
     except OSError as exc:
         where = exc.filename or state_dir
-        errors.print(
-            f"[red]error:[/red] cannot write to the state folder: {where}: "
-            f"{exc.strerror or exc}. Choose another one with --state-dir"
+        print_error(
+            "error:",
+            f"cannot write to the state folder: {where}: "
+            f"{exc.strerror or exc}. Choose another one with --state-dir",
         )
         sys.exit(EXIT_CONFIG)
     except ServiceError as exc:
-        errors.print(f"[red]error:[/red] {exc}")
+        print_error("error:", exc)
         sys.exit(EXIT_INFRASTRUCTURE)
     try:
         forgotten = forget_stale_offsets(
@@ -411,17 +408,19 @@ def services_start(
             exc, env["VITALS_REDIS_URL"], settings.redis_database
         )
         if missing is not None:
-            errors.print(
-                f"[red]error:[/red] {missing}. Both services run; fix the URL and "
-                "run 'etl services start' again to remove the topic's offsets"
+            print_error(
+                "error:",
+                f"{missing}. Both services run; fix the URL and "
+                "run 'etl services start' again to remove the topic's offsets",
             )
             sys.exit(EXIT_CONFIG)
-        errors.print(
-            f"[red]error:[/red] the local broker started again, but the offsets of "
+        print_error(
+            "error:",
+            f"the local broker started again, but the offsets of "
             f"topic {settings.kafka_topic} in {settings.redis_offsets_key} at "
             f"{env['VITALS_REDIS_URL']} could not be removed: {exc}. Both "
             "services run; fix the key and run 'etl services start' again, which "
-            "retries"
+            "retries",
         )
         sys.exit(EXIT_INFRASTRUCTURE)
     if forgotten:

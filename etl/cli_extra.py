@@ -11,20 +11,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Final
 
 import click
-from rich.console import Console
 from rich.table import Table
 
 from etl.config import Settings
 from etl.exit_codes import EXIT_FAILED
+from etl.terminal import console, errors, print_error
 
 if TYPE_CHECKING:
     from etl.feed import FeedResult
     from etl.reports import ReportEntry
-
-
-console = Console()
-# Errors are not wrapped, so a message stays on one line in logs and pipes.
-errors = Console(stderr=True, soft_wrap=True)
 
 
 def _load_settings() -> Settings:
@@ -71,7 +66,7 @@ def contracts_export(directory: Path | None) -> None:
     try:
         written = write_artefacts(directory or CONTRACTS_DIR)
     except ContractExportError as exc:
-        errors.print(f"[red]cannot export the contracts:[/red] {exc}")
+        print_error("cannot export the contracts:", exc)
         sys.exit(EXIT_FAILED)
     for path in written:
         click.echo(f"wrote {path}")
@@ -90,7 +85,7 @@ def contracts_check(directory: Path | None) -> None:
     try:
         drifts = check_artefacts(directory or CONTRACTS_DIR)
     except ContractExportError as exc:
-        errors.print(f"[red]cannot export the contracts:[/red] {exc}")
+        print_error("cannot export the contracts:", exc)
         sys.exit(EXIT_FAILED)
     if not drifts:
         click.echo("contracts: every artefact matches the models")
@@ -98,9 +93,10 @@ def contracts_check(directory: Path | None) -> None:
     for drift in drifts:
         click.echo(drift.diff, nl=not drift.diff.endswith("\n"))
     names = ", ".join(drift.name for drift in drifts)
-    errors.print(
-        f"[red]contracts drifted from the models:[/red] {names}. "
-        "Run 'etl contracts export' and commit the files if the change is intended."
+    print_error(
+        "contracts drifted from the models:",
+        f"{names}. "
+        "Run 'etl contracts export' and commit the files if the change is intended.",
     )
     sys.exit(EXIT_FAILED)
 
@@ -190,10 +186,10 @@ def publish(
             from_line=from_line,
         )
     except ConfigurationError as exc:
-        errors.print(f"[red]error:[/red] {exc}")
+        print_error("error:", exc)
         sys.exit(EXIT_CONFIG)
     except PublishError as exc:
-        errors.print(f"[red]publish failed:[/red] {exc}")
+        print_error("publish failed:", exc)
         if exc.failed_line is not None:
             line = exc.failed_line
             errors.print(
@@ -203,9 +199,10 @@ def publish(
             )
         sys.exit(EXIT_INFRASTRUCTURE)
     if from_line > result.lines + 1:
-        errors.print(
-            f"[red]error:[/red] the feed has {result.lines} lines, so --from-line "
-            f"{from_line} is past its end and nothing was sent"
+        print_error(
+            "error:",
+            f"the feed has {result.lines} lines, so --from-line "
+            f"{from_line} is past its end and nothing was sent",
         )
         sys.exit(EXIT_CONFIG)
     console.print(

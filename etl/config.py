@@ -31,7 +31,8 @@ _MAX_PORT: Final = 65_535
 #: host name, IPv4 or bracketed IPv6 address, and an optional port (9092).
 _BOOTSTRAP_SERVER: Final = re.compile(
     r"(?:(?:PLAINTEXT|SSL|SASL_PLAINTEXT|SASL_SSL)://)?"
-    r"(?:\[[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*\]|[A-Za-z0-9._-]+)(?::(?P<port>[0-9]{1,5}))?",
+    r"(?:\[[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*(?:%[A-Za-z0-9_.-]+)?\]|[A-Za-z0-9._-]+)"
+    r"(?::(?P<port>[0-9]{1,5}))?",
     re.IGNORECASE,
 )
 #: The settings that name Redis keys.

@@ -307,9 +307,10 @@ def replay_rejects_command(
     all_topics: bool,
 ) -> None:
     """Produce rejected values to the topic again, for the next batch to read."""
-    from etl.cli import errors, settings_or_exit
+    from etl.cli import settings_or_exit
     from etl.config import ConfigurationError
     from etl.exit_codes import EXIT_CONFIG, EXIT_INFRASTRUCTURE
+    from etl.terminal import print_error
 
     settings = settings_or_exit()
     try:
@@ -322,9 +323,9 @@ def replay_rejects_command(
             all_topics=all_topics,
         )
     except (InvalidReject, ConfigurationError) as exc:
-        errors.print(f"[red]replay failed:[/red] {exc}")
+        print_error("replay failed:", exc)
         raise SystemExit(EXIT_CONFIG) from None
     except ReplayError as exc:
-        errors.print(f"[red]replay failed:[/red] {exc}")
+        print_error("replay failed:", exc)
         raise SystemExit(EXIT_INFRASTRUCTURE) from None
     click.echo(json.dumps({"topic": settings.kafka_topic, **asdict(report)}, indent=2))

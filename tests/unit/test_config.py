@@ -406,7 +406,10 @@ def test_settings_lower_case_variable_not_warned(
 
 def test_settings_keep_legal_names(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VITALS_KAFKA_TOPIC", "ward-3.vitals_v2")
-    servers = "[::1]:9092,kafka:65535,kafka,[::1],PLAINTEXT://kafka,SSL://kafka:9093"
+    servers = (
+        "[::1]:9092,kafka:65535,kafka,[::1],[fe80::1%lo]:9092,"
+        "PLAINTEXT://kafka,SSL://kafka:9093"
+    )
     monkeypatch.setenv("VITALS_KAFKA_BOOTSTRAP_SERVERS", servers)
     monkeypatch.setenv("VITALS_REDIS_LIST_KEY", "ward 3 patients")
 
@@ -484,3 +487,12 @@ def test_sasl_without_mechanism_names_its_variable(
 
     assert result.exit_code == 2
     assert "VITALS_KAFKA_SASL_MECHANISM is not set" in result.stderr
+
+
+def test_error_shows_brackets_of_the_value() -> None:
+    result = CliRunner().invoke(
+        main, ["settings"], env={"VITALS_KAFKA_TOPIC": "[blink]vitals"}
+    )
+
+    assert result.exit_code == 2
+    assert "VITALS_KAFKA_TOPIC='[blink]vitals'" in result.stderr
