@@ -356,6 +356,21 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
+    def _prefixes_match_protocol(self) -> Settings:
+        protocol = self.kafka_security_protocol
+        for server in self.kafka_bootstrap_servers.split(","):
+            prefix, separator, _ = server.strip().partition("://")
+            if separator and prefix.upper() != protocol:
+                msg = (
+                    f"{ENV_PREFIX}KAFKA_BOOTSTRAP_SERVERS names {server.strip()!r}, "
+                    f"but {ENV_PREFIX}KAFKA_SECURITY_PROTOCOL is {protocol}, and "
+                    "librdkafka skips a broker whose prefix names another protocol. "
+                    "Drop the prefix or make the two match"
+                )
+                raise ValueError(msg)
+        return self
+
+    @model_validator(mode="after")
     def _distinct_keys(self) -> Settings:
         by_key: dict[str, list[str]] = {}
         for field in _REDIS_KEY_FIELDS:

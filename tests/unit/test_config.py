@@ -408,7 +408,7 @@ def test_settings_keep_legal_names(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VITALS_KAFKA_TOPIC", "ward-3.vitals_v2")
     servers = (
         "[::1]:9092,kafka:65535,kafka,[::1],[fe80::1%lo]:9092,"
-        "PLAINTEXT://kafka,SSL://kafka:9093"
+        "PLAINTEXT://kafka,plaintext://kafka:9093"
     )
     monkeypatch.setenv("VITALS_KAFKA_BOOTSTRAP_SERVERS", servers)
     monkeypatch.setenv("VITALS_REDIS_LIST_KEY", "ward 3 patients")
@@ -496,3 +496,15 @@ def test_error_shows_brackets_of_the_value() -> None:
 
     assert result.exit_code == 2
     assert "VITALS_KAFKA_TOPIC='[blink]vitals'" in result.stderr
+
+
+def test_bootstrap_prefix_must_match_protocol(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VITALS_KAFKA_BOOTSTRAP_SERVERS", "SSL://127.0.0.1:9093")
+
+    with pytest.raises(
+        ConfigurationError, match="KAFKA_SECURITY_PROTOCOL is PLAINTEXT"
+    ):
+        load_settings()
+
+    monkeypatch.setenv("VITALS_KAFKA_SECURITY_PROTOCOL", "SSL")
+    assert load_settings().kafka_bootstrap_servers == "SSL://127.0.0.1:9093"
