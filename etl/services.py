@@ -326,15 +326,24 @@ def start_local_stack(
             raise ServiceError(msg)
         else:
             to_start.append(name)
-    for name in to_start:
-        if name == "kafka":
-            service = start_broker(port=ports[name], state_dir=state_dir)
-            (state_dir / _FRESH_BROKER).touch()
-        else:
-            service = start_redis(
-                port=ports[name], state_dir=state_dir, persistent=True
-            )
-        (state_dir / f"{name}.pid").write_text(f"{service.pid} {ports[name]}\n")
+    started: list[Service] = []
+    try:
+        for name in to_start:
+            if name == "kafka":
+                service = start_broker(port=ports[name], state_dir=state_dir)
+                started.append(service)
+                (state_dir / _FRESH_BROKER).touch()
+            else:
+                service = start_redis(
+                    port=ports[name], state_dir=state_dir, persistent=True
+                )
+                started.append(service)
+            (state_dir / f"{name}.pid").write_text(f"{service.pid} {ports[name]}\n")
+    except BaseException:
+        # A service without its pid file could not be stopped by 'stop' later.
+        for service in started:
+            service.stop()
+        raise
     return {
         "VITALS_KAFKA_BOOTSTRAP_SERVERS": f"{HOST}:{ports['kafka']}",
         "VITALS_REDIS_URL": f"redis://{HOST}:{ports['redis']}/{redis_database}",

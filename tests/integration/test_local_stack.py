@@ -12,7 +12,14 @@ import redis
 from click.testing import CliRunner, Result
 
 from etl.cli import main
-from etl.services import free_port, local_stack_status, stop_local_stack, terminate
+from etl.services import (
+    free_port,
+    local_stack_status,
+    port_in_use,
+    start_local_stack,
+    stop_local_stack,
+    terminate,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -195,3 +202,17 @@ def test_broker_wait_prints_no_librdkafka_lines() -> None:
 
     assert "did not answer within 1 s" in waited.stderr
     assert "rdkafka" not in waited.stderr
+
+
+def test_failed_start_stops_what_it_started(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The marker of a fresh broker cannot be written once the broker runs.
+    monkeypatch.setattr("etl.services._FRESH_BROKER", "missing/kafka.fresh")
+    kafka_port, redis_port = free_port(), free_port()
+
+    with pytest.raises(FileNotFoundError):
+        start_local_stack(tmp_path, kafka_port=kafka_port, redis_port=redis_port)
+
+    assert not port_in_use(kafka_port)
+    assert local_stack_status(tmp_path) == {"kafka": None, "redis": None}
