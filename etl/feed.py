@@ -143,7 +143,7 @@ class PublishResult:
 
 
 def message_key(value: bytes, key_field: str | None) -> bytes | None:
-    """Return the Kafka key for ``value``: its ``key_field`` string in UTF-8, else None.
+    """Return the Kafka key for ``value``: its stripped ``key_field`` string in UTF-8, else None.
 
     A value that is not a JSON object, or whose ``key_field`` is missing or not
     a string, gets no key. librdkafka's default partitioner then spreads such
@@ -158,14 +158,18 @@ def message_key(value: bytes, key_field: str | None) -> bytes | None:
     if not isinstance(document, dict):
         return None
     key = document.get(key_field)
-    if value.count(json.dumps(key_field).encode()) > 1:
+    if value.count(json.dumps(key_field).encode()) > 1 or b"\\u" in value:
         # orjson keeps the last of two members with the same name, and the
-        # batch's reader the first, which the key must match.
+        # batch's reader the first, which the key must match. A name may also
+        # be written with \u escapes ("p\u0061tient_id").
         try:
             key = json.loads(value, object_pairs_hook=_first_member(key_field))
         except (ValueError, RecursionError):
             return None
-    return key.encode("utf-8", "backslashreplace") if isinstance(key, str) else None
+    if not isinstance(key, str):
+        return None
+    # The batch strips the value, so the key is the patient_id of the row.
+    return key.strip().encode("utf-8", "backslashreplace") or None
 
 
 def _first_member(name: str) -> Callable[[list[tuple[str, Any]]], Any]:

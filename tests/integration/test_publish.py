@@ -104,6 +104,14 @@ def test_readings_are_keyed_by_patient(settings: Settings) -> None:
             b"A",
             id="first-of-duplicates",
         ),
+        pytest.param(
+            b'{"patient_id": "A", "p\\u0061tient_id": "B"}',
+            "patient_id",
+            b"A",
+            id="first-of-escaped-duplicates",
+        ),
+        pytest.param(b'{"patient_id": " PT-7 "}', "patient_id", b"PT-7", id="padded"),
+        pytest.param(b'{"patient_id": "  "}', "patient_id", None, id="blank"),
     ],
 )
 def test_message_key(value: bytes, key_field: str, key: bytes | None) -> None:
