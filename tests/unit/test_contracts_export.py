@@ -331,6 +331,10 @@ def test_json_schema_agrees_with_batch(fields: dict[str, Any], accepted: bool) -
         pytest.param({"age": "131"}, id="numeric-string-out-of-range"),
         # The time window depends on the batch start.
         pytest.param({"timestamp": NOW + 7200}, id="timestamp-in-future"),
+        # The pattern does not know the calendar.
+        pytest.param({"timestamp": "2024-13-10T06:13:20Z"}, id="month-13"),
+        pytest.param({"timestamp": "2023-02-29T06:13:20Z"}, id="february-29-2023"),
+        pytest.param({"timestamp": "2024-06-10T24:00:00Z"}, id="hour-24"),
     ],
 )
 def test_json_schema_leaves_checks_to_batch(fields: dict[str, Any]) -> None:
@@ -348,6 +352,7 @@ def test_json_schema_leaves_checks_to_batch(fields: dict[str, Any]) -> None:
         pytest.param({"consciousness": "a", "sex": "f"}, id="lower-case-codes"),
         pytest.param({"on_oxygen": "true"}, id="boolean-as-string"),
         pytest.param({"heart_rate": "7.2e1"}, id="exponent-string"),
+        pytest.param({"timestamp": "2024-06-10t06:13:20z"}, id="lower-case-t-z"),
     ],
 )
 def test_json_schema_stricter_than_batch(fields: dict[str, Any]) -> None:
