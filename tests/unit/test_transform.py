@@ -97,6 +97,11 @@ def split(names: list[str]) -> list[tuple[str | None, str | None]]:
         pytest.param(
             "Ludwig van BEETHOVEN", ("Ludwig", "van BEETHOVEN"), id="dutch-particle"
         ),
+        pytest.param(
+            "José ORTEGA y GASSET", ("José", "ORTEGA y GASSET"), id="connector-in-run"
+        ),
+        pytest.param("Luis de los SANTOS", ("Luis", "de los SANTOS"), id="de-los"),
+        pytest.param("Ahmad bin ABDULLAH", ("Ahmad", "bin ABDULLAH"), id="bin"),
     ],
 )
 def test_split_name_cases(name: str, expected: tuple[str, str | None]) -> None:
