@@ -10,22 +10,23 @@ import polars as pl
 from contracts.models import OUTPUT_KEYS
 from etl import rules
 
-#: Lower-case particles and connectors that belong to the upper-case family
-#: name around them ("de GAULLE", "de los SANTOS", "ORTEGA y GASSET",
-#: "bin ABDULLAH").
+#: Lower-case particles that belong to the upper-case family name after them
+#: ("de GAULLE", "de los SANTOS", "bin ABDULLAH").
 FAMILY_NAME_PARTICLES: Final = (
     "bin", "binti", "da", "das", "de", "del", "della", "den", "der", "des",
-    "di", "do", "dos", "du", "e", "la", "las", "le", "los", "ten", "ter",
-    "van", "von", "y", "zu",
+    "di", "do", "dos", "du", "la", "las", "le", "los", "ten", "ter", "van",
+    "von", "zu",
 )  # fmt: skip
+#: Lower-case words that join two upper-case family names ("ORTEGA y GASSET").
+FAMILY_NAME_CONNECTORS: Final = ("e", "y")
 _UPPER_CASE_WORD: Final = r"\p{Lu}[\p{Lu}\p{M}'\x{2019}\-]+"
-_PARTICLES: Final = rf"(?:(?:{'|'.join(FAMILY_NAME_PARTICLES)})\s+)*"
 #: A trailing run of upper-case words is the family name ("Marie Claire DUBOIS"),
 #: the convention of French administrative records, with the lower-case
-#: particles before and within it ("Charles de GAULLE").
+#: particles before it ("Charles de GAULLE") and the connectors within it.
 UPPER_CASE_FAMILY_NAME: Final = (
-    rf"^(?<first>.+?)\s+(?<last>{_PARTICLES}{_UPPER_CASE_WORD}"
-    rf"(?:\s+{_PARTICLES}{_UPPER_CASE_WORD})*)$"
+    rf"^(?<first>.+?)\s+(?<last>(?:(?:{'|'.join(FAMILY_NAME_PARTICLES)})\s+)*"
+    rf"{_UPPER_CASE_WORD}"
+    rf"(?:\s+(?:(?:{'|'.join(FAMILY_NAME_CONNECTORS)})\s+)?{_UPPER_CASE_WORD})*)$"
 )
 #: Every name that matches :data:`UPPER_CASE_FAMILY_NAME` ends like this. The
 #: test needs no capture groups, so it runs several times faster.

@@ -102,6 +102,12 @@ def split(names: list[str]) -> list[tuple[str | None, str | None]]:
         ),
         pytest.param("Luis de los SANTOS", ("Luis", "de los SANTOS"), id="de-los"),
         pytest.param("Ahmad bin ABDULLAH", ("Ahmad", "bin ABDULLAH"), id="bin"),
+        pytest.param(
+            "JEAN PIERRE de la FONTAINE",
+            ("JEAN PIERRE", "de la FONTAINE"),
+            id="upper-case-given-names-before-particles",
+        ),
+        pytest.param("MARIA e SILVA", ("MARIA e", "SILVA"), id="connector-not-first"),
     ],
 )
 def test_split_name_cases(name: str, expected: tuple[str, str | None]) -> None:
