@@ -357,15 +357,18 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _prefixes_match_protocol(self) -> Settings:
-        protocol = self.kafka_security_protocol
+        # VITALS_KAFKA_EXTRA overrides the other settings (see kafka_config).
+        protocol = str(
+            self.kafka_extra.get("security.protocol", self.kafka_security_protocol)
+        ).upper()
         for server in self.kafka_bootstrap_servers.split(","):
             prefix, separator, _ = server.strip().partition("://")
             if separator and prefix.upper() != protocol:
                 msg = (
                     f"{ENV_PREFIX}KAFKA_BOOTSTRAP_SERVERS names {server.strip()!r}, "
-                    f"but {ENV_PREFIX}KAFKA_SECURITY_PROTOCOL is {protocol}, and "
-                    "librdkafka skips a broker whose prefix names another protocol. "
-                    "Drop the prefix or make the two match"
+                    f"but the security protocol is {protocol}, and librdkafka "
+                    "skips a broker whose prefix names another protocol. Drop the "
+                    f"prefix or set {ENV_PREFIX}KAFKA_SECURITY_PROTOCOL to match"
                 )
                 raise ValueError(msg)
         return self

@@ -394,11 +394,19 @@ def stop_local_stack(state_dir: Path) -> list[str]:
             terminate(running)
             stopped.append(name)
         port = _recorded_port(pid_file)
-        if port is None:
-            pid_file.unlink(missing_ok=True)
-        else:
-            # The port stays, so that the next start without ports reuses it.
-            pid_file.write_text(f"{_NO_PID} {port}\n")
+        try:
+            if port is None:
+                pid_file.unlink(missing_ok=True)
+            else:
+                # The port stays, so that the next start without ports reuses it.
+                pid_file.write_text(f"{_NO_PID} {port}\n")
+        except OSError as exc:
+            # The other service is stopped all the same.
+            logger.warning(
+                "Could not update %s (%s); 'etl services status' may show a stale pid",
+                pid_file,
+                exc.strerror or exc,
+            )
     return stopped
 
 

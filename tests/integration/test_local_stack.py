@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -215,4 +216,23 @@ def test_failed_start_stops_what_it_started(
         start_local_stack(tmp_path, kafka_port=kafka_port, redis_port=redis_port)
 
     assert not port_in_use(kafka_port)
+    assert local_stack_status(tmp_path) == {"kafka": None, "redis": None}
+
+
+def test_stop_goes_on_when_a_pid_file_cannot_be_updated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kafka_port, redis_port = free_port(), free_port()
+    start(tmp_path, kafka_port, redis_port)
+    write_text = Path.write_text
+
+    def read_only_kafka_pid(self: Path, *args: Any, **kwargs: Any) -> int:
+        if self.name == "kafka.pid":
+            raise PermissionError(1, "Operation not permitted", str(self))
+        return write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", read_only_kafka_pid)
+    stopped = stop_local_stack(tmp_path)
+
+    assert stopped == ["kafka", "redis"]
     assert local_stack_status(tmp_path) == {"kafka": None, "redis": None}

@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from etl.cli import main
 from etl.config import ConfigurationError, iana_time_zones, load_settings, redact_url
+from etl.terminal import print_error
 
 
 def test_settings_defaults_point_at_localhost() -> None:
@@ -501,10 +502,23 @@ def test_error_shows_brackets_of_the_value() -> None:
 def test_bootstrap_prefix_must_match_protocol(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VITALS_KAFKA_BOOTSTRAP_SERVERS", "SSL://127.0.0.1:9093")
 
-    with pytest.raises(
-        ConfigurationError, match="KAFKA_SECURITY_PROTOCOL is PLAINTEXT"
-    ):
+    with pytest.raises(ConfigurationError, match="security protocol is PLAINTEXT"):
         load_settings()
 
     monkeypatch.setenv("VITALS_KAFKA_SECURITY_PROTOCOL", "SSL")
     assert load_settings().kafka_bootstrap_servers == "SSL://127.0.0.1:9093"
+
+    # A security.protocol in VITALS_KAFKA_EXTRA is the one librdkafka uses.
+    monkeypatch.setenv("VITALS_KAFKA_EXTRA", '{"security.protocol": "plaintext"}')
+    with pytest.raises(ConfigurationError, match="security protocol is PLAINTEXT"):
+        load_settings()
+
+
+def test_print_error_keeps_brackets_and_colons(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    print_error("error:", "key icu:bed:patients at [::1]:6379 [bold]")
+
+    assert (
+        capsys.readouterr().err == "error: key icu:bed:patients at [::1]:6379 [bold]\n"
+    )
