@@ -113,33 +113,33 @@ def name_from_candidates(
     *, comma: pl.Expr, upper: pl.Expr, lead: pl.Expr, words: pl.Expr
 ) -> tuple[pl.Expr, pl.Expr]:
     """Return the first and last name from the candidates of :func:`name_candidates`."""
-    comma_last = pl.concat_str(
-        comma.struct.field("last"),
-        comma.struct.field("suffix"),
-        separator=" ",
-        ignore_nulls=True,
-    )
-    comma_first = comma.struct.field("first")
-    comma_last = pl.when(comma_first.is_not_null()).then(comma_last)
+    comma_first, comma_last = _given_and_family(comma)
     # A run that is only a generational suffix is no family name ("John Smith III").
     upper_last = upper.struct.field("last").replace(
         dict.fromkeys(GENERATIONAL_SUFFIXES)
     )
     upper_first = pl.when(upper_last.is_not_null()).then(upper.struct.field("first"))
-    # A suffix after the given names ends the family name ("DUBOIS Marie JR").
-    lead_last = pl.concat_str(
-        lead.struct.field("last"),
-        lead.struct.field("suffix"),
-        separator=" ",
-        ignore_nulls=True,
-    )
-    lead_first = lead.struct.field("first")
-    lead_last = pl.when(lead_first.is_not_null()).then(lead_last)
+    lead_first, lead_last = _given_and_family(lead)
     first = pl.coalesce(
         comma_first, upper_first, lead_first, words.struct.field("field_0")
     )
     last = pl.coalesce(comma_last, upper_last, lead_last, words.struct.field("field_1"))
     return first, last
+
+
+def _given_and_family(groups: pl.Expr) -> tuple[pl.Expr, pl.Expr]:
+    """Return the first name and the family name of ``first``/``last``/``suffix`` groups.
+
+    A suffix after the given names ends the family name ("DUBOIS Marie JR").
+    """
+    first = groups.struct.field("first")
+    last = pl.concat_str(
+        groups.struct.field("last"),
+        groups.struct.field("suffix"),
+        separator=" ",
+        ignore_nulls=True,
+    )
+    return first, pl.when(first.is_not_null()).then(last)
 
 
 def format_timestamp(measured_at: pl.Expr, time_zone: str) -> pl.Expr:
