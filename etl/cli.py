@@ -16,7 +16,7 @@ from rich.table import Table
 from etl.cohort import MAX_COHORT_SIZE
 from etl.config import ConfigurationError, Settings, load_settings
 from etl.exit_codes import EXIT_CONFIG, EXIT_INFRASTRUCTURE
-from etl.terminal import console, errors, print_error
+from etl.terminal import console, errors, print_error, stop_on_signals
 
 #: A TCP port to listen on.
 PORT: Final = click.IntRange(1, 65535)
@@ -256,20 +256,25 @@ def generate(
     seed: int | None,
 ) -> None:
     """Produce realistic synthetic readings to the Kafka topic."""
-    from etl.generate import produce_readings
+    from etl.generate import ProduceStopped, produce_readings
 
     settings = settings_or_exit()
     try:
-        delivered = produce_readings(
-            settings,
-            count=count,
-            rate=rate,
-            seed=seed,
-            cohort_size=cohort_size,
-            malformed_rate=malformed_rate,
-            partitions=partitions,
-            progress=count >= 10_000,
-        )
+        with stop_on_signals() as stop:
+            delivered = produce_readings(
+                settings,
+                count=count,
+                rate=rate,
+                seed=seed,
+                cohort_size=cohort_size,
+                malformed_rate=malformed_rate,
+                partitions=partitions,
+                progress=count >= 10_000,
+                stop=stop,
+            )
+    except ProduceStopped as exc:
+        print_error("generate stopped:", f"{stop.name} received. {exc}.")
+        sys.exit(128 + signal.Signals[stop.name].value)
     except ConfigurationError as exc:
         print_error("error:", exc)
         sys.exit(EXIT_CONFIG)

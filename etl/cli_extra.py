@@ -6,6 +6,7 @@ They are registered on the main group at the end of :mod:`etl.cli`.
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Final
@@ -15,7 +16,7 @@ from rich.table import Table
 
 from etl.config import Settings
 from etl.exit_codes import EXIT_FAILED
-from etl.terminal import console, errors, print_error
+from etl.terminal import console, errors, print_error, stop_on_signals
 
 if TYPE_CHECKING:
     from etl.feed import FeedResult
@@ -174,17 +175,28 @@ def publish(
     from etl.config import ConfigurationError
     from etl.exit_codes import EXIT_CONFIG, EXIT_INFRASTRUCTURE
     from etl.feed import PublishError, publish_feed
+    from etl.generate import ProduceStopped
 
     settings = _load_settings()
     try:
-        result = publish_feed(
-            feed,
-            settings,
-            key_field=key_field,
-            partitions=partitions,
-            rate=rate,
-            from_line=from_line,
-        )
+        with stop_on_signals() as stop:
+            result = publish_feed(
+                feed,
+                settings,
+                key_field=key_field,
+                partitions=partitions,
+                rate=rate,
+                from_line=from_line,
+                stop=stop,
+            )
+    except ProduceStopped as exc:
+        print_error("publish stopped:", f"{stop.name} received. {exc}.")
+        if exc.line is not None and exc.delivered == exc.sent:
+            errors.print(
+                f"Every line before line {exc.line} was delivered, and "
+                f"'--from-line {exc.line}' goes on from there."
+            )
+        sys.exit(128 + signal.Signals[stop.name].value)
     except ConfigurationError as exc:
         print_error("error:", exc)
         sys.exit(EXIT_CONFIG)

@@ -9,6 +9,7 @@ each line is produced to the topic unchanged.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -189,6 +190,7 @@ def publish_feed(
     partitions: int = 3,
     rate: float | None = None,
     from_line: int = 1,
+    stop: threading.Event | None = None,
 ) -> PublishResult:
     """Produce every line of ``stream`` from line ``from_line`` on to ``settings.kafka_topic``.
 
@@ -205,7 +207,7 @@ def publish_feed(
         line could not be produced, for example for its size, every line
         before it was delivered and the error names that line.
     """
-    from etl.generate import ProduceFailed, produce_messages
+    from etl.generate import ProduceFailed, ProduceStopped, produce_messages
 
     result = PublishResult()
 
@@ -221,8 +223,11 @@ def publish_feed(
 
     try:
         result.published = produce_messages(
-            settings, messages(), rate=rate, partitions=partitions
+            settings, messages(), rate=rate, partitions=partitions, stop=stop
         )
+    except ProduceStopped as exc:
+        exc.line = result.lines
+        raise
     except ProduceFailed as exc:
         raise PublishError(str(exc), failed_line=result.lines) from exc
     except RuntimeError as exc:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -37,6 +38,7 @@ __all__ = [
     "PRODUCER_TUNING",
     "WINDOW_S",
     "ProduceFailed",
+    "ProduceStopped",
     "ensure_topic",
     "iter_readings",
     "produce_messages",
@@ -136,6 +138,10 @@ PRODUCER_TUNING: Final[dict[str, Any]] = {
 # A little longer than message.timeout.ms, after which every queued message has
 # either been delivered or reported as failed.
 _FLUSH_TIMEOUT_S: Final = 35.0
+#: Longest wait between two checks of a stop request.
+_STOP_CHECK_S: Final = 0.2
+#: How long a stopped producer waits for the messages it was handed.
+_STOP_FLUSH_S: Final = 5.0
 _POLL_EVERY: Final = 1_000
 _PROGRESS_MIN_COUNT: Final = 10_000
 
@@ -226,6 +232,21 @@ class _DeliveryReports:
             raise RuntimeError(msg)
 
 
+class ProduceStopped(RuntimeError):
+    """A stop request ended the produce loop; the message says what was delivered.
+
+    ``sent`` counts the messages handed to the producer and ``delivered`` those
+    the broker acknowledged. ``line`` is for callers that read messages from a
+    file: the line that was not sent.
+    """
+
+    def __init__(self, message: str, *, sent: int = 0, delivered: int = 0) -> None:
+        super().__init__(message)
+        self.sent = sent
+        self.delivered = delivered
+        self.line: int | None = None
+
+
 class ProduceFailed(RuntimeError):
     """librdkafka failed to queue one message, and every message before it was delivered."""
 
@@ -240,6 +261,7 @@ def produce_readings(
     malformed_rate: float = 0.0,
     partitions: int = 3,
     progress: bool = False,
+    stop: threading.Event | None = None,
 ) -> int:
     """Produce ``count`` readings from ``iter_readings`` to ``settings.kafka_topic``.
 
@@ -267,6 +289,7 @@ def produce_readings(
         rate=rate,
         partitions=partitions,
         progress=progress,
+        stop=stop,
     )
 
 
@@ -278,13 +301,15 @@ def produce_messages(
     rate: float | None = None,
     partitions: int = 3,
     progress: bool = False,
+    stop: threading.Event | None = None,
 ) -> int:
     """Produce ``(key, value)`` pairs to ``settings.kafka_topic`` and wait for every delivery.
 
     The topic is created first if needed (see ``ensure_topic``). ``rate`` caps
     the throughput in messages per second. ``count``, when known, sizes the
     progress bar that ``progress=True`` draws. Returns the number of messages
-    delivered. The errors are those of :func:`produce_readings`.
+    delivered. The errors are those of :func:`produce_readings`, and
+    :class:`ProduceStopped` once ``stop`` is set (by a signal handler, say).
     """
     if rate is not None and not (rate > 0 and math.isfinite(rate)):
         msg = (
@@ -305,7 +330,9 @@ def produce_messages(
         with _progress_bar(count or 0, enabled=progress) as show_progress:
             for index, (key, value) in enumerate(messages):
                 if rate is not None:
-                    _wait_until(producer, started + index / rate)
+                    _wait_until(producer, started + index / rate, stop)
+                if stop is not None and stop.is_set():
+                    raise ProduceStopped("stop requested")
                 try:
                     _produce(producer, topic, key, value, reports, servers=servers)
                 except RuntimeError as exc:
@@ -323,7 +350,9 @@ def produce_messages(
                     reports.raise_if_failed(servers, topic)
 
             # Wait for every delivery report before counting.
-            remaining = producer.flush(_FLUSH_TIMEOUT_S)
+            remaining = _flush(producer, time.monotonic() + _FLUSH_TIMEOUT_S, stop)
+            if remaining and stop is not None and stop.is_set():
+                raise ProduceStopped("stop requested")
             show_progress(reports.delivered)
         reports.raise_if_failed(servers, topic)
         if remaining:
@@ -334,6 +363,12 @@ def produce_messages(
             raise RuntimeError(msg)
     except ProduceFailed:
         raise
+    except ProduceStopped:
+        # The messages already handed over still go out, for a short while.
+        producer.flush(_STOP_FLUSH_S)
+        delivered = reports.delivered
+        msg = f"Of the {sent} message(s) sent, {delivered} were delivered"
+        raise ProduceStopped(msg, sent=sent, delivered=delivered) from None
     except RuntimeError as exc:
         # Drop what is still queued and let what is in flight settle, so that
         # the count of delivered messages is final.
@@ -386,13 +421,25 @@ def _close_producer(producer: Producer) -> None:
         logger.warning("Closing the Kafka producer failed", exc_info=True)
 
 
-def _wait_until(producer: Producer, deadline: float) -> None:
-    """Serve delivery reports until the monotonic clock reaches ``deadline``."""
+def _wait_until(
+    producer: Producer, deadline: float, stop: threading.Event | None = None
+) -> None:
+    """Serve delivery reports until the monotonic clock reaches ``deadline`` or ``stop`` is set."""
     delay = deadline - time.monotonic()
-    while delay > 0:
+    while delay > 0 and not (stop is not None and stop.is_set()):
         # poll() may return early once it has served an event, hence the loop.
-        producer.poll(delay)
+        producer.poll(min(delay, _STOP_CHECK_S))
         delay = deadline - time.monotonic()
+
+
+def _flush(producer: Producer, deadline: float, stop: threading.Event | None) -> int:
+    """Flush in short steps until ``deadline`` or ``stop``; return the messages left."""
+    while True:
+        left = producer.flush(max(0.0, min(deadline - time.monotonic(), _STOP_CHECK_S)))
+        if not left or time.monotonic() >= deadline:
+            return int(left)
+        if stop is not None and stop.is_set():
+            return int(left)
 
 
 @contextmanager

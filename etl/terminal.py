@@ -8,7 +8,11 @@ or as ``:bed:`` and change.
 
 from __future__ import annotations
 
-from typing import Final
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Final
 
 from rich.console import Console
 from rich.text import Text
@@ -24,3 +28,34 @@ def print_error(label: str, message: object = "") -> None:
     if message != "":
         text.append(f" {message}")
     errors.print(text)
+
+
+class StopSignal(threading.Event):
+    """An event that SIGINT or SIGTERM sets; ``name`` is the signal received."""
+
+    name = ""
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[StopSignal]:
+    """Yield an event set by SIGINT or SIGTERM, in place of their usual exit.
+
+    A loop that checks the event can stop between two steps. An exception
+    raised by the signal inside a C call (librdkafka's poll) could not be
+    handled cleanly there.
+    """
+    stop = StopSignal()
+
+    def request_stop(number: int, _frame: Any) -> None:
+        stop.name = signal.Signals(number).name
+        stop.set()
+
+    previous = {
+        number: signal.signal(number, request_stop)
+        for number in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        yield stop
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)

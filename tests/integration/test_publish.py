@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,8 +17,10 @@ from click.testing import CliRunner
 from etl.cli import main
 from etl.config import Settings
 from etl.feed import PublishError, message_key, publish_feed
+from etl.generate import ProduceStopped
 from etl.pipeline import run_batch
 from etl.services import free_port
+from etl.terminal import stop_on_signals
 from tests.conftest import encode, reading
 
 pytestmark = pytest.mark.integration
@@ -166,3 +172,33 @@ def test_from_line_past_end_exits_2(settings: Settings, tmp_path: Path) -> None:
 
     assert result.exit_code == 2
     assert "the feed has 1 lines, so --from-line 3 is past its end" in result.stderr
+
+
+def test_stop_request_delivers_lines_before_it(settings: Settings) -> None:
+    stop = threading.Event()
+
+    def lines() -> Iterator[bytes]:
+        for number in range(1, 11):
+            if number == 6:
+                stop.set()
+            yield encode(reading(patient_id=f"PT-{number}"))
+
+    with pytest.raises(ProduceStopped) as caught:
+        publish_feed(lines(), settings, stop=stop)
+    report = run_batch(settings)
+
+    assert caught.value.line == 6
+    assert caught.value.sent == 5
+    assert caught.value.delivered == 5
+    assert report.written == 5
+
+
+def test_stop_on_signals_sets_event_and_restores_handler() -> None:
+    before = signal.getsignal(signal.SIGTERM)
+
+    with stop_on_signals() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.wait(5)
+
+    assert stop.name == "SIGTERM"
+    assert signal.getsignal(signal.SIGTERM) is before
