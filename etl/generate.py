@@ -138,7 +138,7 @@ PRODUCER_TUNING: Final[dict[str, Any]] = {
 # A little longer than message.timeout.ms, after which every queued message has
 # either been delivered or reported as failed.
 _FLUSH_TIMEOUT_S: Final = 35.0
-#: Longest wait between two checks of a stop request.
+#: Maximum wait between two checks of a stop request.
 _STOP_CHECK_S: Final = 0.2
 #: How long a stopped producer waits for the messages it was handed.
 _STOP_FLUSH_S: Final = 5.0
@@ -233,7 +233,7 @@ class _DeliveryReports:
 
 
 class ProduceStopped(RuntimeError):
-    """A stop request ended the produce loop; the message says what was delivered.
+    """A stop request ended the produce loop; the message gives the delivered count.
 
     ``sent`` counts the messages handed to the producer and ``delivered`` those
     the broker acknowledged. ``line`` is for callers that read messages from a
@@ -364,7 +364,7 @@ def produce_messages(
     except ProduceFailed:
         raise
     except ProduceStopped:
-        # The messages already handed over still go out, for a short while.
+        # The messages already handed to the producer still go out, for a short while.
         producer.flush(_STOP_FLUSH_S)
         delivered = reports.delivered
         msg = f"Of the {sent} message(s) sent, {delivered} were delivered"
