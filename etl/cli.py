@@ -261,20 +261,22 @@ def generate(
     settings = settings_or_exit()
     try:
         with stop_on_signals() as stop:
-            delivered = produce_readings(
-                settings,
-                count=count,
-                rate=rate,
-                seed=seed,
-                cohort_size=cohort_size,
-                malformed_rate=malformed_rate,
-                partitions=partitions,
-                progress=count >= 10_000,
-                stop=stop,
-            )
-    except ProduceStopped as exc:
-        print_error("generate stopped:", f"{stop.name} received. {exc}.")
-        sys.exit(128 + signal.Signals[stop.name].value)
+            try:
+                delivered = produce_readings(
+                    settings,
+                    count=count,
+                    rate=rate,
+                    seed=seed,
+                    cohort_size=cohort_size,
+                    malformed_rate=malformed_rate,
+                    partitions=partitions,
+                    progress=count >= 10_000,
+                    stop=stop,
+                )
+            except ProduceStopped as exc:
+                # Still inside the handlers, so a second signal cannot cut the message.
+                print_error("generate stopped:", f"{stop.name} received. {exc}.")
+                sys.exit(128 + signal.Signals[stop.name].value)
     except ConfigurationError as exc:
         print_error("error:", exc)
         sys.exit(EXIT_CONFIG)

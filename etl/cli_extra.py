@@ -20,6 +20,7 @@ from etl.terminal import console, errors, print_error, stop_on_signals
 
 if TYPE_CHECKING:
     from etl.feed import FeedResult
+    from etl.generate import ProduceStopped
     from etl.reports import ReportEntry
 
 
@@ -180,23 +181,20 @@ def publish(
     settings = _load_settings()
     try:
         with stop_on_signals() as stop:
-            result = publish_feed(
-                feed,
-                settings,
-                key_field=key_field,
-                partitions=partitions,
-                rate=rate,
-                from_line=from_line,
-                stop=stop,
-            )
-    except ProduceStopped as exc:
-        print_error("publish stopped:", f"{stop.name} received. {exc}.")
-        if exc.line is not None and exc.delivered == exc.sent:
-            errors.print(
-                f"Every line before line {exc.line} was delivered, and "
-                f"'--from-line {exc.line}' goes on from there."
-            )
-        sys.exit(128 + signal.Signals[stop.name].value)
+            try:
+                result = publish_feed(
+                    feed,
+                    settings,
+                    key_field=key_field,
+                    partitions=partitions,
+                    rate=rate,
+                    from_line=from_line,
+                    stop=stop,
+                )
+            except ProduceStopped as exc:
+                # Still inside the handlers, so a second signal cannot cut the message.
+                _print_publish_stopped(stop.name, exc)
+                sys.exit(128 + signal.Signals[stop.name].value)
     except ConfigurationError as exc:
         print_error("error:", exc)
         sys.exit(EXIT_CONFIG)
@@ -221,6 +219,15 @@ def publish(
         f"Published {result.published} messages to topic {settings.kafka_topic}; "
         f"{result.blank} blank lines skipped"
     )
+
+
+def _print_publish_stopped(signal_name: str, error: ProduceStopped) -> None:
+    print_error("publish stopped:", f"{signal_name} received. {error}.")
+    if error.line is not None and error.sent and error.delivered == error.sent:
+        errors.print(
+            f"Every line before line {error.line} was delivered, and "
+            f"'--from-line {error.line}' goes on from there."
+        )
 
 
 def _print_feed_result(result: FeedResult, *, limit: int) -> None:

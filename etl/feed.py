@@ -9,7 +9,6 @@ each line is produced to the topic unchanged.
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -23,6 +22,7 @@ from etl.parse import RAW_SCHEMA
 
 if TYPE_CHECKING:
     from etl.config import Settings
+    from etl.generate import StopRequest
 
 
 @dataclass(frozen=True)
@@ -190,7 +190,7 @@ def publish_feed(
     partitions: int = 3,
     rate: float | None = None,
     from_line: int = 1,
-    stop: threading.Event | None = None,
+    stop: StopRequest | None = None,
 ) -> PublishResult:
     """Produce every line of ``stream`` from line ``from_line`` on to ``settings.kafka_topic``.
 
@@ -210,8 +210,12 @@ def publish_feed(
     from etl.generate import ProduceFailed, ProduceStopped, produce_messages
 
     result = PublishResult()
+    # The line of the last message handed out, and how many were, so that a
+    # stop can name the first line that was not sent.
+    last_line, handed_out = from_line - 1, 0
 
     def messages() -> Iterator[tuple[bytes | None, bytes]]:
+        nonlocal last_line, handed_out
         for number, value in iter_lines(stream):
             result.lines = number
             if number < from_line:
@@ -219,6 +223,7 @@ def publish_feed(
             if not value.strip():
                 result.blank += 1
                 continue
+            last_line, handed_out = number, handed_out + 1
             yield message_key(value, key_field), value
 
     try:
@@ -226,7 +231,7 @@ def publish_feed(
             settings, messages(), rate=rate, partitions=partitions, stop=stop
         )
     except ProduceStopped as exc:
-        exc.line = result.lines
+        exc.line = last_line + 1 if exc.sent == handed_out else last_line
         raise
     except ProduceFailed as exc:
         raise PublishError(str(exc), failed_line=result.lines) from exc

@@ -11,11 +11,10 @@ from __future__ import annotations
 import logging
 import math
 import random
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import orjson
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
@@ -232,6 +231,12 @@ class _DeliveryReports:
             raise RuntimeError(msg)
 
 
+class StopRequest(Protocol):
+    """Anything that tells whether a stop was requested, such as ``threading.Event``."""
+
+    def is_set(self) -> bool: ...
+
+
 class ProduceStopped(RuntimeError):
     """A stop request ended the produce loop; the message gives the delivered count.
 
@@ -261,7 +266,7 @@ def produce_readings(
     malformed_rate: float = 0.0,
     partitions: int = 3,
     progress: bool = False,
-    stop: threading.Event | None = None,
+    stop: StopRequest | None = None,
 ) -> int:
     """Produce ``count`` readings from ``iter_readings`` to ``settings.kafka_topic``.
 
@@ -301,7 +306,7 @@ def produce_messages(
     rate: float | None = None,
     partitions: int = 3,
     progress: bool = False,
-    stop: threading.Event | None = None,
+    stop: StopRequest | None = None,
 ) -> int:
     """Produce ``(key, value)`` pairs to ``settings.kafka_topic`` and wait for every delivery.
 
@@ -317,7 +322,15 @@ def produce_messages(
             f"got {rate!r}"
         )
         raise ValueError(msg)
-    ensure_topic(settings, partitions=partitions)
+    try:
+        ensure_topic(settings, partitions=partitions)
+    except RuntimeError:
+        # The metadata request ignores a stop request, so it is checked after it.
+        if stop is not None and stop.is_set():
+            raise ProduceStopped("Of the 0 message(s) sent, 0 were delivered") from None
+        raise
+    if stop is not None and stop.is_set():
+        raise ProduceStopped("Of the 0 message(s) sent, 0 were delivered")
 
     topic = settings.kafka_topic
     servers = settings.kafka_bootstrap_servers
@@ -334,7 +347,11 @@ def produce_messages(
                 if stop is not None and stop.is_set():
                     raise ProduceStopped("stop requested")
                 try:
-                    _produce(producer, topic, key, value, reports, servers=servers)
+                    _produce(
+                        producer, topic, key, value, reports, servers=servers, stop=stop
+                    )
+                except ProduceStopped:
+                    raise
                 except RuntimeError as exc:
                     # The messages queued before this one still go out, so that
                     # the caller can go on from the failed one.
@@ -396,12 +413,15 @@ def _produce(
     reports: _DeliveryReports,
     *,
     servers: str,
+    stop: StopRequest | None = None,
 ) -> None:
     """Queue one message, serving delivery reports while the local queue is full."""
     while True:
         try:
             producer.produce(topic, key=key, value=value, on_delivery=reports)
         except BufferError:
+            if stop is not None and stop.is_set():
+                raise ProduceStopped("stop requested") from None
             producer.poll(0.05)
         except KafkaException as exc:
             # For example MSG_SIZE_TOO_LARGE when message.max.bytes is set low.
@@ -422,7 +442,7 @@ def _close_producer(producer: Producer) -> None:
 
 
 def _wait_until(
-    producer: Producer, deadline: float, stop: threading.Event | None = None
+    producer: Producer, deadline: float, stop: StopRequest | None = None
 ) -> None:
     """Serve delivery reports until the monotonic clock reaches ``deadline`` or ``stop`` is set."""
     delay = deadline - time.monotonic()
@@ -432,7 +452,7 @@ def _wait_until(
         delay = deadline - time.monotonic()
 
 
-def _flush(producer: Producer, deadline: float, stop: threading.Event | None) -> int:
+def _flush(producer: Producer, deadline: float, stop: StopRequest | None) -> int:
     """Flush in short steps until ``deadline`` or ``stop``; return the messages left."""
     while True:
         left = producer.flush(max(0.0, min(deadline - time.monotonic(), _STOP_CHECK_S)))

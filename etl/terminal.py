@@ -9,7 +9,6 @@ or as ``:bed:`` and change.
 from __future__ import annotations
 
 import signal
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Final
@@ -30,30 +29,39 @@ def print_error(label: str, message: object = "") -> None:
     errors.print(text)
 
 
-class StopSignal(threading.Event):
-    """An event that SIGINT or SIGTERM sets; ``name`` is the signal received."""
+class StopSignal:
+    """A stop request that SIGINT or SIGTERM makes; ``name`` is the first signal received.
 
-    name = ""
+    A plain attribute, not a ``threading.Event``: a signal handler that takes
+    the event's lock could run again inside itself on a second signal and
+    wait on that lock forever.
+    """
+
+    def __init__(self) -> None:
+        self.name = ""
+
+    def is_set(self) -> bool:
+        return bool(self.name)
 
 
 @contextmanager
 def stop_on_signals() -> Iterator[StopSignal]:
-    """Yield an event set by SIGINT or SIGTERM, in place of their usual exit.
+    """Yield a stop request that SIGINT or SIGTERM sets, in place of their usual exit.
 
-    A loop that checks the event can stop between two steps. An exception
-    raised by the signal inside a C call (librdkafka's poll) could not be
-    handled cleanly there.
+    A loop that checks it can stop between two steps. An exception raised by
+    the signal inside a C call (librdkafka's poll) could not be handled
+    cleanly there. A signal that the process ignores stays ignored.
     """
     stop = StopSignal()
 
     def request_stop(number: int, _frame: Any) -> None:
-        stop.name = signal.Signals(number).name
-        stop.set()
+        if not stop.name:
+            stop.name = signal.Signals(number).name
 
-    previous = {
-        number: signal.signal(number, request_stop)
-        for number in (signal.SIGINT, signal.SIGTERM)
-    }
+    previous = {}
+    for number in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(number) is not signal.SIG_IGN:
+            previous[number] = signal.signal(number, request_stop)
     try:
         yield stop
     finally:

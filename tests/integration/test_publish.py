@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -198,7 +199,23 @@ def test_stop_on_signals_sets_event_and_restores_handler() -> None:
 
     with stop_on_signals() as stop:
         os.kill(os.getpid(), signal.SIGTERM)
-        assert stop.wait(5)
+        os.kill(os.getpid(), signal.SIGINT)
+        deadline = time.monotonic() + 5
+        while not stop.is_set() and time.monotonic() < deadline:
+            time.sleep(0.01)
 
+    # The first signal names the stop.
     assert stop.name == "SIGTERM"
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_stop_before_any_message_names_first_line(settings: Settings) -> None:
+    stop = threading.Event()
+    stop.set()
+    feed = io.BytesIO(b"\n".join(encode(reading()) for _ in range(3)))
+
+    with pytest.raises(ProduceStopped) as caught:
+        publish_feed(feed, settings, stop=stop, from_line=2)
+
+    assert caught.value.sent == 0
+    assert caught.value.line == 2
