@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from etl.cli import main
 from etl.config import ConfigurationError, iana_time_zones, load_settings, redact_url
+from etl.services import free_port
 from etl.terminal import print_error
 
 
@@ -465,7 +466,13 @@ def test_min_timestamp_outside_datetime_range_rejected(value: str) -> None:
         (["reports", "--last", str(2**64)], "is not in the range"),
         (["services", "start", "--state-dir", "/dev/null"], "is not a folder"),
         (["services", "stop", "--state-dir", "/dev/null"], "is not a folder"),
-        (["services", "start", "--state-dir", "/proc/1"], "cannot write"),
+        (
+            [
+                *("services", "start", "--state-dir", "/proc/1"),
+                *("--kafka-port", str(free_port()), "--redis-port", str(free_port())),
+            ],
+            "cannot write",
+        ),
     ],
 )
 def test_invalid_argument_exits_2_before_connecting(
