@@ -206,6 +206,8 @@ def publish_feed(
         When the broker is unreachable or a message cannot be sent. When one
         line could not be produced, for example for its size, every line
         before it was delivered and the error names that line.
+    ProduceStopped
+        Once ``stop`` is set. Its ``line`` is the first line that was not sent.
     """
     from etl.generate import ProduceFailed, ProduceStopped, produce_messages
 

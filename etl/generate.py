@@ -232,12 +232,26 @@ class _DeliveryReports:
 
 
 class StopRequest(Protocol):
-    """Anything that tells whether a stop was requested, such as ``threading.Event``."""
+    """A flag that reports whether a stop was requested, such as ``threading.Event``."""
 
     def is_set(self) -> bool: ...
 
 
-class ProduceStopped(RuntimeError):
+class _NoStopRequest:
+    """The stop request of a caller that never stops the loop."""
+
+    def is_set(self) -> bool:
+        return False
+
+
+_NO_STOP_REQUEST: Final = _NoStopRequest()
+
+
+def _delivered_text(sent: int, delivered: int) -> str:
+    return f"Of the {sent} message(s) sent, {delivered} were delivered"
+
+
+class ProduceStopped(Exception):
     """A stop request ended the produce loop; the message gives the delivered count.
 
     ``sent`` counts the messages handed to the producer and ``delivered`` those
@@ -322,15 +336,16 @@ def produce_messages(
             f"got {rate!r}"
         )
         raise ValueError(msg)
+    if stop is None:
+        stop = _NO_STOP_REQUEST
     try:
         ensure_topic(settings, partitions=partitions)
     except RuntimeError:
-        # The metadata request ignores a stop request, so it is checked after it.
-        if stop is not None and stop.is_set():
-            raise ProduceStopped("Of the 0 message(s) sent, 0 were delivered") from None
-        raise
-    if stop is not None and stop.is_set():
-        raise ProduceStopped("Of the 0 message(s) sent, 0 were delivered")
+        if not stop.is_set():
+            raise
+    # The metadata request ignores a stop request, so it is checked after it.
+    if stop.is_set():
+        raise ProduceStopped(_delivered_text(0, 0))
 
     topic = settings.kafka_topic
     servers = settings.kafka_bootstrap_servers
@@ -344,14 +359,12 @@ def produce_messages(
             for index, (key, value) in enumerate(messages):
                 if rate is not None:
                     _wait_until(producer, started + index / rate, stop)
-                if stop is not None and stop.is_set():
+                if stop.is_set():
                     raise ProduceStopped("stop requested")
                 try:
                     _produce(
                         producer, topic, key, value, reports, servers=servers, stop=stop
                     )
-                except ProduceStopped:
-                    raise
                 except RuntimeError as exc:
                     # The messages queued before this one still go out, so that
                     # the caller can go on from the failed one.
@@ -368,7 +381,7 @@ def produce_messages(
 
             # Wait for every delivery report before counting.
             remaining = _flush(producer, time.monotonic() + _FLUSH_TIMEOUT_S, stop)
-            if remaining and stop is not None and stop.is_set():
+            if remaining and stop.is_set():
                 raise ProduceStopped("stop requested")
             show_progress(reports.delivered)
         reports.raise_if_failed(servers, topic)
@@ -384,16 +397,14 @@ def produce_messages(
         # The messages already handed to the producer still go out, for a short while.
         producer.flush(_STOP_FLUSH_S)
         delivered = reports.delivered
-        msg = f"Of the {sent} message(s) sent, {delivered} were delivered"
+        msg = _delivered_text(sent, delivered)
         raise ProduceStopped(msg, sent=sent, delivered=delivered) from None
     except RuntimeError as exc:
         # Drop what is still queued and let what is in flight settle, so that
         # the count of delivered messages is final.
         producer.purge(in_queue=True, in_flight=False)
         producer.flush(_FLUSH_TIMEOUT_S)
-        msg = (
-            f"{exc}. Of the {sent} message(s) sent, {reports.delivered} were delivered"
-        )
+        msg = f"{exc}. {_delivered_text(sent, reports.delivered)}"
         raise RuntimeError(msg) from exc
     finally:
         _close_producer(producer)
@@ -413,14 +424,14 @@ def _produce(
     reports: _DeliveryReports,
     *,
     servers: str,
-    stop: StopRequest | None = None,
+    stop: StopRequest,
 ) -> None:
     """Queue one message, serving delivery reports while the local queue is full."""
     while True:
         try:
             producer.produce(topic, key=key, value=value, on_delivery=reports)
         except BufferError:
-            if stop is not None and stop.is_set():
+            if stop.is_set():
                 raise ProduceStopped("stop requested") from None
             producer.poll(0.05)
         except KafkaException as exc:
@@ -441,24 +452,20 @@ def _close_producer(producer: Producer) -> None:
         logger.warning("Closing the Kafka producer failed", exc_info=True)
 
 
-def _wait_until(
-    producer: Producer, deadline: float, stop: StopRequest | None = None
-) -> None:
+def _wait_until(producer: Producer, deadline: float, stop: StopRequest) -> None:
     """Serve delivery reports until the monotonic clock reaches ``deadline`` or ``stop`` is set."""
     delay = deadline - time.monotonic()
-    while delay > 0 and not (stop is not None and stop.is_set()):
+    while delay > 0 and not stop.is_set():
         # poll() may return early once it has served an event, hence the loop.
         producer.poll(min(delay, _STOP_CHECK_S))
         delay = deadline - time.monotonic()
 
 
-def _flush(producer: Producer, deadline: float, stop: StopRequest | None) -> int:
+def _flush(producer: Producer, deadline: float, stop: StopRequest) -> int:
     """Flush in short steps until ``deadline`` or ``stop``; return the messages left."""
     while True:
         left = producer.flush(max(0.0, min(deadline - time.monotonic(), _STOP_CHECK_S)))
-        if not left or time.monotonic() >= deadline:
-            return int(left)
-        if stop is not None and stop.is_set():
+        if not left or time.monotonic() >= deadline or stop.is_set():
             return int(left)
 
 
