@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import signal
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Any, Final, NoReturn
 import click
 from rich.table import Table
 
+from etl.cli_options import PARTITIONS_OPTION, finite_number, rate_option
 from etl.cohort import MAX_COHORT_SIZE
 from etl.config import ConfigurationError, Settings, load_settings
 from etl.exit_codes import EXIT_CONFIG, EXIT_INFRASTRUCTURE
@@ -64,16 +64,6 @@ def main(verbose: int) -> None:
     )
 
 
-def _finite(
-    _context: click.Context, _parameter: click.Parameter, value: float | None
-) -> float | None:
-    """Reject NaN and infinity, which FloatRange lets through."""
-    if value is not None and not math.isfinite(value):
-        msg = f"{value} is not a finite number."
-        raise click.BadParameter(msg)
-    return value
-
-
 class _JsonFailureCommand(click.Command):
     """A command that also prints invalid arguments as a JSON failure under ``--json``.
 
@@ -108,7 +98,7 @@ class _JsonFailureCommand(click.Command):
     "--deadline",
     "deadline_s",
     type=click.FloatRange(min=0, min_open=True),
-    callback=_finite,
+    callback=finite_number,
     help="Stop the batch after this many seconds.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
@@ -218,16 +208,11 @@ def _failure(error: BaseException, code: int) -> dict[str, Any]:
     show_default=True,
     help="Readings to produce.",
 )
-@click.option(
-    "--rate",
-    type=click.FloatRange(min=0, min_open=True),
-    callback=_finite,
-    help="Maximum readings per second (default: as fast as possible).",
-)
+@rate_option("readings")
 @click.option(
     "--malformed-rate",
     type=click.FloatRange(0, 1),
-    callback=_finite,
+    callback=finite_number,
     default=0.0,
     show_default=True,
     help="Share of deliberately malformed messages.",
@@ -239,13 +224,7 @@ def _failure(error: BaseException, code: int) -> dict[str, Any]:
     show_default=True,
     help="Number of distinct patients.",
 )
-@click.option(
-    "--partitions",
-    type=click.IntRange(min=1),
-    default=3,
-    show_default=True,
-    help="Partitions of the topic when it is created.",
-)
+@PARTITIONS_OPTION
 @click.option("--seed", type=int, help="Seed for reproducible readings.")
 def generate(
     count: int,

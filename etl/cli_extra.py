@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, BinaryIO, Final
 import click
 from rich.table import Table
 
+from etl.cli_options import PARTITIONS_OPTION, rate_option
 from etl.config import Settings
 from etl.exit_codes import EXIT_FAILED
 from etl.terminal import console, errors, print_error, stop_on_signals
@@ -29,14 +30,6 @@ def _load_settings() -> Settings:
     from etl.cli import settings_or_exit
 
     return settings_or_exit()
-
-
-def _finite(
-    context: click.Context, parameter: click.Parameter, value: float | None
-) -> float | None:
-    from etl.cli import _finite as reject_nan_and_infinity
-
-    return reject_nan_and_infinity(context, parameter, value)
 
 
 # etl contracts
@@ -144,19 +137,8 @@ def validate_feed(feed: BinaryIO, as_json: bool, limit: int) -> None:
     show_default=True,
     help="JSON field whose string value becomes the message key; '' sends no key.",
 )
-@click.option(
-    "--partitions",
-    type=click.IntRange(min=1),
-    default=3,
-    show_default=True,
-    help="Partitions of the topic when it is created.",
-)
-@click.option(
-    "--rate",
-    type=click.FloatRange(min=0, min_open=True),
-    callback=_finite,
-    help="Maximum messages per second (default: as fast as possible).",
-)
+@PARTITIONS_OPTION
+@rate_option("messages")
 @click.option(
     "--from-line",
     type=click.IntRange(min=1),
