@@ -30,7 +30,7 @@ _MAX_PORT: Final = 65_535
 #: One bootstrap server as librdkafka reads it: an optional protocol prefix, a
 #: host name, IPv4 or bracketed IPv6 address, and an optional port (9092).
 _BOOTSTRAP_SERVER: Final = re.compile(
-    r"(?:(?:PLAINTEXT|SSL|SASL_PLAINTEXT|SASL_SSL)://)?"
+    r"(?:(?P<protocol>PLAINTEXT|SSL|SASL_PLAINTEXT|SASL_SSL)://)?"
     r"(?:\[[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*(?:%[A-Za-z0-9_.-]+)?\]|[A-Za-z0-9._-]+)"
     r"(?::(?P<port>[0-9]{1,5}))?",
     re.IGNORECASE,
@@ -362,8 +362,10 @@ class Settings(BaseSettings):
             self.kafka_extra.get("security.protocol", self.kafka_security_protocol)
         ).upper()
         for server in self.kafka_bootstrap_servers.split(","):
-            prefix, separator, _ = server.strip().partition("://")
-            if separator and prefix.upper() != protocol:
+            # The field validator has matched every server already.
+            match = _BOOTSTRAP_SERVER.fullmatch(server.strip())
+            prefix = match["protocol"] if match else None
+            if prefix and prefix.upper() != protocol:
                 msg = (
                     f"{ENV_PREFIX}KAFKA_BOOTSTRAP_SERVERS names {server.strip()!r}, "
                     f"but the security protocol is {protocol}, and librdkafka "
