@@ -30,7 +30,7 @@ UPPER_CASE_FAMILY_NAME: Final = (
 )
 #: Every name that matches :data:`UPPER_CASE_FAMILY_NAME` ends like this. The
 #: test needs no capture groups, so it runs several times faster.
-UPPER_CASE_LAST_WORD: Final = r"\s\p{Lu}[\p{Lu}\p{M}'\x{2019}\-]+$"
+UPPER_CASE_LAST_WORD: Final = rf"\s{_UPPER_CASE_WORD}$"
 #: Generational suffixes, which end a family name ("John Smith III").
 GENERATIONAL_SUFFIXES: Final = ("II", "III", "IV", "JR", "SR")
 #: A leading run of upper-case words before a capitalised word is the family
@@ -38,12 +38,12 @@ GENERATIONAL_SUFFIXES: Final = ("II", "III", "IV", "JR", "SR")
 #: administrative records. A run of one word needs three letters, so that
 #: initials stay a first name ("AJ Smith").
 LEADING_UPPER_CASE_FAMILY_NAME: Final = (
-    r"^(?<last>(?:\p{Lu}[\p{Lu}\p{M}'\x{2019}\-]+(?:\s+\p{Lu}[\p{Lu}\p{M}'\x{2019}\-]+)+"
+    rf"^(?<last>(?:{_UPPER_CASE_WORD}(?:\s+{_UPPER_CASE_WORD})+"
     r"|\p{Lu}[\p{Lu}\p{M}'\x{2019}\-]{2,}))\s+(?<first>\p{Lu}\p{Ll}.*?)"
     rf"(?:\s(?<suffix>{'|'.join(GENERATIONAL_SUFFIXES)}))?$"
 )
 #: Every name that matches :data:`LEADING_UPPER_CASE_FAMILY_NAME` starts like this.
-LEADING_UPPER_CASE_WORD: Final = r"^\p{Lu}[\p{Lu}\p{M}'\x{2019}\-]+\s"
+LEADING_UPPER_CASE_WORD: Final = rf"^{_UPPER_CASE_WORD}\s"
 #: A generational suffix in any case, with an optional full stop ("Jr.").
 _ANY_CASE_SUFFIX: Final = rf"(?i:{'|'.join(GENERATIONAL_SUFFIXES)})\.?"
 #: "FAMILY, Given" with one comma, the order of many admission exports
