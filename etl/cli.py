@@ -253,7 +253,8 @@ def generate(
                     stop=stop,
                 )
             except ProduceStopped as exc:
-                # Still inside the handlers, so a second signal cannot cut the message.
+                # Still inside the signal handlers, so a second signal cannot interrupt
+                # this message.
                 print_error("generate stopped:", f"{stop.name} received. {exc}.")
                 sys.exit(128 + signal.Signals[stop.name].value)
     except ConfigurationError as exc:

@@ -174,7 +174,8 @@ def publish(
                     stop=stop,
                 )
             except ProduceStopped as exc:
-                # Still inside the handlers, so a second signal cannot cut the message.
+                # Still inside the signal handlers, so a second signal cannot interrupt
+                # this message.
                 _print_publish_stopped(stop.name, exc)
                 sys.exit(128 + signal.Signals[stop.name].value)
     except ConfigurationError as exc:

@@ -340,7 +340,8 @@ def start_local_stack(
                 started.append(service)
             (state_dir / f"{name}.pid").write_text(f"{service.pid} {ports[name]}\n")
     except BaseException:
-        # A service without its pid file could not be stopped by 'stop' later.
+        # 'etl services stop' finds a service only through its pid file, so one
+        # started without it is stopped here.
         for service in started:
             service.stop()
         raise
@@ -403,7 +404,7 @@ def stop_local_stack(state_dir: Path) -> list[str]:
         except OSError as exc:
             # The other service is stopped all the same.
             logger.warning(
-                "Could not update %s (%s); 'etl services status' may show a stale pid",
+                "Updating %s failed (%s); 'etl services status' may show a stale pid",
                 pid_file,
                 exc.strerror or exc,
             )

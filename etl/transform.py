@@ -87,7 +87,7 @@ def split_name(name: pl.Expr, *, normalised: bool = False) -> tuple[pl.Expr, pl.
 def name_candidates(clean: pl.Expr) -> dict[str, pl.Expr]:
     """Return the candidate splits of a normalised name, which :func:`split_name` picks from.
 
-    ``comma`` is the capture groups of "family, given", null without one
+    ``comma`` contains the capture groups of "family, given", null without one
     comma. ``upper`` and ``lead`` are the capture groups of a trailing and of
     a leading run of upper-case words, null where the name has no such run.
     ``words`` is the first word and the rest. Eager Polars evaluates an

@@ -219,7 +219,7 @@ def test_failed_start_stops_what_it_started(
     assert local_stack_status(tmp_path) == {"kafka": None, "redis": None}
 
 
-def test_stop_goes_on_when_a_pid_file_cannot_be_updated(
+def test_stop_survives_unwritable_pid_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     kafka_port, redis_port = free_port(), free_port()

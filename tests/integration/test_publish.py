@@ -175,7 +175,7 @@ def test_from_line_past_end_exits_2(settings: Settings, tmp_path: Path) -> None:
     assert "the feed has 1 lines, so --from-line 3 is past its end" in result.stderr
 
 
-def test_stop_request_delivers_lines_before_it(settings: Settings) -> None:
+def test_stop_delivers_earlier_lines(settings: Settings) -> None:
     stop = threading.Event()
 
     def lines() -> Iterator[bytes]:
@@ -194,7 +194,7 @@ def test_stop_request_delivers_lines_before_it(settings: Settings) -> None:
     assert report.written == 5
 
 
-def test_stop_on_signals_sets_event_and_restores_handler() -> None:
+def test_signal_stop_restores_handler() -> None:
     before = signal.getsignal(signal.SIGTERM)
 
     with stop_on_signals() as stop:
@@ -209,7 +209,7 @@ def test_stop_on_signals_sets_event_and_restores_handler() -> None:
     assert signal.getsignal(signal.SIGTERM) is before
 
 
-def test_stop_before_any_message_names_first_line(settings: Settings) -> None:
+def test_early_stop_names_first_line(settings: Settings) -> None:
     stop = threading.Event()
     stop.set()
     feed = io.BytesIO(b"\n".join(encode(reading()) for _ in range(3)))

@@ -485,7 +485,7 @@ def test_invalid_argument_exits_2_before_connecting(
     assert "Traceback" not in result.output
 
 
-def test_sasl_without_mechanism_names_its_variable(
+def test_sasl_without_mechanism_names_variable(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("VITALS_KAFKA_SECURITY_PROTOCOL", "SASL_PLAINTEXT")
