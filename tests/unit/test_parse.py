@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import unicodedata
 from typing import Any
 from unittest import mock
 
@@ -13,7 +14,7 @@ from hypothesis import strategies as st
 
 from etl.config import load_settings
 from etl.generate import iter_readings
-from etl.parse import RAW_SCHEMA, _utc_text, decode, to_typed
+from etl.parse import RAW_SCHEMA, _utc_text, compose_marks, decode, to_typed
 from etl.pipeline import process_chunk
 from etl.reasons import Reason
 from tests.conftest import case_value, encode, load_cases, reading
@@ -496,6 +497,36 @@ def test_parse_case_names_split() -> None:
     assert by_id["PT-0125"] == ("Pieter", "van den Broek")
     assert by_id["PT-0129"] == ("Jean-Pierre", "Morel")
     assert by_id["PT-0130"] == ("Anne-Sophie", "Duval-Roche")
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        pytest.param("DUBOIS Élodie", ("Élodie", "DUBOIS"), id="leading-upper-case"),
+        pytest.param("Seán Ó BRIAIN", ("Seán", "Ó BRIAIN"), id="irish-prefix"),
+        pytest.param("Zoë LEFÈVRE", ("Zoë", "LEFÈVRE"), id="trailing-upper-case"),
+    ],
+)
+def test_decomposed_name_split_as_composed(
+    name: str, expected: tuple[str, str]
+) -> None:
+    """A name with decomposed accents (NFD) gives the NFC parts of its composed form."""
+    decomposed = unicodedata.normalize("NFD", name)
+    assert decomposed != name
+    (row,) = rows_of([encode(reading(name=decomposed))])
+    assert (row["first_name"], row["last_name"]) == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.text(max_size=12), max_size=8))
+@example(["E\u0301mond", "Jean"])
+@example(["\u212b"])
+def test_compose_marks_is_nfc_where_marked(texts: list[str]) -> None:
+    """Text with a combining mark comes out in NFC, and any other text unchanged."""
+    result = compose_marks(pl.Series(texts, dtype=pl.String)).to_list()
+    for text, composed in zip(texts, result, strict=True):
+        marked = any(unicodedata.category(char).startswith("M") for char in text)
+        assert composed == (unicodedata.normalize("NFC", text) if marked else text)
 
 
 def test_parse_case_c22_values() -> None:
