@@ -17,14 +17,20 @@ FAMILY_NAME_PARTICLES: Final = (
     "di", "do", "dos", "du", "la", "las", "le", "los", "ten", "ter", "van",
     "von", "zu",
 )  # fmt: skip
+#: Irish surname prefixes, which belong to the upper-case family name after
+#: them too ("Seán Ó BRIAIN"): Ó and Ua (descendant of), Mac (son of), Ní and
+#: Nic (daughter of), Uí and Mhic (wife of).
+IRISH_SURNAME_PREFIXES: Final = ("Mac", "Mhic", "Ní", "Nic", "Ó", "Ua", "Uí")
 #: Lower-case words that join two upper-case family names ("ORTEGA y GASSET").
 FAMILY_NAME_CONNECTORS: Final = ("e", "y")
 _UPPER_CASE_WORD: Final = r"\p{Lu}[\p{Lu}\p{M}'\x{2019}\-]+"
+_PARTICLES: Final = (*FAMILY_NAME_PARTICLES, *IRISH_SURNAME_PREFIXES)
+_PARTICLE_RUN: Final = rf"(?:(?:{'|'.join(_PARTICLES)})\s+)"
 #: A trailing run of upper-case words is the family name ("Marie Claire DUBOIS"),
 #: the convention of French administrative records, with the lower-case
 #: particles before it ("Charles de GAULLE") and the connectors within it.
 UPPER_CASE_FAMILY_NAME: Final = (
-    rf"^(?<first>.+?)\s+(?<last>(?:(?:{'|'.join(FAMILY_NAME_PARTICLES)})\s+)*"
+    rf"^(?<first>.+?)\s+(?<last>{_PARTICLE_RUN}*"
     rf"{_UPPER_CASE_WORD}"
     rf"(?:\s+(?:(?:{'|'.join(FAMILY_NAME_CONNECTORS)})\s+)?{_UPPER_CASE_WORD})*)$"
 )
@@ -35,15 +41,17 @@ UPPER_CASE_LAST_WORD: Final = rf"\s{_UPPER_CASE_WORD}$"
 GENERATIONAL_SUFFIXES: Final = ("II", "III", "IV", "JR", "SR")
 #: A leading run of upper-case words before a capitalised word is the family
 #: name ("DUBOIS Marie Claire", "LE GALL Anne"), the order of French
-#: administrative records. A run of one word needs three letters, so that
-#: initials stay a first name ("AJ Smith").
+#: administrative records, and so is one after particles ("de GAULLE Charles").
+#: A run of one word without particles needs three letters, so that initials
+#: stay a first name ("AJ Smith").
 LEADING_UPPER_CASE_FAMILY_NAME: Final = (
-    rf"^(?<last>(?:{_UPPER_CASE_WORD}(?:\s+{_UPPER_CASE_WORD})+"
-    r"|\p{Lu}[\p{Lu}\p{M}'\x{2019}\-]{2,}))\s+(?<first>\p{Lu}\p{Ll}.*?)"
+    rf"^(?<last>{_PARTICLE_RUN}+{_UPPER_CASE_WORD}(?:\s+{_UPPER_CASE_WORD})*"
+    rf"|{_UPPER_CASE_WORD}(?:\s+{_UPPER_CASE_WORD})+"
+    r"|\p{Lu}[\p{Lu}\p{M}'\x{2019}\-]{2,})\s+(?<first>\p{Lu}\p{Ll}.*?)"
     rf"(?:\s(?<suffix>{'|'.join(GENERATIONAL_SUFFIXES)}))?$"
 )
 #: Every name that matches :data:`LEADING_UPPER_CASE_FAMILY_NAME` starts like this.
-LEADING_UPPER_CASE_WORD: Final = rf"^{_UPPER_CASE_WORD}\s"
+LEADING_UPPER_CASE_WORD: Final = rf"^{_PARTICLE_RUN}*{_UPPER_CASE_WORD}\s"
 #: A generational suffix in any case, with an optional full stop ("Jr.").
 _ANY_CASE_SUFFIX: Final = rf"(?i:{'|'.join(GENERATIONAL_SUFFIXES)})\.?"
 #: "FAMILY, Given" with one comma, the order of many admission exports
@@ -63,9 +71,11 @@ def split_name(name: pl.Expr, *, normalised: bool = False) -> tuple[pl.Expr, pl.
     unless only a generational suffix follows the comma ("King, Jr.").
     A generational suffix at the end (II, III, IV, JR, SR) is set aside and
     ends the last name. In the rest, a trailing run of upper-case words is the
-    last name with the lower-case particles before it ("Marie Claire DUBOIS",
-    "Charles de GAULLE"), and so is a leading run of upper-case words before a
-    capitalised word ("DUBOIS Marie Claire"). Otherwise the
+    last name with the particles before it ("Marie Claire DUBOIS", "Charles de
+    GAULLE", "Seán Ó BRIAIN"), and so is a leading run of upper-case words
+    before a capitalised word ("DUBOIS Marie Claire", "de GAULLE Charles").
+    The patterns read composed letters, so decomposed accents must first be
+    composed (:func:`etl.parse.compose_marks`). Otherwise the
     first whitespace-separated token is the first name and the rest,
     particles included, is the last name ("Pieter van den Broek" -> "Pieter" /
     "van den Broek"). Hyphens never split ("Jean-Pierre"). A one-word name is

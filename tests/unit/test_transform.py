@@ -108,6 +108,26 @@ def split(names: list[str]) -> list[tuple[str | None, str | None]]:
             id="upper-case-given-names-before-particles",
         ),
         pytest.param("MARIA e SILVA", ("MARIA e", "SILVA"), id="connector-not-first"),
+        # Irish surname prefixes join the upper-case family name after them.
+        pytest.param("Seán Ó BRIAIN", ("Seán", "Ó BRIAIN"), id="irish-o"),
+        pytest.param("Máire Ní BHRIAIN", ("Máire", "Ní BHRIAIN"), id="irish-ni"),
+        pytest.param("Seán Mac DIARMADA", ("Seán", "Mac DIARMADA"), id="irish-mac"),
+        # Particles may start a leading upper-case family name.
+        pytest.param(
+            "de GAULLE Charles", ("Charles", "de GAULLE"), id="leading-particle"
+        ),
+        pytest.param(
+            "van den BROEK Pieter", ("Pieter", "van den BROEK"), id="leading-particles"
+        ),
+        pytest.param("Ó BRIAIN Seán", ("Seán", "Ó BRIAIN"), id="leading-irish-o"),
+        pytest.param(
+            "de GAULLE Charles JR",
+            ("Charles", "de GAULLE JR"),
+            id="leading-particle-suffix",
+        ),
+        pytest.param(
+            "de la Tour Jean", ("de", "la Tour Jean"), id="particle-no-upper-case"
+        ),
     ],
 )
 def test_split_name_cases(name: str, expected: tuple[str, str | None]) -> None:
