@@ -62,6 +62,26 @@ COMMA_SEPARATED_NAME: Final = (
 )
 #: A comma before a lone suffix is no "family, given" order ("King, Jr.").
 COMMA_BEFORE_SUFFIX: Final = rf",\s*{_ANY_CASE_SUFFIX}$"
+#: Post-nominal letters of health and legal professions, which may end a
+#: name after a comma or a space ("Jane Doe, PhD", "John Smith MD"). They
+#: are matched as written here, with or without full stops ("M.D."). "DO"
+#: and "PA" are left out because they are also given names ("NGUYEN, Do").
+CREDENTIALS: Final = (
+    "BSN", "CRNA", "DDS", "DMD", "DNP", "Esq", "FRCP", "FRCS", "LPN", "MBBS",
+    "MD", "MRCP", "MSN", "NP", "PharmD", "PhD", "RN",
+)  # fmt: skip
+_CREDENTIAL: Final = "(?:{})".format(
+    "|".join(r"\.?".join(credential) + r"\.?" for credential in CREDENTIALS)
+)
+_CREDENTIAL_SEPARATOR: Final = r"(?:\s*,\s*|\s+)"
+#: Every name that ends in credentials ends like this.
+CREDENTIAL_AT_END: Final = rf"[\s,]{_CREDENTIAL}$"
+#: A name of two words or more followed by credentials. Credentials are not
+#: given names, so they stay after the family name ("Jane Doe, PhD" ->
+#: "Jane" / "Doe, PhD").
+NAME_WITH_CREDENTIALS: Final = (
+    rf"^(?<name>\S+\s.*?)(?<credentials>(?:{_CREDENTIAL_SEPARATOR}{_CREDENTIAL})+)$"
+)
 
 
 def split_name(name: pl.Expr, *, normalised: bool = False) -> tuple[pl.Expr, pl.Expr]:
@@ -74,6 +94,8 @@ def split_name(name: pl.Expr, *, normalised: bool = False) -> tuple[pl.Expr, pl.
     last name with the particles before it ("Marie Claire DUBOIS", "Charles de
     GAULLE", "Seán Ó BRIAIN"), and so is a leading run of upper-case words
     before a capitalised word ("DUBOIS Marie Claire", "de GAULLE Charles").
+    Credentials at the end (:data:`CREDENTIALS`) are set aside first and
+    end the last name ("Jane Doe, PhD" -> "Jane" / "Doe, PhD").
     The patterns read composed letters, so decomposed accents must first be
     composed (:func:`etl.parse.compose_marks`). Otherwise the
     first whitespace-separated token is the first name and the rest,
@@ -91,7 +113,25 @@ def split_name(name: pl.Expr, *, normalised: bool = False) -> tuple[pl.Expr, pl.
     [('Jean-Pierre', 'Morel'), ('Marie Claire', 'DUBOIS'), ('Teodora', None)]
     """
     clean = name if normalised else name.str.strip_chars().str.replace_all(r"\s+", " ")
-    return name_from_candidates(**name_candidates(clean))
+    credentials = credential_groups(clean)
+    base = pl.coalesce(credentials.struct.field("name"), clean)
+    first, last = name_from_candidates(**name_candidates(base))
+    return first, with_credentials(last, credentials.struct.field("credentials"))
+
+
+def credential_groups(clean: pl.Expr) -> pl.Expr:
+    """Return the ``name`` and ``credentials`` groups of :data:`NAME_WITH_CREDENTIALS`.
+
+    The struct is null where the name does not end in credentials.
+    """
+    # Null rows skip the regex with capture groups.
+    ending = pl.when(clean.str.contains(CREDENTIAL_AT_END)).then(clean)
+    return ending.str.extract_groups(NAME_WITH_CREDENTIALS)
+
+
+def with_credentials(last: pl.Expr, credentials: pl.Expr) -> pl.Expr:
+    """Append ``credentials``, separator included, to ``last`` where both are present."""
+    return pl.coalesce(pl.concat_str(last, credentials), last)
 
 
 def name_candidates(clean: pl.Expr) -> dict[str, pl.Expr]:
@@ -173,15 +213,32 @@ def transform(
     # expression trees, more than evaluating them on a 50k-row chunk. Eager
     # Polars shares no subexpression, so the parts that two output columns
     # read are stored as columns first.
-    shared, columns = _output_columns(topic, rule_set, time_zone)
+    credentials = readings["name"].str.contains(CREDENTIAL_AT_END).any()
+    if credentials:
+        readings = _set_credentials_apart(readings)
+    shared, columns = _output_columns(
+        topic, rule_set, time_zone, credentials=credentials
+    )
     return readings.with_columns(shared).select(columns).select(OUTPUT_KEYS)
+
+
+def _set_credentials_apart(readings: pl.DataFrame) -> pl.DataFrame:
+    """Cut the credentials off ``name`` into the column ``_name_credentials``."""
+    groups = readings.select(credential_groups(pl.col("name"))).to_series()
+    return readings.with_columns(
+        pl.coalesce(pl.lit(groups.struct.field("name")), pl.col("name")).alias("name"),
+        groups.struct.field("credentials").alias("_name_credentials"),
+    )
 
 
 @functools.lru_cache(maxsize=16)
 def _output_columns(
-    topic: str, rule_set: str, time_zone: str
+    topic: str, rule_set: str, time_zone: str, *, credentials: bool
 ) -> tuple[tuple[pl.Expr, ...], tuple[pl.Expr, ...]]:
-    """Build the expressions of the shared parts and of the output columns once per setting."""
+    """Build the expressions of the shared parts and of the output columns once per setting.
+
+    With ``credentials``, the last name ends with the ``_name_credentials`` column.
+    """
     # Names come from etl.parse.to_typed, already stripped and collapsed.
     name_parts = name_candidates(pl.col("name"))
     news2_code = rules.news2_code(
@@ -201,6 +258,8 @@ def _output_columns(
     first_name, last_name = name_from_candidates(
         **{part: pl.col(f"_name_{part}") for part in name_parts}
     )
+    if credentials:
+        last_name = with_credentials(last_name, pl.col("_name_credentials"))
     news2_score, news2_risk = rules.news2_from_code(
         pl.col("_news2_code"), age=pl.col("age")
     )

@@ -128,6 +128,28 @@ def split(names: list[str]) -> list[tuple[str | None, str | None]]:
         pytest.param(
             "de la Tour Jean", ("de", "la Tour Jean"), id="particle-no-upper-case"
         ),
+        # Credentials stay after the family name.
+        pytest.param("Jane Doe, PhD", ("Jane", "Doe, PhD"), id="credential"),
+        pytest.param(
+            "Jean DUPONT, RN", ("Jean", "DUPONT, RN"), id="credential-upper-case"
+        ),
+        pytest.param(
+            "Jane Doe, M.D.", ("Jane", "Doe, M.D."), id="credential-full-stops"
+        ),
+        pytest.param(
+            "Jane Doe, MD, PhD", ("Jane", "Doe, MD, PhD"), id="two-credentials"
+        ),
+        pytest.param("John Smith MD", ("John", "Smith MD"), id="credential-no-comma"),
+        pytest.param(
+            "Doe, Jane, PhD", ("Jane", "Doe, PhD"), id="comma-name-credential"
+        ),
+        pytest.param(
+            "de GAULLE Charles, MD",
+            ("Charles", "de GAULLE, MD"),
+            id="credential-leading",
+        ),
+        pytest.param("NGUYEN, Do", ("Do", "NGUYEN"), id="given-name-not-credential"),
+        pytest.param("Jane Doe, MDx", ("MDx", "Jane Doe"), id="not-a-credential"),
     ],
 )
 def test_split_name_cases(name: str, expected: tuple[str, str | None]) -> None:
@@ -185,7 +207,10 @@ def test_format_timestamp_winter_offset() -> None:
 NAMES = st.text(
     alphabet=st.sampled_from(["A", "é", "Z", "b", "I", "J", "R", "-", "'", ",", " "]),
     max_size=24,
-).map(lambda name: " ".join(name.split()))
+).map(lambda name: " ".join(name.split())) | st.lists(
+    st.sampled_from(["Jane", "DOE", "de", "Ó", "MD", "Ph.D.", "RN,", ",", "JR"]),
+    max_size=5,
+).map(" ".join)
 OPTIONAL_RATES = st.none() | st.floats(0, 300, allow_nan=False)
 
 
