@@ -119,8 +119,17 @@ BLOOD_PRESSURE_PATTERN: Final = (
 #: would otherwise make the cast, and with it the batch, fail. The contract's
 #: bounds are far inside the clip, so it still rejects the value as out of range.
 _WHOLE_NUMBER_LIMIT: Final = 2**53
-#: C0 and C1 control characters other than the whitespace that names may hold.
-CONTROL_CHARACTER: Final = r"[\x00-\x08\x0E-\x1F\x7F-\x9F]"
+#: C0 and C1 control characters other than the whitespace that names may hold,
+#: the byte order mark, and the explicit directional formatting characters of
+#: Unicode Standard Annex #9 (U+202A to U+202E, U+2066 to U+2069). These last
+#: make text display in another order than it is stored.
+CONTROL_CHARACTER: Final = (
+    r"[\x00-\x08\x0E-\x1F\x7F-\x9F\x{202A}-\x{202E}\x{2066}-\x{2069}\x{FEFF}]"
+)
+#: Control, format and line or paragraph separator characters, whitespace
+#: controls included. An id with one displays like the id without it, so two
+#: patients could look like one.
+INVISIBLE_IN_ID: Final = r"[\p{Cc}\p{Cf}\p{Zl}\p{Zp}]"
 #: Any surrogate escape, and a high surrogate escape directly followed by a low one.
 _SURROGATE_ESCAPE: Final = r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}"
 _SURROGATE_PAIR: Final = r"\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}"
@@ -737,8 +746,8 @@ def _read_checks(
         (
             "patient_id",
             Reason.OUT_OF_RANGE,
-            "contains a control character",
-            pl.col("patient_id").str.contains(CONTROL_CHARACTER),
+            "contains a control or invisible formatting character",
+            pl.col("patient_id").str.contains(INVISIBLE_IN_ID),
         ),
         (
             "name",
@@ -749,7 +758,7 @@ def _read_checks(
         (
             "name",
             Reason.INVALID_NAME,
-            "contains a control character",
+            "contains a control or bidirectional formatting character",
             pl.col("name").str.contains(CONTROL_CHARACTER),
         ),
         (

@@ -691,11 +691,47 @@ def test_parse_duplicate_key_with_lone_surrogate(first: str, second: str) -> Non
     assert (reject["reason"], reject["field"]) == (Reason.INVALID_JSON, "patient_id")
 
 
-def test_parse_patient_id_control_character_rejected() -> None:
-    (reject,) = rejects_of([encode(reading(patient_id="PT-1\u0000"))])
+@pytest.mark.parametrize(
+    "patient_id",
+    [
+        pytest.param("PT-1\u0000", id="nul"),
+        pytest.param("PT-\t1", id="tab"),
+        pytest.param("PT-\n1", id="line-feed"),
+        pytest.param("PT-\u200b1", id="zero-width-space"),
+        pytest.param("PT-\u20281", id="line-separator"),
+        pytest.param("\ufeffPT-1", id="byte-order-mark"),
+    ],
+)
+def test_parse_patient_id_invisible_character_rejected(patient_id: str) -> None:
+    (reject,) = rejects_of([encode(reading(patient_id=patient_id))])
 
     assert (reject["reason"], reject["field"]) == (Reason.OUT_OF_RANGE, "patient_id")
-    assert reject["detail"] == "contains a control character"
+    assert reject["detail"] == "contains a control or invisible formatting character"
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param("\u202eAnna Smith", id="right-to-left-override"),
+        pytest.param("Anna \u2066Smith", id="left-to-right-isolate"),
+        pytest.param("Anna \ufeffSmith", id="byte-order-mark"),
+        pytest.param("Anna\x85Smith", id="c1-next-line"),
+    ],
+)
+def test_parse_name_control_character_rejected(name: str) -> None:
+    (reject,) = rejects_of([encode(reading(name=name))])
+
+    assert (reject["reason"], reject["field"]) == (Reason.INVALID_NAME, "name")
+    assert (
+        reject["detail"] == "contains a control or bidirectional formatting character"
+    )
+
+
+def test_parse_name_zero_width_joiners_kept() -> None:
+    """Persian and Indic names need the zero-width non-joiner and joiner."""
+    (row,) = rows_of([encode(reading(name="Ali Mohammad\u200cpour Sh\u200dah"))])
+
+    assert row["first_name"] == "Ali"
 
 
 def test_parse_surrogate_pairs_skip_python_check() -> None:
