@@ -123,12 +123,12 @@ _WHOLE_NUMBER_LIMIT: Final = 2**53
 #: the byte order mark, and the explicit directional formatting characters of
 #: Unicode Standard Annex #9 (U+202A to U+202E, U+2066 to U+2069). These last
 #: make text display in another order than it is stored.
-CONTROL_CHARACTER: Final = (
+NAME_CONTROL_CHARACTER: Final = (
     r"[\x00-\x08\x0E-\x1F\x7F-\x9F\x{202A}-\x{202E}\x{2066}-\x{2069}\x{FEFF}]"
 )
 #: Control, format and line or paragraph separator characters, whitespace
-#: controls included. An id with one displays like the id without it, so two
-#: patients could look like one.
+#: controls included, which a patient id may not hold once stripped. An id
+#: with one displays like the id without it, so two patients could look like one.
 INVISIBLE_IN_ID: Final = r"[\p{Cc}\p{Cf}\p{Zl}\p{Zp}]"
 #: Any surrogate escape, and a high surrogate escape directly followed by a low one.
 _SURROGATE_ESCAPE: Final = r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}"
@@ -747,7 +747,7 @@ def _read_checks(
             "patient_id",
             Reason.OUT_OF_RANGE,
             "contains a control or invisible formatting character",
-            pl.col("patient_id").str.contains(INVISIBLE_IN_ID),
+            _text("patient_id").str.contains(INVISIBLE_IN_ID),
         ),
         (
             "name",
@@ -759,7 +759,7 @@ def _read_checks(
             "name",
             Reason.INVALID_NAME,
             "contains a control or bidirectional formatting character",
-            pl.col("name").str.contains(CONTROL_CHARACTER),
+            pl.col("name").str.contains(NAME_CONTROL_CHARACTER),
         ),
         (
             "age",
@@ -923,24 +923,4 @@ def to_typed(
         pl.col(name).replace("", None)
         for name in ("patient_id", "name", "consciousness", "sex", "device_id")
     )
-    return typed.with_columns(compose_marks(typed["name"])), rejects
-
-
-def compose_marks(text: pl.Series) -> pl.Series:
-    """Return ``text`` in Unicode Normalization Form C where it has a combining mark.
-
-    A decomposed accent ("E" then U+0301) becomes the composed letter ("É"),
-    so the upper-case and capitalised-word patterns of the name split read
-    both forms alike (NFC is defined in Unicode Standard Annex #15). Only
-    non-ASCII values are searched, and only those with a mark are
-    normalised, because normalising every name cost about 0.35 CPU-s per
-    million on a 2-vCPU AMD EPYC machine.
-    """
-    non_ascii = (text.str.len_bytes() != text.str.len_chars()).arg_true()
-    if non_ascii.is_empty():
-        return text
-    marked = non_ascii.filter(text.gather(non_ascii).str.contains(r"\p{M}"))
-    if marked.is_empty():
-        return text
-    composed = text.gather(marked).str.normalize("NFC")
-    return text.clone().scatter(marked, composed)
+    return typed, rejects

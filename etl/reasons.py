@@ -33,6 +33,8 @@ class Reason(StrEnum):
     TIMESTAMP_INVALID = "timestamp_invalid"
     """The timestamp cannot be read, has no UTC offset, or is too far in the past or future."""
     INVALID_NAME = "invalid_name"
-    """The name contains no letter (only digits or punctuation), or a control character (:data:`etl.parse.CONTROL_CHARACTER`)."""
+    """The name contains no letter (only digits or punctuation), or a character of
+    :data:`etl.parse.NAME_CONTROL_CHARACTER` (a control, byte order mark or
+    bidirectional formatting character)."""
     OUTPUT_CONTRACT = "output_contract"
     """The derived row broke the output contract; this points at a bug, not at the producer."""

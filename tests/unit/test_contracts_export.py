@@ -327,6 +327,9 @@ def test_json_schema_agrees_with_batch(fields: dict[str, Any], accepted: bool) -
         # Cross-field and letter checks are named in x-pandera-checks only.
         pytest.param({"blood_pressure": "80/120"}, id="diastolic-above-systolic"),
         pytest.param({"name": "12345"}, id="name-without-letter"),
+        # So are the invisible characters of ids and names.
+        pytest.param({"patient_id": "PT-\u200b1"}, id="zero-width-space-in-id"),
+        pytest.param({"name": "\u202eAnna Smith"}, id="bidi-override-in-name"),
         # A range applies to the value of a numeric string only in the batch.
         pytest.param({"age": "131"}, id="numeric-string-out-of-range"),
         # The time window depends on the batch start.

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from etl.config import load_settings
 from etl.generate import iter_readings
-from etl.parse import RAW_SCHEMA, _utc_text, compose_marks, decode, to_typed
+from etl.parse import RAW_SCHEMA, _utc_text, decode, to_typed
 from etl.pipeline import process_chunk
 from etl.reasons import Reason
 from tests.conftest import case_value, encode, load_cases, reading
@@ -505,28 +505,29 @@ def test_parse_case_names_split() -> None:
         pytest.param("DUBOIS Élodie", ("Élodie", "DUBOIS"), id="leading-upper-case"),
         pytest.param("Seán Ó BRIAIN", ("Seán", "Ó BRIAIN"), id="irish-prefix"),
         pytest.param("Zoë LEFÈVRE", ("Zoë", "LEFÈVRE"), id="trailing-upper-case"),
+        pytest.param("김민준 박", ("김민준", "박"), id="hangul"),
     ],
 )
 def test_decomposed_name_split_as_composed(
     name: str, expected: tuple[str, str]
 ) -> None:
-    """A name with decomposed accents (NFD) gives the NFC parts of its composed form."""
+    """A name with decomposed accents or jamo (NFD) gives the NFC parts of its composed form."""
     decomposed = unicodedata.normalize("NFD", name)
     assert decomposed != name
     (row,) = rows_of([encode(reading(name=decomposed))])
     assert (row["first_name"], row["last_name"]) == expected
 
 
-@settings(max_examples=200, deadline=None)
-@given(st.lists(st.text(max_size=12), max_size=8))
-@example(["E\u0301mond", "Jean"])
-@example(["\u212b"])
-def test_compose_marks_is_nfc_where_marked(texts: list[str]) -> None:
-    """Text with a combining mark comes out in NFC, and any other text unchanged."""
-    result = compose_marks(pl.Series(texts, dtype=pl.String)).to_list()
-    for text, composed in zip(texts, result, strict=True):
-        marked = any(unicodedata.category(char).startswith("M") for char in text)
-        assert composed == (unicodedata.normalize("NFC", text) if marked else text)
+def test_name_length_checked_as_sent() -> None:
+    """The 200-character limit applies to the name as sent, not to its NFC form."""
+    # U+0958 is a composition exclusion: NFC writes it as two characters.
+    name = "Anna " + "\u0958" * 100 + "\u093f" + "x" * 94
+    assert len(name) == 200
+    assert len(unicodedata.normalize("NFC", name)) > 200
+
+    (row,) = rows_of([encode(reading(name=name))])
+
+    assert row["first_name"] == "Anna"
 
 
 def test_parse_case_c22_values() -> None:
@@ -725,6 +726,16 @@ def test_parse_name_control_character_rejected(name: str) -> None:
     assert (
         reject["detail"] == "contains a control or bidirectional formatting character"
     )
+
+
+@pytest.mark.parametrize(
+    "patient_id",
+    ["PT-1\n", "PT-1\r\n", "\tPT-1", "PT-1\u2028", " PT-1 ", "PT-1\u3000"],
+)
+def test_parse_patient_id_surrounding_whitespace_stripped(patient_id: str) -> None:
+    (row,) = rows_of([encode(reading(patient_id=patient_id))])
+
+    assert row["patient_id"] == "PT-1"
 
 
 def test_parse_name_zero_width_joiners_kept() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import unicodedata
 from datetime import UTC, datetime
 from typing import Any
 
@@ -11,7 +13,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from etl import rules
-from etl.transform import format_timestamp, split_name, transform
+from etl.transform import compose_marks, format_timestamp, split_name, transform
 
 
 def split(names: list[str]) -> list[tuple[str | None, str | None]]:
@@ -150,6 +152,18 @@ def split(names: list[str]) -> list[tuple[str | None, str | None]]:
         ),
         pytest.param("NGUYEN, Do", ("Do", "NGUYEN"), id="given-name-not-credential"),
         pytest.param("Jane Doe, MDx", ("MDx", "Jane Doe"), id="not-a-credential"),
+        pytest.param("JANE DOE, PHD", ("JANE", "DOE, PHD"), id="credential-capitals"),
+        pytest.param(
+            "Jane Doe, Ph. D.", ("Jane", "Doe, Ph. D."), id="credential-spaced"
+        ),
+        pytest.param("Jane Doe, MD, FACP", ("Jane", "Doe, MD, FACP"), id="fellowship"),
+        pytest.param("Jane , MD", ("MD", "Jane"), id="one-word-comma-credential"),
+        # Connectors join a leading upper-case family name too.
+        pytest.param(
+            "GARCÍA y LÓPEZ María José",
+            ("María José", "GARCÍA y LÓPEZ"),
+            id="leading-connector",
+        ),
     ],
 )
 def test_split_name_cases(name: str, expected: tuple[str, str | None]) -> None:
@@ -282,3 +296,18 @@ def test_transform_matches_single_expressions(rows: list[dict[str, Any]]) -> Non
         readings, topic="vitals", rule_set="acc_aha_2017", time_zone="UTC"
     )
     assert derived.select(expected.columns).equals(expected)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.text(max_size=12), max_size=8))
+@example(["E\u0301mond", "Jean"])
+@example(["\u1100\u1161\u11a8"])
+@example(["\u212b"])
+def test_compose_marks_is_nfc_where_decomposed(texts: list[str]) -> None:
+    """Text with a combining mark or a Hangul jamo comes out in NFC, any other text unchanged."""
+    result = compose_marks(pl.Series(texts, dtype=pl.String)).to_list()
+    for text, composed in zip(texts, result, strict=True):
+        decomposed = re.search(
+            r"[\u1100-\u11ff\ua960-\ua97f\ud7b0-\ud7ff]", text
+        ) or any(unicodedata.category(char).startswith("M") for char in text)
+        assert composed == (unicodedata.normalize("NFC", text) if decomposed else text)
