@@ -82,6 +82,15 @@ class _JsonFailureCommand(click.Command):
             raise
 
 
+#: The setting that each option of ``etl run`` overrides.
+RUN_OPTION_NAMES: Final = {
+    "kafka_topic": "--topic",
+    "chunk_size": "--chunk-size",
+    "max_records": "--max-records",
+    "deadline_s": "--deadline",
+}
+
+
 @main.command(cls=_JsonFailureCommand)
 @click.option("--topic", help="Kafka topic (default: VITALS_KAFKA_TOPIC).")
 @click.option(
@@ -125,7 +134,8 @@ def run(
     signal.signal(signal.SIGTERM, _raise_stop_request)
     try:
         settings = load_settings(
-            **{k: v for k, v in overrides.items() if v is not None}
+            option_names=RUN_OPTION_NAMES,
+            **{k: v for k, v in overrides.items() if v is not None},
         )
         report = run_batch(settings)
     except (StopRequested, KeyboardInterrupt) as exc:

@@ -9,7 +9,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Final, Literal, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 from zoneinfo import available_timezones
@@ -467,13 +467,21 @@ def redact_url(url: str) -> str:
     return f"{scheme}://{rest}"
 
 
-def load_settings(**overrides: Any) -> Settings:
+def load_settings(
+    *, option_names: Mapping[str, str] | None = None, **overrides: Any
+) -> Settings:
     """Build the settings from the environment, with keyword overrides on top.
+
+    ``option_names`` maps a field to the command-line option that gave its
+    override, such as ``{"chunk_size": "--chunk-size"}``. An invalid value of
+    that field is then reported under the option, the name the user typed,
+    and not under its environment variable.
 
     Raises
     ------
     ConfigurationError
-        When a variable has an invalid value; the message names each variable.
+        When a variable or an option has an invalid value; the message names
+        each of them.
     """
     _warn_unknown_variables()
     try:
@@ -497,9 +505,11 @@ def load_settings(**overrides: Any) -> Settings:
                 problems.append(error["msg"])
                 continue
             field = str(error["loc"][0])
-            variable = f"{ENV_PREFIX}{field.upper()}"
+            source = f"{ENV_PREFIX}{field.upper()}"
+            if option_names and field in overrides and field in option_names:
+                source = option_names[field]
             shown = "***" if _may_hold_secret(field) else error.get("input")
-            problems.append(f"{variable}={shown!r}: {error['msg']}")
+            problems.append(f"{source}={shown!r}: {error['msg']}")
         msg = "invalid settings: " + "; ".join(problems)
         raise ConfigurationError(msg) from None
 

@@ -236,6 +236,47 @@ def test_run_json_invalid_settings_on_stdout() -> None:
 
 
 @pytest.mark.parametrize(
+    ("arguments", "shown"),
+    [
+        (["--chunk-size", "2000000"], "--chunk-size=2000000: "),
+        (["--topic", "bad topic"], "--topic='bad topic': "),
+        (["--max-records", "5", "--topic", "."], "--topic='.': "),
+    ],
+)
+def test_run_invalid_option_named_as_typed(arguments: list[str], shown: str) -> None:
+    """A value that passes Click but not the settings is reported under its option."""
+    result = CliRunner().invoke(main, ["run", *arguments])
+
+    assert result.exit_code == 2
+    assert f"error: invalid settings: {shown}" in result.stderr
+    assert "VITALS_" not in result.stderr
+
+
+def test_run_invalid_variable_named_as_set() -> None:
+    """The same value from the environment is still reported under the variable."""
+    result = CliRunner().invoke(
+        main, ["run", "--max-records", "5"], env={"VITALS_CHUNK_SIZE": "2000000"}
+    )
+
+    assert result.exit_code == 2
+    assert "VITALS_CHUNK_SIZE='2000000': " in result.stderr
+    assert "--chunk-size" not in result.stderr
+
+
+def test_option_names_apply_to_overrides_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VITALS_KAFKA_TOPIC", "bad topic")
+    names = {"kafka_topic": "--topic", "chunk_size": "--chunk-size"}
+
+    with pytest.raises(ConfigurationError) as failure:
+        load_settings(option_names=names, chunk_size=0)
+
+    message = str(failure.value)
+    assert "--chunk-size=0: " in message
+    assert "VITALS_KAFKA_TOPIC='bad topic': " in message
+    assert "--topic" not in message
+
+
+@pytest.mark.parametrize(
     ("arguments", "detail"),
     [
         (["--chunk-size", "0", "--json"], "'--chunk-size': 0 is not in the range"),
