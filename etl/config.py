@@ -438,9 +438,10 @@ class Settings(BaseSettings):
 #: may hold a client secret although its name says nothing of it.
 _SECRET_WORDS: Final = ("password", "secret", "key", "token", "credential")
 _SECRET_PROPERTIES: Final = frozenset({"sasl.oauthbearer.config"})
-#: Query parameters named as secrets (``?password=``, ``?ssl_password=``).
+#: Query parameters named as secrets (``?password=``, ``?ssl_password=``). A
+#: value runs to the next '&', past any '#', which an unencoded password may contain.
 _PASSWORD_QUERY: Final = re.compile(
-    r"(?i)([?&][^=&#]*(?:password|secret|token|credential)[^=&#]*=)[^&#]*"
+    r"(?i)[?&][^=&#]*(?:password|secret|token|credential)[^=&#]*=(?P<value>[^&]*)"
 )
 
 
@@ -459,12 +460,60 @@ def redact_url(url: str) -> str:
     scheme, separator, rest = url.partition("://")
     if not separator:
         return url
-    user_info, at, host_part = rest.rpartition("@")
+    return f"{scheme}://{_redact_after_scheme(rest, mask_lone_user=False)}"
+
+
+def _redact_after_scheme(rest: str, *, mask_lone_user: bool) -> str:
+    """Mask the password and the secret query parameters of a URL without its scheme.
+
+    With ``mask_lone_user``, a user info without ':' is masked whole. Both
+    parts are found in the text as it is, then masked together, because an
+    unencoded '@' in a query password or a '?' in the user info puts one
+    part inside the other.
+    """
+    spans = [match.span("value") for match in _PASSWORD_QUERY.finditer(rest)]
+    user_info, at, _ = rest.rpartition("@")
     if at and ":" in user_info:
-        user = user_info.split(":", 1)[0]
-        rest = f"{user}:***@{host_part}"
-    rest = _PASSWORD_QUERY.sub(r"\1***", rest)
-    return f"{scheme}://{rest}"
+        spans.append((user_info.index(":") + 1, len(user_info)))
+    elif at and mask_lone_user:
+        spans.append((0, len(user_info)))
+    return _mask_spans(rest, spans)
+
+
+def _mask_spans(text: str, spans: list[tuple[int, int]]) -> str:
+    """Replace each span of ``text`` with ``***``, overlapping or touching spans as one.
+
+    An empty span, such as an empty password, becomes ``***`` too, so the
+    output does not reveal whether a secret was set.
+    """
+    merged: list[list[int]] = []
+    for start, end in sorted(spans):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    parts = []
+    shown_from = 0
+    for start, end in merged:
+        parts.append(text[shown_from:start])
+        parts.append("***")
+        shown_from = end
+    parts.append(text[shown_from:])
+    return "".join(parts)
+
+
+def redact_invalid_url(url: str) -> str:
+    """Mask the secrets of a Redis URL that failed validation, showing the rest.
+
+    On top of what :func:`redact_url` masks, a user info without ':' is
+    masked whole, because redis-cli reads ``redis://secret@host`` as a
+    password, and so is the user info of a text without a scheme
+    (``:secret@host:6379``).
+    """
+    scheme, separator, rest = url.partition("://")
+    if not separator:
+        scheme, rest = "", url
+    return f"{scheme}{separator}{_redact_after_scheme(rest, mask_lone_user=True)}"
 
 
 def load_settings(
@@ -508,7 +557,7 @@ def load_settings(
             source = f"{ENV_PREFIX}{field.upper()}"
             if option_names and field in overrides and field in option_names:
                 source = option_names[field]
-            shown = "***" if _may_hold_secret(field) else error.get("input")
+            shown = _shown_input(field, error.get("input"))
             problems.append(f"{source}={shown!r}: {error['msg']}")
         msg = "invalid settings: " + "; ".join(problems)
         raise ConfigurationError(msg) from None
@@ -533,6 +582,21 @@ def _warn_unknown_variables() -> None:
         close = difflib.get_close_matches(name, sorted(known | DAG_VARIABLES), n=1)
         hint = f"; did you mean {close[0]}?" if close else ""
         logger.warning("Ignoring %s: no setting has this name%s", variable, hint)
+
+
+def _shown_input(field: str, value: Any) -> Any:
+    """Return the invalid ``value`` of ``field`` as an error message may show it.
+
+    A Redis URL is shown with its password and secret query parameters
+    masked (see :func:`redact_invalid_url`), so that the user sees which URL
+    was read. The values of other
+    fields that may contain a secret are masked whole.
+    """
+    if field == "redis_url" and isinstance(value, SecretStr):
+        value = value.get_secret_value()
+    if field == "redis_url" and isinstance(value, str):
+        return redact_invalid_url(value)
+    return "***" if _may_hold_secret(field) else value
 
 
 def _may_hold_secret(field: str) -> bool:

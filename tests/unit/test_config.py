@@ -8,9 +8,17 @@ import re
 import polars as pl
 import pytest
 from click.testing import CliRunner
+from hypothesis import assume, given
+from hypothesis import strategies as st
 
 from etl.cli import main
-from etl.config import ConfigurationError, iana_time_zones, load_settings, redact_url
+from etl.config import (
+    ConfigurationError,
+    iana_time_zones,
+    load_settings,
+    redact_invalid_url,
+    redact_url,
+)
 from etl.services import free_port
 from etl.terminal import print_error
 
@@ -202,10 +210,68 @@ def test_settings_redacted_masks_secrets() -> None:
             "rediss://h/0?ssl_password=***&ssl_keyfile=/k.pem&PASSWORD=***",
             id="secret-query-parameters",
         ),
+        pytest.param(
+            "redis://h:6379/0?password=p@ss", "redis://h:***", id="at-in-query-password"
+        ),
+        pytest.param(
+            "redis://:a?password=b@h/0", "redis://:***", id="query-in-user-info"
+        ),
+        pytest.param("redis://etl:@h/0", "redis://etl:***@h/0", id="empty-password"),
     ],
 )
 def test_redact_url_cases(url: str, expected: str) -> None:
     assert redact_url(url) == expected
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        pytest.param(
+            "http://127.0.0.1:26380/0", "'http://127.0.0.1:26380/0'", id="no-secret"
+        ),
+        pytest.param("http://etl:hunter2@h:1/0", "'http://etl:***@h:1/0'", id="user"),
+        pytest.param("redis://:hun/ter2@h/0", "'redis://:***@h/0'", id="bare-slash"),
+        pytest.param("redis://hunter2@h/0#x", "'redis://***@h/0#x'", id="lone-user"),
+        pytest.param(":hunter2@h:6379", "':***@h:6379'", id="no-scheme"),
+        pytest.param(
+            "redis://h/0?password=hunter2&sokcet_timeout=1",
+            "'redis://h/0?password=***&sokcet_timeout=1'",
+            id="query-password",
+        ),
+    ],
+)
+def test_invalid_redis_url_shown_without_password(
+    monkeypatch: pytest.MonkeyPatch, url: str, shown: str
+) -> None:
+    monkeypatch.setenv("VITALS_REDIS_URL", url)
+
+    with pytest.raises(ConfigurationError) as failure:
+        load_settings()
+
+    message = str(failure.value)
+    assert f"VITALS_REDIS_URL={shown}: " in message
+    assert "hunter2" not in message
+
+
+@given(
+    st.text(
+        st.characters(codec="ascii", exclude_characters="\x00\r\n:"),
+        min_size=6,
+        max_size=30,
+    )
+)
+def test_redact_invalid_url_never_shows_password(password: str) -> None:
+    """A password without ':' is masked alone, after a user name, or in a query."""
+    assume(password not in "http://etl:***@cache:6380/0?password=***")
+    host = "cache:6380/0"
+    for url in (
+        f"http://{password}@{host}",
+        f"http://etl:{password}@{host}",
+        f"etl:{password}@{host}",
+        f"http://{host}?password={password.replace('&', '')}",
+    ):
+        shown = redact_invalid_url(url)
+        assert password.replace("&", "") not in shown.replace(host, ""), url
 
 
 def test_settings_key_clash_hides_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
