@@ -371,18 +371,19 @@ def _check_same_topic(
             "Kafka has no committed offsets of the group for them: the topic was "
             "probably recreated (or the group changed, or its offsets expired). If "
             f"it was recreated, reset them with {_reset_command(sink, topic, stored)} "
-            "(see the README, Operations). If not, confirm them with HSET "
-            f"{sink.offsets_key} {topic_id_field(topic)} {current}. Then rerun"
+            "(see the README, Operations). If not, confirm them with "
+            f"{sink.cli_command('HSET', sink.offsets_key, topic_id_field(topic), current)}. "
+            "Then rerun"
         )
         raise OffsetsOutOfRange(msg)
     sink.set_topic_id(topic, current)
 
 
 def _reset_command(sink: RedisSink, topic: str, stored: dict[int, int]) -> str:
-    """Return the HDEL that deletes every field of ``topic`` from the offsets hash."""
+    """Return the redis-cli HDEL that deletes every field of ``topic`` from the offsets hash."""
     fields = [offset_field(topic, p) for p in sorted(stored)]
     fields += [write_id_field(topic), topic_id_field(topic)]
-    return " ".join(["HDEL", sink.offsets_key, *fields])
+    return sink.cli_command("HDEL", sink.offsets_key, *fields)
 
 
 def run_batch(settings: Settings, *, now: float | None = None) -> BatchReport:

@@ -17,6 +17,7 @@ attempt, the chunk is already in Redis and is not written again.
 from __future__ import annotations
 
 import logging
+import shlex
 import threading
 import uuid
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import polars as pl
 import redis
+from redis.connection import SSLConnection, parse_url
 
 from etl.config import ConfigurationError
 
@@ -39,6 +41,13 @@ _RETRIES: Final = 5
 _RETRY_BASE_S: Final = 0.2
 #: Redis's reply to ``SELECT`` with an index at or above its ``databases`` setting.
 _DB_OUT_OF_RANGE: Final = "DB index is out of range"
+#: redis-cli options (as redis-cli 7.0 names them) for the TLS query options of a URL.
+_REDIS_CLI_TLS_OPTIONS: Final = {
+    "ssl_ca_certs": "--cacert",
+    "ssl_ca_path": "--cacertdir",
+    "ssl_certfile": "--cert",
+    "ssl_keyfile": "--key",
+}
 
 
 class SinkError(RuntimeError):
@@ -125,6 +134,10 @@ class RedisSink:
     def offsets_key(self) -> str:
         """The Redis hash of the stored offsets."""
         return self._settings.redis_offsets_key
+
+    def cli_command(self, *arguments: str) -> str:
+        """Return the redis-cli command that runs ``arguments`` on this sink's database."""
+        return redis_cli_command(self._settings, *arguments)
 
     def cancel(self) -> None:
         """Make a write that is waiting to retry give up; a transaction in flight finishes."""
@@ -429,6 +442,38 @@ class RedisSink:
             self.client.close()
         except redis.RedisError:
             logger.warning("Closing the Redis client failed", exc_info=True)
+
+
+def redis_cli_command(settings: Settings, *arguments: str) -> str:
+    """Return a shell command that runs ``arguments`` with redis-cli on the Redis of ``settings``.
+
+    The command names the host and port (or socket), TLS, user and database
+    of VITALS_REDIS_URL, because redis-cli's defaults (127.0.0.1:6379,
+    database 0) may be another server or another database. It never contains
+    the password: with a user or password, ``--askpass`` makes redis-cli
+    prompt for it.
+    """
+    options: dict[str, Any] = parse_url(settings.redis_url.get_secret_value())  # type: ignore[no-untyped-call]
+    command = ["redis-cli"]
+    if "path" in options:
+        command += ["-s", options["path"]]
+    else:
+        command += ["-h", options["host"]]
+        if "port" in options:
+            command += ["-p", str(options["port"])]
+    if options.get("connection_class") is SSLConnection:
+        command.append("--tls")
+        for name, flag in _REDIS_CLI_TLS_OPTIONS.items():
+            if name in options:
+                command += [flag, str(options[name])]
+        if str(options.get("ssl_cert_reqs", "")).lower() == "none":
+            command.append("--insecure")
+    if options.get("username"):
+        command += ["--user", options["username"]]
+    if options.get("username") or options.get("password"):
+        command.append("--askpass")
+    command += ["-n", str(settings.redis_database), *arguments]
+    return shlex.join(command)
 
 
 def missing_database(

@@ -323,8 +323,10 @@ class KafkaSource:
                     f"the stored offset of partition {partition} of topic {self._topic} "
                     f"is outside the data the broker holds ({error.str()}); the topic "
                     "was probably recreated or truncated. Check the field "
-                    f"'{self._topic}:{partition}' of the Redis offsets hash and reset it "
-                    "(see the README, Operations)"
+                    f"'{self._topic}:{partition}' of the offsets hash "
+                    f"{self._settings.redis_offsets_key!r} in Redis database "
+                    f"{self._settings.redis_database} and reset it (see the README, "
+                    "Operations)"
                 )
                 raise OffsetsOutOfRange(msg)
             if error.code() == KafkaError._PARTITION_EOF:

@@ -8,12 +8,14 @@ from unittest import mock
 
 import pytest
 import redis
+from confluent_kafka import KafkaError
+from pydantic import SecretStr
 
 from contracts.models import OUTPUT_KEYS
 from etl.config import ConfigurationError, Settings
 from etl.pipeline import run_batch
 from etl.sink import RedisSink, SinkError
-from etl.source import KafkaSource, SourceError
+from etl.source import KafkaSource, OffsetsOutOfRange, SourceError
 from tests.conftest import (
     case_value,
     create_topic,
@@ -295,6 +297,31 @@ def test_batch_offsets_past_topic_end_fail_loudly(
         run_batch(quick)
     assert time.monotonic() - started < 30
     assert redis_client.llen(settings.redis_list_key) == 0
+
+
+class _OffsetResetEvent:
+    """A consumer event as librdkafka returns it for an offset outside the log."""
+
+    def error(self) -> KafkaError:
+        return KafkaError(KafkaError._AUTO_OFFSET_RESET, "offset out of range")
+
+    def partition(self) -> int:
+        return 1
+
+
+def test_offset_outside_log_names_redis_database(settings: Settings) -> None:
+    redis_url = settings.redis_url.get_secret_value().rsplit("/", 1)[0] + "/5"
+    in_database_5 = settings.model_copy(update={"redis_url": SecretStr(redis_url)})
+    source = KafkaSource(in_database_5)
+    try:
+        with pytest.raises(OffsetsOutOfRange) as failure:
+            source._handle_events([_OffsetResetEvent()], {1})
+    finally:
+        source.close()
+
+    message = str(failure.value)
+    assert f"'{settings.kafka_topic}:1'" in message
+    assert f"{settings.redis_offsets_key!r} in Redis database 5" in message
 
 
 def test_batch_extra_cannot_disable_end_of_partition(settings: Settings) -> None:

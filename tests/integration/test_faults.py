@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shlex
 import signal
 import subprocess
 import time
@@ -23,7 +24,7 @@ import pytest
 import redis
 from click.testing import CliRunner
 from pydantic import SecretStr
-from redis.connection import AbstractConnection
+from redis.connection import AbstractConnection, parse_url
 
 from etl.cli import main
 from etl.config import Settings
@@ -682,10 +683,22 @@ def storeless_broker(tmp_path: Path) -> Iterator[StorelessBroker]:
         broker.service.stop()
 
 
-def run_printed_reset(client: redis.Redis, error: BaseException) -> None:
-    """Run the HDEL command printed in a recreated-topic error."""
+def run_printed_reset(settings: Settings, error: BaseException) -> None:
+    """Run the redis-cli command printed in a recreated-topic error, as a user would."""
     command = str(error).split("Reset them with ")[1].split(" (see")[0]
-    client.execute_command(*command.split())
+    password = parse_url(settings.redis_url.get_secret_value()).get("password", "")
+    assert password == "" or password not in command
+    # redis-cli --askpass, printed when the URL has a password, reads it from stdin.
+    done = subprocess.run(
+        shlex.split(command),
+        input=password,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout.split()[-1]) > 0, done.stdout
 
 
 def test_recreated_topic_without_stored_id_fails(
@@ -709,12 +722,14 @@ def test_recreated_topic_without_stored_id_fails(
         create_topic(settings, PARTITIONS)
         produce_tracked(settings, mixed_values(300))
 
-        with pytest.raises(OffsetsOutOfRange, match="carry no topic id"):
+        with pytest.raises(OffsetsOutOfRange, match="carry no topic id") as failure:
             run_batch(settings)
         stored = redis_positions(client, settings)
     finally:
         client.close()
 
+    confirm = f"-n 0 HSET {settings.redis_offsets_key} {id_field} "
+    assert confirm in str(failure.value)
     assert len(stored) == 90
 
 
@@ -740,7 +755,7 @@ def test_stale_staged_load_after_recreate_writes_nothing(
         produce_tracked(settings, mixed_values(150))
         with pytest.raises(OffsetsOutOfRange, match="was recreated") as failure:
             run_batch(settings)
-        run_printed_reset(client, failure.value)
+        run_printed_reset(settings, failure.value)
         if before_load == "new-topic-read":
             assert run_batch(settings).read == 150
 
@@ -789,7 +804,7 @@ def test_recreate_before_staged_commit_commits_nothing(
         committed = kafka_committed(settings, PARTITIONS)
         with pytest.raises(OffsetsOutOfRange, match="was recreated") as failure:
             run_batch(settings)
-        run_printed_reset(client, failure.value)
+        run_printed_reset(settings, failure.value)
         report = run_batch(settings)
     finally:
         client.close()
@@ -828,10 +843,14 @@ def batch_runner(kind: str, staging: Path) -> Callable[[Settings], BatchReport]:
 def test_recreated_topic_fails_instead_of_skipping(
     redis_service: str, storeless_broker: StorelessBroker, tmp_path: Path, kind: str
 ) -> None:
-    """A broker without storage restarts and new records arrive: exit 3 and a reset, no skip."""
-    settings = make_settings(storeless_broker.bootstrap, redis_service)
+    """A broker without storage restarts and new records arrive: exit 3 and a reset, no skip.
+
+    The offsets are in database 5, so the printed reset only works if it names it.
+    """
+    redis_url = redis_service.rsplit("/", 1)[0] + "/5"
+    settings = make_settings(storeless_broker.bootstrap, redis_url)
     run = batch_runner(kind, tmp_path / "staging")
-    client = redis.Redis.from_url(redis_service)
+    client = redis.Redis.from_url(redis_url)
     id_field = f"{settings.kafka_topic}:topic_id"
     try:
         create_topic(settings, PARTITIONS)
@@ -845,7 +864,7 @@ def test_recreated_topic_fails_instead_of_skipping(
 
         with pytest.raises(OffsetsOutOfRange, match="was recreated") as failure:
             run(settings)
-        run_printed_reset(client, failure.value)
+        run_printed_reset(settings, failure.value)
         report = run(settings)
         second_id = client.hget(settings.redis_offsets_key, id_field)
         stored = redis_positions(client, settings)

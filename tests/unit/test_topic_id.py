@@ -6,8 +6,13 @@ from typing import Any
 
 import pytest
 
+from etl.config import load_settings
 from etl.pipeline import _check_same_topic
+from etl.sink import redis_cli_command
 from etl.source import OffsetsOutOfRange
+
+#: The sink's Redis: a database other than 0, which the printed commands must name.
+REDIS_URL = "redis://127.0.0.1:6380/5"
 
 
 class FakeSource:
@@ -37,6 +42,9 @@ class FakeSink:
     def set_topic_id(self, topic: str, topic_id: str) -> None:
         self.to_record = topic_id
 
+    def cli_command(self, *arguments: str) -> str:
+        return redis_cli_command(load_settings(redis_url=REDIS_URL), *arguments)
+
 
 def check(
     current: str | None,
@@ -59,8 +67,8 @@ def test_other_id_with_offsets_fails() -> None:
     assert "new-id" in message
     assert "old-id" in message
     assert (
-        "HDEL liste-patients:offsets vitals:0 vitals:2 vitals:last_write "
-        "vitals:topic_id" in message
+        "redis-cli -h 127.0.0.1 -p 6380 -n 5 HDEL liste-patients:offsets vitals:0 "
+        "vitals:2 vitals:last_write vitals:topic_id" in message
     )
 
 
@@ -87,8 +95,10 @@ def test_offsets_without_id_or_commits_fail() -> None:
 
     message = str(failure.value)
     assert "carry no topic id" in message
-    assert "HDEL liste-patients:offsets vitals:0 vitals:last_write" in message
-    assert "HSET liste-patients:offsets vitals:topic_id id-1" in message
+    reset = "-n 5 HDEL liste-patients:offsets vitals:0 vitals:last_write"
+    confirm = "-n 5 HSET liste-patients:offsets vitals:topic_id id-1"
+    assert f"redis-cli -h 127.0.0.1 -p 6380 {reset}" in message
+    assert f"redis-cli -h 127.0.0.1 -p 6380 {confirm}" in message
 
 
 def test_broker_without_ids_skips_check() -> None:
