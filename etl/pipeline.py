@@ -856,6 +856,7 @@ def report_staging(settings: Settings, staging: Path) -> dict[str, Any]:
     report = BatchReport(**{k: v for k, v in data.items() if k != "rate_per_s"})
     sink = RedisSink(settings)
     try:
+        sink.check()
         sink.write_report(report.to_dict(), report.stream_fields())
     finally:
         sink.close()

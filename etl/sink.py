@@ -27,7 +27,7 @@ import polars as pl
 import redis
 from redis.connection import SSLConnection, parse_url
 
-from etl.config import ConfigurationError
+from etl.config import ENV_PREFIX, ConfigurationError
 
 if TYPE_CHECKING:
     from etl.config import Settings
@@ -41,6 +41,15 @@ _RETRIES: Final = 5
 _RETRY_BASE_S: Final = 0.2
 #: Redis's reply to ``SELECT`` with an index at or above its ``databases`` setting.
 _DB_OUT_OF_RANGE: Final = "DB index is out of range"
+#: The Redis type of each key that a batch writes, by the setting that names it.
+_KEY_TYPES: Final = {
+    "redis_offsets_key": "hash",
+    "redis_list_key": "list",
+    "redis_rejects_key": "list",
+    "redis_alerts_key": "list",
+    "redis_stats_key": "hash",
+    "redis_reports_key": "stream",
+}
 #: redis-cli options (as redis-cli 7.0 names them) for the TLS query options of a URL.
 _REDIS_CLI_TLS_OPTIONS: Final = {
     "ssl_ca_certs": "--cacert",
@@ -146,7 +155,8 @@ class RedisSink:
     def check(self) -> None:
         """Fail fast, naming the URL with its password masked, when PING fails.
 
-        A database index that the server does not have is a settings error
+        A database index that the server does not have, or a key of another
+        type under a name the batch writes, is a settings error
         (:class:`~etl.config.ConfigurationError`), not an unreachable server.
         """
         url = self._settings.redis_url_redacted
@@ -163,6 +173,11 @@ class RedisSink:
             raise SinkError(msg) from exc
         except redis.RedisError as exc:
             msg = f"Redis at {url} is unreachable: {exc}"
+            raise SinkError(msg) from exc
+        try:
+            self._check_key_types()
+        except redis.RedisError as exc:
+            msg = f"checking the types of the batch's keys at Redis {url} failed: {exc}"
             raise SinkError(msg) from exc
 
     def stored_offsets(self, topic: str) -> dict[int, int]:
@@ -282,27 +297,23 @@ class RedisSink:
         return stored
 
     def _check_key_types(self) -> None:
-        """Raise ConfigurationError if a key that the transaction appends to has another type.
+        """Raise ConfigurationError if a key that the batch writes has another type.
 
         Redis still applies the other commands of a transaction when one of
         them fails, so a string under the list's name would let the offsets
-        move past rows that were never stored. The offsets hash needs no
-        check here: reading it before the transaction fails first.
+        move past rows that were never stored. The offsets hash and the
+        reports stream are checked too, so that every key of the wrong type
+        gets the same settings error, not Redis's WRONGTYPE reply.
         """
         settings = self._settings
-        expected = {
-            settings.redis_list_key: "list",
-            settings.redis_rejects_key: "list",
-            settings.redis_alerts_key: "list",
-            settings.redis_stats_key: "hash",
-        }
         with self.client.pipeline(transaction=False) as pipe:
-            for key in expected:
-                pipe.type(key)
+            for field in _KEY_TYPES:
+                pipe.type(getattr(settings, field))
             found = [_decoded(kind) for kind in pipe.execute()]
         wrong = [
-            f"{key!r} is a {kind}, not a {wanted}"
-            for (key, wanted), kind in zip(expected.items(), found, strict=True)
+            f"{getattr(settings, field)!r} ({ENV_PREFIX}{field.upper()}) is a "
+            f"{kind}, not a {wanted}"
+            for (field, wanted), kind in zip(_KEY_TYPES.items(), found, strict=True)
             if kind not in (wanted, "none")
         ]
         if wrong:

@@ -279,6 +279,36 @@ def test_read_commands_wrong_key_type_exit_2(
     assert f"is not a {kind}" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("key_setting", "kind"),
+    [
+        ("redis_offsets_key", "hash"),
+        ("redis_list_key", "list"),
+        ("redis_stats_key", "hash"),
+        ("redis_reports_key", "stream"),
+    ],
+)
+def test_run_wrong_key_type_exits_2(
+    settings: Settings, redis_client: redis.Redis, key_setting: str, kind: str
+) -> None:
+    """A string under any key the batch writes: the same settings error, nothing written."""
+    create_topic(settings, PARTITIONS)
+    produce_tracked(settings, mixed_values(20))
+    key = getattr(settings, key_setting)
+    redis_client.set(key, "not ours")
+
+    result = CliRunner().invoke(main, ["run", "--json"], env=settings_env(settings))
+
+    failure = json.loads(result.stdout)
+    assert result.exit_code == 2, result.output
+    assert failure["error"] == "ConfigurationError"
+    expected = f"{key!r} (VITALS_{key_setting.upper()}) is a string, not a {kind}"
+    assert expected in failure["message"]
+    assert "WRONGTYPE" not in result.stderr
+    assert redis_client.keys(f"{key.split(':')[0]}*") == [key.encode()]
+    assert kafka_committed(settings, PARTITIONS) == {}
+
+
 def test_ping_error_reply_is_named(settings: Settings) -> None:
     """An error reply to PING other than a missing database, such as a missing ACL right."""
     sink = RedisSink(settings)

@@ -112,52 +112,62 @@ def test_exec_transaction_queue_error_applies_nothing(
     assert redis_client.ping()
 
 
-@pytest.mark.parametrize(
-    ("kind", "message"),
-    [
-        ("list", "is a string, not a list"),
-        ("rejects", "is a string, not a list"),
-        ("alerts", "is a string, not a list"),
-        ("stats", "is a string, not a hash"),
-    ],
-)
+#: Each key a batch writes, and the type it must have.
+KEY_TYPES = [
+    ("offsets", "hash"),
+    ("list", "list"),
+    ("rejects", "list"),
+    ("alerts", "list"),
+    ("stats", "hash"),
+    ("reports", "stream"),
+]
+
+
+@pytest.mark.parametrize(("kind", "wanted"), KEY_TYPES)
 def test_write_chunk_wrong_type_key_writes_nothing(
-    settings: Settings, redis_client: redis.Redis, kind: str, message: str
+    settings: Settings, redis_client: redis.Redis, kind: str, wanted: str
 ) -> None:
-    """A foreign string under a name the transaction writes: a settings error, no write."""
+    """A foreign string under a name the batch writes: a settings error, no write."""
     key = getattr(settings, f"redis_{kind}_key")
     redis_client.set(key, "not ours")
     sink = RedisSink(settings)
     try:
-        with pytest.raises(ConfigurationError, match=f"'{key}' {message}"):
+        with pytest.raises(ConfigurationError) as failure:
             sink.write_chunk(TOPIC, rows_chunk(range(5)))
         assert sink.client.ping()
     finally:
         sink.close()
 
+    variable = f"VITALS_REDIS_{kind.upper()}_KEY"
+    assert f"{key!r} ({variable}) is a string, not a {wanted}" in str(failure.value)
     others = [
-        getattr(settings, f"redis_{name}_key")
-        for name in ("list", "rejects", "alerts", "stats")
-        if name != kind
+        getattr(settings, f"redis_{name}_key") for name, _ in KEY_TYPES if name != kind
     ]
-    assert redis_client.hgetall(settings.redis_offsets_key) == {}
     assert redis_client.exists(*others) == 0
     assert redis_client.get(key) == b"not ours"
 
 
-def test_write_chunk_wrong_type_offsets_writes_nothing(
-    settings: Settings, redis_client: redis.Redis
+@pytest.mark.parametrize(("kind", "wanted"), KEY_TYPES)
+def test_check_wrong_type_key_is_settings_error(
+    settings: Settings, redis_client: redis.Redis, kind: str, wanted: str
 ) -> None:
-    redis_client.set(settings.redis_offsets_key, "not ours")
+    """The check at the start of a batch finds it before anything is read or written."""
+    key = getattr(settings, f"redis_{kind}_key")
+    if wanted == "list":
+        redis_client.set(key, "not ours")
+        found = "string"
+    else:
+        redis_client.rpush(key, "not ours")
+        found = "list"
     sink = RedisSink(settings)
     try:
-        with pytest.raises(SinkError, match="WRONGTYPE"):
-            sink.write_chunk(TOPIC, rows_chunk(range(5)))
+        with pytest.raises(ConfigurationError) as failure:
+            sink.check()
     finally:
         sink.close()
 
-    assert redis_client.exists(settings.redis_list_key) == 0
-    assert redis_client.exists(settings.redis_stats_key) == 0
+    assert f"{key!r} " in str(failure.value)
+    assert f"is a {found}, not a {wanted}" in str(failure.value)
 
 
 def test_write_chunk_cancel_stops_retries(settings: Settings) -> None:
