@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 import polars as pl
+from confluent_kafka import OFFSET_BEGINNING
 
 from contracts.models import OUTPUT_KEYS, InputReading, OutputRow
 from etl.parse import parse
@@ -334,8 +335,7 @@ def _start_offsets(
         _check_same_topic(source, sink, stored)
     missing = [p for p in partitions if p not in stored]
     committed = source.committed(missing) if missing else {}
-    earliest = -2  # confluent_kafka.OFFSET_BEGINNING
-    start = {p: stored.get(p, committed.get(p, earliest)) for p in partitions}
+    start = {p: stored.get(p, committed.get(p, OFFSET_BEGINNING)) for p in partitions}
     return start, stored
 
 

@@ -25,6 +25,10 @@ from typing import TYPE_CHECKING, Any, Final
 
 import polars as pl
 from confluent_kafka import (
+    OFFSET_BEGINNING,
+    OFFSET_END,
+    OFFSET_INVALID,
+    OFFSET_STORED,
     Consumer,
     ConsumerGroupTopicPartitions,
     KafkaError,
@@ -81,9 +85,31 @@ PROTECTED_PROPERTIES: Final[dict[str, Any]] = {
     "auto.offset.reset": "error",
 }
 
+#: Names of librdkafka's logical offsets, which are negative numbers. Messages
+#: and logs print these names in place of the numbers.
+_LOGICAL_OFFSETS: Final = {
+    OFFSET_BEGINNING: "earliest",
+    OFFSET_END: "latest",
+    OFFSET_STORED: "committed",
+    OFFSET_INVALID: "unknown",
+}
+
 _CONSUME_BATCH: Final = 10_000
 _GC_THRESHOLD: Final = 100_000
 _CONSUME_TIMEOUT_S: Final = 0.05
+
+
+def describe_offsets(offsets: dict[int, int]) -> str:
+    """Format offsets by partition for a message, as ``{0: earliest, 1: 5000}``.
+
+    librdkafka marks a logical offset with a negative number, such as -2 for
+    the earliest offset, which means nothing to a reader of the message.
+    """
+    entries = (
+        f"{partition}: {_LOGICAL_OFFSETS.get(offset, offset)}"
+        for partition, offset in sorted(offsets.items())
+    )
+    return "{" + ", ".join(entries) + "}"
 
 
 class SourceError(RuntimeError):
@@ -227,7 +253,7 @@ class KafkaSource:
             "Assigned topic %s partitions %s from offsets %s",
             self._topic,
             self._partitions,
-            {p: (o if o >= 0 else "earliest") for p, o in start.items()},
+            describe_offsets(start),
         )
 
     def chunks(
@@ -371,9 +397,10 @@ class KafkaSource:
             msg = (
                 f"partitions {silent} of topic {self._topic} on the Kafka broker at "
                 f"{self._settings.kafka_bootstrap_servers} sent neither records nor "
-                f"their end for {limit:.0f} s from offsets {positions}. The broker may "
-                "be hung or unreachable; or, if the topic was recreated, the stored "
-                "offsets point past its end: reset them (see the README, Operations)"
+                f"their end for {limit:.0f} s from offsets "
+                f"{describe_offsets(positions)}. The broker may be hung or "
+                "unreachable; or, if the topic was recreated, the stored offsets "
+                "point past its end: reset them (see the README, Operations)"
             )
             raise SourceError(msg)
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 import time
 from unittest import mock
 
 import pytest
 import redis
-from confluent_kafka import KafkaError
+from confluent_kafka import OFFSET_BEGINNING, KafkaError, TopicPartition
 from pydantic import SecretStr
 
 from contracts.models import OUTPUT_KEYS
@@ -297,6 +299,35 @@ def test_batch_offsets_past_topic_end_fail_loudly(
         run_batch(quick)
     assert time.monotonic() - started < 30
     assert redis_client.llen(settings.redis_list_key) == 0
+
+
+def test_silent_partitions_from_earliest_named(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Partitions assigned from the earliest offset are reported as 'earliest', not -2."""
+    create_topic(settings, partitions=2)
+    quick = settings.model_copy(update={"kafka_timeout_s": 1.0})
+    source = KafkaSource(quick)
+    try:
+        with caplog.at_level(logging.INFO, logger="etl.source"):
+            source.assign({0: OFFSET_BEGINNING, 1: OFFSET_BEGINNING})
+        # Paused partitions are never fetched, so they stay silent like a hung broker.
+        source._consumer.pause(
+            [TopicPartition(settings.kafka_topic, p) for p in (0, 1)]
+        )
+        chunks = source.chunks(
+            chunk_size=100, max_records=1000, deadline=time.monotonic() + 60
+        )
+        with pytest.raises(SourceError) as failure:
+            list(chunks)
+    finally:
+        source.close()
+
+    # A fetch that started before the pause may have resolved the position to 0.
+    positions = r"from offsets \{0: (earliest|0), 1: (earliest|0)\}"
+    assert re.search(positions, str(failure.value)), failure.value
+    assert ": -2" not in str(failure.value)
+    assert "from offsets {0: earliest, 1: earliest}" in caplog.text
 
 
 class _OffsetResetEvent:
