@@ -8,6 +8,7 @@ each line is produced to the topic unchanged.
 
 from __future__ import annotations
 
+import codecs
 import json
 import time
 from collections import Counter
@@ -66,8 +67,17 @@ class FeedResult:
 
 
 def iter_lines(stream: Iterable[bytes]) -> Iterator[tuple[int, bytes]]:
-    """Yield ``(line_number, value)`` with the line ending (LF or CRLF) removed."""
+    """Yield ``(line_number, value)`` with the line ending (LF or CRLF) removed.
+
+    A UTF-8 byte order mark at the very start of the file is dropped. Windows
+    editors such as Notepad can write it to mark the file's encoding, so it is
+    not part of the first message, and RFC 8259 section 8.1 lets a JSON parser
+    ignore it. A mark anywhere else stays in its line, which the batch then
+    rejects as ``invalid_json``, as it would the same Kafka message.
+    """
     for number, line in enumerate(stream, start=1):
+        if number == 1:
+            line = line.removeprefix(codecs.BOM_UTF8)
         yield number, line.removesuffix(b"\n").removesuffix(b"\r")
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import redis
 from click.testing import CliRunner
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from etl.cli import main
 from etl.config import Settings
@@ -67,6 +68,39 @@ def test_published_feed_becomes_rows_and_rejects(
         client.close()
     # The carriage return of a CRLF line ending is not part of the message.
     assert sorted(row["patient_id"] for row in rows) == ["PT-1", "PT-2"]
+
+
+def test_bom_not_sent_with_first_line(settings: Settings, tmp_path: Path) -> None:
+    """A feed saved with a UTF-8 BOM: line 1 arrives without it, keyed and valid."""
+    feed = tmp_path / "notepad.ndjson"
+    first = encode(reading(patient_id="PT-1"))
+    feed.write_bytes(b"\xef\xbb\xbf" + first + b"\r\n")
+
+    result = CliRunner().invoke(main, ["publish", str(feed)], env=env_of(settings))
+    consumer = Consumer(
+        {
+            "bootstrap.servers": settings.kafka_bootstrap_servers,
+            "group.id": f"check-{settings.kafka_topic}",
+        }
+    )
+    try:
+        consumer.assign(
+            [
+                TopicPartition(settings.kafka_topic, p, OFFSET_BEGINNING)
+                for p in range(3)
+            ]
+        )
+        message = consumer.poll(15)
+    finally:
+        consumer.close()
+
+    assert result.exit_code == 0, result.output
+    assert message is not None
+    assert message.error() is None
+    assert message.value() == first
+    assert message.key() == b"PT-1"
+    report = run_batch(settings)
+    assert report.written == 1
 
 
 def test_readings_are_keyed_by_patient(settings: Settings) -> None:

@@ -107,6 +107,16 @@ def test_feed_small_chunks_give_same_failures() -> None:
         pytest.param(b"a\nb", [(1, b"a"), (2, b"b")], id="no-final-newline"),
         pytest.param(b"a\n\nb\n", [(1, b"a"), (2, b""), (3, b"b")], id="blank-line"),
         pytest.param(b"", [], id="empty-file"),
+        pytest.param(b"\xef\xbb\xbfa\r\nb\r\n", [(1, b"a"), (2, b"b")], id="bom"),
+        pytest.param(b"\xef\xbb\xbf", [(1, b"")], id="bom-only"),
+        pytest.param(
+            b"a\n\xef\xbb\xbfb\n", [(1, b"a"), (2, b"\xef\xbb\xbfb")], id="bom-later"
+        ),
+        pytest.param(
+            b"\xef\xbb\xbf\xef\xbb\xbfa\n",
+            [(1, b"\xef\xbb\xbfa")],
+            id="second-bom-kept",
+        ),
     ],
 )
 def test_feed_iter_lines_strips_line_endings(
@@ -124,6 +134,37 @@ def test_feed_skips_blank_lines() -> None:
     assert result.failures == [
         LineFailure(4, "out_of_range", "age", "must be at most 130")
     ]
+
+
+def test_feed_ignores_bom_at_start() -> None:
+    """A file saved as UTF-8 with BOM by Windows Notepad: line 1 still passes."""
+    feed = b"\xef\xbb\xbf" + encode(reading()) + b"\r\n" + encode(reading()) + b"\r\n"
+
+    result = validate_feed(io.BytesIO(feed), SETTINGS, now=NOW)
+
+    assert result.checked == 2
+    assert result.failures == []
+
+
+def test_feed_rejects_bom_after_start() -> None:
+    """Only the file's first bytes may be a BOM, as the batch rejects one in a message."""
+    feed = encode(reading()) + b"\n\xef\xbb\xbf" + encode(reading()) + b"\n"
+
+    result = validate_feed(io.BytesIO(feed), SETTINGS, now=NOW)
+
+    assert [(failure.line, failure.reason) for failure in result.failures] == [
+        (2, "invalid_json")
+    ]
+
+
+def test_feed_cli_bom_file_exits_0(tmp_path: Path) -> None:
+    path = tmp_path / "notepad.ndjson"
+    path.write_bytes(b"\xef\xbb\xbf" + encode(reading()) + b"\r\n")
+
+    result = CliRunner().invoke(main, ["validate-feed", str(path)])
+
+    assert result.exit_code == 0, result.output
+    assert "1 messages checked: 1 valid, 0 invalid" in result.output
 
 
 def test_feed_checks_timestamp_against_now() -> None:
