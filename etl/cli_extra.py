@@ -20,7 +20,7 @@ from etl.exit_codes import EXIT_FAILED
 from etl.terminal import console, errors, print_error, stop_on_signals
 
 if TYPE_CHECKING:
-    from etl.feed import FeedResult
+    from etl.feed import FeedResult, PublishResult
     from etl.generate import ProduceStopped
     from etl.reports import ReportEntry
 
@@ -200,8 +200,31 @@ def publish(
         sys.exit(EXIT_CONFIG)
     console.print(
         f"Published {result.published} messages to topic {settings.kafka_topic}; "
-        f"{result.blank} blank lines skipped"
+        f"{result.blank} blank lines skipped{_unkeyed_summary(result, key_field)}"
     )
+    if key_field and result.published and result.without_field == result.published:
+        print_error(
+            "warning:",
+            f"no line has the field {key_field!r}, so every message was sent "
+            "without a key, and librdkafka spread them over the partitions at "
+            "random. Check --key-field (default: patient_id), or pass "
+            "--key-field '' to send no key on purpose",
+        )
+
+
+def _unkeyed_summary(result: PublishResult, key_field: str) -> str:
+    """Return the summary's part on messages sent without a key, or '' when all had one."""
+    reasons = []
+    if result.without_field:
+        reasons.append(f"{result.without_field} without the field {key_field!r}")
+    if result.unusable_key:
+        reasons.append(
+            f"{result.unusable_key} with a blank or non-string {key_field!r}"
+        )
+    if not reasons:
+        return ""
+    unkeyed = result.without_field + result.unusable_key
+    return f"; {unkeyed} sent without a key ({', '.join(reasons)})"
 
 
 def _print_publish_stopped(signal_name: str, error: ProduceStopped) -> None:

@@ -146,11 +146,18 @@ def _check_lines(
 
 @dataclass
 class PublishResult:
-    """Outcome of publishing a feed: lines read, blank lines skipped, messages sent."""
+    """Outcome of publishing a feed: lines read, blank lines skipped, messages sent.
+
+    With a key field, ``without_field`` counts the messages sent without a key
+    because they are not a JSON object with that field, and ``unusable_key``
+    those whose field is blank or not a string.
+    """
 
     lines: int = 0
     blank: int = 0
     published: int = 0
+    without_field: int = 0
+    unusable_key: int = 0
 
 
 def message_key(value: bytes, key_field: str | None) -> bytes | None:
@@ -160,14 +167,24 @@ def message_key(value: bytes, key_field: str | None) -> bytes | None:
     a string, gets no key. librdkafka's default partitioner then spreads such
     messages over the partitions at random.
     """
+    key, _ = find_message_key(value, key_field)
+    return key
+
+
+def find_message_key(value: bytes, key_field: str | None) -> tuple[bytes | None, bool]:
+    """Return the key that :func:`message_key` returns, and whether ``key_field`` is in ``value``.
+
+    The field counts as found when ``value`` is a JSON object with a member of
+    that name at the top level, whatever its value.
+    """
     if not key_field:
-        return None
+        return None, False
     try:
         document = orjson.loads(value)
     except orjson.JSONDecodeError:
-        return None
-    if not isinstance(document, dict):
-        return None
+        return None, False
+    if not isinstance(document, dict) or key_field not in document:
+        return None, False
     key = document.get(key_field)
     if value.count(json.dumps(key_field).encode()) > 1 or b"\\u" in value:
         # orjson keeps the last of two members with the same name, and the
@@ -176,11 +193,11 @@ def message_key(value: bytes, key_field: str | None) -> bytes | None:
         try:
             key = json.loads(value, object_pairs_hook=_first_member(key_field))
         except (ValueError, RecursionError):
-            return None
+            return None, True
     if not isinstance(key, str):
-        return None
+        return None, True
     # The batch strips the value, so the key is the patient_id of the row.
-    return key.strip().encode("utf-8", "backslashreplace") or None
+    return key.strip().encode("utf-8", "backslashreplace") or None, True
 
 
 def _first_member(name: str) -> Callable[[list[tuple[str, Any]]], Any]:
@@ -236,7 +253,12 @@ def publish_feed(
                 result.blank += 1
                 continue
             last_line, handed_out = number, handed_out + 1
-            yield message_key(value, key_field), value
+            key, field_found = find_message_key(value, key_field)
+            if key_field and not field_found:
+                result.without_field += 1
+            elif key_field and key is None:
+                result.unusable_key += 1
+            yield key, value
 
     try:
         result.published = produce_messages(

@@ -159,6 +159,73 @@ def test_message_key(value: bytes, key_field: str, key: bytes | None) -> None:
     assert message_key(value, key_field) == key
 
 
+def test_publish_counts_lines_without_key(settings: Settings) -> None:
+    feed = io.BytesIO(
+        b"\n".join(
+            [
+                b'{"patient_id": "PT-1"}',
+                b'{"patient_id": 7}',
+                b'{"device_id": "D-1"}',
+                b"[1]",
+                b'{"patient_id": "  "}',
+                b"",
+            ]
+        )
+    )
+
+    result = publish_feed(feed, settings, partitions=1)
+
+    assert result.published == 5
+    assert result.without_field == 2
+    assert result.unusable_key == 2
+
+
+def test_publish_unknown_key_field_warns(settings: Settings, tmp_path: Path) -> None:
+    """A --key-field that no line has: every message goes out unkeyed, with a warning."""
+    feed = tmp_path / "feed.ndjson"
+    feed.write_bytes(encode(reading(patient_id="PT-1")) + b"\n[1]\n")
+
+    result = CliRunner().invoke(
+        main, ["publish", "--key-field", "nosuch", str(feed)], env=env_of(settings)
+    )
+
+    summary = " ".join(result.stdout.split())
+    assert result.exit_code == 0, result.output
+    assert "Published 2 messages" in summary
+    assert "2 sent without a key (2 without the field 'nosuch')" in summary
+    assert "warning: no line has the field 'nosuch'" in result.stderr
+
+
+def test_publish_some_unkeyed_no_warning(settings: Settings, tmp_path: Path) -> None:
+    feed = tmp_path / "feed.ndjson"
+    lines = [reading(patient_id="PT-1"), reading(patient_id=7), {"x": 1}]
+    feed.write_bytes(b"\n".join(encode(line) for line in lines) + b"\n")
+
+    result = CliRunner().invoke(main, ["publish", str(feed)], env=env_of(settings))
+
+    summary = " ".join(result.stdout.split())
+    assert result.exit_code == 0, result.output
+    assert (
+        "2 sent without a key (1 without the field 'patient_id', "
+        "1 with a blank or non-string 'patient_id')" in summary
+    )
+    assert "warning" not in result.stderr
+
+
+def test_publish_without_key_field_is_quiet(settings: Settings, tmp_path: Path) -> None:
+    """--key-field '' sends no key on purpose, so nothing is counted or reported."""
+    feed = tmp_path / "feed.ndjson"
+    feed.write_bytes(encode(reading(patient_id="PT-1")) + b"\n")
+
+    result = CliRunner().invoke(
+        main, ["publish", "--key-field", "", str(feed)], env=env_of(settings)
+    )
+
+    assert result.exit_code == 0, result.output
+    assert "without a key" not in result.stdout
+    assert "warning" not in result.stderr
+
+
 def test_failed_line_resumes_with_from_line(settings: Settings, tmp_path: Path) -> None:
     # librdkafka fails a message above message.max.bytes before sending it.
     small = settings.model_copy(update={"kafka_extra": {"message.max.bytes": 2_000}})

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from etl.cli import main
 from etl.config import load_settings
-from etl.feed import LineFailure, iter_lines, validate_feed
+from etl.feed import LineFailure, find_message_key, iter_lines, validate_feed
 from etl.parse import RAW_SCHEMA
 from etl.pipeline import process_chunk
 from tests.conftest import case_value, encode, load_cases, reading
@@ -230,3 +230,33 @@ def test_feed_cli_limit_shortens_table() -> None:
 
     assert result.exit_code == 1
     assert "... and 3 more" in result.output
+
+
+@pytest.mark.parametrize(
+    ("value", "key_field", "expected"),
+    [
+        pytest.param(
+            b'{"patient_id": "PT-7"}', "patient_id", (b"PT-7", True), id="key"
+        ),
+        pytest.param(b'{"patient_id": 7}', "patient_id", (None, True), id="number"),
+        pytest.param(b'{"patient_id": null}', "patient_id", (None, True), id="null"),
+        pytest.param(b'{"patient_id": " "}', "patient_id", (None, True), id="blank"),
+        pytest.param(b'{"device_id": "D-1"}', "patient_id", (None, False), id="absent"),
+        pytest.param(
+            b'{"x": {"patient_id": "C"}}', "patient_id", (None, False), id="nested-only"
+        ),
+        pytest.param(b"[1, 2]", "patient_id", (None, False), id="array"),
+        pytest.param(b"{", "patient_id", (None, False), id="unreadable"),
+        pytest.param(b'{"patient_id": "PT-7"}', "", (None, False), id="no-key-field"),
+        pytest.param(
+            b'{"p\\u0061tient_id": "A", "patient_id": "B"}',
+            "patient_id",
+            (b"A", True),
+            id="escaped-name",
+        ),
+    ],
+)
+def test_find_message_key_reports_field(
+    value: bytes, key_field: str, expected: tuple[bytes | None, bool]
+) -> None:
+    assert find_message_key(value, key_field) == expected
