@@ -438,11 +438,13 @@ class Settings(BaseSettings):
 #: may hold a client secret although its name says nothing of it.
 _SECRET_WORDS: Final = ("password", "secret", "key", "token", "credential")
 _SECRET_PROPERTIES: Final = frozenset({"sasl.oauthbearer.config"})
-#: Query parameters named as secrets (``?password=``, ``?ssl_password=``). A
-#: value runs to the next '&', past any '#', which an unencoded password may contain.
-_PASSWORD_QUERY: Final = re.compile(
-    r"(?i)[?&][^=&#]*(?:password|secret|token|credential)[^=&#]*=(?P<value>[^&]*)"
-)
+#: A query parameter. Its name is percent-decoded before the check for secret
+#: words, as redis-py decodes it (``pass%77ord`` is ``password``). A value runs
+#: to the next '&', past any '#', which an unencoded password may contain.
+_QUERY_PARAMETER: Final = re.compile(r"[?&](?P<name>[^=&#]*)=(?P<value>[^&]*)")
+_QUERY_SECRET_WORDS: Final = ("password", "secret", "token", "credential")
+#: The '?' that starts a query: one followed by a parameter name and '='.
+_QUERY_START: Final = re.compile(r"\?[^=&#/@]*=")
 
 
 def _is_secret_key(key: str) -> bool:
@@ -451,31 +453,43 @@ def _is_secret_key(key: str) -> bool:
 
 
 def redact_url(url: str) -> str:
-    """Mask the password of a URL: ``redis://user:pw@host`` -> ``redis://user:***@host``.
+    """Mask the secrets of a URL: ``redis://user:pw@host`` -> ``redis://user:***@host``.
 
-    The user part ends at the last ``@``, so a password holding ``@``, ``/``
-    or ``?`` without percent-encoding is masked whole. Query parameters such
-    as ``password`` and ``ssl_password`` are masked too.
+    The password is masked whole even when it holds an unencoded '@', '/'
+    or '?'. Query parameters whose decoded name holds a secret word, such as
+    ``password`` and ``ssl_password``, are masked too. A user info without
+    ':' is masked whole, because redis-cli reads ``redis://secret@host`` as
+    a password while redis-py reads it as a user name.
     """
     scheme, separator, rest = url.partition("://")
     if not separator:
         return url
-    return f"{scheme}://{_redact_after_scheme(rest, mask_lone_user=False)}"
+    return f"{scheme}://{_redact_after_scheme(rest)}"
 
 
-def _redact_after_scheme(rest: str, *, mask_lone_user: bool) -> str:
-    """Mask the password and the secret query parameters of a URL without its scheme.
+def _redact_after_scheme(rest: str) -> str:
+    """Mask the user info and the secret query parameters of a URL without its scheme.
 
-    With ``mask_lone_user``, a user info without ':' is masked whole. Both
-    parts are found in the text as it is, then masked together, because an
-    unencoded '@' in a query password or a '?' in the user info puts one
-    part inside the other.
+    The user info ends at the last '@' before the query, so that an '@' in a
+    query value (``?client_name=ops@site``) leaves the host shown. When no
+    '@' and no '/' come before the query, the '?' belongs to a password and
+    the user info ends at the last '@' of the URL. Both parts are found in
+    the text as it is, then masked together, because one may lie inside the
+    other.
     """
-    spans = [match.span("value") for match in _PASSWORD_QUERY.finditer(rest)]
-    user_info, at, _ = rest.rpartition("@")
+    spans = [
+        match.span("value")
+        for match in _QUERY_PARAMETER.finditer(rest)
+        if any(word in unquote(match["name"]).lower() for word in _QUERY_SECRET_WORDS)
+    ]
+    query = _QUERY_START.search(rest)
+    head = rest[: query.start()] if query else rest
+    if "@" not in head and "/" not in head:
+        head = rest
+    user_info, at, _ = head.rpartition("@")
     if at and ":" in user_info:
         spans.append((user_info.index(":") + 1, len(user_info)))
-    elif at and mask_lone_user:
+    elif at:
         spans.append((0, len(user_info)))
     return _mask_spans(rest, spans)
 
@@ -505,15 +519,13 @@ def _mask_spans(text: str, spans: list[tuple[int, int]]) -> str:
 def redact_invalid_url(url: str) -> str:
     """Mask the secrets of a Redis URL that failed validation, showing the rest.
 
-    On top of what :func:`redact_url` masks, a user info without ':' is
-    masked whole, because redis-cli reads ``redis://secret@host`` as a
-    password, and so is the user info of a text without a scheme
-    (``:secret@host:6379``).
+    It masks what :func:`redact_url` masks, and the user info of a text
+    without a scheme (``:secret@host:6379``).
     """
     scheme, separator, rest = url.partition("://")
     if not separator:
         scheme, rest = "", url
-    return f"{scheme}{separator}{_redact_after_scheme(rest, mask_lone_user=True)}"
+    return f"{scheme}{separator}{_redact_after_scheme(rest)}"
 
 
 def load_settings(

@@ -431,7 +431,7 @@ def test_load_settings_extra_not_json_names_variable(
             "unix://:***@/run/redis.sock?db=0",
             id="unix",
         ),
-        pytest.param("redis://etl@host/0", "redis://etl@host/0", id="user-only"),
+        pytest.param("redis://etl@host/0", "redis://***@host/0", id="user-only"),
         pytest.param("redis://host:6379/0", "redis://host:6379/0", id="no-secret"),
     ],
 )

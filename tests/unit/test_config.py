@@ -211,8 +211,21 @@ def test_settings_redacted_masks_secrets() -> None:
             id="secret-query-parameters",
         ),
         pytest.param(
-            "redis://h:6379/0?password=p@ss", "redis://h:***", id="at-in-query-password"
+            "redis://h:6379/0?password=p@ss",
+            "redis://h:6379/0?password=***",
+            id="at-in-query-password",
         ),
+        pytest.param(
+            "redis://h/0?pass%77ord=pw&%70assword=pw",
+            "redis://h/0?pass%77ord=***&%70assword=***",
+            id="encoded-query-name",
+        ),
+        pytest.param(
+            "redis://u:pw@h:1/0?client_name=ops@site",
+            "redis://u:***@h:1/0?client_name=ops@site",
+            id="at-in-query-value",
+        ),
+        pytest.param("redis://secret@h/3", "redis://***@h/3", id="lone-user-info"),
         pytest.param(
             "redis://:a?password=b@h/0", "redis://:***", id="query-in-user-info"
         ),
