@@ -758,7 +758,7 @@ def _read_checks(
         (
             "name",
             Reason.INVALID_NAME,
-            "contains a control or bidirectional formatting character",
+            "contains a control or explicit bidirectional formatting character",
             pl.col("name").str.contains(NAME_CONTROL_CHARACTER),
         ),
         (

@@ -35,6 +35,6 @@ class Reason(StrEnum):
     INVALID_NAME = "invalid_name"
     """The name contains no letter (only digits or punctuation), or a character of
     :data:`etl.parse.NAME_CONTROL_CHARACTER` (a control, byte order mark or
-    bidirectional formatting character)."""
+    explicit bidirectional formatting character)."""
     OUTPUT_CONTRACT = "output_contract"
     """The derived row broke the output contract; this points at a bug, not at the producer."""

@@ -724,7 +724,8 @@ def test_parse_name_control_character_rejected(name: str) -> None:
 
     assert (reject["reason"], reject["field"]) == (Reason.INVALID_NAME, "name")
     assert (
-        reject["detail"] == "contains a control or bidirectional formatting character"
+        reject["detail"]
+        == "contains a control or explicit bidirectional formatting character"
     )
 
 
