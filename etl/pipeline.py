@@ -371,9 +371,9 @@ def _check_same_topic(
             "Kafka has no committed offsets of the group for them: the topic was "
             "probably recreated (or the group changed, or its offsets expired). If "
             f"it was recreated, reset them with {_reset_command(sink, topic, stored)} "
-            "(see the README, Operations). If not, confirm them with "
-            f"{sink.cli_command('HSET', sink.offsets_key, topic_id_field(topic), current)}. "
-            "Then rerun"
+            "(see the README, Operations). If not, confirm them and rerun. This "
+            "command confirms them: "
+            f"{sink.cli_command('HSET', sink.offsets_key, topic_id_field(topic), current)}"
         )
         raise OffsetsOutOfRange(msg)
     sink.set_topic_id(topic, current)

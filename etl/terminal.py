@@ -16,7 +16,7 @@ from typing import Any, Final
 from rich.console import Console
 from rich.text import Text
 
-console: Final = Console(markup=False, emoji=False)
+console: Final = Console(soft_wrap=True, markup=False, emoji=False)
 # Not wrapped: an error may end with a command to copy, such as a reset.
 errors: Final = Console(stderr=True, soft_wrap=True, markup=False, emoji=False)
 
