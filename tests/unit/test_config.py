@@ -20,7 +20,7 @@ from etl.config import (
     redact_url,
 )
 from etl.services import free_port
-from etl.terminal import print_error
+from etl.terminal import console, print_error
 
 
 def test_settings_defaults_point_at_localhost() -> None:
@@ -649,3 +649,12 @@ def test_print_error_keeps_brackets_and_colons(
     assert (
         capsys.readouterr().err == "error: key icu:bed:patients at [::1]:6379 [bold]\n"
     )
+
+
+def test_console_keeps_long_lines_whole(capsys: pytest.CaptureFixture[str]) -> None:
+    """A summary printed into a pipe stays on one line, so grep finds it."""
+    line = "Of the 100 message(s) sent, 100 were delivered; " * 4
+
+    console.print(line)
+
+    assert capsys.readouterr().out == line + "\n"
