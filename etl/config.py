@@ -438,13 +438,15 @@ class Settings(BaseSettings):
 #: may hold a client secret although its name says nothing of it.
 _SECRET_WORDS: Final = ("password", "secret", "key", "token", "credential")
 _SECRET_PROPERTIES: Final = frozenset({"sasl.oauthbearer.config"})
-#: A query parameter. Its name is percent-decoded before the check for secret
-#: words, as redis-py decodes it (``pass%77ord`` is ``password``). A value runs
-#: to the next '&', past any '#', which an unencoded password may contain.
-_QUERY_PARAMETER: Final = re.compile(r"[?&](?P<name>[^=&#]*)=(?P<value>[^&]*)")
+#: A query parameter, matched at every '?' and '&' (a lookahead, so that a
+#: match starting at an '&' inside a password cannot swallow the next real
+#: parameter). Its name is percent-decoded before the check for secret words,
+#: as redis-py decodes it (``pass%77ord`` is ``password``). A value runs to
+#: the next '&', past any '#', which an unencoded password may contain.
+_QUERY_PARAMETER: Final = re.compile(r"(?=[?&](?P<name>[^=&#]*)=(?P<value>[^&]*))")
 _QUERY_SECRET_WORDS: Final = ("password", "secret", "token", "credential")
-#: The '?' that starts a query: one followed by a parameter name and '='.
-_QUERY_START: Final = re.compile(r"\?[^=&#/@]*=")
+#: Characters that ``urlsplit``, and so redis-py, removes from a URL before parsing it.
+_URL_CONTROLS: Final = str.maketrans("", "", "\t\r\n")
 
 
 def _is_secret_key(key: str) -> bool:
@@ -455,12 +457,14 @@ def _is_secret_key(key: str) -> bool:
 def redact_url(url: str) -> str:
     """Mask the secrets of a URL: ``redis://user:pw@host`` -> ``redis://user:***@host``.
 
-    The password is masked whole even when it holds an unencoded '@', '/'
-    or '?'. Query parameters whose decoded name holds a secret word, such as
+    The password is masked whole even when it contains an unencoded '@', '/'
+    or '?'. Query parameters whose decoded name contains a secret word, such as
     ``password`` and ``ssl_password``, are masked too. A user info without
     ':' is masked whole, because redis-cli reads ``redis://secret@host`` as
-    a password while redis-py reads it as a user name.
+    a password while redis-py reads it as a user name. Tabs and line breaks
+    are dropped first, as ``urlsplit`` drops them.
     """
+    url = url.translate(_URL_CONTROLS)
     scheme, separator, rest = url.partition("://")
     if not separator:
         return url
@@ -470,28 +474,53 @@ def redact_url(url: str) -> str:
 def _redact_after_scheme(rest: str) -> str:
     """Mask the user info and the secret query parameters of a URL without its scheme.
 
-    The user info ends at the last '@' before the query, so that an '@' in a
-    query value (``?client_name=ops@site``) leaves the host shown. When no
-    '@' and no '/' come before the query, the '?' belongs to a password and
-    the user info ends at the last '@' of the URL. Both parts are found in
-    the text as it is, then masked together, because one may lie inside the
-    other.
+    The user info ends at the last '@' of the text, because a password may
+    hold an unencoded '@', '/', '?' or '#'. When ``urlsplit`` reads a valid
+    port and no '@' follows the network location, it is the user info of
+    the network location, as redis-py reads it. An '@' inside a query value
+    (``?client_name=ops@site``) may close the user info of a password that
+    holds '?': everything from the password on is then masked, so that no
+    other text is shown as the host. Secret query parameters are searched
+    after the network location, or in the whole text when there is none.
     """
+    netloc_end = _network_location_end(rest)
+    query_from = 0 if netloc_end is None else netloc_end
+    parameters = [
+        (query_from + match.start("value"), query_from + match.end("value"), match)
+        for match in _QUERY_PARAMETER.finditer(rest[query_from:])
+    ]
     spans = [
-        match.span("value")
-        for match in _QUERY_PARAMETER.finditer(rest)
+        (start, end)
+        for start, end, match in parameters
         if any(word in unquote(match["name"]).lower() for word in _QUERY_SECRET_WORDS)
     ]
-    query = _QUERY_START.search(rest)
-    head = rest[: query.start()] if query else rest
-    if "@" not in head and "/" not in head:
-        head = rest
-    user_info, at, _ = head.rpartition("@")
-    if at and ":" in user_info:
-        spans.append((user_info.index(":") + 1, len(user_info)))
-    elif at:
-        spans.append((0, len(user_info)))
+    last_at = rest.rfind("@")
+    if netloc_end is not None and last_at < netloc_end:
+        last_at = rest.rfind("@", 0, netloc_end)
+    if last_at < 0:
+        return _mask_spans(rest, spans)
+    user_info = rest[:last_at]
+    in_query_value = any(
+        start <= last_at < end and match["name"] for start, end, match in parameters
+    )
+    mask_end = len(rest) if in_query_value else last_at
+    user, colon, _ = user_info.partition(":")
+    if colon and not re.search(r"[@/?#\[\]]", user):
+        spans.append((len(user) + 1, mask_end))
+    else:
+        # No user name can be separated from it: the whole user info is masked.
+        spans.append((0, mask_end))
     return _mask_spans(rest, spans)
+
+
+def _network_location_end(rest: str) -> int | None:
+    """Return where ``urlsplit``'s network location ends in ``rest``, or None if it has no valid port."""
+    try:
+        _ = urlsplit(f"redis://{rest}").port  # raises ValueError on a bad port
+    except ValueError:
+        return None
+    end = re.search(r"[/?#]", rest)
+    return end.start() if end else len(rest)
 
 
 def _mask_spans(text: str, spans: list[tuple[int, int]]) -> str:
@@ -522,6 +551,7 @@ def redact_invalid_url(url: str) -> str:
     It masks what :func:`redact_url` masks, and the user info of a text
     without a scheme (``:secret@host:6379``).
     """
+    url = url.translate(_URL_CONTROLS)
     scheme, separator, rest = url.partition("://")
     if not separator:
         scheme, rest = "", url

@@ -212,7 +212,7 @@ def test_settings_redacted_masks_secrets() -> None:
         ),
         pytest.param(
             "redis://h:6379/0?password=p@ss",
-            "redis://h:6379/0?password=***",
+            "redis://h:***",
             id="at-in-query-password",
         ),
         pytest.param(
@@ -222,10 +222,35 @@ def test_settings_redacted_masks_secrets() -> None:
         ),
         pytest.param(
             "redis://u:pw@h:1/0?client_name=ops@site",
-            "redis://u:***@h:1/0?client_name=ops@site",
+            "redis://u:***",
             id="at-in-query-value",
         ),
         pytest.param("redis://secret@h/3", "redis://***@h/3", id="lone-user-info"),
+        # An '&' and '=' in the user info must not hide the real parameters.
+        pytest.param(
+            "rediss://u:k&J=9@h:6380/0?ssl_password=s3",
+            "rediss://u:***@h:6380/0?ssl_password=***",
+            id="ampersand-in-password",
+        ),
+        pytest.param(
+            "unix:///tmp/a&b=c.sock?password=s3",
+            "unix:///tmp/a&b=c.sock?password=***",
+            id="ampersand-in-socket-path",
+        ),
+        pytest.param(
+            "redis://h:6379/0?pass\nword=s3",
+            "redis://h:6379/0?password=***",
+            id="newline",
+        ),
+        pytest.param(
+            "redis://secret@h:6379/0?&client_name=a@b",
+            "redis://***",
+            id="lone-user-info-and-at-in-query",
+        ),
+        # Unencoded '/', '?' or '#' in a password after a valid-looking port.
+        pytest.param("redis://u:12/ab@h", "redis://u:***@h", id="slash-after-port"),
+        pytest.param("redis://u:12?ab@h", "redis://u:***@h", id="question-after-port"),
+        pytest.param("redis://u:12#ab@h/0", "redis://u:***@h/0", id="hash-after-port"),
         pytest.param(
             "redis://:a?password=b@h/0", "redis://:***", id="query-in-user-info"
         ),
