@@ -444,6 +444,8 @@ _SECRET_PROPERTIES: Final = frozenset({"sasl.oauthbearer.config"})
 #: as redis-py decodes it (``pass%77ord`` is ``password``). A value runs to
 #: the next '&', past any '#', which an unencoded password may contain.
 _QUERY_PARAMETER: Final = re.compile(r"(?=[?&](?P<name>[^=&#]*)=(?P<value>[^&]*))")
+#: The secret words of a query parameter's name. "key" is not one, because
+#: ``ssl_keyfile`` names a file path.
 _QUERY_SECRET_WORDS: Final = ("password", "secret", "token", "credential")
 #: Characters that ``urlsplit``, and so redis-py, removes from a URL before parsing it.
 _URL_CONTROLS: Final = str.maketrans("", "", "\t\r\n")
@@ -464,22 +466,20 @@ def redact_url(url: str) -> str:
     a password while redis-py reads it as a user name. Tabs and line breaks
     are dropped first, as ``urlsplit`` drops them.
     """
-    url = url.translate(_URL_CONTROLS)
-    scheme, separator, rest = url.partition("://")
-    if not separator:
+    if "://" not in url:
         return url
-    return f"{scheme}://{_redact_after_scheme(rest)}"
+    return redact_invalid_url(url)
 
 
 def _redact_after_scheme(rest: str) -> str:
     """Mask the user info and the secret query parameters of a URL without its scheme.
 
     The user info ends at the last '@' of the text, because a password may
-    hold an unencoded '@', '/', '?' or '#'. When ``urlsplit`` reads a valid
+    contain an unencoded '@', '/', '?' or '#'. When ``urlsplit`` reads a valid
     port and no '@' follows the network location, it is the user info of
     the network location, as redis-py reads it. An '@' inside a query value
     (``?client_name=ops@site``) may close the user info of a password that
-    holds '?': everything from the password on is then masked, so that no
+    contains '?': everything from the password on is then masked, so that no
     other text is shown as the host. Secret query parameters are searched
     after the network location, or in the whole text when there is none.
     """
@@ -548,8 +548,9 @@ def _mask_spans(text: str, spans: list[tuple[int, int]]) -> str:
 def redact_invalid_url(url: str) -> str:
     """Mask the secrets of a Redis URL that failed validation, showing the rest.
 
-    It masks what :func:`redact_url` masks, and the user info of a text
-    without a scheme (``:secret@host:6379``).
+    It masks what :func:`redact_url` masks, and also the user info of a text
+    without a scheme (``:secret@host:6379``), which :func:`redact_url`
+    returns as it is.
     """
     url = url.translate(_URL_CONTROLS)
     scheme, separator, rest = url.partition("://")
@@ -631,8 +632,8 @@ def _shown_input(field: str, value: Any) -> Any:
 
     A Redis URL is shown with its password and secret query parameters
     masked (see :func:`redact_invalid_url`), so that the user sees which URL
-    was read. The values of other
-    fields that may contain a secret are masked whole.
+    was read. The values of other fields that may contain a secret are
+    masked whole.
     """
     if field == "redis_url" and isinstance(value, SecretStr):
         value = value.get_secret_value()
