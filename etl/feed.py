@@ -160,22 +160,14 @@ class PublishResult:
     unusable_key: int = 0
 
 
-def message_key(value: bytes, key_field: str | None) -> bytes | None:
-    """Return the Kafka key for ``value``: its stripped ``key_field`` string in UTF-8, else None.
-
-    A value that is not a JSON object, or whose ``key_field`` is missing or not
-    a string, gets no key. librdkafka's default partitioner then spreads such
-    messages over the partitions at random.
-    """
-    key, _ = find_message_key(value, key_field)
-    return key
-
-
 def find_message_key(value: bytes, key_field: str | None) -> tuple[bytes | None, bool]:
-    """Return the key that :func:`message_key` returns, and whether ``key_field`` is in ``value``.
+    """Return the Kafka key for ``value`` and whether ``key_field`` is in ``value``.
 
-    The field counts as found when ``value`` is a JSON object with a member of
-    that name at the top level, whatever its value.
+    The key is the stripped ``key_field`` string in UTF-8. A value that is not
+    a JSON object, or whose ``key_field`` is missing or not a string, gets no
+    key, and librdkafka's default partitioner then spreads such messages over
+    the partitions at random. The field counts as found when ``value`` is a
+    JSON object with a member of that name at the top level, whatever its value.
     """
     if not key_field:
         return None, False
