@@ -127,7 +127,7 @@ NAME_CONTROL_CHARACTER: Final = (
     r"[\x00-\x08\x0E-\x1F\x7F-\x9F\x{202A}-\x{202E}\x{2066}-\x{2069}\x{FEFF}]"
 )
 #: Control, format and line or paragraph separator characters, whitespace
-#: controls included, which a patient id may not hold once stripped. An id
+#: controls included, which a patient id must not contain once stripped. An id
 #: with one displays like the id without it, so two patients could look like one.
 INVISIBLE_IN_ID: Final = r"[\p{Cc}\p{Cf}\p{Zl}\p{Zp}]"
 #: Any surrogate escape, and a high surrogate escape directly followed by a low one.

@@ -89,8 +89,6 @@ CREDENTIAL_AT_END: Final = rf"[\s,]{_CREDENTIAL}$"
 #: given names, so they stay after the family name ("Jane Doe, PhD" ->
 #: "Jane" / "Doe, PhD").
 NAME_WITH_CREDENTIALS: Final = rf"^(?<name>\S+\s.*?[^\s,])(?<credentials>(?:{_CREDENTIAL_SEPARATOR}{_CREDENTIAL})+)$"
-
-
 #: A combining mark, or a conjoining Hangul jamo (U+1100 to U+11FF, U+A960 to
 #: U+A97F, U+D7B0 to U+D7FF): text with one may change under NFC.
 DECOMPOSED: Final = r"[\p{M}\x{1100}-\x{11FF}\x{A960}-\x{A97F}\x{D7B0}-\x{D7FF}]"
@@ -247,13 +245,14 @@ def transform(
     # expression trees, more than evaluating them on a 50k-row chunk. Eager
     # Polars shares no subexpression, so the parts that two output columns
     # read are stored as columns first.
+
     # The contract checked the name as sent; the split reads its composed form.
     readings = readings.with_columns(compose_marks(readings["name"]))
-    credentials = readings["name"].str.contains(CREDENTIAL_AT_END).any()
-    if credentials:
+    has_credentials = readings["name"].str.contains(CREDENTIAL_AT_END).any()
+    if has_credentials:
         readings = _set_credentials_apart(readings)
     shared, columns = _output_columns(
-        topic, rule_set, time_zone, credentials=credentials
+        topic, rule_set, time_zone, credentials=has_credentials
     )
     return readings.with_columns(shared).select(columns).select(OUTPUT_KEYS)
 
