@@ -89,6 +89,34 @@ CREDENTIAL_AT_END: Final = rf"[\s,]{_CREDENTIAL}$"
 #: given names, so they stay after the family name ("Jane Doe, PhD" ->
 #: "Jane" / "Doe, PhD").
 NAME_WITH_CREDENTIALS: Final = rf"^(?<name>\S+\s.*?[^\s,])(?<credentials>(?:{_CREDENTIAL_SEPARATOR}{_CREDENTIAL})+)$"
+#: Titles that may open a name ("Dr Jane Doe", "Mme Marie DUBOIS"): English,
+#: French, Spanish and German forms of address. They are matched as written
+#: here, with or without a full stop, and in capitals ("MRS", "DR."). A title
+#: of two letters in capitals needs its full stop, and so does "M", because
+#: without one they may be initials ("MS Dhoni", "M Jean DUPONT").
+TITLES: Final = (
+    "Dame", "Dr", "Frau", "Herr", "Miss", "Mlle", "Mme", "Mr", "Mrs", "Ms",
+    "Mx", "Prof", "Rev", "Sir", "Sr", "Sra", "Srta",
+)  # fmt: skip
+_TITLE: Final = "(?:{})".format(
+    "|".join(
+        [
+            *(rf"{title}\.?" for title in TITLES),
+            *(rf"{title.upper()}\.?" for title in TITLES if len(title) > 2),
+            *(rf"{title.upper()}\." for title in TITLES if len(title) == 2),
+            r"M\.",
+        ]
+    )
+)
+#: Every name that opens with a title opens like this.
+TITLE_AT_START: Final = rf"^{_TITLE}\s"
+#: Titles followed by a name of two words or more ("Prof Dr Hans MÜLLER").
+#: They are set apart and put back before the first name, so the rest splits
+#: as if they were not there ("Dr Jane Doe" -> "Dr Jane" / "Doe", "Mme DUBOIS
+#: Marie" -> "Mme Marie" / "DUBOIS"). After a title and one word, that word is
+#: the family name ("Mrs Smith" -> "Mrs" / "Smith"), as the split by words
+#: already gives.
+NAME_WITH_TITLE: Final = rf"^(?<title>{_TITLE}(?:\s{_TITLE})*)\s(?<name>\S+\s.+)$"
 #: A combining mark, or a conjoining Hangul jamo (U+1100 to U+11FF, U+A960 to
 #: U+A97F, U+D7B0 to U+D7FF): text with one may change under NFC.
 DECOMPOSED: Final = r"[\p{M}\x{1100}-\x{11FF}\x{A960}-\x{A97F}\x{D7B0}-\x{D7FF}]"
@@ -127,7 +155,9 @@ def split_name(name: pl.Expr, *, normalised: bool = False) -> tuple[pl.Expr, pl.
     GAULLE", "Seán Ó BRIAIN"), and so is a leading run of upper-case words
     before a capitalised word ("DUBOIS Marie Claire", "de GAULLE Charles").
     Credentials at the end (:data:`CREDENTIALS`) are set aside first and
-    end the last name ("Jane Doe, PhD" -> "Jane" / "Doe, PhD").
+    end the last name ("Jane Doe, PhD" -> "Jane" / "Doe, PhD"). Titles at
+    the start (:data:`TITLES`) are set aside next and open the first name
+    ("Dr Jane Doe" -> "Dr Jane" / "Doe").
     The patterns read composed letters, so decomposed accents must first be
     composed (:func:`compose_marks`). Otherwise the
     first whitespace-separated token is the first name and the rest,
@@ -147,8 +177,13 @@ def split_name(name: pl.Expr, *, normalised: bool = False) -> tuple[pl.Expr, pl.
     clean = name if normalised else name.str.strip_chars().str.replace_all(r"\s+", " ")
     credentials = credential_groups(clean)
     base = pl.coalesce(credentials.struct.field("name"), clean)
+    titles = title_groups(base)
+    base = pl.coalesce(titles.struct.field("name"), base)
     first, last = name_from_candidates(**name_candidates(base))
-    return first, with_credentials(last, credentials.struct.field("credentials"))
+    return (
+        with_title(first, titles.struct.field("title")),
+        with_credentials(last, credentials.struct.field("credentials")),
+    )
 
 
 def credential_groups(clean: pl.Expr) -> pl.Expr:
@@ -164,6 +199,22 @@ def credential_groups(clean: pl.Expr) -> pl.Expr:
 def with_credentials(last: pl.Expr, credentials: pl.Expr) -> pl.Expr:
     """Append ``credentials``, separator included, to ``last`` where both are present."""
     return pl.coalesce(pl.concat_str(last, credentials), last)
+
+
+def title_groups(clean: pl.Expr) -> pl.Expr:
+    """Return the ``title`` and ``name`` groups of :data:`NAME_WITH_TITLE`.
+
+    The struct is null where the name opens with no title, or with a title
+    and fewer than two words.
+    """
+    # Null rows skip the regex with capture groups.
+    opening = pl.when(clean.str.contains(TITLE_AT_START)).then(clean)
+    return opening.str.extract_groups(NAME_WITH_TITLE)
+
+
+def with_title(first: pl.Expr, title: pl.Expr) -> pl.Expr:
+    """Put ``title`` and a space before ``first`` where both are present."""
+    return pl.coalesce(pl.concat_str(title, first, separator=" "), first)
 
 
 def name_candidates(clean: pl.Expr) -> dict[str, pl.Expr]:
@@ -251,8 +302,11 @@ def transform(
     has_credentials = readings["name"].str.contains(CREDENTIAL_AT_END).any()
     if has_credentials:
         readings = _set_credentials_apart(readings)
+    has_title = readings["name"].str.contains(TITLE_AT_START).any()
+    if has_title:
+        readings = _set_titles_apart(readings)
     shared, columns = _output_columns(
-        topic, rule_set, time_zone, credentials=has_credentials
+        topic, rule_set, time_zone, credentials=has_credentials, titles=has_title
     )
     return readings.with_columns(shared).select(columns).select(OUTPUT_KEYS)
 
@@ -266,13 +320,23 @@ def _set_credentials_apart(readings: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-@functools.lru_cache(maxsize=16)
+def _set_titles_apart(readings: pl.DataFrame) -> pl.DataFrame:
+    """Cut the titles off ``name`` into the column ``_name_titles``."""
+    groups = readings.select(title_groups(pl.col("name"))).to_series()
+    return readings.with_columns(
+        pl.coalesce(pl.lit(groups.struct.field("name")), pl.col("name")).alias("name"),
+        groups.struct.field("title").alias("_name_titles"),
+    )
+
+
+@functools.lru_cache(maxsize=32)
 def _output_columns(
-    topic: str, rule_set: str, time_zone: str, *, credentials: bool
+    topic: str, rule_set: str, time_zone: str, *, credentials: bool, titles: bool
 ) -> tuple[tuple[pl.Expr, ...], tuple[pl.Expr, ...]]:
     """Build the expressions of the shared parts and of the output columns once per setting.
 
-    With ``credentials``, the last name ends with the ``_name_credentials`` column.
+    With ``credentials``, the last name ends with the ``_name_credentials``
+    column; with ``titles``, the first name starts with ``_name_titles``.
     """
     # Names come from etl.parse.to_typed, already stripped and collapsed.
     name_parts = name_candidates(pl.col("name"))
@@ -295,6 +359,8 @@ def _output_columns(
     )
     if credentials:
         last_name = with_credentials(last_name, pl.col("_name_credentials"))
+    if titles:
+        first_name = with_title(first_name, pl.col("_name_titles"))
     news2_score, news2_risk = rules.news2_from_code(
         pl.col("_news2_code"), age=pl.col("age")
     )

@@ -158,6 +158,24 @@ def split(names: list[str]) -> list[tuple[str | None, str | None]]:
         ),
         pytest.param("Jane Doe, MD, FACP", ("Jane", "Doe, MD, FACP"), id="fellowship"),
         pytest.param("Jane , MD", ("MD", "Jane"), id="one-word-comma-credential"),
+        pytest.param("Dr Jane Doe", ("Dr Jane", "Doe"), id="title"),
+        pytest.param("Dr. Jane Doe", ("Dr. Jane", "Doe"), id="title-full-stop"),
+        pytest.param("Mrs Smith", ("Mrs", "Smith"), id="title-and-family-name"),
+        pytest.param("Mme DUBOIS Marie", ("Mme Marie", "DUBOIS"), id="title-leading"),
+        pytest.param("M. Jean DUPONT", ("M. Jean", "DUPONT"), id="title-monsieur"),
+        pytest.param(
+            "Prof Dr Hans MÜLLER", ("Prof Dr Hans", "MÜLLER"), id="two-titles"
+        ),
+        pytest.param("Dr Jane Doe, MD", ("Dr Jane", "Doe, MD"), id="title-credential"),
+        pytest.param("Dr Doe, Jane", ("Dr Jane", "Doe"), id="title-comma"),
+        pytest.param("DR. JANE DOE", ("DR. JANE", "DOE"), id="title-capitals"),
+        # Two capitals without a full stop may be initials.
+        pytest.param(
+            "MS Swaminathan Iyer",
+            ("MS", "Swaminathan Iyer"),
+            id="initials-not-title",
+        ),
+        pytest.param("Drake Bell", ("Drake", "Bell"), id="not-a-title"),
         # Connectors join a leading upper-case family name too.
         pytest.param(
             "GARCÍA y LÓPEZ María José",
@@ -222,7 +240,9 @@ NAMES = st.text(
     alphabet=st.sampled_from(["A", "é", "Z", "b", "I", "J", "R", "-", "'", ",", " "]),
     max_size=24,
 ).map(lambda name: " ".join(name.split())) | st.lists(
-    st.sampled_from(["Jane", "DOE", "de", "Ó", "MD", "Ph.D.", "RN,", ",", "JR"]),
+    st.sampled_from(
+        ["Jane", "DOE", "de", "Ó", "MD", "Ph.D.", "RN,", ",", "JR", "Dr", "M.", "MRS"]
+    ),
     max_size=5,
 ).map(" ".join)
 OPTIONAL_RATES = st.none() | st.floats(0, 300, allow_nan=False)
