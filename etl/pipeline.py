@@ -39,9 +39,8 @@ from etl.sink import (
     OffsetConflict,
     RedisSink,
     WriteResult,
-    offset_field,
+    reset_offsets_command,
     topic_id_field,
-    write_id_field,
 )
 from etl.source import KafkaSource, OffsetsOutOfRange, Prefetcher
 from etl.transform import transform
@@ -357,11 +356,12 @@ def _check_same_topic(
         return
     topic = source.topic
     recorded = sink.stored_topic_id(topic)
+    reset_command = reset_offsets_command(sink.settings, topic, stored)
     if stored and recorded not in (None, current):
         msg = (
             f"topic {topic} was recreated: its id is now {current}, while the offsets "
             f"stored in Redis belong to the topic with id {recorded}, so they do not "
-            f"apply to its records. Reset them with {_reset_command(sink, topic, stored)} "
+            f"apply to its records. Reset them with {reset_command} "
             "(see the README, Operations), then rerun"
         )
         raise OffsetsOutOfRange(msg)
@@ -370,20 +370,13 @@ def _check_same_topic(
             f"the offsets of topic {topic} stored in Redis carry no topic id, and "
             "Kafka has no committed offsets of the group for them: the topic was "
             "probably recreated (or the group changed, or its offsets expired). If "
-            f"it was recreated, reset them with {_reset_command(sink, topic, stored)} "
+            f"it was recreated, reset them with {reset_command} "
             "(see the README, Operations). If not, confirm them and rerun. This "
             "command confirms them: "
             f"{sink.cli_command('HSET', sink.offsets_key, topic_id_field(topic), current)}"
         )
         raise OffsetsOutOfRange(msg)
     sink.set_topic_id(topic, current)
-
-
-def _reset_command(sink: RedisSink, topic: str, stored: dict[int, int]) -> str:
-    """Return the redis-cli HDEL that deletes every field of ``topic`` from the offsets hash."""
-    fields = [offset_field(topic, p) for p in sorted(stored)]
-    fields += [write_id_field(topic), topic_id_field(topic)]
-    return sink.cli_command("HDEL", sink.offsets_key, *fields)
 
 
 def run_batch(settings: Settings, *, now: float | None = None) -> BatchReport:

@@ -30,6 +30,8 @@ from redis.connection import SSLConnection, parse_url
 from etl.config import ENV_PREFIX, ConfigurationError
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from etl.config import Settings
 
 logger = logging.getLogger(__name__)
@@ -138,6 +140,11 @@ class RedisSink:
         # every later write checks that Redis still has at least that much.
         self._stored_by_us: dict[str, dict[int, int]] = {}
         self._topic_ids: dict[str, str] = {}
+
+    @property
+    def settings(self) -> Settings:
+        """The settings of the Redis this sink writes to."""
+        return self._settings
 
     @property
     def offsets_key(self) -> str:
@@ -485,6 +492,20 @@ def redis_cli_command(settings: Settings, *arguments: str) -> str:
         command.append("--askpass")
     command += ["-n", str(settings.redis_database), *arguments]
     return shlex.join(command)
+
+
+def reset_offsets_command(
+    settings: Settings, topic: str, partitions: Iterable[int]
+) -> str:
+    """Return the redis-cli HDEL that deletes the fields of ``topic`` from the offsets hash.
+
+    The fields are the next offset of each of ``partitions``, the id of the
+    last write and the topic id. Without them, the next batch starts each
+    partition at the group's committed offset in Kafka, or at the earliest.
+    """
+    fields = [offset_field(topic, p) for p in sorted(partitions)]
+    fields += [write_id_field(topic), topic_id_field(topic)]
+    return redis_cli_command(settings, "HDEL", settings.redis_offsets_key, *fields)
 
 
 def missing_database(

@@ -40,6 +40,7 @@ from confluent_kafka.admin import AdminClient
 
 from etl.config import kafka_client
 from etl.parse import RAW_SCHEMA
+from etl.sink import offset_field, redis_cli_command, reset_offsets_command
 
 if TYPE_CHECKING:
     from etl.config import Settings
@@ -347,12 +348,8 @@ class KafkaSource:
                 partition = int(message.partition() or 0)
                 msg = (
                     f"the stored offset of partition {partition} of topic {self._topic} "
-                    f"is outside the data the broker holds ({error.str()}); the topic "
-                    "was probably recreated or truncated. Check the field "
-                    f"'{self._topic}:{partition}' of the offsets hash "
-                    f"{self._settings.redis_offsets_key!r} in Redis database "
-                    f"{self._settings.redis_database} and reset it (see the README, "
-                    "Operations)"
+                    f"is outside the data the broker holds ({error.str()}). "
+                    f"{self._out_of_range_advice(partition)}"
                 )
                 raise OffsetsOutOfRange(msg)
             if error.code() == KafkaError._PARTITION_EOF:
@@ -399,10 +396,48 @@ class KafkaSource:
                 f"{self._settings.kafka_bootstrap_servers} sent neither records nor "
                 f"their end for {limit:.0f} s from offsets "
                 f"{describe_offsets(positions)}. The broker may be hung or "
-                "unreachable; or, if the topic was recreated, the stored offsets "
-                "point past its end: reset them (see the README, Operations)"
+                "unreachable. Or, if the topic was recreated, the stored offsets "
+                "point past its end: reset them with "
+                f"{reset_offsets_command(self._settings, self._topic, self._partitions)} "
+                "and rerun (see the README, Operations)"
             )
             raise SourceError(msg)
+
+    def _out_of_range_advice(self, partition: int) -> str:
+        """Say how to reset the stored offset of ``partition``, which the broker does not hold.
+
+        Below the broker's earliest offset, retention deleted the records,
+        and the partition can only go on from there. Past its end, the topic
+        was probably recreated, and all its stored offsets are reset.
+        """
+        stored = self._start.get(partition, -1)
+        try:
+            # None when the broker does not answer in time.
+            watermarks = self._consumer.get_watermark_offsets(
+                TopicPartition(self._topic, partition),
+                timeout=self._settings.kafka_timeout_s,
+            )
+        except KafkaException:
+            watermarks = None
+        earliest = watermarks[0] if watermarks else -1
+        if 0 <= stored < earliest:
+            command = redis_cli_command(
+                self._settings,
+                "HSET",
+                self._settings.redis_offsets_key,
+                offset_field(self._topic, partition),
+                str(earliest),
+            )
+            return (
+                f"The broker deleted the records from offset {stored} to "
+                f"{earliest - 1} (retention), so they cannot be read. To go on "
+                f"from its earliest record, run {command} and rerun"
+            )
+        command = reset_offsets_command(self._settings, self._topic, self._partitions)
+        return (
+            "The topic was probably recreated: reset its stored offsets with "
+            f"{command} and rerun (see the README, Operations)"
+        )
 
     def _check_stall(self, last_progress: float) -> None:
         """Fail when the broker went silent after reporting errors."""

@@ -16,7 +16,12 @@ from pydantic import SecretStr
 from contracts.models import OUTPUT_KEYS
 from etl.config import ConfigurationError, Settings
 from etl.pipeline import run_batch
-from etl.sink import RedisSink, SinkError
+from etl.sink import (
+    RedisSink,
+    SinkError,
+    redis_cli_command,
+    reset_offsets_command,
+)
 from etl.source import KafkaSource, OffsetsOutOfRange, SourceError
 from tests.conftest import (
     case_value,
@@ -295,9 +300,14 @@ def test_batch_offsets_past_topic_end_fail_loudly(
     )
     quick = settings.model_copy(update={"kafka_timeout_s": 2.0, "deadline_s": 60.0})
     started = time.monotonic()
-    with pytest.raises(SourceError, match=r"from offsets \{0: 5000\}.*reset"):
+    with pytest.raises(
+        SourceError, match=r"from offsets \{0: 5000\}.*reset"
+    ) as failure:
         run_batch(quick)
     assert time.monotonic() - started < 30
+    assert reset_offsets_command(settings, settings.kafka_topic, [0]) in str(
+        failure.value
+    )
     assert redis_client.llen(settings.redis_list_key) == 0
 
 
@@ -340,19 +350,61 @@ class _OffsetResetEvent:
         return 1
 
 
-def test_offset_outside_log_names_redis_database(settings: Settings) -> None:
-    redis_url = settings.redis_url.get_secret_value().rsplit("/", 1)[0] + "/5"
-    in_database_5 = settings.model_copy(update={"redis_url": SecretStr(redis_url)})
-    source = KafkaSource(in_database_5)
+class _Watermarks:
+    """Answers a watermark request as a broker whose partition 1 holds offsets 120 to 499."""
+
+    def __init__(self, answer: tuple[int, int] | None) -> None:
+        self.answer = answer
+
+    def get_watermark_offsets(
+        self, partition: TopicPartition, timeout: float = -1, cached: bool = False
+    ) -> tuple[int, int] | None:
+        return self.answer
+
+
+def _out_of_range_message(
+    settings: Settings, stored: int, watermarks: tuple[int, int] | None
+) -> str:
+    """Return the error for partition 1 of a source assigned from ``stored``."""
+    source = KafkaSource(settings)
+    source.assign({0: 0, 1: stored})
+    consumer = source._consumer
+    source._consumer = _Watermarks(watermarks)  # type: ignore[assignment]
     try:
         with pytest.raises(OffsetsOutOfRange) as failure:
             source._handle_events([_OffsetResetEvent()], {1})
     finally:
+        source._consumer = consumer
         source.close()
+    return str(failure.value)
 
-    message = str(failure.value)
-    assert f"'{settings.kafka_topic}:1'" in message
-    assert f"{settings.redis_offsets_key!r} in Redis database 5" in message
+
+def test_offset_below_log_start_gives_command_to_go_on(settings: Settings) -> None:
+    """Records that retention deleted: the command moves the offset to the earliest kept."""
+    redis_url = settings.redis_url.get_secret_value().rsplit("/", 1)[0] + "/5"
+    in_database_5 = settings.model_copy(update={"redis_url": SecretStr(redis_url)})
+    message = _out_of_range_message(in_database_5, 5, (120, 500))
+
+    topic = settings.kafka_topic
+    command = redis_cli_command(
+        in_database_5, "HSET", settings.redis_offsets_key, f"{topic}:1", "120"
+    )
+    assert f"run {command} and rerun" in message
+    assert " -n 5 HSET " in command
+    assert "from offset 5 to 119 (retention)" in message
+
+
+@pytest.mark.parametrize(
+    "watermarks", [(120, 500), None], ids=["past-the-end", "no-answer"]
+)
+def test_offset_past_log_end_gives_reset_command(
+    settings: Settings, watermarks: tuple[int, int] | None
+) -> None:
+    """Past the end, or without the broker's answer, the topic's offsets are reset."""
+    message = _out_of_range_message(settings, 900, watermarks)
+
+    command = reset_offsets_command(settings, settings.kafka_topic, [0, 1])
+    assert f"recreated: reset its stored offsets with {command} and rerun" in message
 
 
 def test_batch_extra_cannot_disable_end_of_partition(settings: Settings) -> None:

@@ -42,8 +42,10 @@ class FakeSink:
     def set_topic_id(self, topic: str, topic_id: str) -> None:
         self.to_record = topic_id
 
+    settings = load_settings(redis_url=REDIS_URL)
+
     def cli_command(self, *arguments: str) -> str:
-        return redis_cli_command(load_settings(redis_url=REDIS_URL), *arguments)
+        return redis_cli_command(self.settings, *arguments)
 
 
 def check(
