@@ -401,10 +401,11 @@ def run_batch(settings: Settings, *, now: float | None = None) -> BatchReport:
         start, stored = _start_offsets(source, sink)
         if not start:
             return _finish(report, sink, started)
+        # Kafka's committed offsets serve lag monitoring, and partitions without
+        # a stored offset. They are not committed before the drain confirms
+        # them: a stored offset past the end of the log would otherwise become
+        # the committed one too, and deleting it from Redis would not reset it.
         source.assign(start)
-        # Kafka's committed offsets are only for lag monitoring; after a crash
-        # between EXEC and the commit they lag behind Redis until updated here.
-        source.commit({p: o for p, o in stored.items() if p in start})
         expected: dict[int, int | None] = {p: stored.get(p) for p in start}
         # The next chunk drains while this one is processed and written.
         chunks = Prefetcher(
@@ -426,9 +427,13 @@ def run_batch(settings: Settings, *, now: float | None = None) -> BatchReport:
             processed.close()
         writer.finish()
         # Fails when Redis lost offsets after the last write. The last batch to
-        # end also leaves Kafka's committed offsets equal to those in Redis.
+        # end also leaves Kafka's committed offsets equal to those in Redis, for
+        # every partition that the drain confirmed. After a crash between EXEC
+        # and a chunk's commit, they lag behind Redis until then.
         stored = sink.check_offsets_kept(source.topic)
-        source.commit({p: o for p, o in stored.items() if p in start})
+        source.commit(
+            {p: o for p, o in stored.items() if p in start and p in source.confirmed}
+        )
         chunks.close()
         report.stop_reason = (
             source.stats.stop_reason if report.status == "ok" else report.status

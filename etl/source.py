@@ -155,6 +155,10 @@ class KafkaSource:
         self._logged_codes: set[int] = set()
         self._partitions: list[int] = []
         self._start: dict[int, int] = {}
+        #: Partitions whose start offset the broker confirmed in this drain,
+        #: by a record or by the end-of-partition event. A stored offset past
+        #: the end of the log gets neither.
+        self.confirmed: set[int] = set()
         self.stats = DrainStats()
 
     @property
@@ -317,10 +321,13 @@ class KafkaSource:
             buffer.extend(records)
             self.stats.read += len(records)
             now = time.monotonic()
-            for partition in {m.partition() for m in messages}:
-                heard[int(partition or 0)] = now
+            partitions = {int(m.partition() or 0) for m in messages}
+            heard.update(dict.fromkeys(partitions, now))
             if len(records) < len(messages):
+                self.confirmed.update(int(m.partition() or 0) for m in records)
                 self._handle_events(messages, pending)
+            else:
+                self.confirmed.update(partitions)
             self._check_stall(last_progress)
             self._check_silent_partitions(pending, heard)
             if len(buffer) >= chunk_size:
@@ -355,6 +362,7 @@ class KafkaSource:
             if error.code() == KafkaError._PARTITION_EOF:
                 partition = int(message.partition() or 0)
                 pending.discard(partition)
+                self.confirmed.add(partition)
                 # Records produced from now on wait for the next batch.
                 self._consumer.pause([TopicPartition(self._topic, partition)])
             else:

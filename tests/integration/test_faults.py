@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -38,7 +39,7 @@ from etl.pipeline import (
 )
 from etl.services import Service, free_port, start_broker
 from etl.sink import OffsetConflict, RedisSink, SinkError
-from etl.source import KafkaSource, OffsetsOutOfRange
+from etl.source import KafkaSource, OffsetsOutOfRange, SourceError
 from tests.conftest import Broker, create_topic, encode, make_settings, reading
 from tests.integration.accounting import (
     Position,
@@ -714,8 +715,10 @@ def storeless_broker(tmp_path: Path) -> Iterator[StorelessBroker]:
 
 
 def run_printed_reset(settings: Settings, error: BaseException) -> None:
-    """Run the redis-cli command printed in a recreated-topic error, as a user would."""
-    command = str(error).split("Reset them with ")[1].split(" (see")[0]
+    """Run the first redis-cli command printed in an error, as a user would."""
+    printed = re.search(r"redis-cli .+?(?= and rerun| \(see)", str(error))
+    assert printed is not None, error
+    command = printed.group(0)
     password = parse_url(settings.redis_url.get_secret_value()).get("password", "")
     assert password == "" or password not in command
     # redis-cli --askpass, printed when the URL has a password, reads it from stdin.
@@ -729,6 +732,29 @@ def run_printed_reset(settings: Settings, error: BaseException) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert int(done.stdout.split()[-1]) > 0, done.stdout
+
+
+def test_offset_past_end_printed_reset_reads_on(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    """A stored offset past the log's end: the printed HDEL resets it, and nothing is skipped."""
+    create_topic(settings, 1)
+    produced = produce_tracked(settings, mixed_values(100))
+    assert run_batch(settings).read == 100
+    redis_client.hset(settings.redis_offsets_key, f"{settings.kafka_topic}:0", 150)
+    quick = settings.model_copy(update={"kafka_timeout_s": 1.0})
+
+    with pytest.raises(SourceError, match="neither records") as failure:
+        run_batch(quick)
+    committed = kafka_committed(settings, 1)
+    run_printed_reset(settings, failure.value)
+    produced += produce_tracked(settings, mixed_values(100))
+    report = run_batch(settings)
+
+    # The failed batch left Kafka's committed offset where the last good one put it.
+    assert committed == {0: 100}
+    assert report.read == 100
+    assert_accounted(redis_client, settings, produced)
 
 
 def test_recreated_topic_without_stored_id_fails(
