@@ -158,8 +158,10 @@ def run(
         print_error("batch failed:", exc)
         if not isinstance(exc, OffsetConflict | OffsetsOutOfRange):
             errors.print(
-                "Chunks written before the failure, if any, stay in Redis with "
-                "their offsets, so the next batch resumes after them."
+                "Start or fix the service named above (or its address in the "
+                "settings), then rerun. Chunks written before the failure, if "
+                "any, stay in Redis with their offsets, so the next batch "
+                "resumes after them."
             )
         _exit_with_json(as_json, exc, EXIT_INFRASTRUCTURE)
     if as_json:
