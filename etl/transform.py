@@ -66,15 +66,17 @@ COMMA_SEPARATED_NAME: Final = (
 )
 #: A comma before a lone suffix is no "family, given" order ("King, Jr.").
 COMMA_BEFORE_SUFFIX: Final = rf",\s*{_ANY_CASE_SUFFIX}$"
-#: Post-nominal letters of health and legal professions, which may end a
-#: name after a comma or a space ("Jane Doe, PhD", "John Smith MD"). They
-#: are matched as written here or in capitals, with or without full stops
-#: ("M.D.", "Ph. D."). "DO" and "PA" are left out because they are also given
-#: names ("NGUYEN, Do").
+#: Post-nominal letters of degrees, fellowships and health and legal
+#: professions, which may end a name after a comma or a space ("Jane Doe,
+#: PhD", "John Smith MD"). They are matched as written here or in capitals,
+#: with or without full stops ("M.D.", "Ph. D."). Letters that are also names
+#: or initials are left out: DC, DO, MA, MS, OD and PA ("NGUYEN, Do", "MS
+#: Dhoni"), and MBA, because Mba is also a family name.
 CREDENTIALS: Final = (
-    "BSN", "CRNA", "DDS", "DMD", "DNP", "Esq", "FACP", "FACS", "FRCP", "FRCS",
-    "LPN", "MBBS", "MBChB", "MD", "MPH", "MRCP", "MSN", "NP", "PharmD", "PhD",
-    "RN",
+    "APRN", "BSc", "BSN", "CNM", "CNS", "CRNA", "DDS", "DMD", "DNP", "DPM",
+    "DPT", "DVM", "EdD", "Esq", "FAAP", "FACC", "FACEP", "FACP", "FACS", "FNP",
+    "FRCP", "FRCS", "LPN", "MBBS", "MBChB", "MD", "MPH", "MRCP", "MSc", "MSN",
+    "NP", "PharmD", "PhD", "PsyD", "RN", "RPh",
 )  # fmt: skip
 _CREDENTIAL: Final = "(?:{})".format(
     "|".join(

@@ -158,6 +158,25 @@ def split(names: list[str]) -> list[tuple[str | None, str | None]]:
         ),
         pytest.param("Jane Doe, MD, FACP", ("Jane", "Doe, MD, FACP"), id="fellowship"),
         pytest.param("Jane , MD", ("MD", "Jane"), id="one-word-comma-credential"),
+        pytest.param(
+            "Jane Doe, RN, CNM", ("Jane", "Doe, RN, CNM"), id="credential-midwife"
+        ),
+        pytest.param(
+            "John Smith, MD FACC",
+            ("John", "Smith, MD FACC"),
+            id="credentials-space-separated",
+        ),
+        pytest.param("Jane Doe, MSc", ("Jane", "Doe, MSc"), id="credential-degree"),
+        pytest.param(
+            "Jane Doe, M.Sc.", ("Jane", "Doe, M.Sc."), id="credential-degree-stops"
+        ),
+        pytest.param(
+            "JOHN DOE, PSYD", ("JOHN", "DOE, PSYD"), id="credential-psyd-capitals"
+        ),
+        pytest.param(
+            "Jean Paul MBA", ("Jean Paul", "MBA"), id="family-name-not-credential"
+        ),
+        pytest.param("Wei Ling MA", ("Wei Ling", "MA"), id="ma-not-credential"),
         pytest.param("Dr Jane Doe", ("Dr Jane", "Doe"), id="title"),
         pytest.param("Dr. Jane Doe", ("Dr. Jane", "Doe"), id="title-full-stop"),
         pytest.param("Mrs Smith", ("Mrs", "Smith"), id="title-and-family-name"),
@@ -236,14 +255,17 @@ def test_format_timestamp_winter_offset() -> None:
     )
 
 
+#: Words that exercise the rules of the name split, for names built from them.
+NAME_WORDS = (
+    "Jane", "DOE", "de", "Ó", "MD", "Ph.D.", "RN,", ",", "JR", "Dr", "M.", "MRS",
+    "CNM", "MSc",
+)  # fmt: skip
 NAMES = st.text(
     alphabet=st.sampled_from(["A", "é", "Z", "b", "I", "J", "R", "-", "'", ",", " "]),
     max_size=24,
 ).map(lambda name: " ".join(name.split())) | st.lists(
-    st.sampled_from(
-        ["Jane", "DOE", "de", "Ó", "MD", "Ph.D.", "RN,", ",", "JR", "Dr", "M.", "MRS"]
-    ),
-    max_size=5,
+    st.sampled_from(NAME_WORDS),
+    max_size=6,
 ).map(" ".join)
 OPTIONAL_RATES = st.none() | st.floats(0, 300, allow_nan=False)
 
