@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 from typing import Final
 
 import polars as pl
@@ -21,14 +22,18 @@ FAMILY_NAME_PARTICLES: Final = (
 #: them too ("Seán Ó BRIAIN"): Ó and Ua (descendant of), Mac (son of), Ní and
 #: Nic (daughter of), Uí and Mhic (wife of).
 IRISH_SURNAME_PREFIXES: Final = ("Mac", "Mhic", "Ní", "Nic", "Ó", "Ua", "Uí")
-#: Lower-case words that join two upper-case family names ("ORTEGA y GASSET").
-FAMILY_NAME_CONNECTORS: Final = ("e", "y")
+#: Lower-case words that join two upper-case family names. "y" and "e" join
+#: Spanish and Portuguese names ("ORTEGA y GASSET"). In French records,
+#: "épouse" or "ép." (wife of) and "veuve" or "vve" (widow of) come before the
+#: married name, and "née" (born) before the birth name ("DUBOIS épouse MARTIN").
+FAMILY_NAME_CONNECTORS: Final = ("e", "y", "épouse", "ép.", "née", "veuve", "vve")
 _UPPER_CASE_WORD: Final = r"\p{Lu}[\p{Lu}\p{M}'\x{2019}\-]+"
 _PARTICLES: Final = (*FAMILY_NAME_PARTICLES, *IRISH_SURNAME_PREFIXES)
 _PARTICLE_RUN: Final = rf"(?:(?:{'|'.join(_PARTICLES)})\s+)"
 #: The next upper-case word of a run, with an optional connector before it.
 _CONNECTED_UPPER_CASE_WORD: Final = (
-    rf"\s+(?:(?:{'|'.join(FAMILY_NAME_CONNECTORS)})\s+)?{_UPPER_CASE_WORD}"
+    rf"\s+(?:(?:{'|'.join(map(re.escape, FAMILY_NAME_CONNECTORS))})\s+)?"
+    rf"{_UPPER_CASE_WORD}"
 )
 #: A trailing run of upper-case words is the family name ("Marie Claire DUBOIS"),
 #: the convention of French administrative records, with the lower-case

@@ -110,6 +110,37 @@ def split(names: list[str]) -> list[tuple[str | None, str | None]]:
             id="upper-case-given-names-before-particles",
         ),
         pytest.param("MARIA e SILVA", ("MARIA e", "SILVA"), id="connector-not-first"),
+        pytest.param(
+            "Marie DUBOIS épouse MARTIN",
+            ("Marie", "DUBOIS épouse MARTIN"),
+            id="connector-married-name",
+        ),
+        pytest.param(
+            "Marie DUBOIS ép. MARTIN",
+            ("Marie", "DUBOIS ép. MARTIN"),
+            id="connector-abbreviated",
+        ),
+        pytest.param(
+            "Marie MARTIN née DUBOIS",
+            ("Marie", "MARTIN née DUBOIS"),
+            id="connector-birth-name",
+        ),
+        pytest.param(
+            "Jeanne DUPONT veuve DURAND",
+            ("Jeanne", "DUPONT veuve DURAND"),
+            id="connector-widow",
+        ),
+        pytest.param(
+            "Jeanne DUPONT vve DURAND",
+            ("Jeanne", "DUPONT vve DURAND"),
+            id="connector-widow-abbreviated",
+        ),
+        # The full stop of "ép." is literal, not any character.
+        pytest.param(
+            "Marie DUBOIS épx MARTIN",
+            ("Marie DUBOIS épx", "MARTIN"),
+            id="connector-full-stop-literal",
+        ),
         # Irish surname prefixes join the upper-case family name after them.
         pytest.param("Seán Ó BRIAIN", ("Seán", "Ó BRIAIN"), id="irish-o"),
         pytest.param("Máire Ní BHRIAIN", ("Máire", "Ní BHRIAIN"), id="irish-ni"),
@@ -201,6 +232,11 @@ def split(names: list[str]) -> list[tuple[str | None, str | None]]:
             ("María José", "GARCÍA y LÓPEZ"),
             id="leading-connector",
         ),
+        pytest.param(
+            "DUBOIS épouse MARTIN Marie",
+            ("Marie", "DUBOIS épouse MARTIN"),
+            id="leading-connector-married-name",
+        ),
     ],
 )
 def test_split_name_cases(name: str, expected: tuple[str, str | None]) -> None:
@@ -258,7 +294,7 @@ def test_format_timestamp_winter_offset() -> None:
 #: Words that exercise the rules of the name split, for names built from them.
 NAME_WORDS = (
     "Jane", "DOE", "de", "Ó", "MD", "Ph.D.", "RN,", ",", "JR", "Dr", "M.", "MRS",
-    "CNM", "MSc",
+    "CNM", "MSc", "MARTIN", "épouse", "ép.", "née",
 )  # fmt: skip
 NAMES = st.text(
     alphabet=st.sampled_from(["A", "é", "Z", "b", "I", "J", "R", "-", "'", ",", " "]),
