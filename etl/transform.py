@@ -65,12 +65,15 @@ LEADING_UPPER_CASE_WORD: Final = rf"^{_PARTICLE_RUN}*{_UPPER_CASE_WORD}\s"
 _ANY_CASE_SUFFIX: Final = rf"(?i:{'|'.join(GENERATIONAL_SUFFIXES)})\.?"
 #: "FAMILY, Given" with one comma, the order of many admission exports
 #: ("DUPONT, Jean", "Smith, John III"). A generational suffix after the given
-#: names ends the family name.
+#: names, after a space or a second comma, ends the family name ("Smith,
+#: John, Jr.").
 COMMA_SEPARATED_NAME: Final = (
-    rf"^(?<last>[^,]+?)\s*,\s*(?<first>[^,]+?)(?:\s(?<suffix>{_ANY_CASE_SUFFIX}))?$"
+    rf"^(?<last>[^,]+?)\s*,\s*(?<first>[^,\s][^,]*?)"
+    rf"(?:(?:\s*,\s*|\s)(?<suffix>{_ANY_CASE_SUFFIX}))?$"
 )
-#: A comma before a lone suffix is no "family, given" order ("King, Jr.").
-COMMA_BEFORE_SUFFIX: Final = rf",\s*{_ANY_CASE_SUFFIX}$"
+#: A name whose only comma comes before a lone suffix is no "family, given"
+#: order ("Martin Luther King, Jr.").
+COMMA_BEFORE_SUFFIX: Final = rf"^[^,]*,\s*{_ANY_CASE_SUFFIX}$"
 #: Post-nominal letters of degrees, fellowships and health and legal
 #: professions, which may end a name after a comma or a space ("Jane Doe,
 #: PhD", "John Smith MD"). They are matched as written here or in capitals,
@@ -155,7 +158,8 @@ def split_name(name: pl.Expr, *, normalised: bool = False) -> tuple[pl.Expr, pl.
     """Split a full name into first and last name.
 
     A name with one comma is "family name, given names" ("DUPONT, Jean"),
-    unless only a generational suffix follows the comma ("King, Jr.").
+    unless only a generational suffix follows the comma ("King, Jr."). A
+    second comma may set off a generational suffix ("Smith, John, Jr.").
     A generational suffix at the end (II, III, IV, JR, SR) is set aside and
     ends the last name. In the rest, a trailing run of upper-case words is the
     last name with the particles before it ("Marie Claire DUBOIS", "Charles de
@@ -227,8 +231,8 @@ def with_title(first: pl.Expr, title: pl.Expr) -> pl.Expr:
 def name_candidates(clean: pl.Expr) -> dict[str, pl.Expr]:
     """Return the candidate splits of a normalised name, which :func:`split_name` picks from.
 
-    ``comma`` contains the capture groups of "family, given", null without one
-    comma. ``upper`` and ``lead`` are the capture groups of a trailing and of
+    ``comma`` contains the capture groups of "family, given", null where the
+    name is not in that order. ``upper`` and ``lead`` are the capture groups of a trailing and of
     a leading run of upper-case words, null where the name has no such run.
     ``words`` is the first word and the rest. Eager Polars evaluates an
     expression once per output that uses it, so :func:`transform` stores these
@@ -237,12 +241,12 @@ def name_candidates(clean: pl.Expr) -> dict[str, pl.Expr]:
     # Null rows skip the regex, so the capture groups run only on candidates.
     trailing = pl.when(clean.str.contains(UPPER_CASE_LAST_WORD)).then(clean)
     leading = pl.when(clean.str.contains(LEADING_UPPER_CASE_WORD)).then(clean)
-    has_comma = clean.str.contains(",", literal=True)
-    with_comma = pl.when(has_comma & ~clean.str.contains(COMMA_BEFORE_SUFFIX)).then(
-        clean
+    with_comma = pl.when(clean.str.contains(",", literal=True)).then(clean)
+    comma_order = pl.when(~with_comma.str.contains(COMMA_BEFORE_SUFFIX)).then(
+        with_comma
     )
     return {
-        "comma": with_comma.str.extract_groups(COMMA_SEPARATED_NAME),
+        "comma": comma_order.str.extract_groups(COMMA_SEPARATED_NAME),
         "upper": trailing.str.extract_groups(UPPER_CASE_FAMILY_NAME),
         "lead": leading.str.extract_groups(LEADING_UPPER_CASE_FAMILY_NAME),
         "words": clean.str.splitn(" ", 2),

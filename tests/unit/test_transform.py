@@ -93,6 +93,24 @@ def split(names: list[str]) -> list[tuple[str | None, str | None]]:
             ("Martin", "Luther King, Jr."),
             id="comma-before-suffix-only",
         ),
+        # A second comma may set off a generational suffix.
+        pytest.param("Smith, John, Jr.", ("John", "Smith Jr."), id="two-commas-suffix"),
+        pytest.param(
+            "SMITH, JOHN, JR", ("JOHN", "SMITH JR"), id="two-commas-suffix-capitals"
+        ),
+        pytest.param(
+            "King, Martin Luther, Jr.",
+            ("Martin Luther", "King Jr."),
+            id="two-commas-given-names",
+        ),
+        pytest.param(
+            "Smith, John, Jr., MD",
+            ("John", "Smith Jr., MD"),
+            id="two-commas-suffix-credential",
+        ),
+        pytest.param(
+            "Smith, , Jr.", ("Smith,", ", Jr."), id="two-commas-no-given-name"
+        ),
         # Lower-case particles join the upper-case family name after them.
         pytest.param("Charles de GAULLE", ("Charles", "de GAULLE"), id="particle"),
         pytest.param("Anne de la TOUR", ("Anne", "de la TOUR"), id="two-particles"),
@@ -254,8 +272,8 @@ def test_split_name_never_loses_words(name: str) -> None:
         assert first in (None, "")
         return
     parts = " ".join(part for part in (first, last) if part)
-    if name.count(",") == 1 and "," not in parts:
-        # "Family, Given" drops its comma.
+    if "," in name and "," not in parts:
+        # "Family, Given" drops its commas, the one before a suffix included.
         words = name.replace(",", " ").split()
     # A leading family name and a suffix change the order of the words, not the words.
     assert sorted(parts.split()) == sorted(words)
@@ -294,7 +312,7 @@ def test_format_timestamp_winter_offset() -> None:
 #: Words that exercise the rules of the name split, for names built from them.
 NAME_WORDS = (
     "Jane", "DOE", "de", "Ó", "MD", "Ph.D.", "RN,", ",", "JR", "Dr", "M.", "MRS",
-    "CNM", "MSc", "MARTIN", "épouse", "ép.", "née",
+    "CNM", "MSc", "MARTIN", "épouse", "ép.", "née", "Jr.",
 )  # fmt: skip
 NAMES = st.text(
     alphabet=st.sampled_from(["A", "é", "Z", "b", "I", "J", "R", "-", "'", ",", " "]),
