@@ -100,13 +100,21 @@ CREDENTIAL_AT_END: Final = rf"[\s,]{_CREDENTIAL}$"
 #: "Jane" / "Doe, PhD").
 NAME_WITH_CREDENTIALS: Final = rf"^(?<name>\S+\s.*?[^\s,])(?<credentials>(?:{_CREDENTIAL_SEPARATOR}{_CREDENTIAL})+)$"
 #: Titles that may open a name ("Dr Jane Doe", "Mme Marie DUBOIS"): English,
-#: French, Spanish and German forms of address. They are matched as written
+#: French, Spanish and German forms of address, and the "Sister" and "Brother"
+#: of nurses and members of religious orders. They are matched as written
 #: here, with or without a full stop, and in capitals ("MRS", "DR."). A title
 #: of two letters in capitals needs its full stop, and so does "M", because
 #: without one they may be initials ("MS Dhoni", "M Jean DUPONT").
 TITLES: Final = (
-    "Dame", "Dr", "Frau", "Herr", "Miss", "Mlle", "Mme", "Mr", "Mrs", "Ms",
-    "Mx", "Prof", "Rev", "Sir", "Sr", "Sra", "Srta",
+    "Brother", "Dame", "Dr", "Frau", "Herr", "Miss", "Mlle", "Mme", "Mr", "Mrs",
+    "Ms", "Mx", "Prof", "Rev", "Sir", "Sister", "Sr", "Sra", "Srta",
+)  # fmt: skip
+#: Abbreviations of German doctoral degrees, which follow "Dr" ("Dr. med.",
+#: "Dr. rer. nat.", "Dr. h.c."). They are matched as written here, always with
+#: their full stops, and only after a title, so they never open a name.
+DOCTORAL_DEGREES: Final = (
+    "dent.", "h.c.", "iur.", "jur.", "med.", "nat.", "phil.", "pol.", "rer.",
+    "theol.", "vet.",
 )  # fmt: skip
 _TITLE: Final = "(?:{})".format(
     "|".join(
@@ -118,15 +126,25 @@ _TITLE: Final = "(?:{})".format(
         ]
     )
 )
+#: One of :data:`DOCTORAL_DEGREES`, with an optional space after an inner
+#: full stop ("h. c.").
+_DEGREE: Final = "(?:{})".format(
+    "|".join(
+        r"\.\s?".join(degree.rstrip(".").split(".")) + r"\."
+        for degree in DOCTORAL_DEGREES
+    )
+)
+#: A title, then more titles or degrees ("Prof. Dr. med.").
+_TITLE_RUN: Final = rf"{_TITLE}(?:\s(?:{_TITLE}|{_DEGREE}))*"
 #: Every name that opens with a title opens like this.
 TITLE_AT_START: Final = rf"^{_TITLE}\s"
-#: Titles followed by a name of two words or more ("Prof Dr Hans MÜLLER").
-#: They are set apart and put back before the first name, so the rest splits
+#: Titles, with any degrees among them, followed by a name of two words or
+#: more ("Prof Dr Hans MÜLLER", "Dr. med. Anna Schmidt"). They are set apart and put back before the first name, so the rest splits
 #: as if they were not there ("Dr Jane Doe" -> "Dr Jane" / "Doe", "Mme DUBOIS
 #: Marie" -> "Mme Marie" / "DUBOIS"). After a title and one word, that word is
 #: the family name ("Mrs Smith" -> "Mrs" / "Smith"), as the split by words
 #: already gives.
-NAME_WITH_TITLE: Final = rf"^(?<title>{_TITLE}(?:\s{_TITLE})*)\s(?<name>\S+\s.+)$"
+NAME_WITH_TITLE: Final = rf"^(?<title>{_TITLE_RUN})\s(?<name>\S+\s.+)$"
 #: A combining mark, or a conjoining Hangul jamo (U+1100 to U+11FF, U+A960 to
 #: U+A97F, U+D7B0 to U+D7FF): text with one may change under NFC.
 DECOMPOSED: Final = r"[\p{M}\x{1100}-\x{11FF}\x{A960}-\x{A97F}\x{D7B0}-\x{D7FF}]"

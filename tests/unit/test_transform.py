@@ -237,6 +237,48 @@ def split(names: list[str]) -> list[tuple[str | None, str | None]]:
         pytest.param("Dr Jane Doe, MD", ("Dr Jane", "Doe, MD"), id="title-credential"),
         pytest.param("Dr Doe, Jane", ("Dr Jane", "Doe"), id="title-comma"),
         pytest.param("DR. JANE DOE", ("DR. JANE", "DOE"), id="title-capitals"),
+        # German doctoral degrees stay with the title before them.
+        pytest.param(
+            "Dr. med. Anna Schmidt", ("Dr. med. Anna", "Schmidt"), id="degree-med"
+        ),
+        pytest.param(
+            "Prof. Dr. med. Hans Müller",
+            ("Prof. Dr. med. Hans", "Müller"),
+            id="degree-after-two-titles",
+        ),
+        pytest.param(
+            "Dr. rer. nat. Eva Weber",
+            ("Dr. rer. nat. Eva", "Weber"),
+            id="degree-rer-nat",
+        ),
+        pytest.param("Dr. phil. Jan Koch", ("Dr. phil. Jan", "Koch"), id="degree-phil"),
+        pytest.param("Dr. jur. Paul Wolf", ("Dr. jur. Paul", "Wolf"), id="degree-jur"),
+        pytest.param(
+            "Dr. med. dent. Lena Braun",
+            ("Dr. med. dent. Lena", "Braun"),
+            id="degree-med-dent",
+        ),
+        pytest.param(
+            "Dr. h.c. Otto Fischer", ("Dr. h.c. Otto", "Fischer"), id="degree-hc"
+        ),
+        pytest.param(
+            "Dr. h. c. Otto Fischer",
+            ("Dr. h. c. Otto", "Fischer"),
+            id="degree-hc-spaced",
+        ),
+        pytest.param("Dr. med. Schmidt", ("Dr. med.", "Schmidt"), id="degree-one-word"),
+        pytest.param(
+            "med. Anna Schmidt", ("med.", "Anna Schmidt"), id="degree-no-title"
+        ),
+        pytest.param(
+            "Sister Mary Joseph", ("Sister Mary", "Joseph"), id="title-sister"
+        ),
+        pytest.param(
+            "Brother Roger Schutz", ("Brother Roger", "Schutz"), id="title-brother"
+        ),
+        pytest.param(
+            "SISTER MARY JOSEPH", ("SISTER MARY", "JOSEPH"), id="title-sister-capitals"
+        ),
         # Two capitals without a full stop may be initials.
         pytest.param(
             "MS Swaminathan Iyer",
@@ -312,7 +354,7 @@ def test_format_timestamp_winter_offset() -> None:
 #: Words that exercise the rules of the name split, for names built from them.
 NAME_WORDS = (
     "Jane", "DOE", "de", "Ó", "MD", "Ph.D.", "RN,", ",", "JR", "Dr", "M.", "MRS",
-    "CNM", "MSc", "MARTIN", "épouse", "ép.", "née", "Jr.",
+    "CNM", "MSc", "MARTIN", "épouse", "ép.", "née", "Jr.", "med.", "Sister",
 )  # fmt: skip
 NAMES = st.text(
     alphabet=st.sampled_from(["A", "é", "Z", "b", "I", "J", "R", "-", "'", ",", " "]),
