@@ -138,13 +138,27 @@ _DEGREE: Final = "(?:{})".format(
 _TITLE_RUN: Final = rf"{_TITLE}(?:\s(?:{_TITLE}|{_DEGREE}))*"
 #: Every name that opens with a title opens like this.
 TITLE_AT_START: Final = rf"^{_TITLE}\s"
+#: A family name that is all that follows the titles: particles then an
+#: upper-case run ("de GAULLE", "Ó BRIAIN"), or lower-case particles then a
+#: capitalised word, with no comma after ("van der Merwe"). A leading family
+#: name before given names ("de GAULLE Charles") does not match.
+_FAMILY_NAME_ALONE: Final = (
+    rf"{_PARTICLE_RUN}+{_UPPER_CASE_WORD}(?:{_CONNECTED_UPPER_CASE_WORD})*"
+    rf"|(?:{'|'.join(FAMILY_NAME_PARTICLES)})\s+{_PARTICLE_RUN}*"
+    r"[^\s,]*\p{Lu}[^\s,]*\p{Ll}[^,]*"
+)
 #: Titles, with any degrees among them, followed by a name of two words or
-#: more ("Prof Dr Hans MÜLLER", "Dr. med. Anna Schmidt"). They are set apart and put back before the first name, so the rest splits
-#: as if they were not there ("Dr Jane Doe" -> "Dr Jane" / "Doe", "Mme DUBOIS
-#: Marie" -> "Mme Marie" / "DUBOIS"). After a title and one word, that word is
-#: the family name ("Mrs Smith" -> "Mrs" / "Smith"), as the split by words
-#: already gives.
-NAME_WITH_TITLE: Final = rf"^(?<title>{_TITLE_RUN})\s(?<name>\S+\s.+)$"
+#: more ("Prof Dr Hans MÜLLER", "Dr. med. Anna Schmidt"). The ``title`` group
+#: is set apart and put back before the first name, so the ``name`` group
+#: splits as if the titles were not there ("Dr Jane Doe" -> "Dr Jane" /
+#: "Doe", "Mme DUBOIS Marie" -> "Mme Marie" / "DUBOIS"). After a title and one
+#: word, that word is the family name ("Mrs Smith" -> "Mrs" / "Smith"), as the
+#: split by words already gives. Where the ``name`` group is a family name
+#: alone, it is also the ``family`` group, and the titles are the whole first
+#: name ("Mrs van der Merwe" -> "Mrs" / "van der Merwe").
+NAME_WITH_TITLE: Final = (
+    rf"^(?<title>{_TITLE_RUN})\s(?<name>(?<family>{_FAMILY_NAME_ALONE})|\S+\s.+)$"
+)
 #: A combining mark, or a conjoining Hangul jamo (U+1100 to U+11FF, U+A960 to
 #: U+A97F, U+D7B0 to U+D7FF): text with one may change under NFC.
 DECOMPOSED: Final = r"[\p{M}\x{1100}-\x{11FF}\x{A960}-\x{A97F}\x{D7B0}-\x{D7FF}]"
@@ -186,7 +200,8 @@ def split_name(name: pl.Expr, *, normalised: bool = False) -> tuple[pl.Expr, pl.
     Credentials at the end (:data:`CREDENTIALS`) are set aside first and
     end the last name ("Jane Doe, PhD" -> "Jane" / "Doe, PhD"). Titles at
     the start (:data:`TITLES`) are set aside next and open the first name
-    ("Dr Jane Doe" -> "Dr Jane" / "Doe").
+    ("Dr Jane Doe" -> "Dr Jane" / "Doe"), or are the first name before a
+    family name alone ("Mrs van der Merwe" -> "Mrs" / "van der Merwe").
     The patterns read composed letters, so decomposed accents must first be
     composed (:func:`compose_marks`). Otherwise the
     first whitespace-separated token is the first name and the rest,
@@ -209,10 +224,13 @@ def split_name(name: pl.Expr, *, normalised: bool = False) -> tuple[pl.Expr, pl.
     titles = title_groups(base)
     base = pl.coalesce(titles.struct.field("name"), base)
     first, last = name_from_candidates(**name_candidates(base))
-    return (
-        with_title(first, titles.struct.field("title")),
-        with_credentials(last, credentials.struct.field("credentials")),
+    first, last = with_titles(
+        first,
+        last,
+        title=titles.struct.field("title"),
+        family_name=titles.struct.field("family"),
     )
+    return first, with_credentials(last, credentials.struct.field("credentials"))
 
 
 def credential_groups(clean: pl.Expr) -> pl.Expr:
@@ -231,7 +249,7 @@ def with_credentials(last: pl.Expr, credentials: pl.Expr) -> pl.Expr:
 
 
 def title_groups(clean: pl.Expr) -> pl.Expr:
-    """Return the ``title`` and ``name`` groups of :data:`NAME_WITH_TITLE`.
+    """Return the ``title``, ``name`` and ``family`` groups of :data:`NAME_WITH_TITLE`.
 
     The struct is null where the name opens with no title, or with a title
     and fewer than two words.
@@ -241,9 +259,20 @@ def title_groups(clean: pl.Expr) -> pl.Expr:
     return opening.str.extract_groups(NAME_WITH_TITLE)
 
 
-def with_title(first: pl.Expr, title: pl.Expr) -> pl.Expr:
-    """Put ``title`` and a space before ``first`` where both are present."""
-    return pl.coalesce(pl.concat_str(title, first, separator=" "), first)
+def with_titles(
+    first: pl.Expr, last: pl.Expr, *, title: pl.Expr, family_name: pl.Expr
+) -> tuple[pl.Expr, pl.Expr]:
+    """Put the titles set apart back into the first and last name.
+
+    ``title`` and a space go before ``first`` where both are present. Where
+    ``family_name`` is present, it is the whole rest of the name, so
+    ``title`` is the first name and ``family_name`` the last name.
+    """
+    titled = pl.coalesce(pl.concat_str(title, first, separator=" "), first)
+    return (
+        pl.when(family_name.is_null()).then(titled).otherwise(title),
+        pl.coalesce(family_name, last),
+    )
 
 
 def name_candidates(clean: pl.Expr) -> dict[str, pl.Expr]:
@@ -350,11 +379,15 @@ def _set_credentials_apart(readings: pl.DataFrame) -> pl.DataFrame:
 
 
 def _set_titles_apart(readings: pl.DataFrame) -> pl.DataFrame:
-    """Cut the titles off ``name`` into the column ``_name_titles``."""
+    """Cut the titles off ``name`` into the column ``_name_titles``.
+
+    A family name alone after the titles is copied to ``_name_family``.
+    """
     groups = readings.select(title_groups(pl.col("name"))).to_series()
     return readings.with_columns(
         pl.coalesce(pl.lit(groups.struct.field("name")), pl.col("name")).alias("name"),
         groups.struct.field("title").alias("_name_titles"),
+        groups.struct.field("family").alias("_name_family"),
     )
 
 
@@ -365,7 +398,8 @@ def _output_columns(
     """Build the expressions of the shared parts and of the output columns once per setting.
 
     With ``credentials``, the last name ends with the ``_name_credentials``
-    column; with ``titles``, the first name starts with ``_name_titles``.
+    column. With ``titles``, the first name starts with ``_name_titles``, or
+    is only that where ``_name_family`` is present and is the last name.
     """
     # Names come from etl.parse.to_typed, already stripped and collapsed.
     name_parts = name_candidates(pl.col("name"))
@@ -386,10 +420,15 @@ def _output_columns(
     first_name, last_name = name_from_candidates(
         **{part: pl.col(f"_name_{part}") for part in name_parts}
     )
+    if titles:
+        first_name, last_name = with_titles(
+            first_name,
+            last_name,
+            title=pl.col("_name_titles"),
+            family_name=pl.col("_name_family"),
+        )
     if credentials:
         last_name = with_credentials(last_name, pl.col("_name_credentials"))
-    if titles:
-        first_name = with_title(first_name, pl.col("_name_titles"))
     news2_score, news2_risk = rules.news2_from_code(
         pl.col("_news2_code"), age=pl.col("age")
     )

@@ -237,6 +237,43 @@ def split(names: list[str]) -> list[tuple[str | None, str | None]]:
         pytest.param("Dr Jane Doe, MD", ("Dr Jane", "Doe, MD"), id="title-credential"),
         pytest.param("Dr Doe, Jane", ("Dr Jane", "Doe"), id="title-comma"),
         pytest.param("DR. JANE DOE", ("DR. JANE", "DOE"), id="title-capitals"),
+        # Before a family name alone, the titles are the first name.
+        pytest.param(
+            "Mrs van der Merwe", ("Mrs", "van der Merwe"), id="title-particles"
+        ),
+        pytest.param(
+            "Frau von der Leyen", ("Frau", "von der Leyen"), id="title-von-der"
+        ),
+        pytest.param("Dr. de GAULLE", ("Dr.", "de GAULLE"), id="title-particle-upper"),
+        pytest.param("M. de VILLEPIN", ("M.", "de VILLEPIN"), id="title-monsieur-de"),
+        pytest.param("Mme le PEN", ("Mme", "le PEN"), id="title-le"),
+        pytest.param("Mr Ó BRIAIN", ("Mr", "Ó BRIAIN"), id="title-irish-prefix"),
+        pytest.param(
+            "Prof. Dr. von der Leyen",
+            ("Prof. Dr.", "von der Leyen"),
+            id="two-titles-particles",
+        ),
+        pytest.param(
+            "Dr. med. von Weizsäcker",
+            ("Dr. med.", "von Weizsäcker"),
+            id="degree-particle",
+        ),
+        pytest.param(
+            "Dr Jean de la TOUR", ("Dr Jean", "de la TOUR"), id="title-given-particles"
+        ),
+        pytest.param(
+            "Mme de GAULLE Marie",
+            ("Mme Marie", "de GAULLE"),
+            id="title-leading-particle",
+        ),
+        pytest.param(
+            "Mr Ó BRIAIN Seán", ("Mr Seán", "Ó BRIAIN"), id="title-leading-irish"
+        ),
+        pytest.param(
+            "Dr de Gaulle, Charles",
+            ("Dr Charles", "de Gaulle"),
+            id="title-particle-comma",
+        ),
         # German doctoral degrees stay with the title before them.
         pytest.param(
             "Dr. med. Anna Schmidt", ("Dr. med. Anna", "Schmidt"), id="degree-med"
@@ -355,6 +392,7 @@ def test_format_timestamp_winter_offset() -> None:
 NAME_WORDS = (
     "Jane", "DOE", "de", "Ó", "MD", "Ph.D.", "RN,", ",", "JR", "Dr", "M.", "MRS",
     "CNM", "MSc", "MARTIN", "épouse", "ép.", "née", "Jr.", "med.", "Sister",
+    "van", "Merwe",
 )  # fmt: skip
 NAMES = st.text(
     alphabet=st.sampled_from(["A", "é", "Z", "b", "I", "J", "R", "-", "'", ",", " "]),
