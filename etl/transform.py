@@ -200,14 +200,18 @@ def split_name(name: pl.Expr, *, normalised: bool = False) -> tuple[pl.Expr, pl.
     the start (:data:`TITLES`) are set aside next and open the first name
     ("Dr Jane Doe" -> "Dr Jane" / "Doe"), or are the first name before a
     family name alone ("Mrs van der Merwe" -> "Mrs" / "van der Merwe").
-    The patterns read composed letters, so decomposed accents must first be
-    composed (:func:`compose_marks`). Otherwise the
-    first whitespace-separated token is the first name and the rest,
-    particles included, is the last name ("Pieter van den Broek" -> "Pieter" /
-    "van den Broek"). Hyphens never split ("Jean-Pierre"). A one-word name is
-    a first name with a null last name. With ``normalised=True`` the name must
-    already be stripped, with whitespace runs collapsed to one space (as
-    :func:`etl.parse.to_typed` leaves it).
+    Where no rule applies, the first whitespace-separated token is the first
+    name and the rest, particles included, is the last name ("Pieter van den
+    Broek" -> "Pieter" / "van den Broek"). Hyphens never split
+    ("Jean-Pierre"). A one-word name is a first name with a null last name.
+
+    The patterns read composed letters. With ``normalised=False`` the name is
+    stripped, whitespace runs are collapsed to one space, and the text is put
+    in Unicode Normalization Form C, so a decomposed accent ("E" then U+0301)
+    reads as the composed letter ("É"). Unlike :func:`compose_marks`, this
+    also maps singletons such as U+212B ANGSTROM SIGN. With
+    ``normalised=True`` the name must already be stripped, collapsed (as
+    :func:`etl.parse.to_typed` leaves it) and composed (:func:`compose_marks`).
 
     Examples
     --------
@@ -216,7 +220,10 @@ def split_name(name: pl.Expr, *, normalised: bool = False) -> tuple[pl.Expr, pl.
     >>> df.select(first.alias("first"), last.alias("last")).rows()
     [('Jean-Pierre', 'Morel'), ('Marie Claire', 'DUBOIS'), ('Teodora', None)]
     """
-    clean = name if normalised else name.str.strip_chars().str.replace_all(r"\s+", " ")
+    if normalised:
+        clean = name
+    else:
+        clean = name.str.strip_chars().str.replace_all(r"\s+", " ").str.normalize("NFC")
     credentials = credential_groups(clean)
     base = pl.coalesce(credentials.struct.field("name"), clean)
     titles = title_groups(base)
