@@ -136,14 +136,23 @@ _DEGREE: Final = "(?:{})".format(
 _TITLE_RUN: Final = rf"{_TITLE}(?:\s(?:{_TITLE}|{_DEGREE}))*"
 #: Every name that opens with a title opens like this.
 TITLE_AT_START: Final = rf"^{_TITLE}\s"
+#: Particles that are often capitalised in family names ("Van Dijk", "Le
+#: Gall", "Du Plessis"). Those that are also common given or family names on
+#: their own (Bin, Do, Der) are left out.
+CAPITALISED_PARTICLES: Final = (
+    "Da", "Das", "De", "Del", "Della", "Des", "Di", "Dos", "Du", "La", "Le",
+    "Ten", "Ter", "Van", "Von",
+)  # fmt: skip
 #: A family name that is all that follows the titles: particles then an
-#: upper-case run ("de GAULLE", "Ó BRIAIN"), or lower-case particles then a
-#: capitalised word, with no comma after ("van der Merwe"). A leading family
-#: name before given names ("de GAULLE Charles") does not match.
+#: upper-case run ("de GAULLE", "Ó BRIAIN"), lower-case particles then a
+#: capitalised word, with no comma after ("van der Merwe"), or a capitalised
+#: particle and one more word ("Van Dijk"). A leading family name before
+#: given names ("de GAULLE Charles") does not match.
 _FAMILY_NAME_ALONE: Final = (
     rf"{_PARTICLE_RUN}+{_UPPER_CASE_WORD}(?:{_CONNECTED_UPPER_CASE_WORD})*"
     rf"|(?:{'|'.join(FAMILY_NAME_PARTICLES)})\s+{_PARTICLE_RUN}*"
     r"[^\s,]*\p{Lu}[^\s,]*\p{Ll}[^,]*"
+    rf"|(?:{'|'.join(CAPITALISED_PARTICLES)})\s[^\s,]+"
 )
 #: Titles, with any degrees among them, followed by a name of two words or
 #: more ("Prof Dr Hans MÜLLER", "Dr. med. Anna Schmidt"). The ``title`` group

@@ -249,6 +249,14 @@ def split(names: list[str]) -> list[tuple[str | None, str | None]]:
             "Mrs van der Merwe", ("Mrs", "van der Merwe"), id="title-particles"
         ),
         pytest.param(
+            "Dr Van Dijk", ("Dr", "Van Dijk"), id="title-capitalised-particle"
+        ),
+        pytest.param("Mr Du Plessis", ("Mr", "Du Plessis"), id="title-du"),
+        pytest.param("Dr Do Nguyen", ("Dr Do", "Nguyen"), id="title-do-given-name"),
+        pytest.param(
+            "Dr Van Dijk Anna", ("Dr Van", "Dijk Anna"), id="title-three-words"
+        ),
+        pytest.param(
             "Frau von der Leyen", ("Frau", "von der Leyen"), id="title-von-der"
         ),
         pytest.param("Dr. de GAULLE", ("Dr.", "de GAULLE"), id="title-particle-upper"),
@@ -401,7 +409,7 @@ def test_format_timestamp_winter_offset() -> None:
 NAME_WORDS = (
     "Jane", "DOE", "de", "Ó", "MD", "Ph.D.", "RN,", ",", "JR", "Dr", "M.", "MRS",
     "CNM", "MSc", "MARTIN", "épouse", "ép.", "née", "Jr.", "med.", "Sister",
-    "van", "Merwe",
+    "van", "Merwe", "Van",
 )  # fmt: skip
 NAMES = st.text(
     alphabet=st.sampled_from(["A", "é", "Z", "b", "I", "J", "R", "-", "'", ",", " "]),
