@@ -429,11 +429,12 @@ def run_batch(settings: Settings, *, now: float | None = None) -> BatchReport:
         # Fails when Redis lost offsets after the last write. The last batch to
         # end also leaves Kafka's committed offsets equal to those in Redis, for
         # every partition that the drain confirmed. After a crash between EXEC
-        # and a chunk's commit, they lag behind Redis until then.
+        # and a chunk's commit, they lag behind Redis until then. A partition
+        # without a stored offset has its start committed again, so that the
+        # commit does not expire (offsets.retention.minutes) while it is idle.
         stored = sink.check_offsets_kept(source.topic)
-        source.commit(
-            {p: o for p, o in stored.items() if p in start and p in source.confirmed}
-        )
+        offsets = {p: stored.get(p, start[p]) for p in source.confirmed}
+        source.commit({p: o for p, o in offsets.items() if o >= 0}, retry=True)
         chunks.close()
         report.stop_reason = (
             source.stats.stop_reason if report.status == "ok" else report.status

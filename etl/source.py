@@ -40,7 +40,7 @@ from confluent_kafka.admin import AdminClient
 
 from etl.config import kafka_client
 from etl.parse import RAW_SCHEMA
-from etl.sink import offset_field, redis_cli_command, reset_offsets_command
+from etl.sink import offset_field, redis_cli_command
 
 if TYPE_CHECKING:
     from etl.config import Settings
@@ -404,10 +404,9 @@ class KafkaSource:
                 f"{self._settings.kafka_bootstrap_servers} sent neither records nor "
                 f"their end for {limit:.0f} s from offsets "
                 f"{describe_offsets(positions)}. The broker may be hung or "
-                "unreachable. Or, if the topic was recreated, the stored offsets "
-                "point past its end: reset them with "
-                f"{reset_offsets_command(self._settings, self._topic, self._partitions)} "
-                "and rerun (see the README, Operations)"
+                "unreachable. Or the stored offsets point past the end of the "
+                "partitions (a recreated topic, a wrong HSET): "
+                f"{self._reset_advice(silent)}"
             )
             raise SourceError(msg)
 
@@ -415,8 +414,8 @@ class KafkaSource:
         """Say how to reset the stored offset of ``partition``, which the broker does not hold.
 
         Below the broker's earliest offset, retention deleted the records,
-        and the partition can only go on from there. Past its end, the topic
-        was probably recreated, and all its stored offsets are reset.
+        and the partition can only go on from there. Past its end, it goes
+        back as :meth:`_reset_advice` says.
         """
         stored = self._start.get(partition, -1)
         try:
@@ -441,10 +440,46 @@ class KafkaSource:
                 f"{earliest - 1} (retention), so they cannot be read. To go on "
                 f"from its earliest record, run {command} and rerun"
             )
-        command = reset_offsets_command(self._settings, self._topic, self._partitions)
         return (
-            "The topic was probably recreated: reset its stored offsets with "
-            f"{command} and rerun (see the README, Operations)"
+            "The topic was probably recreated, or the offset was set past its "
+            f"end: {self._reset_advice([partition])}"
+        )
+
+    def _reset_advice(self, partitions: list[int]) -> str:
+        """Say how to move the stored offsets of ``partitions`` back into the log.
+
+        Kafka's committed offset of a partition is the last one that a drain
+        confirmed, so it is the offset to go back to. Without one (a
+        recreated topic loses them), deleting the field starts the partition
+        at the earliest offset. A commit at or past the stored offset is past
+        the end too (an older version committed offsets before reading), so
+        the partition goes back to 0. Only these partitions are moved: the
+        others keep their stored offsets, which Kafka's may lag behind.
+        """
+        try:
+            committed = self.committed(partitions)
+        except SourceError:
+            committed = {}
+        targets = {
+            p: offset if offset < self._start.get(p, offset + 1) else 0
+            for p, offset in committed.items()
+        }
+        key = self._settings.redis_offsets_key
+        commands = []
+        if targets:
+            pairs = [
+                item
+                for p in sorted(targets)
+                for item in (offset_field(self._topic, p), str(targets[p]))
+            ]
+            commands.append(redis_cli_command(self._settings, "HSET", key, *pairs))
+        others = [offset_field(self._topic, p) for p in partitions if p not in targets]
+        if others:
+            commands.append(redis_cli_command(self._settings, "HDEL", key, *others))
+        return (
+            f"move the stored offsets back with {' and '.join(commands)}, then "
+            "rerun. HSET goes back to the offset that the group last committed "
+            "in Kafka, HDEL to the earliest offset (see the README, Operations)"
         )
 
     def _check_stall(self, last_progress: float) -> None:
@@ -463,7 +498,7 @@ class KafkaSource:
             )
             raise SourceError(msg)
 
-    def commit(self, offsets: dict[int, int]) -> None:
+    def commit(self, offsets: dict[int, int], *, retry: bool = False) -> None:
         """Commit the next offsets in Kafka, for lag monitoring only.
 
         Redis stores the authoritative offsets, so a failed commit is logged and
@@ -472,10 +507,10 @@ class KafkaSource:
         librdkafka 2.16 and a broker that stops answering, a synchronous
         commit blocks for good and an asynchronous one blocks ``close()``.
         After one failure the batch stops committing, so a lost broker costs
-        one timeout, not one per remaining chunk; the next batch commits the
-        Redis offsets when it starts.
+        one timeout, not one per remaining chunk. With ``retry``, as at the
+        end of a batch, the commit is tried again after such a failure.
         """
-        if not offsets or self._commits_failed:
+        if not offsets or (self._commits_failed and not retry):
             return
         timeout = self._settings.kafka_timeout_s
         request = ConsumerGroupTopicPartitions(

@@ -20,7 +20,6 @@ from etl.sink import (
     RedisSink,
     SinkError,
     redis_cli_command,
-    reset_offsets_command,
 )
 from etl.source import KafkaSource, OffsetsOutOfRange, SourceError
 from tests.conftest import (
@@ -301,11 +300,15 @@ def test_batch_offsets_past_topic_end_fail_loudly(
     quick = settings.model_copy(update={"kafka_timeout_s": 2.0, "deadline_s": 60.0})
     started = time.monotonic()
     with pytest.raises(
-        SourceError, match=r"from offsets \{0: 5000\}.*reset"
+        SourceError, match=r"from offsets \{0: 5000\}.*move the stored offsets back"
     ) as failure:
         run_batch(quick)
     assert time.monotonic() - started < 30
-    assert reset_offsets_command(settings, settings.kafka_topic, [0]) in str(
+    # No batch committed an offset, so the partition goes back to the earliest.
+    command = redis_cli_command(
+        settings, "HDEL", settings.redis_offsets_key, f"{settings.kafka_topic}:0"
+    )
+    assert f"move the stored offsets back with {command}, then rerun" in str(
         failure.value
     )
     assert redis_client.llen(settings.redis_list_key) == 0
@@ -351,25 +354,41 @@ class _OffsetResetEvent:
 
 
 class _Watermarks:
-    """Answers a watermark request as a broker whose partition 1 holds offsets 120 to 499."""
+    """A consumer that returns fixed watermarks and committed offsets."""
 
-    def __init__(self, answer: tuple[int, int] | None) -> None:
+    def __init__(
+        self, answer: tuple[int, int] | None, committed: dict[int, int]
+    ) -> None:
         self.answer = answer
+        self.offsets = committed
 
     def get_watermark_offsets(
         self, partition: TopicPartition, timeout: float = -1, cached: bool = False
     ) -> tuple[int, int] | None:
         return self.answer
 
+    def committed(
+        self, partitions: list[TopicPartition], timeout: float = -1
+    ) -> list[TopicPartition]:
+        return [
+            TopicPartition(
+                tp.topic, tp.partition, self.offsets.get(tp.partition, -1001)
+            )
+            for tp in partitions
+        ]
+
 
 def _out_of_range_message(
-    settings: Settings, stored: int, watermarks: tuple[int, int] | None
+    settings: Settings,
+    stored: int,
+    watermarks: tuple[int, int] | None,
+    committed: dict[int, int] | None = None,
 ) -> str:
     """Return the error for partition 1 of a source assigned from ``stored``."""
     source = KafkaSource(settings)
     source.assign({0: 0, 1: stored})
     consumer = source._consumer
-    source._consumer = _Watermarks(watermarks)  # type: ignore[assignment]
+    source._consumer = _Watermarks(watermarks, committed or {})  # type: ignore[assignment]
     try:
         with pytest.raises(OffsetsOutOfRange) as failure:
             source._handle_events([_OffsetResetEvent()], {1})
@@ -397,14 +416,36 @@ def test_offset_below_log_start_gives_command_to_go_on(settings: Settings) -> No
 @pytest.mark.parametrize(
     "watermarks", [(120, 500), None], ids=["past-the-end", "no-answer"]
 )
-def test_offset_past_log_end_gives_reset_command(
+def test_offset_past_log_end_goes_back_to_commit(
     settings: Settings, watermarks: tuple[int, int] | None
 ) -> None:
-    """Past the end, or without the broker's answer, the topic's offsets are reset."""
-    message = _out_of_range_message(settings, 900, watermarks)
+    """Past the end, or without the broker's answer, the partition goes back to its commit."""
+    message = _out_of_range_message(settings, 900, watermarks, committed={1: 480})
 
-    command = reset_offsets_command(settings, settings.kafka_topic, [0, 1])
-    assert f"recreated: reset its stored offsets with {command} and rerun" in message
+    key = settings.redis_offsets_key
+    command = redis_cli_command(
+        settings, "HSET", key, f"{settings.kafka_topic}:1", "480"
+    )
+    assert f"move the stored offsets back with {command}, then rerun" in message
+    assert f"{settings.kafka_topic}:0" not in message
+
+
+def test_offset_past_log_end_without_commit_deletes(settings: Settings) -> None:
+    """Without a commit, the field goes, and the partition starts at the earliest offset."""
+    message = _out_of_range_message(settings, 900, (120, 500))
+
+    key = settings.redis_offsets_key
+    command = redis_cli_command(settings, "HDEL", key, f"{settings.kafka_topic}:1")
+    assert f"move the stored offsets back with {command}, then rerun" in message
+
+
+def test_offset_past_log_end_with_commit_past_end(settings: Settings) -> None:
+    """A commit at the stored offset is past the end too: the partition goes back to 0."""
+    message = _out_of_range_message(settings, 900, (120, 500), committed={1: 900})
+
+    key = settings.redis_offsets_key
+    command = redis_cli_command(settings, "HSET", key, f"{settings.kafka_topic}:1", "0")
+    assert f"move the stored offsets back with {command}, then rerun" in message
 
 
 def test_batch_extra_cannot_disable_end_of_partition(settings: Settings) -> None:

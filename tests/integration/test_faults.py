@@ -714,24 +714,32 @@ def storeless_broker(tmp_path: Path) -> Iterator[StorelessBroker]:
         broker.service.stop()
 
 
+#: A redis-cli command as an error prints it, up to the words that follow it.
+PRINTED_COMMAND = r"redis-cli .+?(?=, then rerun| and redis-cli| and rerun| \(see)"
+
+
 def run_printed_reset(settings: Settings, error: BaseException) -> None:
-    """Run the first redis-cli command printed in an error, as a user would."""
-    printed = re.search(r"redis-cli .+?(?= and rerun| \(see)", str(error))
-    assert printed is not None, error
-    command = printed.group(0)
+    """Run the redis-cli commands that precede "then rerun" in an error, as a user would."""
+    text = str(error)
+    commands = re.findall(PRINTED_COMMAND, text[: text.index("rerun") + 5])
+    assert commands, error
     password = parse_url(settings.redis_url.get_secret_value()).get("password", "")
-    assert password == "" or password not in command
-    # redis-cli --askpass, printed when the URL has a password, reads it from stdin.
-    done = subprocess.run(
-        shlex.split(command),
-        input=password,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    assert int(done.stdout.split()[-1]) > 0, done.stdout
+    for command in commands:
+        assert password == "" or password not in command
+        # redis-cli --askpass, printed when the URL has a password, reads it from stdin.
+        done = subprocess.run(
+            shlex.split(command),
+            input=password,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        # HDEL counts the deleted fields; HSET counts new fields, 0 for a change.
+        assert "ERR" not in done.stdout, done.stdout
+        if command.split()[command.split().index("-n") + 2] == "HDEL":
+            assert int(done.stdout.split()[-1]) > 0, done.stdout
 
 
 def test_offset_past_end_printed_reset_reads_on(
@@ -755,6 +763,39 @@ def test_offset_past_end_printed_reset_reads_on(
     assert committed == {0: 100}
     assert report.read == 100
     assert_accounted(redis_client, settings, produced)
+
+
+def test_one_bad_partition_reset_keeps_the_others(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    """Only the partition past its end is moved back, though Kafka's commits lag behind Redis."""
+    create_topic(settings, PARTITIONS)
+    produced = produce_tracked(settings, mixed_values(300))
+    assert run_batch(settings).read == 300
+    stored = stored_offsets(redis_client, settings)
+    # Kafka's commits lag behind Redis, as after a crash before a chunk's commit.
+    lagging = KafkaSource(settings)
+    try:
+        lagging.commit({0: 1, 1: 1})
+    finally:
+        lagging.close()
+    redis_client.hset(settings.redis_offsets_key, f"{settings.kafka_topic}:2", 10**6)
+    quick = settings.model_copy(update={"kafka_timeout_s": 1.0})
+
+    with pytest.raises(SourceError, match="neither records") as failure:
+        run_batch(quick)
+    run_printed_reset(settings, failure.value)
+    after_reset = stored_offsets(redis_client, settings)
+    produced += produce_tracked(settings, mixed_values(90))
+    report = run_batch(settings)
+
+    assert f"{settings.kafka_topic}:0" not in str(failure.value)
+    assert after_reset == stored
+    assert report.read == 90
+    assert_accounted(redis_client, settings, produced)
+    assert kafka_committed(settings, PARTITIONS) == stored_offsets(
+        redis_client, settings
+    )
 
 
 def test_recreated_topic_without_stored_id_fails(
