@@ -158,10 +158,10 @@ def run(
         print_error("batch failed:", exc)
         if not isinstance(exc, OffsetConflict | OffsetsOutOfRange):
             errors.print(
-                "Start or fix the service named above (or its address in the "
-                "settings), then rerun. Chunks written before the failure, if "
-                "any, stay in Redis with their offsets, so the next batch "
-                "resumes after them."
+                "Fix the cause above (start the service, correct its address in "
+                "the settings, or run the commands given), then rerun. Chunks "
+                "written before the failure, if any, stay in Redis with their "
+                "offsets, so the next batch resumes after them."
             )
         _exit_with_json(as_json, exc, EXIT_INFRASTRUCTURE)
     if as_json:

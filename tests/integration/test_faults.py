@@ -923,7 +923,7 @@ def test_run_json_failure_on_stdout(redis_service: str, tmp_path: Path) -> None:
     assert failure["error"] == "SourceError"
     assert failure["exit_code"] == 3
     assert f"127.0.0.1:{port}" in failure["message"]
-    assert "Start or fix the service named above" in child.stderr
+    assert "Fix the cause above (start the service" in child.stderr
 
 
 def batch_runner(kind: str, staging: Path) -> Callable[[Settings], BatchReport]:
