@@ -26,7 +26,10 @@ IRISH_SURNAME_PREFIXES: Final = ("Mac", "Mhic", "Ní", "Nic", "Ó", "Ua", "Uí")
 #: Spanish and Portuguese names ("ORTEGA y GASSET"). In French records,
 #: "épouse" or "ép." (wife of) and "veuve" or "vve" (widow of) come before the
 #: married name, and "née" (born) before the birth name ("DUBOIS épouse MARTIN").
-FAMILY_NAME_CONNECTORS: Final = ("e", "y", "épouse", "ép.", "née", "veuve", "vve")
+FAMILY_NAME_CONNECTORS: Final = (
+    "e", "y", "épouse", "Épouse", "ép.", "Ép.", "épse", "née", "Née", "veuve",
+    "Veuve", "vve", "Vve",
+)  # fmt: skip
 _UPPER_CASE_WORD: Final = r"\p{Lu}[\p{Lu}\p{M}'\x{2019}\-]+"
 _PARTICLES: Final = (*FAMILY_NAME_PARTICLES, *IRISH_SURNAME_PREFIXES)
 _PARTICLE_RUN: Final = rf"(?:(?:{'|'.join(_PARTICLES)})\s+)"
@@ -84,7 +87,8 @@ CREDENTIALS: Final = (
     "APRN", "BSc", "BSN", "CNM", "CNS", "CRNA", "DDS", "DMD", "DNP", "DPM",
     "DPT", "DVM", "EdD", "Esq", "FAAP", "FACC", "FACEP", "FACP", "FACS", "FNP",
     "FRCP", "FRCS", "LPN", "MBBS", "MBChB", "MD", "MPH", "MRCP", "MSc", "MSN",
-    "NP", "PharmD", "PhD", "PsyD", "RN", "RPh",
+    "NP", "PharmD", "PhD", "PsyD", "RN", "RPh", "CCRN", "CNA", "FNP-BC", "JD",
+    "LCSW", "PA-C", "RN-BC",
 )  # fmt: skip
 _CREDENTIAL: Final = "(?:{})".format(
     "|".join(
@@ -100,14 +104,17 @@ CREDENTIAL_AT_END: Final = rf"[\s,]{_CREDENTIAL}$"
 #: "Jane" / "Doe, PhD").
 NAME_WITH_CREDENTIALS: Final = rf"^(?<name>\S+\s.*?[^\s,])(?<credentials>(?:{_CREDENTIAL_SEPARATOR}{_CREDENTIAL})+)$"
 #: Titles that may open a name ("Dr Jane Doe", "Mme Marie DUBOIS"): English,
-#: French, Spanish and German forms of address, and the "Sister" and "Brother"
-#: of nurses and members of religious orders. They are matched as written
+#: French, Spanish and German forms of address, and the "Sister", "Brother"
+#: and "Father" (Fr) of nurses and members of religious orders. "Don" is left
+#: out because it is also a given name. They are matched as written
 #: here, with or without a full stop, and in capitals ("MRS", "DR."). A title
 #: of two letters in capitals needs its full stop, and so does "M", because
 #: without one they may be initials ("MS Dhoni", "M Jean DUPONT").
 TITLES: Final = (
-    "Brother", "Dame", "Dr", "Frau", "Herr", "Miss", "Mlle", "Mme", "Mr", "Mrs",
-    "Ms", "Mx", "Prof", "Rev", "Sir", "Sister", "Sr", "Sra", "Srta",
+    "Brother", "Dame", "Dr", "Father", "Fr", "Frau", "Herr", "Madame",
+    "Mademoiselle", "Miss", "Mlle", "Mme", "Monsieur", "Mr", "Mrs", "Ms", "Mx",
+    "Pr", "Prof", "Rev", "Señor", "Señora", "Señorita", "Sir", "Sister", "Sr",
+    "Sra", "Srta", "Doña", "Dña",
 )  # fmt: skip
 #: Abbreviations of German doctoral degrees, which follow "Dr" ("Dr. med.",
 #: "Dr. rer. nat.", "Dr. h.c."). They are matched as written here, always with
@@ -166,6 +173,11 @@ _FAMILY_NAME_ALONE: Final = (
 NAME_WITH_TITLE: Final = (
     rf"^(?<title>{_TITLE_RUN})\s(?<name>(?<family>{_FAMILY_NAME_ALONE})|\S+\s.+)$"
 )
+#: A first word followed by initials, each one capital letter with an optional
+#: full stop: the initials are middle names ("John A. Smith", "J. K. Rowling").
+NAME_WITH_INITIALS: Final = r"^(?<first>[^\s,]+(?:\s\p{Lu}\.?)+)\s(?<last>[^\s,].*)$"
+#: Every name that matches :data:`NAME_WITH_INITIALS` starts like this.
+INITIAL_AFTER_FIRST_WORD: Final = r"^[^\s,]+\s\p{Lu}\.?\s"
 #: A combining mark, or a conjoining Hangul jamo (U+1100 to U+11FF, U+A960 to
 #: U+A97F, U+D7B0 to U+D7FF): text with one may change under NFC.
 DECOMPOSED: Final = r"[\p{M}\x{1100}-\x{11FF}\x{A960}-\x{A97F}\x{D7B0}-\x{D7FF}]"
@@ -296,13 +308,16 @@ def name_candidates(clean: pl.Expr) -> dict[str, pl.Expr]:
     is null where the name is not in that order. ``upper`` and ``lead`` are
     the capture groups of a trailing and of a leading run of upper-case words,
     null where the name has no such run.
-    ``words`` is the first word and the rest. Eager Polars evaluates an
+    ``initials`` contains the capture groups of a first word and initials,
+    null where the name has no initial after its first word. ``words`` is
+    the first word and the rest. Eager Polars evaluates an
     expression once per output that uses it, so :func:`transform` stores these
     as columns and builds both names from them with :func:`name_from_candidates`.
     """
     # Null rows skip the regex, so the capture groups run only on candidates.
     trailing = pl.when(clean.str.contains(UPPER_CASE_LAST_WORD)).then(clean)
     leading = pl.when(clean.str.contains(LEADING_UPPER_CASE_WORD)).then(clean)
+    with_initials = pl.when(clean.str.contains(INITIAL_AFTER_FIRST_WORD)).then(clean)
     with_comma = pl.when(clean.str.contains(",", literal=True)).then(clean)
     # A lone suffix after the comma is no given name ("King, Jr."). Checking
     # the captured given names costs less than a second regex over every name.
@@ -315,12 +330,18 @@ def name_candidates(clean: pl.Expr) -> dict[str, pl.Expr]:
         "comma": comma,
         "upper": trailing.str.extract_groups(UPPER_CASE_FAMILY_NAME),
         "lead": leading.str.extract_groups(LEADING_UPPER_CASE_FAMILY_NAME),
+        "initials": with_initials.str.extract_groups(NAME_WITH_INITIALS),
         "words": clean.str.splitn(" ", 2),
     }
 
 
 def name_from_candidates(
-    *, comma: pl.Expr, upper: pl.Expr, lead: pl.Expr, words: pl.Expr
+    *,
+    comma: pl.Expr,
+    upper: pl.Expr,
+    lead: pl.Expr,
+    initials: pl.Expr,
+    words: pl.Expr,
 ) -> tuple[pl.Expr, pl.Expr]:
     """Return the first and last name from the candidates of :func:`name_candidates`."""
     comma_first, comma_last = _given_and_family(comma)
@@ -331,9 +352,19 @@ def name_from_candidates(
     upper_first = pl.when(upper_last.is_not_null()).then(upper.struct.field("first"))
     lead_first, lead_last = _given_and_family(lead)
     first = pl.coalesce(
-        comma_first, upper_first, lead_first, words.struct.field("field_0")
+        comma_first,
+        upper_first,
+        lead_first,
+        initials.struct.field("first"),
+        words.struct.field("field_0"),
     )
-    last = pl.coalesce(comma_last, upper_last, lead_last, words.struct.field("field_1"))
+    last = pl.coalesce(
+        comma_last,
+        upper_last,
+        lead_last,
+        initials.struct.field("last"),
+        words.struct.field("field_1"),
+    )
     return first, last
 
 

@@ -338,6 +338,31 @@ def split(names: list[str]) -> list[tuple[str | None, str | None]]:
             id="initials-not-title",
         ),
         pytest.param("Drake Bell", ("Drake", "Bell"), id="not-a-title"),
+        pytest.param("John A. Smith", ("John A.", "Smith"), id="middle-initial"),
+        pytest.param("J. K. Rowling", ("J. K.", "Rowling"), id="initials"),
+        pytest.param("Anna B Smith", ("Anna B", "Smith"), id="initial-no-stop"),
+        pytest.param(
+            "John A. Smith III", ("John A.", "Smith III"), id="initial-and-suffix"
+        ),
+        pytest.param("John A.", ("John", "A."), id="initial-last"),
+        pytest.param(
+            "Madame Marie Dubois", ("Madame Marie", "Dubois"), id="title-madame"
+        ),
+        pytest.param("Pr Jean Dupont", ("Pr Jean", "Dupont"), id="title-pr"),
+        pytest.param(
+            "Señora María López", ("Señora María", "López"), id="title-senora"
+        ),
+        pytest.param("Fr. John Smith", ("Fr. John", "Smith"), id="title-father"),
+        pytest.param("Don Johnson", ("Don", "Johnson"), id="don-given-name"),
+        pytest.param("Jane Doe, CCRN", ("Jane", "Doe, CCRN"), id="credential-ccrn"),
+        pytest.param(
+            "John Smith, PA-C", ("John", "Smith, PA-C"), id="credential-hyphen"
+        ),
+        pytest.param(
+            "Marie DUBOIS Vve MARTIN",
+            ("Marie", "DUBOIS Vve MARTIN"),
+            id="connector-capitalised",
+        ),
         # Connectors join a leading upper-case family name too.
         pytest.param(
             "GARCÍA y LÓPEZ María José",
@@ -409,7 +434,7 @@ def test_format_timestamp_winter_offset() -> None:
 NAME_WORDS = (
     "Jane", "DOE", "de", "Ó", "MD", "Ph.D.", "RN,", ",", "JR", "Dr", "M.", "MRS",
     "CNM", "MSc", "MARTIN", "épouse", "ép.", "née", "Jr.", "med.", "Sister",
-    "van", "Merwe", "Van",
+    "van", "Merwe", "Van", "A.", "K", "Madame", "Vve", "PA-C",
 )  # fmt: skip
 NAMES = st.text(
     alphabet=st.sampled_from(["A", "é", "Z", "b", "I", "J", "R", "-", "'", ",", " "]),
