@@ -306,6 +306,18 @@ class KafkaSource:
                 break
             if time.monotonic() >= deadline:
                 self.stats.stop_reason = "deadline"
+                unconfirmed = sorted(pending - self.confirmed)
+                if unconfirmed:
+                    # The silent-partition check needs twice the Kafka timeout.
+                    logger.warning(
+                        "Partitions %s of topic %s sent neither records nor "
+                        "their end before the deadline; a deadline longer than "
+                        "twice VITALS_KAFKA_TIMEOUT_S (%s s) lets the batch tell "
+                        "a hung broker or an offset past the end",
+                        unconfirmed,
+                        self._topic,
+                        self._settings.kafka_timeout_s,
+                    )
                 break
             wanted = min(
                 _CONSUME_BATCH, chunk_size - len(buffer), max_records - self.stats.read

@@ -314,6 +314,35 @@ def test_batch_offsets_past_topic_end_fail_loudly(
     assert redis_client.llen(settings.redis_list_key) == 0
 
 
+def test_deadline_before_silence_check_warns(
+    settings: Settings, redis_client: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A deadline shorter than the silent-partition check names the silent partition."""
+    create_topic(settings, partitions=1)
+    produce(settings, [encode(reading())])
+    source = KafkaSource(settings)
+    try:
+        topic_id = source.topic_id()
+    finally:
+        source.close()
+    assert topic_id is not None
+    redis_client.hset(
+        settings.redis_offsets_key,
+        mapping={
+            f"{settings.kafka_topic}:0": 5000,
+            f"{settings.kafka_topic}:topic_id": topic_id,
+        },
+    )
+    short = settings.model_copy(update={"kafka_timeout_s": 5.0, "deadline_s": 1.0})
+
+    with caplog.at_level(logging.WARNING, logger="etl.source"):
+        report = run_batch(short)
+
+    assert report.stop_reason == "deadline"
+    assert "Partitions [0] of topic" in caplog.text
+    assert "before the deadline" in caplog.text
+
+
 def test_silent_partitions_from_earliest_named(
     settings: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:
