@@ -433,8 +433,7 @@ def run_batch(settings: Settings, *, now: float | None = None) -> BatchReport:
         # without a stored offset has its start committed again, so that the
         # commit does not expire (offsets.retention.minutes) while it is idle.
         stored = sink.check_offsets_kept(source.topic)
-        offsets = {p: stored.get(p, start[p]) for p in source.confirmed}
-        source.commit({p: o for p, o in offsets.items() if o >= 0}, retry=True)
+        source.commit(source.confirmed_offsets(stored, start), retry=True)
         chunks.close()
         report.stop_reason = (
             source.stats.stop_reason if report.status == "ok" else report.status
@@ -543,11 +542,13 @@ class _WriteBehind:
                 self._report.read += read
                 self._report.duplicates += duplicates
                 self._report.add(chunk, result)
-                # What Redis stores now, which another batch may have moved on.
+                # The offsets this chunk reached, which its records confirm. What
+                # Redis stores may be more (another batch) or wrong (a manual
+                # HSET past the end), so it is not committed.
                 # NOTE: the topic id is not checked again here. A topic recreated
                 # between the write and this commit would get the old offsets as
                 # its committed offsets (Redis stays right, and the next batch fails).
-                self._source.commit(result.stored_after or chunk.next_offsets)
+                self._source.commit(chunk.next_offsets)
                 if result.concurrent:
                     self._report.status = "concurrent_batch"
                     logger.warning(

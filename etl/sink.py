@@ -97,8 +97,6 @@ class WriteResult:
 
     ``counts`` contains the fields added to the stats hash (see :func:`counters`),
     so they count what this write added, not what another batch wrote.
-    ``stored_after`` is the offset stored per partition of the chunk once the
-    transaction ran, which another batch may have moved past the chunk's end.
     """
 
     written: int
@@ -107,7 +105,6 @@ class WriteResult:
     skipped: int
     concurrent: bool
     counts: dict[str, int] = field(default_factory=dict)
-    stored_after: dict[int, int] = field(default_factory=dict)
 
 
 def offset_field(topic: str, partition: int) -> str:
@@ -404,10 +401,6 @@ class RedisSink:
                 skipped,
                 concurrent,
                 counts,
-                {
-                    p: max(next_offset, stored[p] or 0)
-                    for p, next_offset in chunk.next_offsets.items()
-                },
             )
             sent.append(result)
             try:

@@ -415,10 +415,7 @@ class KafkaSource:
                 f"partitions {silent} of topic {self._topic} on the Kafka broker at "
                 f"{self._settings.kafka_bootstrap_servers} sent neither records nor "
                 f"their end for {limit:.0f} s from offsets "
-                f"{describe_offsets(positions)}. The broker may be hung or "
-                "unreachable. Or the stored offsets point past the end of the "
-                "partitions (a recreated topic, a wrong HSET): "
-                f"{self._reset_advice(silent)}"
+                f"{describe_offsets(positions)}. {self._reset_advice(silent)}"
             )
             raise SourceError(msg)
 
@@ -452,31 +449,98 @@ class KafkaSource:
                 f"{earliest - 1} (retention), so they cannot be read. To go on "
                 f"from its earliest record, run {command} and rerun"
             )
-        return (
-            "The topic was probably recreated, or the offset was set past its "
-            f"end: {self._reset_advice([partition])}"
+        return self._reset_advice([partition])
+
+    def confirmed_offsets(
+        self, stored: dict[int, int], start: dict[int, int]
+    ) -> dict[int, int]:
+        """Return the offsets to commit for the partitions that the drain confirmed.
+
+        A partition with a stored offset gets it when the log reaches it
+        (another batch may have written more), else the lower of it and the
+        consumer's position: the stored offset may be past the log (a wrong
+        HSET), and the position past what was written (a batch that stopped
+        early). One without gets its start offset again, so that an idle
+        partition's commit does not expire.
+        """
+        # A copy: the drain thread may still add to the set.
+        confirmed = sorted(self.confirmed.copy())
+        try:
+            positions = {
+                tp.partition: tp.offset
+                for tp in self._consumer.position(
+                    [TopicPartition(self._topic, p) for p in confirmed]
+                )
+            }
+        except KafkaException:
+            return {}
+        # Without a record read, the position is invalid (-1001), and the
+        # end-of-partition event confirmed the start offset.
+        reached = {
+            p: positions[p] if positions.get(p, -1) >= 0 else start[p]
+            for p in confirmed
+        }
+        offsets = {
+            p: self._within_log(p, stored[p], reached[p]) if p in stored else start[p]
+            for p in confirmed
+        }
+        return {p: offset for p, offset in offsets.items() if offset >= 0}
+
+    def _within_log(self, partition: int, stored: int, reached: int) -> int:
+        """Return ``stored`` when the log reaches it, else the lower of it and ``reached``.
+
+        The high watermark comes from the last fetch response, which is right
+        on Tansu and on Apache Kafka (a ListOffsets answer is not on Tansu).
+        Another batch may have stored more than this drain reached.
+        """
+        watermarks = self._consumer.get_watermark_offsets(
+            TopicPartition(self._topic, partition), cached=True
         )
+        if watermarks is not None and 0 <= stored <= watermarks[1]:
+            return stored
+        return min(stored, reached)
 
     def _reset_advice(self, partitions: list[int]) -> str:
         """Say how to move the stored offsets of ``partitions`` back into the log.
 
-        Kafka's committed offset of a partition is the last one that a drain
-        confirmed, so it is the offset to go back to. Without one (a
-        recreated topic loses them), deleting the field starts the partition
-        at the earliest offset. A commit at or past the stored offset is past
-        the end too (an older version committed offsets before reading), so
-        the partition goes back to 0. Only these partitions are moved: the
-        others keep their stored offsets, which Kafka's may lag behind.
+        Commands are given only for partitions whose offset the broker
+        reports past the end of the log. Kafka's committed offset of such a
+        partition is the last one that a drain confirmed, so it is the offset
+        to go back to. Without one (a recreated topic loses them), deleting
+        the field starts the partition at the earliest offset. A commit at or
+        past the stored offset is past the end too (an older version
+        committed offsets before reading), so the partition goes back to 0.
+        The other partitions keep their stored offsets.
         """
+        key = self._settings.redis_offsets_key
+        past_end: list[int] = []
         try:
             committed = self.committed(partitions)
-        except SourceError:
-            committed = {}
+            for p in partitions:
+                # None when the broker does not answer in time.
+                watermarks = self._consumer.get_watermark_offsets(
+                    TopicPartition(self._topic, p),
+                    timeout=self._settings.kafka_timeout_s,
+                )
+                if watermarks is None:
+                    raise SourceError("no watermarks")
+                if self._start.get(p, -1) >= watermarks[1]:
+                    past_end.append(p)
+        except (SourceError, KafkaException):
+            return (
+                "The broker may be hung or unreachable: it did not answer the "
+                "offset lookups either. Rerun once it answers"
+            )
+        if not past_end:
+            return (
+                "The broker reports these offsets inside the log, so it is "
+                "probably hung: rerun once it answers"
+            )
         targets = {
             p: offset if offset < self._start.get(p, offset + 1) else 0
             for p, offset in committed.items()
+            if p in past_end
         }
-        key = self._settings.redis_offsets_key
         commands = []
         if targets:
             pairs = [
@@ -485,13 +549,18 @@ class KafkaSource:
                 for item in (offset_field(self._topic, p), str(targets[p]))
             ]
             commands.append(redis_cli_command(self._settings, "HSET", key, *pairs))
-        others = [offset_field(self._topic, p) for p in partitions if p not in targets]
+        others = [offset_field(self._topic, p) for p in past_end if p not in targets]
         if others:
             commands.append(redis_cli_command(self._settings, "HDEL", key, *others))
         return (
-            f"move the stored offsets back with {' and '.join(commands)}, then "
-            "rerun. HSET goes back to the offset that the group last committed "
-            "in Kafka, HDEL to the earliest offset (see the README, Operations)"
+            f"The broker reports partitions {past_end} past the end of the log "
+            "(a recreated topic, or a wrong HSET). Move their stored offsets "
+            f"back with {' and '.join(commands)}, then rerun. "
+            "HSET goes back to the offset that the group last committed in "
+            "Kafka, HDEL to the earliest offset. That commit lags behind Redis "
+            "after a batch that was killed or could not commit; the exact "
+            "offset is one past the highest source.offset of the partition in "
+            "the rows and rejects (see the README, Operations)"
         )
 
     def _check_stall(self, last_progress: float) -> None:

@@ -300,7 +300,7 @@ def test_batch_offsets_past_topic_end_fail_loudly(
     quick = settings.model_copy(update={"kafka_timeout_s": 2.0, "deadline_s": 60.0})
     started = time.monotonic()
     with pytest.raises(
-        SourceError, match=r"from offsets \{0: 5000\}.*move the stored offsets back"
+        SourceError, match=r"from offsets \{0: 5000\}.*Move their stored offsets back"
     ) as failure:
         run_batch(quick)
     assert time.monotonic() - started < 30
@@ -308,7 +308,7 @@ def test_batch_offsets_past_topic_end_fail_loudly(
     command = redis_cli_command(
         settings, "HDEL", settings.redis_offsets_key, f"{settings.kafka_topic}:0"
     )
-    assert f"move the stored offsets back with {command}, then rerun" in str(
+    assert f"Move their stored offsets back with {command}, then rerun" in str(
         failure.value
     )
     assert redis_client.llen(settings.redis_list_key) == 0
@@ -442,21 +442,33 @@ def test_offset_below_log_start_gives_command_to_go_on(settings: Settings) -> No
     assert "from offset 5 to 119 (retention)" in message
 
 
-@pytest.mark.parametrize(
-    "watermarks", [(120, 500), None], ids=["past-the-end", "no-answer"]
-)
-def test_offset_past_log_end_goes_back_to_commit(
-    settings: Settings, watermarks: tuple[int, int] | None
-) -> None:
-    """Past the end, or without the broker's answer, the partition goes back to its commit."""
-    message = _out_of_range_message(settings, 900, watermarks, committed={1: 480})
+def test_offset_past_log_end_goes_back_to_commit(settings: Settings) -> None:
+    """Past the end, the partition goes back to its last commit; the others stay."""
+    message = _out_of_range_message(settings, 900, (120, 500), committed={1: 480})
 
     key = settings.redis_offsets_key
     command = redis_cli_command(
         settings, "HSET", key, f"{settings.kafka_topic}:1", "480"
     )
-    assert f"move the stored offsets back with {command}, then rerun" in message
+    assert f"Move their stored offsets back with {command}, then rerun" in message
     assert f"{settings.kafka_topic}:0" not in message
+
+
+@pytest.mark.parametrize(
+    ("watermarks", "expected"),
+    [
+        pytest.param(None, "did not answer the offset lookups", id="no-answer"),
+        pytest.param((120, 500), "inside the log", id="inside-the-log"),
+    ],
+)
+def test_offset_reset_needs_the_log_end(
+    settings: Settings, watermarks: tuple[int, int] | None, expected: str
+) -> None:
+    """No command is printed unless the broker reports the offset past the log's end."""
+    message = _out_of_range_message(settings, 300, watermarks, committed={1: 100})
+
+    assert expected in message
+    assert "redis-cli" not in message
 
 
 def test_offset_past_log_end_without_commit_deletes(settings: Settings) -> None:
@@ -465,7 +477,7 @@ def test_offset_past_log_end_without_commit_deletes(settings: Settings) -> None:
 
     key = settings.redis_offsets_key
     command = redis_cli_command(settings, "HDEL", key, f"{settings.kafka_topic}:1")
-    assert f"move the stored offsets back with {command}, then rerun" in message
+    assert f"Move their stored offsets back with {command}, then rerun" in message
 
 
 def test_offset_past_log_end_with_commit_past_end(settings: Settings) -> None:
@@ -474,7 +486,7 @@ def test_offset_past_log_end_with_commit_past_end(settings: Settings) -> None:
 
     key = settings.redis_offsets_key
     command = redis_cli_command(settings, "HSET", key, f"{settings.kafka_topic}:1", "0")
-    assert f"move the stored offsets back with {command}, then rerun" in message
+    assert f"Move their stored offsets back with {command}, then rerun" in message
 
 
 def test_batch_extra_cannot_disable_end_of_partition(settings: Settings) -> None:
