@@ -144,6 +144,12 @@ class BatchReport:
                 span[1] = max(span[1], next_offset)
 
 
+def _raise_to(offsets: dict[int, int], reached: dict[int, int]) -> None:
+    """Raise each offset of ``offsets`` to the one in ``reached`` where that is higher."""
+    for partition, offset in reached.items():
+        offsets[partition] = max(offset, offsets.get(partition, offset))
+
+
 def _first_offset(chunk: Chunk, partition: int) -> int:
     """Return the lowest offset of ``partition`` among the chunk's rows and rejects."""
     offsets = pl.concat(
@@ -433,7 +439,9 @@ def run_batch(settings: Settings, *, now: float | None = None) -> BatchReport:
         # without a stored offset has its start committed again, so that the
         # commit does not expire (offsets.retention.minutes) while it is idle.
         stored = sink.check_offsets_kept(source.topic)
-        source.commit(source.confirmed_offsets(stored, start), retry=True)
+        source.commit(
+            source.confirmed_offsets(stored, start, writer.written), retry=True
+        )
         chunks.close()
         report.stop_reason = (
             source.stats.stop_reason if report.status == "ok" else report.status
@@ -529,6 +537,8 @@ class _WriteBehind:
         )
         self._done = threading.Event()
         self._error: BaseException | None = None
+        #: The next offset per partition after the chunks this batch wrote.
+        self.written: dict[int, int] = {}
         self._thread = threading.Thread(
             target=self._run, name="redis-write", daemon=True
         )
@@ -542,13 +552,16 @@ class _WriteBehind:
                 self._report.read += read
                 self._report.duplicates += duplicates
                 self._report.add(chunk, result)
-                # The offsets this chunk reached, which its records confirm. What
-                # Redis stores may be more (another batch) or wrong (a manual
-                # HSET past the end), so it is not committed.
-                # NOTE: the topic id is not checked again here. A topic recreated
-                # between the write and this commit would get the old offsets as
-                # its committed offsets (Redis stays right, and the next batch fails).
-                self._source.commit(chunk.next_offsets)
+                if not result.concurrent:
+                    # The offsets this chunk wrote. What Redis stores may be more
+                    # (another batch) or wrong (a manual HSET past the end), and
+                    # a chunk that met another write may be partly unwritten,
+                    # so neither is committed here.
+                    # NOTE: the topic id is not checked again here. A topic
+                    # recreated between the write and this commit would get the
+                    # old offsets (Redis stays right, and the next batch fails).
+                    self._source.commit(chunk.next_offsets)
+                    _raise_to(self.written, chunk.next_offsets)
                 if result.concurrent:
                     self._report.status = "concurrent_batch"
                     logger.warning(
@@ -770,6 +783,9 @@ def load_staging(settings: Settings, staging: Path) -> BatchReport:
             _check_still_same_topic(source, drained_id)
         # Read before this load's writes replace it.
         last_write = sink.last_write_id(manifest["topic"])
+        # The next offset per partition after the chunks this load (or an
+        # earlier attempt of it) wrote.
+        written: dict[int, int] = {}
         for stem in manifest.get("processed", []):
             chunk = load_chunk_file(staging, stem)
             meta = json.loads((staging / f"chunk-{stem}.json").read_text())
@@ -778,17 +794,20 @@ def load_staging(settings: Settings, staging: Path) -> BatchReport:
             written_before = _written_by_earlier_attempt(marker, last_write)
             result = _write_marked(sink, manifest["topic"], chunk, marker)
             report.add(chunk, result)
+            if not result.concurrent or written_before:
+                _raise_to(written, chunk.next_offsets)
             if result.concurrent and not written_before:
                 report.status = "concurrent_batch"
-        if report.offsets:
+        if written:
             # Fails when Redis lost offsets after the last write. Kafka then
-            # gets what Redis stores, which a concurrent batch may have moved on.
+            # gets what Redis stores, up to what this load wrote: Redis may
+            # hold more (another batch) or a wrong offset (a manual HSET).
             stored = sink.check_offsets_kept(manifest["topic"])
             source = source or KafkaSource(settings)
             if drained_id:
                 # Kafka would take the old topic's offsets for the new one's.
                 _check_still_same_topic(source, drained_id, written=True)
-            source.commit({int(p): stored[int(p)] for p in report.offsets})
+            source.commit({p: min(stored[p], written[p]) for p in written})
     finally:
         if source is not None:
             source.close()

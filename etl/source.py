@@ -452,42 +452,28 @@ class KafkaSource:
         return self._reset_advice([partition])
 
     def confirmed_offsets(
-        self, stored: dict[int, int], start: dict[int, int]
+        self, stored: dict[int, int], start: dict[int, int], written: dict[int, int]
     ) -> dict[int, int]:
         """Return the offsets to commit for the partitions that the drain confirmed.
 
         A partition with a stored offset gets it when the log reaches it
         (another batch may have written more), else the lower of it and the
-        consumer's position: the stored offset may be past the log (a wrong
-        HSET), and the position past what was written (a batch that stopped
-        early). One without gets its start offset again, so that an idle
-        partition's commit does not expire.
+        offset this batch wrote up to (``written``, or the start offset when
+        it wrote nothing): a stored offset past the log comes from a wrong
+        HSET. One without a stored offset gets its start offset again, so
+        that an idle partition's commit does not expire.
         """
         # A copy: the drain thread may still add to the set.
-        confirmed = sorted(self.confirmed.copy())
-        try:
-            positions = {
-                tp.partition: tp.offset
-                for tp in self._consumer.position(
-                    [TopicPartition(self._topic, p) for p in confirmed]
-                )
-            }
-        except KafkaException:
-            return {}
-        # Without a record read, the position is invalid (-1001), and the
-        # end-of-partition event confirmed the start offset.
-        reached = {
-            p: positions[p] if positions.get(p, -1) >= 0 else start[p]
-            for p in confirmed
-        }
         offsets = {
-            p: self._within_log(p, stored[p], reached[p]) if p in stored else start[p]
-            for p in confirmed
+            p: self._within_log(p, stored[p], written.get(p, start[p]))
+            if p in stored
+            else start[p]
+            for p in sorted(self.confirmed.copy())
         }
         return {p: offset for p, offset in offsets.items() if offset >= 0}
 
-    def _within_log(self, partition: int, stored: int, reached: int) -> int:
-        """Return ``stored`` when the log reaches it, else the lower of it and ``reached``.
+    def _within_log(self, partition: int, stored: int, written: int) -> int:
+        """Return ``stored`` when the log reaches it, else the lower of it and ``written``.
 
         The high watermark comes from the last fetch response, which is right
         on Tansu and on Apache Kafka (a ListOffsets answer is not on Tansu).
@@ -498,7 +484,7 @@ class KafkaSource:
         )
         if watermarks is not None and 0 <= stored <= watermarks[1]:
             return stored
-        return min(stored, reached)
+        return min(stored, written)
 
     def _reset_advice(self, partitions: list[int]) -> str:
         """Say how to move the stored offsets of ``partitions`` back into the log.

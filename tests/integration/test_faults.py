@@ -798,6 +798,37 @@ def test_one_bad_partition_reset_keeps_the_others(
     )
 
 
+def test_wrong_hset_during_batch_is_not_committed(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    """An offset set past the end while a batch runs: Kafka keeps what was written."""
+    create_topic(settings, 1)
+    produced = produce_tracked(settings, mixed_values(600))
+    chunked = settings.model_copy(update={"chunk_size": 100, "kafka_timeout_s": 1.0})
+    field = f"{settings.kafka_topic}:0"
+    original = RedisSink.write_chunk
+
+    def write_then_mistype(
+        self: RedisSink, topic: str, chunk: Any, **options: Any
+    ) -> Any:
+        result = original(self, topic, chunk, **options)
+        if chunk.next_offsets.get(0) == 200:
+            redis_client.hset(settings.redis_offsets_key, field, 5_000_000)
+        return result
+
+    with mock.patch.object(RedisSink, "write_chunk", write_then_mistype):
+        report = run_batch(chunked)
+    committed = kafka_committed(settings, 1)
+    with pytest.raises(SourceError, match="past the end of the log") as failure:
+        run_batch(chunked)
+    run_printed_reset(settings, failure.value)
+    run_batch(chunked)
+
+    assert report.status == "concurrent_batch"
+    assert committed == {0: 200}
+    assert_accounted(redis_client, settings, produced)
+
+
 def test_recreated_topic_without_stored_id_fails(
     redis_service: str, storeless_broker: StorelessBroker
 ) -> None:

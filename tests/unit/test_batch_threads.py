@@ -133,7 +133,8 @@ def test_write_behind_stops_after_concurrent_batch() -> None:
     writer.finish()
 
     assert sink.written == [0, 1, 2]
-    assert source.committed == [1, 2, 3]
+    # The chunk that met another batch's write may be partly unwritten.
+    assert source.committed == [1, 2]
     assert report.status == "concurrent_batch"
     assert report.read == 3
     assert submitted == 3
