@@ -277,26 +277,31 @@ def test_batch_news2_alerts_in_same_transaction(
     assert stats[b"written"] == b"2"
 
 
-def test_batch_offsets_past_topic_end_fail_loudly(
-    settings: Settings, redis_client: redis.Redis
-) -> None:
-    """Stored offsets beyond the topic's data (a recreated topic) fail the batch, never skip silently."""
-    create_topic(settings, partitions=1)
-    produce(settings, [encode(reading(patient_id=f"PT-{i}")) for i in range(5)])
+def store_past_end(settings: Settings, client: redis.Redis) -> None:
+    """Store offset 5000 for partition 0, with the topic's current id."""
     source = KafkaSource(settings)
     try:
         topic_id = source.topic_id()
     finally:
         source.close()
     assert topic_id is not None
-    # Offsets past the end, stored for this very topic (same id).
-    redis_client.hset(
+    client.hset(
         settings.redis_offsets_key,
         mapping={
             f"{settings.kafka_topic}:0": 5000,
             f"{settings.kafka_topic}:topic_id": topic_id,
         },
     )
+
+
+def test_batch_offsets_past_topic_end_fail_loudly(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    """Stored offsets beyond the topic's data (a recreated topic) fail the batch, never skip silently."""
+    create_topic(settings, partitions=1)
+    produce(settings, [encode(reading(patient_id=f"PT-{i}")) for i in range(5)])
+    # Offsets past the end, stored for this very topic (same id).
+    store_past_end(settings, redis_client)
     quick = settings.model_copy(update={"kafka_timeout_s": 2.0, "deadline_s": 60.0})
     started = time.monotonic()
     with pytest.raises(
@@ -320,19 +325,7 @@ def test_deadline_before_silence_check_warns(
     """A deadline shorter than the silent-partition check names the silent partition."""
     create_topic(settings, partitions=1)
     produce(settings, [encode(reading())])
-    source = KafkaSource(settings)
-    try:
-        topic_id = source.topic_id()
-    finally:
-        source.close()
-    assert topic_id is not None
-    redis_client.hset(
-        settings.redis_offsets_key,
-        mapping={
-            f"{settings.kafka_topic}:0": 5000,
-            f"{settings.kafka_topic}:topic_id": topic_id,
-        },
-    )
+    store_past_end(settings, redis_client)
     short = settings.model_copy(update={"kafka_timeout_s": 5.0, "deadline_s": 1.0})
 
     with caplog.at_level(logging.WARNING, logger="etl.source"):
