@@ -144,8 +144,8 @@ class BatchReport:
                 span[1] = max(span[1], next_offset)
 
 
-def _raise_to(offsets: dict[int, int], reached: dict[int, int]) -> None:
-    """Raise each offset of ``offsets`` to the one in ``reached`` where that is higher."""
+def _keep_highest(offsets: dict[int, int], reached: dict[int, int]) -> None:
+    """Update each offset of ``offsets`` to the one in ``reached`` where that is higher."""
     for partition, offset in reached.items():
         offsets[partition] = max(offset, offsets.get(partition, offset))
 
@@ -561,8 +561,8 @@ class _WriteBehind:
                     # recreated between the write and this commit would get the
                     # old offsets (Redis stays right, and the next batch fails).
                     self._source.commit(chunk.next_offsets)
-                    _raise_to(self.written, chunk.next_offsets)
-                if result.concurrent:
+                    _keep_highest(self.written, chunk.next_offsets)
+                else:
                     self._report.status = "concurrent_batch"
                     logger.warning(
                         "Another batch is writing the same topic; stopping after "
@@ -795,8 +795,8 @@ def load_staging(settings: Settings, staging: Path) -> BatchReport:
             result = _write_marked(sink, manifest["topic"], chunk, marker)
             report.add(chunk, result)
             if not result.concurrent or written_before:
-                _raise_to(written, chunk.next_offsets)
-            if result.concurrent and not written_before:
+                _keep_highest(written, chunk.next_offsets)
+            else:
                 report.status = "concurrent_batch"
         if written:
             # Fails when Redis lost offsets after the last write. Kafka then

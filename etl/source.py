@@ -424,17 +424,10 @@ class KafkaSource:
 
         Below the broker's earliest offset, retention deleted the records,
         and the partition can only go on from there. Past its end, it goes
-        back as :meth:`_reset_advice` says.
+        back as :meth:`_reset_advice` describes.
         """
         stored = self._start.get(partition, -1)
-        try:
-            # None when the broker does not answer in time.
-            watermarks = self._consumer.get_watermark_offsets(
-                TopicPartition(self._topic, partition),
-                timeout=self._settings.kafka_timeout_s,
-            )
-        except KafkaException:
-            watermarks = None
+        watermarks = self._watermarks(partition)
         earliest = watermarks[0] if watermarks else -1
         if 0 <= stored < earliest:
             command = redis_cli_command(
@@ -456,12 +449,12 @@ class KafkaSource:
     ) -> dict[int, int]:
         """Return the offsets to commit for the partitions that the drain confirmed.
 
-        A partition with a stored offset gets it when the log reaches it
-        (another batch may have written more), else the lower of it and the
+        A partition with a stored offset gets it when the log reaches it,
+        because another batch may have written more. Otherwise a wrong HSET
+        put it past the log, and the partition gets the lower of it and the
         offset this batch wrote up to (``written``, or the start offset when
-        it wrote nothing): a stored offset past the log comes from a wrong
-        HSET. One without a stored offset gets its start offset again, so
-        that an idle partition's commit does not expire.
+        it wrote nothing). One without a stored offset gets its start offset
+        again, so that an idle partition's commit does not expire.
         """
         # A copy: the drain thread may still add to the set.
         offsets = {
@@ -476,7 +469,7 @@ class KafkaSource:
         """Return ``stored`` when the log reaches it, else the lower of it and ``written``.
 
         The high watermark comes from the last fetch response, which is right
-        on Tansu and on Apache Kafka (a ListOffsets answer is not on Tansu).
+        on Tansu and on Apache Kafka (a ListOffsets response is not on Tansu).
         Another batch may have stored more than this drain reached.
         """
         watermarks = self._consumer.get_watermark_offsets(
@@ -499,24 +492,20 @@ class KafkaSource:
         The other partitions keep their stored offsets.
         """
         key = self._settings.redis_offsets_key
-        past_end: list[int] = []
+        ends = {}
+        for p in partitions:
+            if (watermarks := self._watermarks(p)) is not None:
+                ends[p] = watermarks[1]
         try:
             committed = self.committed(partitions)
-            for p in partitions:
-                # None when the broker does not answer in time.
-                watermarks = self._consumer.get_watermark_offsets(
-                    TopicPartition(self._topic, p),
-                    timeout=self._settings.kafka_timeout_s,
-                )
-                if watermarks is None:
-                    raise SourceError("no watermarks")
-                if self._start.get(p, -1) >= watermarks[1]:
-                    past_end.append(p)
-        except (SourceError, KafkaException):
+        except SourceError:
+            committed = None
+        if committed is None or len(ends) < len(partitions):
             return (
                 "The broker may be hung or unreachable: it did not answer the "
                 "offset lookups either. Rerun once it answers"
             )
+        past_end = [p for p, end in ends.items() if self._start.get(p, -1) >= end]
         if not past_end:
             return (
                 "The broker reports these offsets inside the log, so it is "
@@ -548,6 +537,17 @@ class KafkaSource:
             "offset is one past the highest source.offset of the partition in "
             "the rows and rejects (see the README, Operations)"
         )
+
+    def _watermarks(self, partition: int) -> tuple[int, int] | None:
+        """Return the broker's earliest and end offsets of ``partition``, or None when the request fails."""
+        try:
+            # None when the request times out.
+            return self._consumer.get_watermark_offsets(
+                TopicPartition(self._topic, partition),
+                timeout=self._settings.kafka_timeout_s,
+            )
+        except KafkaException:
+            return None
 
     def _check_stall(self, last_progress: float) -> None:
         """Fail when the broker went silent after reporting errors."""

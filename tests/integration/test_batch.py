@@ -420,7 +420,7 @@ def _out_of_range_message(
     return str(failure.value)
 
 
-def test_offset_below_log_start_gives_command_to_go_on(settings: Settings) -> None:
+def test_retention_gap_gives_hset(settings: Settings) -> None:
     """Records that retention deleted: the command moves the offset to the earliest kept."""
     redis_url = settings.redis_url.get_secret_value().rsplit("/", 1)[0] + "/5"
     in_database_5 = settings.model_copy(update={"redis_url": SecretStr(redis_url)})
