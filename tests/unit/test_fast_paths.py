@@ -138,6 +138,56 @@ def test_split_valid_matches_pandera(column: str, value: Any, reason: Reason) ->
     assert rejects["offset"].to_list() == [1, 4]
 
 
+#: Values that break the input contract, by column: out of range, null, NaN,
+#: too long, not in the set, and a diastolic not below the systolic.
+BAD_VALUES: dict[str, list[Any]] = {
+    "patient_id": ["", "P" * 65, None],
+    "name": ["1234", "x" * 201, None],
+    "age": [-1, 131, None],
+    "systolic": [10, 400, None],
+    "diastolic": [0, 260, 200, None],
+    "heart_rate": [-1.0, 400.0, math.nan, None],
+    "temperature": [10.0, 50.0, math.nan],
+    "spo2": [0.97, 101.0, -1.0],
+    "respiratory_rate": [-1.0, 101.0],
+    "consciousness": ["X", ""],
+    "sex": ["Q"],
+    "device_id": ["d" * 129],
+    "spo2_scale": [3],
+}
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.dictionaries(
+            st.sampled_from(sorted(BAD_VALUES)),
+            st.integers(min_value=0, max_value=3),
+            max_size=4,
+        ),
+        min_size=8,
+        max_size=8,
+    )
+)
+def test_split_valid_names_failures_as_pandera(changes: list[dict[str, int]]) -> None:
+    """Rows with several bad columns get the reject that Pandera's first failure gives."""
+    frame = typed_readings()
+    rows = frame.to_dicts()
+    for row, row_changes in zip(rows, changes, strict=True):
+        for column, choice in row_changes.items():
+            values = BAD_VALUES[column]
+            row[column] = values[choice % len(values)]
+    frame = pl.DataFrame(rows, schema=frame.schema)
+
+    valid, rejects = split_valid(frame, InputReading, carry=CARRY)
+    expected_valid, expected_rejects = _split_with_pandera(
+        frame, frame.drop("value"), InputReading, Reason.OUT_OF_RANGE
+    )
+
+    assert valid.equals(expected_valid)
+    assert rejects.sort("offset").equals(expected_rejects.sort("offset"))
+
+
 def test_split_valid_all_valid_returns_frame() -> None:
     frame = typed_readings()
     valid, rejects = split_valid(frame, InputReading, carry=CARRY)
