@@ -424,22 +424,31 @@ def _bisect(
     _bisect(values, middle, stop, good, bad, parts)
 
 
-def _read_whole_typed(candidates: pl.DataFrame) -> pl.DataFrame | None:
-    """Read every value with :data:`TYPED_SCHEMA` in one go, or return None.
+def _read_whole(candidates: pl.DataFrame) -> pl.DataFrame | None:
+    """Read every value in one go, typed or else as text, or return None.
 
-    Polars joins the values, with no Python object per value. A value that is
-    not UTF-8 or not readable this way sends the chunk to the other reads of
-    :func:`_read_chunk`.
+    Polars joins the values, with no Python object per value, and reads them
+    in :data:`TYPED_SCHEMA`. When a field holds another JSON type (a numeric
+    string, an ISO-8601 timestamp), it reads them as text and converts what
+    it can (:func:`_typed_where_possible`). A value that is not UTF-8 or not
+    a JSON object sends the chunk to the other reads of :func:`_read_chunk`.
     """
     if candidates.is_empty():
         return None
     joined = pl.col("value").cast(pl.String).str.join("\n").cast(pl.Binary)
     try:
         data = candidates.select(joined).item()
-        frame = pl.read_ndjson(io.BytesIO(data), schema=TYPED_SCHEMA)
     except pl.exceptions.PolarsError:
         return None
-    return frame if frame.height == candidates.height else None
+    for schema in (TYPED_SCHEMA, TEXT_SCHEMA):
+        try:
+            frame = pl.read_ndjson(io.BytesIO(data), schema=schema)
+        except pl.exceptions.PolarsError:
+            continue
+        if frame.height != candidates.height:
+            return None
+        return frame if schema is TYPED_SCHEMA else _typed_where_possible(frame)
+    return None
 
 
 def _read_chunk(
@@ -447,15 +456,15 @@ def _read_chunk(
 ) -> list[tuple[pl.DataFrame, pl.DataFrame]]:
     """Read the values of ``candidates`` into field columns, as (frame, rejects) groups.
 
-    Polars first reads the whole chunk in :data:`TYPED_SCHEMA`. When that
-    fails, orjson decodes each value once to set apart the values that are not
-    JSON objects. The objects are then read in one go, typed or as text, and
-    only the others take the smaller reads of :func:`_read_objects`. Many odd
-    messages so cost one decode per value instead of many small reads.
+    Polars first reads the whole chunk at once (:func:`_read_whole`). When
+    that fails, orjson decodes each value once to set apart the values that
+    are not JSON objects. The objects are then read in one go, typed or as
+    text, and only the others take the smaller reads of :func:`_read_objects`.
+    Many odd messages so cost one decode per value instead of many small reads.
     """
     if candidates.is_empty():
         return []
-    whole = _read_whole_typed(candidates)
+    whole = _read_whole(candidates)
     if whole is not None:
         return [(pl.concat([candidates, whole], how="horizontal"), empty_rejects())]
     values: list[bytes] = candidates["value"].to_list()
@@ -489,10 +498,39 @@ def _read_objects_at_once(
     for schema in (TYPED_SCHEMA, TEXT_SCHEMA):
         read = _try_read(values, schema)
         if read is not None:
+            if schema is TEXT_SCHEMA:
+                read = _typed_where_possible(read)
             return pl.concat([frame, read], how="horizontal"), empty_rejects()
     # NOTE: reached only if orjson reads as an object a value that Polars cannot
     # read. No such value is known: both fail at 1024 levels and on 1e400.
     return _read_objects(frame)
+
+
+def _typed_where_possible(text: pl.DataFrame) -> pl.DataFrame:
+    """Give each number or boolean column of ``text`` its type when every value converts.
+
+    A chunk read as text because a few values are strings ("76", an ISO-8601
+    timestamp) so keeps the text steps of :func:`to_typed` for those fields
+    only. A number column converts when each value reads as a number once
+    stripped, as :func:`to_typed` reads it, and ``on_oxygen`` when each value
+    is ``true`` or ``false``. Blank text is left to the text steps, which
+    tell absent optional values from unreadable required ones.
+    """
+    converted = text.select(
+        *(
+            _text(field).cast(pl.Float64, strict=False)
+            for field, dtype in TYPED_SCHEMA.items()
+            if dtype == pl.Float64
+        ),
+        pl.col("on_oxygen").replace_strict(
+            {"true": True, "false": False}, default=None, return_dtype=pl.Boolean
+        ),
+    )
+    return text.with_columns(
+        column
+        for column in converted
+        if column.null_count() == text[column.name].null_count()
+    )
 
 
 def _try_read(
