@@ -7,6 +7,7 @@ import math
 import threading
 from collections.abc import Iterator
 from typing import Any
+from unittest import mock
 
 import pandera.polars as pa
 import polars as pl
@@ -15,7 +16,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from contracts.models import InputReading, OutputRow
-from etl.parse import decode, parse, to_typed
+from etl.parse import (
+    TEXT_SCHEMA,
+    _try_read,
+    _typed_where_possible,
+    decode,
+    parse,
+    to_typed,
+)
 from etl.reasons import Reason
 from etl.source import Prefetcher, SourceError, _rare_gc
 from etl.validate import (
@@ -58,6 +66,18 @@ def sorted_rejects(rejects: pl.DataFrame) -> list[tuple[Any, ...]]:
             [encode(reading()), b"\xff{}", None, b"{", encode(reading(age=1e19))],
             id="with-rejects",
         ),
+        # Strings in number fields: the columns that all convert become typed.
+        pytest.param(
+            [encode(reading(patient_id=f"P{i}", spo2=97)) for i in range(20)]
+            + [
+                encode(reading(age=" 42 ", spo2="", on_oxygen="true")),
+                encode(reading(heart_rate="NaN", spo2=" ")),
+                encode(reading(temperature="37.2", on_oxygen=True)),
+                encode(reading(timestamp="1718000000", respiratory_rate="18")),
+                encode(reading(age="", spo2_scale="2")),
+            ],
+            id="strings-in-number-fields",
+        ),
     ],
 )
 def test_parse_matches_text_path(values: list[bytes | None]) -> None:
@@ -92,6 +112,51 @@ def test_parse_matches_text_path_on_mutations(values: list[bytes]) -> None:
     expected_typed, expected_rejects = slow_parse(list(values))
     assert typed.equals(expected_typed)
     assert sorted_rejects(rejects) == sorted_rejects(expected_rejects)
+
+
+def test_typed_where_possible_converts_the_other_columns() -> None:
+    """One numeric string leaves only its own field to the text steps."""
+    values = [encode(reading(patient_id=f"P{i}")) for i in range(10)]
+    values.append(encode(reading(age="42", on_oxygen=False)))
+    text = _try_read(values, TEXT_SCHEMA)
+    assert text is not None
+
+    typed = _typed_where_possible(text)
+
+    assert typed.schema["age"] == pl.Float64
+    assert typed.schema["heart_rate"] == pl.Float64
+    assert typed.schema["on_oxygen"] == pl.Boolean
+    assert typed["age"][10] == 42.0
+
+
+def test_parse_reads_objects_with_iso_timestamps_whole() -> None:
+    """Valid objects with ISO-8601 timestamps are read whole, with no decode per value."""
+    values: list[bytes | None] = [
+        encode(reading(patient_id=f"P{i}", timestamp="2024-06-10T08:13:20+02:00"))
+        for i in range(30)
+    ]
+    with mock.patch("etl.parse._split_json_objects", side_effect=AssertionError):
+        typed, rejects = parse(raw_frame(values), max_bytes=65_536, now=NOW)
+
+    assert typed.height == 30
+    assert rejects.is_empty()
+    assert typed["measured_at"].dt.epoch("s").unique().to_list() == [1_718_000_000]
+
+
+def test_typed_where_possible_leaves_blank_and_odd_columns() -> None:
+    values = [
+        encode(reading(spo2="", on_oxygen="1")),
+        encode(reading(spo2=97, timestamp="2024-06-10T08:13:20+02:00")),
+    ]
+    text = _try_read(values, TEXT_SCHEMA)
+    assert text is not None
+
+    typed = _typed_where_possible(text)
+
+    assert typed.schema["spo2"] == pl.String
+    assert typed.schema["on_oxygen"] == pl.String
+    assert typed.schema["timestamp"] == pl.String
+    assert typed.schema["age"] == pl.Float64
 
 
 def typed_readings() -> pl.DataFrame:
