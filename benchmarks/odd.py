@@ -1,0 +1,148 @@
+"""Measure ``process_chunk`` on chunks with odd messages mixed in.
+
+Run as ``python -m benchmarks.odd``. No broker or Redis is needed: the
+readings come from ``etl.generate.iter_readings`` with a ``malformed_rate``
+(every kind of ``etl.malformed``), and each feed is cut into chunks the way
+the drain hands them over. Each line gives the CPU time and the wall time of
+``process_chunk`` over the whole feed, scaled to 1M readings, best of
+``--repeat`` passes, and the CPU time against that of the feed without odd
+messages, which always comes first. The last line is a feed of valid readings whose timestamps are
+ISO-8601 text, a documented tolerance that the typed read does not take.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+
+import orjson
+import polars as pl
+
+from etl.config import load_settings
+from etl.generate import iter_readings
+from etl.parse import RAW_SCHEMA
+from etl.pipeline import process_chunk
+
+#: The clock of the generated readings and of the batch, so that every run
+#: draws the same messages and accepts the same timestamps.
+NOW = 1_790_000_000.0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.odd",
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+    )
+    parser.add_argument(
+        "--count",
+        type=int,
+        default=500_000,
+        help="readings per feed (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--chunk-size",
+        type=int,
+        default=None,
+        help="records per chunk (default: the product's VITALS_CHUNK_SIZE default)",
+    )
+    parser.add_argument(
+        "--rates",
+        default="0,0.0001,0.001,0.02",
+        help="shares of odd messages, comma-separated (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="passes over each feed; the fastest is kept (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=7, help="seed of the generated readings"
+    )
+    return parser.parse_args(argv)
+
+
+def feed(count: int, seed: int, rate: float) -> Iterator[tuple[bytes, bytes | None]]:
+    yield from iter_readings(count=count, seed=seed, malformed_rate=rate, now=NOW)
+
+
+def iso_feed(count: int, seed: int) -> Iterator[tuple[bytes, bytes | None]]:
+    """Yield valid readings with the timestamp as ISO-8601 text with an offset."""
+    for key, value in feed(count, seed, 0.0):
+        assert value is not None
+        document = orjson.loads(value)
+        moment = datetime.fromtimestamp(document["timestamp"], UTC)
+        document["timestamp"] = moment.isoformat()
+        yield key, orjson.dumps(document)
+
+
+def chunks(
+    messages: Iterator[tuple[bytes, bytes | None]], size: int
+) -> list[pl.DataFrame]:
+    pairs = list(messages)
+    return [
+        pl.DataFrame(
+            {
+                "partition": [0] * len(pairs[start : start + size]),
+                "offset": range(start, start + len(pairs[start : start + size])),
+                "key": [key for key, _ in pairs[start : start + size]],
+                "value": [value for _, value in pairs[start : start + size]],
+            },
+            schema=RAW_SCHEMA,
+        )
+        for start in range(0, len(pairs), size)
+    ]
+
+
+def measure(
+    frames: list[pl.DataFrame], repeat: int, chunk_size: int
+) -> tuple[float, float, int, int]:
+    """Return the best CPU and wall seconds of ``process_chunk`` over ``frames``, rows, rejects."""
+    settings = load_settings(chunk_size=chunk_size)
+    best_cpu = best_wall = float("inf")
+    rows = rejects = 0
+    for _ in range(repeat):
+        cpu, wall = time.process_time(), time.perf_counter()
+        rows = rejects = 0
+        for raw in frames:
+            chunk, _ = process_chunk(
+                raw, settings, topic="vitals", now=NOW, expected={}
+            )
+            rows += chunk.rows.height
+            rejects += chunk.rejects.height
+        best_cpu = min(best_cpu, time.process_time() - cpu)
+        best_wall = min(best_wall, time.perf_counter() - wall)
+    return best_cpu, best_wall, rows, rejects
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    chunk_size = args.chunk_size or load_settings().chunk_size
+    # The feed without odd messages comes first: the last column divides by it.
+    rates = sorted({0.0, *(float(rate) for rate in args.rates.split(","))})
+    feeds = [
+        (f"odd messages {rate:.2%}", feed(args.count, args.seed, rate))
+        for rate in rates
+    ]
+    feeds.append(("ISO-8601 timestamps", iso_feed(args.count, args.seed)))
+    scale = 1_000_000 / args.count
+    print(f"process_chunk, {args.count:,} readings in chunks of {chunk_size:,}")
+    print("| feed | CPU-s per 1M | s per 1M | rows | rejects | CPU / no odd |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    baseline = 0.0
+    for name, messages in feeds:
+        cpu, wall, rows, rejects = measure(
+            chunks(messages, chunk_size), args.repeat, chunk_size
+        )
+        baseline = baseline or cpu
+        print(
+            f"| {name} | {cpu * scale:.2f} | {wall * scale:.2f} | {rows:,} "
+            f"| {rejects:,} | {cpu / baseline:.2f} |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
