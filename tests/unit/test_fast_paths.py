@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from contracts.models import InputReading, OutputRow
+from etl import parse as parse_module
 from etl.parse import (
     TEXT_SCHEMA,
     _try_read,
@@ -141,6 +142,23 @@ def test_parse_reads_objects_with_iso_timestamps_whole() -> None:
     assert typed.height == 30
     assert rejects.is_empty()
     assert typed["measured_at"].dt.epoch("s").unique().to_list() == [1_718_000_000]
+
+
+def test_parse_skips_the_whole_text_read_after_a_syntax_error() -> None:
+    """Invalid JSON fails the text read too, so the chunk goes to orjson at once."""
+    values: list[bytes | None] = [
+        encode(reading(patient_id=f"P{i}")) for i in range(10)
+    ]
+    values.append(b'{"patient_id": "P10", "na')
+    with mock.patch(
+        "etl.parse._try_read_bytes", wraps=parse_module._try_read_bytes
+    ) as reads:
+        typed, rejects = parse(raw_frame(values), max_bytes=65_536, now=NOW)
+
+    assert typed.height == 10
+    assert rejects["reason"].to_list() == [Reason.INVALID_JSON.value]
+    whole_reads = [call for call in reads.call_args_list if call.args[1] == 11]
+    assert whole_reads == []
 
 
 def test_typed_where_possible_leaves_blank_and_odd_columns() -> None:
