@@ -319,9 +319,10 @@ def _split_with_pandera(
         .sort("index", "_rank", "check_number", nulls_last=False, maintain_order=True)
         .unique("index", keep="first", maintain_order=True)
     )
+    failed = first.select(pl.col("index").cast(pl.UInt32))
     valid = (
         frame.with_row_index("_index")
-        .join(first, left_on="_index", right_on="index", how="anti")
+        .join(failed, left_on="_index", right_on="index", how="anti")
         .drop("_index")
     )
     return valid, _rejects(frame, first, model, default_reason)

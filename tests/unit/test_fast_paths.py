@@ -27,6 +27,7 @@ from etl.parse import (
 )
 from etl.reasons import Reason
 from etl.source import Prefetcher, SourceError, _rare_gc
+from etl.transform import transform
 from etl.validate import (
     _check_details,
     _check_sentence,
@@ -144,7 +145,7 @@ def test_parse_reads_objects_with_iso_timestamps_whole() -> None:
     assert typed["measured_at"].dt.epoch("s").unique().to_list() == [1_718_000_000]
 
 
-def test_parse_skips_the_whole_text_read_after_a_syntax_error() -> None:
+def test_read_whole_skips_text_read_on_invalid_json() -> None:
     """Invalid JSON fails the text read too, so the chunk goes to orjson at once."""
     values: list[bytes | None] = [
         encode(reading(patient_id=f"P{i}")) for i in range(10)
@@ -222,53 +223,110 @@ def test_split_valid_matches_pandera(column: str, value: Any, reason: Reason) ->
 
 
 #: Values that break the input contract, by column: out of range, null, NaN,
-#: too long, not in the set, and a diastolic not below the systolic.
-BAD_VALUES: dict[str, list[Any]] = {
+#: infinite, too long, not in the set, and a diastolic not below the systolic.
+BAD_INPUT_VALUES: dict[str, list[Any]] = {
     "patient_id": ["", "P" * 65, None],
     "name": ["1234", "x" * 201, None],
     "age": [-1, 131, None],
     "systolic": [10, 400, None],
     "diastolic": [0, 260, 200, None],
     "heart_rate": [-1.0, 400.0, math.nan, None],
-    "temperature": [10.0, 50.0, math.nan],
-    "spo2": [0.97, 101.0, -1.0],
-    "respiratory_rate": [-1.0, 101.0],
+    "temperature": [10.0, 50.0, math.nan, math.inf],
+    "spo2": [0.97, 101.0, -1.0, math.nan],
+    "respiratory_rate": [-1.0, 101.0, -math.inf],
     "consciousness": ["X", ""],
     "sex": ["Q"],
     "device_id": ["d" * 129],
     "spo2_scale": [3],
 }
 
+#: The same for the output row.
+BAD_OUTPUT_VALUES: dict[str, list[Any]] = {
+    "patient_id": ["", None],
+    "first_name": ["", None],
+    "last_name": [""],
+    "age": [131, None],
+    "blood_pressure": ["1/2", "120-80"],
+    "blood_pressure_status": ["Bad"],
+    "heart_rate": [400.0, math.nan],
+    "timestamp": ["2024-06-10", None],
+    "systolic": [10],
+    "diastolic": [0, 260],
+    "spo2": [101.0, math.nan],
+    "news2_score": [21, -1],
+    "news2_risk": ["Unknown", None],
+    "rule_set": ["other"],
+}
 
-@settings(max_examples=60, deadline=None)
-@given(
-    st.lists(
+
+def changed_rows(
+    frame: pl.DataFrame, bad_values: dict[str, list[Any]], changes: list[dict[str, int]]
+) -> pl.DataFrame:
+    """Return ``frame`` with the bad value that ``changes`` picks for each row and column."""
+    rows = frame.to_dicts()
+    for row, row_changes in zip(rows, changes, strict=True):
+        for column, choice in row_changes.items():
+            values = bad_values[column]
+            row[column] = values[choice % len(values)]
+    return pl.DataFrame(rows, schema=frame.schema)
+
+
+def changes_of(
+    bad_values: dict[str, list[Any]],
+) -> st.SearchStrategy[list[dict[str, int]]]:
+    return st.lists(
         st.dictionaries(
-            st.sampled_from(sorted(BAD_VALUES)),
+            st.sampled_from(sorted(bad_values)),
             st.integers(min_value=0, max_value=3),
             max_size=4,
         ),
         min_size=8,
         max_size=8,
     )
-)
-def test_split_valid_names_failures_as_pandera(changes: list[dict[str, int]]) -> None:
-    """Rows with several bad columns get the reject that Pandera's first failure gives."""
-    frame = typed_readings()
-    rows = frame.to_dicts()
-    for row, row_changes in zip(rows, changes, strict=True):
-        for column, choice in row_changes.items():
-            values = BAD_VALUES[column]
-            row[column] = values[choice % len(values)]
-    frame = pl.DataFrame(rows, schema=frame.schema)
 
-    valid, rejects = split_valid(frame, InputReading, carry=CARRY)
+
+def assert_split_as_pandera(
+    frame: pl.DataFrame, model: Any, default_reason: Reason
+) -> None:
+    valid, rejects = split_valid(
+        frame, model, carry=CARRY, default_reason=default_reason
+    )
+    checked = frame.drop(
+        [name for name in CARRY if name not in model.to_schema().columns]
+    )
     expected_valid, expected_rejects = _split_with_pandera(
-        frame, frame.drop("value"), InputReading, Reason.OUT_OF_RANGE
+        frame, checked, model, default_reason
     )
 
     assert valid.equals(expected_valid)
     assert rejects.sort("offset").equals(expected_rejects.sort("offset"))
+
+
+@settings(max_examples=60, deadline=None)
+@given(changes_of(BAD_INPUT_VALUES))
+def test_split_valid_names_input_failures_as_pandera(
+    changes: list[dict[str, int]],
+) -> None:
+    """Rows with several bad columns get the reject that Pandera's first failure gives."""
+    frame = changed_rows(typed_readings(), BAD_INPUT_VALUES, changes)
+    assert_split_as_pandera(frame, InputReading, Reason.OUT_OF_RANGE)
+
+
+@settings(max_examples=40, deadline=None)
+@given(changes_of(BAD_OUTPUT_VALUES))
+def test_split_valid_names_output_failures_as_pandera(
+    changes: list[dict[str, int]],
+) -> None:
+    frame = changed_rows(output_rows(), BAD_OUTPUT_VALUES, changes)
+    assert_split_as_pandera(frame, OutputRow, Reason.OUTPUT_CONTRACT)
+
+
+def output_rows() -> pl.DataFrame:
+    readings = typed_readings()
+    derived = transform(
+        readings.drop("value"), topic="vitals", rule_set="acc_aha_2017", time_zone="UTC"
+    )
+    return pl.concat([derived, readings.select(CARRY)], how="horizontal")
 
 
 def test_split_valid_all_valid_returns_frame() -> None:
