@@ -482,20 +482,20 @@ class KafkaSource:
     def _reset_advice(self, partitions: list[int]) -> str:
         """Say how to move the stored offsets of ``partitions`` back into the log.
 
-        Commands are given only for partitions whose offset the broker
-        reports past the end of the log. Kafka's committed offset of such a
-        partition is the last one that a drain confirmed, so it is the offset
-        to go back to. Without one (a recreated topic loses them), deleting
-        the field starts the partition at the earliest offset. A commit at or
-        past the stored offset is past the end too (an older version
-        committed offsets before reading), so the partition goes back to 0.
-        The other partitions keep their stored offsets.
+        Commands are given only for partitions whose offset is past the end
+        of the log (:meth:`_log_end`). Kafka's committed offset of such a
+        partition is the last one that a batch wrote or confirmed, so it is
+        the offset to go back to. Without one (a recreated topic loses them),
+        deleting the field starts the partition at the earliest offset. A
+        commit at or past the stored offset means that a batch read the log
+        that far, so the end that the broker reports is in doubt, and no
+        command is given. The other partitions keep their stored offsets.
         """
         key = self._settings.redis_offsets_key
         ends = {}
         for p in partitions:
-            if (watermarks := self._watermarks(p)) is not None:
-                ends[p] = watermarks[1]
+            if (end := self._log_end(p)) is not None:
+                ends[p] = end
         try:
             committed = self.committed(partitions)
         except SourceError:
@@ -511,10 +511,13 @@ class KafkaSource:
                 "The broker reports these offsets inside the log, so it is "
                 "probably hung: rerun once it answers"
             )
+        read_past = [p for p in past_end if committed.get(p, -1) >= self._start[p]]
+        if read_past == past_end:
+            return self._doubtful_end(read_past, ends, committed)
         targets = {
-            p: offset if offset < self._start.get(p, offset + 1) else 0
+            p: offset
             for p, offset in committed.items()
-            if p in past_end
+            if p in past_end and p not in read_past
         }
         commands = []
         if targets:
@@ -524,11 +527,12 @@ class KafkaSource:
                 for item in (offset_field(self._topic, p), str(targets[p]))
             ]
             commands.append(redis_cli_command(self._settings, "HSET", key, *pairs))
-        others = [offset_field(self._topic, p) for p in past_end if p not in targets]
+        reset = [p for p in past_end if p not in read_past]
+        others = [offset_field(self._topic, p) for p in reset if p not in targets]
         if others:
             commands.append(redis_cli_command(self._settings, "HDEL", key, *others))
-        return (
-            f"The broker reports partitions {past_end} past the end of the log "
+        advice = (
+            f"The broker reports partitions {reset} past the end of the log "
             "(a recreated topic, or a wrong HSET). Move their stored offsets "
             f"back with {' and '.join(commands)}, then rerun. "
             "HSET goes back to the offset that the group last committed in "
@@ -537,6 +541,41 @@ class KafkaSource:
             "offset is one past the highest source.offset of the partition in "
             "the rows and rejects (see the README, Operations)"
         )
+        if read_past:
+            advice += ". " + self._doubtful_end(read_past, ends, committed)
+        return advice
+
+    def _doubtful_end(
+        self, partitions: list[int], ends: dict[int, int], committed: dict[int, int]
+    ) -> str:
+        """Explain why no command is given for ``partitions``, read past the end reported."""
+        offsets = {p: committed[p] for p in partitions}
+        return (
+            f"The group's commits in Kafka for partitions {partitions} "
+            f"({describe_offsets(offsets)}) show that batches read past the end "
+            f"that the broker reports ({describe_offsets({p: ends[p] for p in partitions})}): "
+            "the broker lost records or answers wrongly, so no command is given "
+            "for them. Check the broker before moving their offsets"
+        )
+
+    def _log_end(self, partition: int) -> int | None:
+        """Return the end offset of ``partition``'s log, or None when the broker does not answer.
+
+        The end from the last fetch response is right on Tansu and on
+        Apache Kafka. Without one, a ListOffsets request answers, which on
+        Tansu 0.6 gives the base offset of the last record batch plus one,
+        too low by the size of that batch.
+        """
+        try:
+            cached = self._consumer.get_watermark_offsets(
+                TopicPartition(self._topic, partition), cached=True
+            )
+        except KafkaException:
+            cached = None
+        if cached is not None and cached[1] >= 0:
+            return int(cached[1])
+        watermarks = self._watermarks(partition)
+        return None if watermarks is None else watermarks[1]
 
     def _watermarks(self, partition: int) -> tuple[int, int] | None:
         """Return the broker's earliest and end offsets of ``partition``, or None when the request fails."""

@@ -376,18 +376,27 @@ class _OffsetResetEvent:
 
 
 class _Watermarks:
-    """A consumer that returns fixed watermarks and committed offsets."""
+    """A consumer that returns fixed watermarks and committed offsets.
+
+    ``answer`` is the broker's reply to a ListOffsets request, ``fetched`` the
+    watermarks of the last fetch response (unknown by default, as before any
+    fetch).
+    """
 
     def __init__(
-        self, answer: tuple[int, int] | None, committed: dict[int, int]
+        self,
+        answer: tuple[int, int] | None,
+        committed: dict[int, int],
+        fetched: tuple[int, int] = (-1001, -1001),
     ) -> None:
         self.answer = answer
         self.offsets = committed
+        self.fetched = fetched
 
     def get_watermark_offsets(
         self, partition: TopicPartition, timeout: float = -1, cached: bool = False
     ) -> tuple[int, int] | None:
-        return self.answer
+        return self.fetched if cached else self.answer
 
     def committed(
         self, partitions: list[TopicPartition], timeout: float = -1
@@ -405,12 +414,13 @@ def _out_of_range_message(
     stored: int,
     watermarks: tuple[int, int] | None,
     committed: dict[int, int] | None = None,
+    fetched: tuple[int, int] = (-1001, -1001),
 ) -> str:
     """Return the error for partition 1 of a source assigned from ``stored``."""
     source = KafkaSource(settings)
     source.assign({0: 0, 1: stored})
     consumer = source._consumer
-    source._consumer = _Watermarks(watermarks, committed or {})  # type: ignore[assignment]
+    source._consumer = _Watermarks(watermarks, committed or {}, fetched)  # type: ignore[assignment]
     try:
         with pytest.raises(OffsetsOutOfRange) as failure:
             source._handle_events([_OffsetResetEvent()], {1})
@@ -474,12 +484,24 @@ def test_offset_past_log_end_without_commit_deletes(settings: Settings) -> None:
 
 
 def test_offset_past_log_end_with_commit_past_end(settings: Settings) -> None:
-    """A commit at the stored offset is past the end too: the partition goes back to 0."""
+    """A commit at the stored offset shows the log reached it: no command is given."""
     message = _out_of_range_message(settings, 900, (120, 500), committed={1: 900})
 
-    key = settings.redis_offsets_key
-    command = redis_cli_command(settings, "HSET", key, f"{settings.kafka_topic}:1", "0")
-    assert f"Move their stored offsets back with {command}, then rerun" in message
+    assert "batches read past the end that the broker reports ({1: 500})" in message
+    assert "redis-cli" not in message
+
+
+def test_offset_reset_takes_the_end_of_the_last_fetch(settings: Settings) -> None:
+    """Tansu answers ListOffsets with the last batch's base offset plus one.
+
+    The end from the last fetch response decides: the offset is inside the log.
+    """
+    message = _out_of_range_message(
+        settings, 300, (0, 1), committed={1: 100}, fetched=(0, 1000)
+    )
+
+    assert "inside the log" in message
+    assert "redis-cli" not in message
 
 
 def test_batch_extra_cannot_disable_end_of_partition(settings: Settings) -> None:
