@@ -353,15 +353,15 @@ def _fold_line_breaks(frame: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     a string it must be escaped), so the replacement keeps the meaning. Values
     with a raw break inside a string are invalid and rejected here.
     """
-    has_break = pl.col("value").bin.contains(b"\n") | pl.col("value").bin.contains(
-        b"\r"
-    )
-    multi_line = frame.filter(has_break)
-    if multi_line.is_empty():
+    has_break = frame.select(
+        pl.col("value").bin.contains(b"\n") | pl.col("value").bin.contains(b"\r")
+    ).to_series()
+    if not has_break.any():
         return frame, empty_rejects()
 
+    rows = has_break.arg_true()
     folded: list[bytes | None] = []
-    for value in multi_line["value"].to_list():
+    for value in frame["value"].gather(rows).to_list():
         try:
             json.loads(value)
         except (ValueError, RecursionError):
@@ -370,13 +370,11 @@ def _fold_line_breaks(frame: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
             folded.append(None)
         else:
             folded.append(value.replace(b"\r", b" ").replace(b"\n", b" "))
-    multi_line = multi_line.with_columns(pl.Series("_folded", folded, pl.Binary))
-    broken = multi_line.filter(pl.col("_folded").is_null()).drop("_folded")
-    fixed = multi_line.filter(pl.col("_folded").is_not_null()).with_columns(
-        pl.col("_folded").alias("value")
-    )
-    kept = pl.concat([frame.filter(~has_break), fixed.drop("_folded")])
-    return kept, _classify_unreadable(broken)
+    # The folded values go back in their places: rows keep the chunk's order.
+    values = frame["value"].clone().scatter(rows, pl.Series(folded, dtype=pl.Binary))
+    broken = has_break & values.is_null()
+    kept = frame.with_columns(values.alias("value")).filter(~broken)
+    return kept, _classify_unreadable(frame.filter(broken))
 
 
 def _read_objects(frame: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:

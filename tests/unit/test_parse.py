@@ -399,6 +399,20 @@ def test_parse_multiline_json_accepted() -> None:
     assert row["patient_id"] == "PT-0001"
 
 
+def test_parse_multiline_json_keeps_chunk_order() -> None:
+    """A pretty-printed reading between two others stays between them."""
+    values = [
+        encode(reading(patient_id="PT-1")),
+        json.dumps(reading(patient_id="PT-2"), indent=2).encode(),
+        b'{"patient_id": "PT-X",\n "name": "A\nB"}',
+        encode(reading(patient_id="PT-3")),
+    ]
+    rows, rejects = run_chunk(values)
+
+    assert [json.loads(p)["source"]["offset"] for p in rows["payload"]] == [0, 1, 3]
+    assert [json.loads(p)["reason"] for p in rejects["payload"]] == ["invalid_json"]
+
+
 def test_parse_reject_keeps_non_utf8_as_base64() -> None:
     (reject,) = rejects_of([b'{"name": "H\xe9l\xe8ne"}'])
     assert "payload" not in reject
