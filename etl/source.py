@@ -415,7 +415,8 @@ class KafkaSource:
                 f"partitions {silent} of topic {self._topic} on the Kafka broker at "
                 f"{self._settings.kafka_bootstrap_servers} sent neither records nor "
                 f"their end for {limit:.0f} s from offsets "
-                f"{describe_offsets(positions)}. {self._reset_advice(silent)}"
+                f"{describe_offsets(positions)}. "
+                f"{self._reset_advice(silent, lookup=False)}"
             )
             raise SourceError(msg)
 
@@ -442,7 +443,7 @@ class KafkaSource:
                 f"{earliest - 1} (retention), so they cannot be read. To go on "
                 f"from its earliest record, run {command} and rerun"
             )
-        return self._reset_advice([partition])
+        return self._reset_advice([partition], lookup=True)
 
     def confirmed_offsets(
         self, stored: dict[int, int], start: dict[int, int], written: dict[int, int]
@@ -479,11 +480,11 @@ class KafkaSource:
             return stored
         return min(stored, written)
 
-    def _reset_advice(self, partitions: list[int]) -> str:
+    def _reset_advice(self, partitions: list[int], *, lookup: bool) -> str:
         """Say how to move the stored offsets of ``partitions`` back into the log.
 
         Commands are given only for partitions whose offset is past the end
-        of the log (:meth:`_log_end`). Kafka's committed offset of such a
+        of the log (:meth:`_log_end`, which asks the broker with ``lookup``). Kafka's committed offset of such a
         partition is the last one that a batch wrote or confirmed, so it is
         the offset to go back to. Without one (a recreated topic loses them),
         deleting the field starts the partition at the earliest offset. A
@@ -494,7 +495,7 @@ class KafkaSource:
         key = self._settings.redis_offsets_key
         ends = {}
         for p in partitions:
-            if (end := self._log_end(p)) is not None:
+            if (end := self._log_end(p, lookup=lookup)) is not None:
                 ends[p] = end
         try:
             committed = self.committed(partitions)
@@ -503,9 +504,10 @@ class KafkaSource:
         if committed is None or len(ends) < len(partitions):
             return (
                 "The broker may be hung or unreachable: it did not answer the "
-                "offset lookups either. Rerun once it answers"
+                "fetches or the offset lookups either. Rerun once it answers"
             )
-        past_end = [p for p, end in ends.items() if self._start.get(p, -1) >= end]
+        # An offset equal to the end is where the next record will be.
+        past_end = [p for p, end in ends.items() if self._start.get(p, -1) > end]
         if not past_end:
             return (
                 "The broker reports these offsets inside the log, so it is "
@@ -558,13 +560,15 @@ class KafkaSource:
             "for them. Check the broker before moving their offsets"
         )
 
-    def _log_end(self, partition: int) -> int | None:
-        """Return the end offset of ``partition``'s log, or None when the broker does not answer.
+    def _log_end(self, partition: int, *, lookup: bool) -> int | None:
+        """Return the end offset of ``partition``'s log, or None when it is unknown.
 
         The end from the last fetch response is right on Tansu and on
-        Apache Kafka. Without one, a ListOffsets request answers, which on
-        Tansu 0.6 gives the base offset of the last record batch plus one,
-        too low by the size of that batch.
+        Apache Kafka. Without one, and with ``lookup``, a ListOffsets request
+        answers. Only a broker that reported the offset out of range is
+        asked: Tansu 0.6 answers it with the base offset of the last record
+        batch plus one, too low by the size of that batch, and a partition
+        that Tansu leaves silent past the end has a fetch response.
         """
         try:
             cached = self._consumer.get_watermark_offsets(
@@ -574,6 +578,8 @@ class KafkaSource:
             cached = None
         if cached is not None and cached[1] >= 0:
             return int(cached[1])
+        if not lookup:
+            return None
         watermarks = self._watermarks(partition)
         return None if watermarks is None else watermarks[1]
 

@@ -460,7 +460,7 @@ def test_offset_past_log_end_goes_back_to_commit(settings: Settings) -> None:
 @pytest.mark.parametrize(
     ("watermarks", "expected"),
     [
-        pytest.param(None, "did not answer the offset lookups", id="no-answer"),
+        pytest.param(None, "or the offset lookups either", id="no-answer"),
         pytest.param((120, 500), "inside the log", id="inside-the-log"),
     ],
 )
@@ -502,6 +502,46 @@ def test_offset_reset_takes_the_end_of_the_last_fetch(settings: Settings) -> Non
 
     assert "inside the log" in message
     assert "redis-cli" not in message
+
+
+def _silent_advice(
+    settings: Settings,
+    stored: int,
+    answer: tuple[int, int] | None,
+    fetched: tuple[int, int],
+    committed: dict[int, int] | None = None,
+) -> str:
+    """Return the advice for partition 1, assigned from ``stored``, when it stays silent."""
+    source = KafkaSource(settings)
+    source.assign({0: 0, 1: stored})
+    consumer = source._consumer
+    source._consumer = _Watermarks(answer, committed or {}, fetched)  # type: ignore[assignment]
+    try:
+        return source._reset_advice([1], lookup=False)
+    finally:
+        source._consumer = consumer
+        source.close()
+
+
+def test_silent_partition_without_fetch_response_gets_no_command(
+    settings: Settings,
+) -> None:
+    """A broker that paused before its first fetch response: its lookup is not trusted."""
+    advice = _silent_advice(settings, 300, (0, 1), fetched=(-1001, -1001))
+
+    assert "did not answer the fetches" in advice
+    assert "redis-cli" not in advice
+
+
+@pytest.mark.parametrize("end", [300, 1000])
+def test_silent_partition_at_or_before_its_end_gets_no_command(
+    settings: Settings, end: int
+) -> None:
+    """An offset equal to the end is where the next record goes: the broker is hung."""
+    advice = _silent_advice(settings, 300, (0, 1), fetched=(0, end), committed={1: 100})
+
+    assert "inside the log" in advice
+    assert "redis-cli" not in advice
 
 
 def test_batch_extra_cannot_disable_end_of_partition(settings: Settings) -> None:
