@@ -363,10 +363,12 @@ def _fold_line_breaks(frame: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     folded: list[bytes | None] = []
     for value in frame["value"].gather(rows).to_list():
         try:
-            json.loads(value)
+            json.loads(value.decode("utf-8"))
         except (ValueError, RecursionError):
-            # Unreadable, or nested too deep for Python to tell whether a
-            # break sits inside a string: rejected with its reason below.
+            # Not UTF-8 (json.loads would take UTF-16 bytes, which a byte
+            # replacement corrupts), unreadable, or nested too deep for
+            # Python to tell whether a break sits inside a string: rejected
+            # with its reason below.
             folded.append(None)
         else:
             folded.append(value.replace(b"\r", b" ").replace(b"\n", b" "))

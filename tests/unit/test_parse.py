@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import unicodedata
 from typing import Any
@@ -411,6 +412,14 @@ def test_parse_multiline_json_keeps_chunk_order() -> None:
 
     assert [json.loads(p)["source"]["offset"] for p in rows["payload"]] == [0, 1, 3]
     assert [json.loads(p)["reason"] for p in rejects["payload"]] == ["invalid_json"]
+
+
+def test_parse_multiline_utf16_rejected_unchanged() -> None:
+    """UTF-16 JSON with line breaks is not folded: the reject keeps its bytes."""
+    value = json.dumps(reading(), indent=2).encode("utf-16")
+    (reject,) = rejects_of([value])
+    assert reject["reason"] == "not_utf8"
+    assert base64.b64decode(reject["payload_base64"]) == value
 
 
 def test_parse_reject_keeps_non_utf8_as_base64() -> None:
