@@ -228,7 +228,11 @@ def process_chunk(
             Reason.OUTPUT_CONTRACT.value,
         )
 
-    rejects = pl.concat([type_rejects, contract_rejects, output_rejects])
+    # In offset order within each partition, as the rows are, whatever step
+    # rejected them.
+    rejects = pl.concat([type_rejects, contract_rejects, output_rejects]).sort(
+        "partition", "offset"
+    )
     # The Kafka key of each reject, so that a replay sends it with the same key.
     if rejects.height:
         rejects = rejects.join(

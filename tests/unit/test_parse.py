@@ -414,6 +414,21 @@ def test_parse_multiline_json_keeps_chunk_order() -> None:
     assert [json.loads(p)["reason"] for p in rejects["payload"]] == ["invalid_json"]
 
 
+def test_chunk_rejects_in_offset_order() -> None:
+    """A contract reject before a read reject stays before it in the rejects list."""
+    values = [
+        encode(reading(age=131)),
+        b"not json",
+        encode(reading()),
+        encode(reading(sex="X")),
+        b"{",
+    ]
+    _, rejects = run_chunk(values)
+
+    offsets = [json.loads(p)["source"]["offset"] for p in rejects["payload"]]
+    assert offsets == [0, 1, 3, 4]
+
+
 def test_parse_multiline_utf16_rejected_unchanged() -> None:
     """UTF-16 JSON with line breaks is not folded: the reject keeps its bytes."""
     value = json.dumps(reading(), indent=2).encode("utf-16")
