@@ -407,7 +407,7 @@ def run_batch(settings: Settings, *, now: float | None = None) -> BatchReport:
     writer: _WriteBehind | None = None
     try:
         sink.check()
-        source = KafkaSource(settings)
+        source = KafkaSource(settings, last_written=sink.last_written)
         start, stored = _start_offsets(source, sink)
         if not start:
             return _finish(report, sink, started)
@@ -670,7 +670,7 @@ def drain_to_staging(
     source: KafkaSource | None = None
     try:
         sink.check()
-        source = KafkaSource(settings)
+        source = KafkaSource(settings, last_written=sink.last_written)
         start, stored = _start_offsets(source, sink)
         files = []
         if start:

@@ -23,6 +23,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
+import orjson
 import polars as pl
 import redis
 from redis.connection import SSLConnection, parse_url
@@ -198,6 +199,64 @@ class RedisSink:
             if text.startswith(prefix) and text[len(prefix) :].isdigit():
                 offsets[int(text[len(prefix) :])] = int(value)
         return offsets
+
+    def last_written(
+        self, topic: str, partitions: list[int], *, max_scan: int = 1_000_000
+    ) -> dict[int, int]:
+        """Return the highest offset of each of ``partitions`` among the rows and rejects.
+
+        Each list is read from its end, in pages. A partition's entries follow
+        its offsets in each list, so the scan of a list stops one chunk past
+        the first entry of every partition, or at its start. The result is
+        empty when a list holds more than ``max_scan`` entries after the last
+        one of a partition, or when Redis fails: the caller then knows no
+        exact offset. A partition without a row or reject is left out.
+        """
+        found: dict[int, int] = {}
+        for key in (self._settings.redis_list_key, self._settings.redis_rejects_key):
+            try:
+                highest = self._scan_tail(key, topic, set(partitions), max_scan)
+            except redis.RedisError:
+                return {}
+            if highest is None:
+                return {}
+            for partition, offset in highest.items():
+                found[partition] = max(offset, found.get(partition, -1))
+        return {p: offset for p, offset in found.items() if p in partitions}
+
+    def _scan_tail(
+        self, key: str, topic: str, partitions: set[int], max_scan: int
+    ) -> dict[int, int] | None:
+        """Return the highest offset per partition near the end of ``key``, or None.
+
+        None when the scan reached ``max_scan`` entries before it could
+        answer for every partition.
+        """
+        page = VALUES_PER_COMMAND
+        margin = self._settings.chunk_size
+        highest: dict[int, int] = {}
+        # Entries from the end at which each partition was first met.
+        first_seen: dict[int, int] = {}
+        scanned = 0
+        while True:
+            entries = self.client.lrange(key, -scanned - page, -scanned - 1)
+            if not entries:
+                return highest
+            for entry in reversed(entries):
+                source = _source_of(entry)
+                if source is not None and source[0] == topic:
+                    partition, offset = source[1], source[2]
+                    highest[partition] = max(offset, highest.get(partition, -1))
+                    first_seen.setdefault(partition, scanned)
+                scanned += 1
+            done = all(
+                p in first_seen and scanned - first_seen[p] >= margin
+                for p in partitions
+            )
+            if done or len(entries) < page:
+                return highest
+            if scanned >= max_scan:
+                return None
 
     def stored_topic_id(self, topic: str) -> str | None:
         """Return the topic id recorded with the stored offsets, if any."""
@@ -540,6 +599,15 @@ def _check_same_topic_id(
 def _decoded(value: bytes | str | None) -> str | None:
     """Return a hash field or value from Redis as text."""
     return value.decode() if isinstance(value, bytes) else value
+
+
+def _source_of(entry: bytes | str) -> tuple[str, int, int] | None:
+    """Return the (topic, partition, offset) of a row or reject, or None for another value."""
+    try:
+        source = orjson.loads(entry).get("source")
+        return str(source["topic"]), int(source["partition"]), int(source["offset"])
+    except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError):
+        return None
 
 
 def _check_still_stored(partition: int, offset: int, stored: int | None) -> None:

@@ -19,7 +19,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -132,9 +132,22 @@ class DrainStats:
 class KafkaSource:
     """A consumer assigned to every partition of one topic, from given offsets."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        last_written: Callable[[str, list[int]], dict[int, int]] | None = None,
+    ) -> None:
+        """Make a consumer for ``settings``; ``last_written`` finds written offsets.
+
+        ``last_written(topic, partitions)`` returns the highest offset of
+        each partition among the rows and rejects in Redis
+        (:meth:`etl.sink.RedisSink.last_written`). The reset advice of a
+        failed drain uses it.
+        """
         self._settings = settings
         self._topic = settings.kafka_topic
+        self._find_written = last_written
         extra = settings.kafka_config()
         overridden = sorted(set(extra) & set(PROTECTED_PROPERTIES))
         if overridden:
@@ -484,13 +497,15 @@ class KafkaSource:
         """Say how to move the stored offsets of ``partitions`` back into the log.
 
         Commands are given only for partitions whose offset is past the end
-        of the log (:meth:`_log_end`, which asks the broker with ``lookup``). Kafka's committed offset of such a
-        partition is the last one that a batch wrote or confirmed, so it is
-        the offset to go back to. Without one (a recreated topic loses them),
-        deleting the field starts the partition at the earliest offset. A
-        commit at or past the stored offset means that a batch read the log
-        that far, so the end that the broker reports is in doubt, and no
-        command is given. The other partitions keep their stored offsets.
+        of the log (:meth:`_log_end`, which asks the broker with
+        ``lookup``). Such a partition goes back to the offset after its last
+        row or reject in Redis, when ``last_written`` finds it. Otherwise it
+        goes back to Kafka's committed offset, the last one that a batch
+        committed, which lags behind Redis after a batch that could not
+        commit. Without either, deleting the field starts the partition at
+        the earliest offset. When Redis or the commit has offsets past the
+        end that the broker reports, that end is in doubt, and no command is
+        given. The other partitions keep their stored offsets.
         """
         key = self._settings.redis_offsets_key
         ends = {}
@@ -513,52 +528,76 @@ class KafkaSource:
                 "The broker reports these offsets inside the log, so it is "
                 "probably hung: rerun once it answers"
             )
-        read_past = [p for p in past_end if committed.get(p, -1) >= self._start[p]]
-        if read_past == past_end:
-            return self._doubtful_end(read_past, ends, committed)
-        targets = {
-            p: offset
-            for p, offset in committed.items()
-            if p in past_end and p not in read_past
-        }
+        written = {p: offset + 1 for p, offset in self._last_written(past_end).items()}
+        reached = {p: max(written.get(p, -1), committed.get(p, -1)) for p in past_end}
+        doubtful = [p for p in past_end if reached[p] > ends[p]]
+        if doubtful == past_end:
+            return self._doubtful_end(doubtful, ends, reached)
+        reset = [p for p in past_end if p not in doubtful]
+        targets = {p: written.get(p, committed.get(p, -1)) for p in reset}
         commands = []
-        if targets:
+        hset = [p for p in reset if targets[p] >= 0]
+        if hset:
             pairs = [
                 item
-                for p in sorted(targets)
+                for p in hset
                 for item in (offset_field(self._topic, p), str(targets[p]))
             ]
             commands.append(redis_cli_command(self._settings, "HSET", key, *pairs))
-        reset = [p for p in past_end if p not in read_past]
-        others = [offset_field(self._topic, p) for p in reset if p not in targets]
-        if others:
-            commands.append(redis_cli_command(self._settings, "HDEL", key, *others))
+        hdel = [offset_field(self._topic, p) for p in reset if targets[p] < 0]
+        if hdel:
+            commands.append(redis_cli_command(self._settings, "HDEL", key, *hdel))
         advice = (
             f"The broker reports partitions {reset} past the end of the log "
             "(a recreated topic, or a wrong HSET). Move their stored offsets "
             f"back with {' and '.join(commands)}, then rerun. "
-            "HSET goes back to the offset that the group last committed in "
-            "Kafka, HDEL to the earliest offset. That commit lags behind Redis "
-            "after a batch that was killed or could not commit; the exact "
-            "offset is one past the highest source.offset of the partition in "
-            "the rows and rejects (see the README, Operations)"
+            + self._targets_explained(reset, written)
         )
-        if read_past:
-            advice += ". " + self._doubtful_end(read_past, ends, committed)
+        if doubtful:
+            advice += ". " + self._doubtful_end(doubtful, ends, reached)
         return advice
 
+    @staticmethod
+    def _targets_explained(reset: list[int], written: dict[int, int]) -> str:
+        """Say where the commands of :meth:`_reset_advice` send each partition."""
+        if all(p in written for p in reset):
+            return (
+                "HSET goes to the offset after the partition's last row or "
+                "reject in Redis"
+            )
+        return (
+            "HSET goes to the offset after the partition's last row or reject "
+            "in Redis where one was found, else to the offset that the group "
+            "last committed in Kafka; HDEL goes to the earliest offset. That "
+            "commit lags behind Redis after a batch that was killed or could "
+            "not commit; the exact offset is one past the highest "
+            "source.offset of the partition in the rows and rejects (see the "
+            "README, Operations)"
+        )
+
     def _doubtful_end(
-        self, partitions: list[int], ends: dict[int, int], committed: dict[int, int]
+        self, partitions: list[int], ends: dict[int, int], reached: dict[int, int]
     ) -> str:
         """Explain why no command is given for ``partitions``, read past the end reported."""
-        offsets = {p: committed[p] for p in partitions}
+        offsets = {p: reached[p] for p in partitions}
+        reported = {p: ends[p] for p in partitions}
         return (
-            f"The group's commits in Kafka for partitions {partitions} "
-            f"({describe_offsets(offsets)}) show that batches read past the end "
-            f"that the broker reports ({describe_offsets({p: ends[p] for p in partitions})}): "
+            f"Redis or the group's commits in Kafka show that batches read "
+            f"partitions {partitions} up to {describe_offsets(offsets)}, past "
+            f"the end that the broker reports ({describe_offsets(reported)}): "
             "the broker lost records or answers wrongly, so no command is given "
             "for them. Check the broker before moving their offsets"
         )
+
+    def _last_written(self, partitions: list[int]) -> dict[int, int]:
+        """Return the highest offset in Redis of each of ``partitions`` that it finds."""
+        if self._find_written is None:
+            return {}
+        try:
+            return self._find_written(self._topic, partitions)
+        except Exception:  # the advice must not hide the drain's own error
+            logger.warning("Reading the last written offsets failed", exc_info=True)
+            return {}
 
     def _log_end(self, partition: int, *, lookup: bool) -> int | None:
         """Return the end offset of ``partition``'s log, or None when it is unknown.

@@ -487,7 +487,7 @@ def test_offset_past_log_end_with_commit_past_end(settings: Settings) -> None:
     """A commit at the stored offset shows the log reached it: no command is given."""
     message = _out_of_range_message(settings, 900, (120, 500), committed={1: 900})
 
-    assert "batches read past the end that the broker reports ({1: 500})" in message
+    assert "up to {1: 900}, past the end that the broker reports ({1: 500})" in message
     assert "redis-cli" not in message
 
 

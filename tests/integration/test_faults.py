@@ -798,6 +798,36 @@ def test_one_bad_partition_reset_keeps_the_others(
     )
 
 
+def test_reset_goes_to_last_written_offset_not_lagging_commit(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    """The partition past its end goes back to its last row or reject, not to its commit."""
+    create_topic(settings, PARTITIONS)
+    produced = produce_tracked(settings, mixed_values(300))
+    assert run_batch(settings).read == 300
+    stored = stored_offsets(redis_client, settings)
+    # The commit of the partition that goes wrong lags far behind Redis.
+    lagging = KafkaSource(settings)
+    try:
+        lagging.commit({2: 1})
+    finally:
+        lagging.close()
+    redis_client.hset(settings.redis_offsets_key, f"{settings.kafka_topic}:2", 10**6)
+    quick = settings.model_copy(update={"kafka_timeout_s": 1.0})
+
+    with pytest.raises(SourceError, match="neither records") as failure:
+        run_batch(quick)
+    run_printed_reset(settings, failure.value)
+    after_reset = stored_offsets(redis_client, settings)
+    produced += produce_tracked(settings, mixed_values(90))
+    run_batch(settings)
+
+    assert "last row or reject in Redis" in str(failure.value)
+    # A tombstone leaves no row: the offset may go back to just after the last row.
+    assert stored[2] - 1 <= after_reset[2] <= stored[2]
+    assert_accounted(redis_client, settings, produced)
+
+
 def test_wrong_hset_during_batch_is_not_committed(
     settings: Settings, redis_client: redis.Redis
 ) -> None:

@@ -214,3 +214,54 @@ def test_write_chunk_watch_lost_connection_backs_off(settings: Settings) -> None
         sink.close()
 
     assert [call.args[0] for call in waits.call_args_list] == [0.2, 0.4, 0.8, 1.6]
+
+
+def entry(topic: str, partition: int, offset: int) -> bytes:
+    source = {"topic": topic, "partition": partition, "offset": offset}
+    return json.dumps({"patient_id": "PT-1", "source": source}).encode()
+
+
+def test_last_written_takes_the_highest_offset_of_both_lists(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    """Rows and rejects of two topics: each partition gets its highest offset in either list."""
+    rows = [entry(TOPIC, p, o) for o in range(0, 30) for p in (0, 1)]
+    rows += [entry("other", 0, 500), b"not json", b'{"source": null}']
+    # Rejects of one chunk in the order an older version wrote them.
+    rejects = [entry(TOPIC, 1, 41), entry(TOPIC, 1, 35), entry(TOPIC, 0, 12)]
+    redis_client.rpush(settings.redis_list_key, *rows)
+    redis_client.rpush(settings.redis_rejects_key, *rejects)
+    sink = RedisSink(settings)
+    try:
+        found = sink.last_written(TOPIC, [0, 1, 2])
+    finally:
+        sink.close()
+
+    # Both lists were read whole, so partition 2 has no entry at all.
+    assert found == {0: 29, 1: 41}
+
+
+def test_last_written_stops_one_chunk_past_each_partition(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    """A long list is read only from its end, so the failure path stays quick."""
+    small = settings.model_copy(update={"chunk_size": 100})
+    old = [entry(TOPIC, 0, o) for o in range(30_000)]
+    redis_client.rpush(small.redis_list_key, *old, entry(TOPIC, 0, 30_000))
+    sink = RedisSink(small)
+    try:
+        with mock.patch.object(
+            sink.client, "lrange", wraps=sink.client.lrange
+        ) as lrange:
+            found = sink.last_written(TOPIC, [0])
+        calls = lrange.call_count
+        # Partition 5 is in no entry of the first page: a scan cut there
+        # cannot tell whether an older one holds it.
+        cut_short = sink.last_written(TOPIC, [0, 5], max_scan=VALUES_PER_COMMAND)
+    finally:
+        sink.close()
+
+    assert found == {0: 30_000}
+    # One page of the rows list, and the whole (empty) rejects list.
+    assert calls == 2
+    assert cut_short == {}
