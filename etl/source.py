@@ -657,6 +657,7 @@ class KafkaSource:
         request timeout: the consumer's own commit has none, and with
         librdkafka 2.16 and a broker that stops answering, a synchronous
         commit blocks for good and an asynchronous one blocks ``close()``.
+        A failed commit drops the admin client, and a retry makes a new one.
         After one failure the batch stops committing, so a lost broker costs
         one timeout, not one per remaining chunk. With ``retry``, as at the
         end of a batch, the commit is tried again after such a failure.
@@ -676,6 +677,11 @@ class KafkaSource:
                 future.result(timeout=timeout + 1)
         except (KafkaException, TimeoutError) as exc:
             self._commits_failed = True
+            # A response that arrives after the request timed out aborts
+            # librdkafka 2.16 on an assertion (eonce->refcnt > 0, reported as
+            # confluentinc/librdkafka#4605). Dropping the client drops its
+            # pending requests.
+            self._admin = None
             logger.warning(
                 "Kafka offset commit failed; no more commits in this batch "
                 "(Redis offsets stay authoritative): %s",

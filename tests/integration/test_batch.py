@@ -10,7 +10,7 @@ from unittest import mock
 
 import pytest
 import redis
-from confluent_kafka import OFFSET_BEGINNING, KafkaError, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, TopicPartition
 from pydantic import SecretStr
 
 from contracts.models import OUTPUT_KEYS
@@ -542,6 +542,27 @@ def test_silent_partition_at_or_before_its_end_gets_no_command(
 
     assert "inside the log" in advice
     assert "redis-cli" not in advice
+
+
+def test_failed_commit_drops_the_admin_client(settings: Settings) -> None:
+    """A timed-out commit leaves no request behind: a retry commits with a new client."""
+    create_topic(settings, partitions=1)
+    source = KafkaSource(settings)
+    try:
+        timed_out = mock.Mock()
+        timed_out.alter_consumer_group_offsets.side_effect = KafkaException(
+            KafkaError(KafkaError._TIMED_OUT)
+        )
+        source._admin = timed_out
+        source.commit({0: 1})
+        dropped = source._admin is None
+        source.commit({0: 1}, retry=True)
+        committed = source.committed([0])
+    finally:
+        source.close()
+
+    assert dropped
+    assert committed == {0: 1}
 
 
 def test_batch_extra_cannot_disable_end_of_partition(settings: Settings) -> None:
