@@ -516,10 +516,16 @@ class KafkaSource:
             committed = self.committed(partitions)
         except SourceError:
             committed = None
-        if committed is None or len(ends) < len(partitions):
+        if len(ends) < len(partitions):
             return (
                 "The broker may be hung or unreachable: it did not answer the "
                 "fetches or the offset lookups either. Rerun once it answers"
+            )
+        if committed is None:
+            return (
+                "The broker may be hung or unreachable: it did not answer the "
+                "request for the group's committed offsets either. Rerun once "
+                "it answers"
             )
         # An offset equal to the end is where the next record will be.
         past_end = [p for p, end in ends.items() if self._start.get(p, -1) > end]

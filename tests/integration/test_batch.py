@@ -533,6 +533,28 @@ def test_silent_partition_without_fetch_response_gets_no_command(
     assert "redis-cli" not in advice
 
 
+def test_silent_partition_without_committed_offsets_names_that_request(
+    settings: Settings,
+) -> None:
+    """The fetch gave the end, but the committed offsets did not come: no command."""
+    source = KafkaSource(settings)
+    source.assign({0: 0, 1: 300})
+    consumer = source._consumer
+    fake = _Watermarks((0, 1), {}, fetched=(0, 100))
+    fake.committed = mock.Mock(  # type: ignore[method-assign]
+        side_effect=KafkaException(KafkaError(KafkaError._TIMED_OUT))
+    )
+    source._consumer = fake  # type: ignore[assignment]
+    try:
+        advice = source._reset_advice([1], lookup=False)
+    finally:
+        source._consumer = consumer
+        source.close()
+
+    assert "request for the group's committed offsets" in advice
+    assert "redis-cli" not in advice
+
+
 @pytest.mark.parametrize("end", [300, 1000])
 def test_silent_partition_at_or_before_its_end_gets_no_command(
     settings: Settings, end: int
