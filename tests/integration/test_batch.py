@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
 import time
+from collections.abc import Iterator
 from unittest import mock
 
 import pytest
@@ -409,6 +411,22 @@ class _Watermarks:
         ]
 
 
+@contextlib.contextmanager
+def _source_with(
+    settings: Settings, stored: int, fake: _Watermarks
+) -> Iterator[KafkaSource]:
+    """Yield a source assigned partition 1 from ``stored``, whose consumer is ``fake``."""
+    source = KafkaSource(settings)
+    source.assign({0: 0, 1: stored})
+    consumer = source._consumer
+    source._consumer = fake  # type: ignore[assignment]
+    try:
+        yield source
+    finally:
+        source._consumer = consumer
+        source.close()
+
+
 def _out_of_range_message(
     settings: Settings,
     stored: int,
@@ -417,16 +435,12 @@ def _out_of_range_message(
     fetched: tuple[int, int] = (-1001, -1001),
 ) -> str:
     """Return the error for partition 1 of a source assigned from ``stored``."""
-    source = KafkaSource(settings)
-    source.assign({0: 0, 1: stored})
-    consumer = source._consumer
-    source._consumer = _Watermarks(watermarks, committed or {}, fetched)  # type: ignore[assignment]
-    try:
-        with pytest.raises(OffsetsOutOfRange) as failure:
-            source._handle_events([_OffsetResetEvent()], {1})
-    finally:
-        source._consumer = consumer
-        source.close()
+    fake = _Watermarks(watermarks, committed or {}, fetched)
+    with (
+        _source_with(settings, stored, fake) as source,
+        pytest.raises(OffsetsOutOfRange) as failure,
+    ):
+        source._handle_events([_OffsetResetEvent()], {1})
     return str(failure.value)
 
 
@@ -512,15 +526,9 @@ def _silent_advice(
     committed: dict[int, int] | None = None,
 ) -> str:
     """Return the advice for partition 1, assigned from ``stored``, when it stays silent."""
-    source = KafkaSource(settings)
-    source.assign({0: 0, 1: stored})
-    consumer = source._consumer
-    source._consumer = _Watermarks(answer, committed or {}, fetched)  # type: ignore[assignment]
-    try:
+    fake = _Watermarks(answer, committed or {}, fetched)
+    with _source_with(settings, stored, fake) as source:
         return source._reset_advice([1], lookup=False)
-    finally:
-        source._consumer = consumer
-        source.close()
 
 
 def test_silent_partition_without_fetch_response_gets_no_command(
@@ -537,19 +545,12 @@ def test_silent_partition_without_committed_offsets_names_that_request(
     settings: Settings,
 ) -> None:
     """The fetch gave the end, but the committed offsets did not come: no command."""
-    source = KafkaSource(settings)
-    source.assign({0: 0, 1: 300})
-    consumer = source._consumer
     fake = _Watermarks((0, 1), {}, fetched=(0, 100))
     fake.committed = mock.Mock(  # type: ignore[method-assign]
         side_effect=KafkaException(KafkaError(KafkaError._TIMED_OUT))
     )
-    source._consumer = fake  # type: ignore[assignment]
-    try:
+    with _source_with(settings, 300, fake) as source:
         advice = source._reset_advice([1], lookup=False)
-    finally:
-        source._consumer = consumer
-        source.close()
 
     assert "request for the group's committed offsets" in advice
     assert "redis-cli" not in advice
