@@ -207,30 +207,32 @@ class RedisSink:
 
         Each list is read from its end, in pages. A partition's entries follow
         its offsets in each list, so the scan of a list stops one chunk past
-        the first entry of every partition, or at its start. The result is
-        empty when a list holds more than ``max_scan`` entries after the last
-        one of a partition, or when Redis fails: the caller then knows no
-        exact offset. A partition without a row or reject is left out.
+        the first entry of every partition, at its start, or after
+        ``max_scan`` entries. A partition is returned when both lists answered
+        for it (one chunk past its first entry, or read whole) and one of
+        them holds it. The others are left out, and all are when Redis
+        fails: the caller then knows no exact offset for them.
         """
         found: dict[int, int] = {}
+        answered = set(partitions)
         for key in (self._settings.redis_list_key, self._settings.redis_rejects_key):
             try:
-                highest = self._scan_tail(key, topic, set(partitions), max_scan)
+                highest, known = self._scan_tail(key, topic, set(partitions), max_scan)
             except redis.RedisError:
                 return {}
-            if highest is None:
-                return {}
+            answered &= known
             for partition, offset in highest.items():
                 found[partition] = max(offset, found.get(partition, -1))
-        return {p: offset for p, offset in found.items() if p in partitions}
+        return {p: offset for p, offset in found.items() if p in answered}
 
     def _scan_tail(
         self, key: str, topic: str, partitions: set[int], max_scan: int
-    ) -> dict[int, int] | None:
-        """Return the highest offset per partition near the end of ``key``, or None.
+    ) -> tuple[dict[int, int], set[int]]:
+        """Return the highest offset per partition near the end of ``key``.
 
-        None when the scan reached ``max_scan`` entries before it could
-        answer for every partition.
+        Also returns the partitions whose highest offset in ``key`` is known:
+        all of them when the scan read the whole list, else those met at
+        least one chunk before the scan stopped.
         """
         page = VALUES_PER_COMMAND
         margin = self._settings.chunk_size
@@ -240,8 +242,6 @@ class RedisSink:
         scanned = 0
         while True:
             entries = self.client.lrange(key, -scanned - page, -scanned - 1)
-            if not entries:
-                return highest
             for entry in reversed(entries):
                 source = _source_of(entry)
                 if source is not None and source[0] == topic:
@@ -249,14 +249,15 @@ class RedisSink:
                     highest[partition] = max(offset, highest.get(partition, -1))
                     first_seen.setdefault(partition, scanned)
                 scanned += 1
-            done = all(
-                p in first_seen and scanned - first_seen[p] >= margin
+            if len(entries) < page:
+                return highest, set(partitions)
+            known = {
+                p
                 for p in partitions
-            )
-            if done or len(entries) < page:
-                return highest
-            if scanned >= max_scan:
-                return None
+                if p in first_seen and scanned - first_seen[p] >= margin
+            }
+            if known == partitions or scanned >= max_scan:
+                return highest, known
 
     def stored_topic_id(self, topic: str) -> str | None:
         """Return the topic id recorded with the stored offsets, if any."""

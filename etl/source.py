@@ -498,12 +498,12 @@ class KafkaSource:
 
         Commands are given only for partitions whose offset is past the end
         of the log (:meth:`_log_end`, which asks the broker with
-        ``lookup``). Such a partition goes back to the offset after its last
-        row or reject in Redis, when ``last_written`` finds it. Otherwise it
-        goes back to Kafka's committed offset, the last one that a batch
-        committed, which lags behind Redis after a batch that could not
-        commit. Without either, deleting the field starts the partition at
-        the earliest offset. When Redis or the commit has offsets past the
+        ``lookup``). Such a partition goes back to the higher of the offset
+        after its last row or reject in Redis, which ``last_written`` finds,
+        and Kafka's committed offset. The commit is the last offset that a
+        batch wrote or confirmed: higher when an operator skipped records,
+        lower when a batch could not commit. Without either, deleting the
+        field starts the partition at the earliest offset. When Redis or the commit has offsets past the
         end that the broker reports, that end is in doubt, and no command is
         given. The other partitions keep their stored offsets.
         """
@@ -540,7 +540,10 @@ class KafkaSource:
         if doubtful == past_end:
             return self._doubtful_end(doubtful, ends, reached)
         reset = [p for p in past_end if p not in doubtful]
-        targets = {p: written.get(p, committed.get(p, -1)) for p in reset}
+        # A batch commits only offsets it wrote or that Redis stored within
+        # the log, so a commit above the last entry found is an offset that
+        # an operator skipped to: the higher of the two is the target.
+        targets = {p: max(written.get(p, -1), committed.get(p, -1)) for p in reset}
         commands = []
         hset = [p for p in reset if targets[p] >= 0]
         if hset:
@@ -569,16 +572,17 @@ class KafkaSource:
         if all(p in written for p in reset):
             return (
                 "HSET goes to the offset after the partition's last row or "
-                "reject in Redis"
+                "reject in Redis, or to the group's commit in Kafka when an "
+                "operator skipped past that row"
             )
         return (
             "HSET goes to the offset after the partition's last row or reject "
-            "in Redis where one was found, else to the offset that the group "
-            "last committed in Kafka; HDEL goes to the earliest offset. That "
-            "commit lags behind Redis after a batch that was killed or could "
-            "not commit; the exact offset is one past the highest "
-            "source.offset of the partition in the rows and rejects (see the "
-            "README, Operations)"
+            "in Redis where one was found, or to the group's commit in Kafka "
+            "when it is higher; HDEL goes to the earliest offset. Where no row "
+            "or reject was found, that commit may lag behind Redis after a "
+            "batch that was killed or could not commit; the exact offset is "
+            "one past the highest source.offset of the partition in the rows "
+            "and rejects (see the README, Operations)"
         )
 
     def _doubtful_end(
@@ -591,8 +595,9 @@ class KafkaSource:
             f"Redis or the group's commits in Kafka show that batches read "
             f"partitions {partitions} up to {describe_offsets(offsets)}, past "
             f"the end that the broker reports ({describe_offsets(reported)}): "
-            "the broker lost records or answers wrongly, so no command is given "
-            "for them. Check the broker before moving their offsets"
+            "the broker lost records, answers wrongly, or the topic was "
+            "recreated, so no command is given for them. Check the broker "
+            "before moving their offsets"
         )
 
     def _last_written(self, partitions: list[int]) -> dict[int, int]:

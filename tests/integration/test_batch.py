@@ -413,10 +413,18 @@ class _Watermarks:
 
 @contextlib.contextmanager
 def _source_with(
-    settings: Settings, stored: int, fake: _Watermarks
+    settings: Settings,
+    stored: int,
+    fake: _Watermarks,
+    last_written: dict[int, int] | None = None,
 ) -> Iterator[KafkaSource]:
-    """Yield a source assigned partition 1 from ``stored``, whose consumer is ``fake``."""
-    source = KafkaSource(settings)
+    """Yield a source assigned partition 1 from ``stored``, whose consumer is ``fake``.
+
+    ``last_written`` stands for the highest offsets of the rows and rejects
+    in Redis.
+    """
+    found = last_written or {}
+    source = KafkaSource(settings, last_written=lambda topic, partitions: dict(found))
     source.assign({0: 0, 1: stored})
     consumer = source._consumer
     source._consumer = fake  # type: ignore[assignment]
@@ -433,11 +441,12 @@ def _out_of_range_message(
     watermarks: tuple[int, int] | None,
     committed: dict[int, int] | None = None,
     fetched: tuple[int, int] = (-1001, -1001),
+    last_written: dict[int, int] | None = None,
 ) -> str:
     """Return the error for partition 1 of a source assigned from ``stored``."""
     fake = _Watermarks(watermarks, committed or {}, fetched)
     with (
-        _source_with(settings, stored, fake) as source,
+        _source_with(settings, stored, fake, last_written) as source,
         pytest.raises(OffsetsOutOfRange) as failure,
     ):
         source._handle_events([_OffsetResetEvent()], {1})
@@ -469,6 +478,32 @@ def test_offset_past_log_end_goes_back_to_commit(settings: Settings) -> None:
     )
     assert f"Move their stored offsets back with {command}, then rerun" in message
     assert f"{settings.kafka_topic}:0" not in message
+
+
+@pytest.mark.parametrize(
+    ("last_written", "committed", "target"),
+    [
+        # The commit lags behind Redis after a batch that could not commit.
+        pytest.param({1: 449}, {1: 100}, "450", id="commit-lags"),
+        # An operator skipped to 480, or trimmed the rows after offset 437.
+        pytest.param({1: 437}, {1: 480}, "480", id="commit-ahead"),
+    ],
+)
+def test_offset_past_log_end_goes_to_higher_of_rows_and_commit(
+    settings: Settings,
+    last_written: dict[int, int],
+    committed: dict[int, int],
+    target: str,
+) -> None:
+    message = _out_of_range_message(
+        settings, 900, (120, 500), committed=committed, last_written=last_written
+    )
+
+    key = settings.redis_offsets_key
+    command = redis_cli_command(
+        settings, "HSET", key, f"{settings.kafka_topic}:1", target
+    )
+    assert f"Move their stored offsets back with {command}, then rerun" in message
 
 
 @pytest.mark.parametrize(
