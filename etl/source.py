@@ -482,14 +482,12 @@ class KafkaSource:
     def _within_log(self, partition: int, stored: int, written: int) -> int:
         """Return ``stored`` when the log reaches it, else the lower of it and ``written``.
 
-        The high watermark comes from the last fetch response, which is right
-        on Tansu and on Apache Kafka (a ListOffsets response is not on Tansu).
-        Another batch may have stored more than this drain reached.
+        The end of the log comes from the last fetch response
+        (:meth:`_log_end`). Another batch may have stored more than this
+        drain reached.
         """
-        watermarks = self._consumer.get_watermark_offsets(
-            TopicPartition(self._topic, partition), cached=True
-        )
-        if watermarks is not None and 0 <= stored <= watermarks[1]:
+        end = self._log_end(partition, lookup=False)
+        if end is not None and 0 <= stored <= end:
             return stored
         return min(stored, written)
 
@@ -503,9 +501,10 @@ class KafkaSource:
         and Kafka's committed offset. The commit is the last offset that a
         batch wrote or confirmed: higher when an operator skipped records,
         lower when a batch could not commit. Without either, deleting the
-        field starts the partition at the earliest offset. When Redis or the commit has offsets past the
-        end that the broker reports, that end is in doubt, and no command is
-        given. The other partitions keep their stored offsets.
+        field starts the partition at the earliest offset. When Redis or the
+        commit has offsets past the end that the broker reports, that end is
+        in doubt, and no command is given. The other partitions keep their
+        stored offsets.
         """
         key = self._settings.redis_offsets_key
         ends = {}
@@ -535,15 +534,15 @@ class KafkaSource:
                 "probably hung: rerun once it answers"
             )
         written = {p: offset + 1 for p, offset in self._last_written(past_end).items()}
+        # A batch commits only offsets it wrote or that Redis stored within
+        # the log, so a commit above the last entry found is an offset that
+        # an operator skipped to. The higher of the two is the target.
         reached = {p: max(written.get(p, -1), committed.get(p, -1)) for p in past_end}
         doubtful = [p for p in past_end if reached[p] > ends[p]]
         if doubtful == past_end:
             return self._doubtful_end(doubtful, ends, reached)
         reset = [p for p in past_end if p not in doubtful]
-        # A batch commits only offsets it wrote or that Redis stored within
-        # the log, so a commit above the last entry found is an offset that
-        # an operator skipped to: the higher of the two is the target.
-        targets = {p: max(written.get(p, -1), committed.get(p, -1)) for p in reset}
+        targets = {p: reached[p] for p in reset}
         commands = []
         hset = [p for p in reset if targets[p] >= 0]
         if hset:
@@ -615,10 +614,10 @@ class KafkaSource:
 
         The end from the last fetch response is right on Tansu and on
         Apache Kafka. Without one, and with ``lookup``, a ListOffsets request
-        answers. Only a broker that reported the offset out of range is
-        asked: Tansu 0.6 answers it with the base offset of the last record
-        batch plus one, too low by the size of that batch, and a partition
-        that Tansu leaves silent past the end has a fetch response.
+        gives it. Use ``lookup`` only for an offset that the broker reported
+        out of range: Tansu 0.6 returns the base offset of the last record
+        batch plus one, too low by the size of that batch. A partition that
+        Tansu leaves silent past the end has a fetch response anyway.
         """
         try:
             cached = self._consumer.get_watermark_offsets(
