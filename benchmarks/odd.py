@@ -31,6 +31,7 @@ NOW = 1_790_000_000.0
 
 
 def positive(text: str) -> int:
+    """Parse a whole number of at least 1 (an argparse type)."""
     number = int(text)
     if number < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
@@ -87,6 +88,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def feed(count: int, seed: int, rate: float) -> Iterator[tuple[bytes, bytes | None]]:
+    """Yield generated readings with a share ``rate`` of odd messages."""
     yield from iter_readings(count=count, seed=seed, malformed_rate=rate, now=NOW)
 
 
@@ -103,19 +105,19 @@ def iso_feed(count: int, seed: int) -> Iterator[tuple[bytes, bytes | None]]:
 def chunks(
     messages: Iterator[tuple[bytes, bytes | None]], size: int
 ) -> list[pl.DataFrame]:
+    """Cut ``messages`` into raw frames of ``size`` records on partition 0, as the drain does."""
     pairs = list(messages)
-    return [
-        pl.DataFrame(
-            {
-                "partition": [0] * len(pairs[start : start + size]),
-                "offset": range(start, start + len(pairs[start : start + size])),
-                "key": [key for key, _ in pairs[start : start + size]],
-                "value": [value for _, value in pairs[start : start + size]],
-            },
-            schema=RAW_SCHEMA,
-        )
-        for start in range(0, len(pairs), size)
-    ]
+    frames = []
+    for start in range(0, len(pairs), size):
+        part = pairs[start : start + size]
+        columns = {
+            "partition": [0] * len(part),
+            "offset": range(start, start + len(part)),
+            "key": [key for key, _ in part],
+            "value": [value for _, value in part],
+        }
+        frames.append(pl.DataFrame(columns, schema=RAW_SCHEMA))
+    return frames
 
 
 def measure(
@@ -140,8 +142,10 @@ def measure(
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Measure each feed and print the table."""
     args = parse_args(argv)
     chunk_size = args.chunk_size or load_settings().chunk_size
+
     # The feed without odd messages comes first: the last column divides by it.
     rates = sorted({0.0, *args.rates})
     feeds = [
@@ -149,12 +153,14 @@ def main(argv: list[str] | None = None) -> None:
         for rate in rates
     ]
     feeds.append(("ISO-8601 timestamps", iso_feed(args.count, args.seed)))
-    # One small chunk of each kind first, so that no line pays for the
-    # first calls (regex compilation, Pandera's registrations).
+
+    # One small chunk of each kind first, so that no line pays for the first
+    # calls (regex compilation, the contract checks built once per model).
     warm_up = [feed(2_000, args.seed, rate) for rate in (0.0, 0.02)]
     warm_up.append(iso_feed(2_000, args.seed))
     for messages in warm_up:
         measure(chunks(messages, chunk_size), 1, chunk_size)
+
     scale = 1_000_000 / args.count
     print(f"process_chunk, {args.count:,} readings in chunks of {chunk_size:,}")
     print("| feed | CPU-s per 1M | s per 1M | rows | rejects | CPU / no odd |")
