@@ -375,8 +375,8 @@ def _fold_line_breaks(frame: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     # The folded values go back in their places: rows keep the chunk's order.
     values = frame["value"].clone().scatter(rows, pl.Series(folded, dtype=pl.Binary))
     broken = has_break & values.is_null()
-    kept = frame.with_columns(values.alias("value")).filter(~broken)
-    return kept, _classify_unreadable(frame.filter(broken))
+    readable = frame.with_columns(values.alias("value")).filter(~broken)
+    return readable, _classify_unreadable(frame.filter(broken))
 
 
 def _read_objects(frame: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:

@@ -208,10 +208,11 @@ class RedisSink:
         Each list is read from its end, in pages. A partition's entries follow
         its offsets in each list, so the scan of a list stops one chunk past
         the first entry of every partition, at its start, or after
-        ``max_scan`` entries. A partition is returned when both lists answered
-        for it (one chunk past its first entry, or read whole) and one of
-        them holds it. The others are left out, and all are when Redis
-        fails: the caller then knows no exact offset for them.
+        ``max_scan`` entries. A partition is returned when its highest offset
+        is known in both lists (the scan went one chunk past its first entry,
+        or read the list whole) and one of them contains it. The others are
+        left out, and all are when Redis fails: the caller then has no exact
+        offset for them.
         """
         found: dict[int, int] = {}
         answered = set(partitions)

@@ -5,9 +5,9 @@ milliseconds whatever the frame size (about 70 ms for the input contract on
 2 vCPUs, measured with Pandera 0.35). :func:`split_valid` evaluates every
 check of the model in one Polars query instead, with Pandera's own check
 functions and null rules. A failing row is named after its first failing
-check, in the order Pandera lists them: columns in model order, the null
-rule before the checks of a column, the checks in their order, then the
-checks of the whole frame. Pandera itself validates the frame when a check
+check, in the order Pandera lists them. Columns come in model order, with
+the null rule before the checks of a column and the checks in their
+order, then the checks of the whole frame. Pandera itself validates the frame when a check
 cannot be read as an expression, and it is the reference that the tests
 compare against.
 """

@@ -489,7 +489,7 @@ def test_offset_past_log_end_goes_back_to_commit(settings: Settings) -> None:
         pytest.param({1: 437}, {1: 480}, "480", id="commit-ahead"),
     ],
 )
-def test_offset_past_log_end_goes_to_higher_of_rows_and_commit(
+def test_reset_target_higher_of_rows_and_commit(
     settings: Settings,
     last_written: dict[int, int],
     committed: dict[int, int],
@@ -540,8 +540,8 @@ def test_offset_past_log_end_with_commit_past_end(settings: Settings) -> None:
     assert "redis-cli" not in message
 
 
-def test_offset_reset_takes_the_end_of_the_last_fetch(settings: Settings) -> None:
-    """Tansu answers ListOffsets with the last batch's base offset plus one.
+def test_reset_uses_fetched_log_end(settings: Settings) -> None:
+    """Tansu returns the last batch's base offset plus one for ListOffsets.
 
     The end from the last fetch response decides: the offset is inside the log.
     """
@@ -592,9 +592,7 @@ def test_silent_partition_without_committed_offsets_names_that_request(
 
 
 @pytest.mark.parametrize("end", [300, 1000])
-def test_silent_partition_at_or_before_its_end_gets_no_command(
-    settings: Settings, end: int
-) -> None:
+def test_silent_partition_inside_log_no_command(settings: Settings, end: int) -> None:
     """An offset equal to the end is where the next record goes: the broker is hung."""
     advice = _silent_advice(settings, 300, (0, 1), fetched=(0, end), committed={1: 100})
 

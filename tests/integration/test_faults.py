@@ -812,7 +812,7 @@ def test_one_bad_partition_reset_keeps_the_others(
     )
 
 
-def test_reset_goes_to_last_written_offset_not_lagging_commit(
+def test_reset_ignores_lagging_commit(
     settings: Settings, redis_client: redis.Redis
 ) -> None:
     """The partition past its end goes back to its last row or reject, not to its commit."""

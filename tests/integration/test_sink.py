@@ -221,7 +221,7 @@ def entry(topic: str, partition: int, offset: int) -> bytes:
     return json.dumps({"patient_id": "PT-1", "source": source}).encode()
 
 
-def test_last_written_takes_the_highest_offset_of_both_lists(
+def test_last_written_highest_of_both_lists(
     settings: Settings, redis_client: redis.Redis
 ) -> None:
     """Rows and rejects of two topics: each partition gets its highest offset in either list."""
@@ -256,7 +256,7 @@ def test_last_written_stops_one_chunk_past_each_partition(
             found = sink.last_written(TOPIC, [0])
         calls = lrange.call_count
         # Partition 5 is in no entry of the first page: a scan cut there
-        # cannot tell whether an older one holds it, but partition 0 is known.
+        # cannot tell whether an older one contains it, but partition 0 is known.
         cut_short = sink.last_written(TOPIC, [0, 5], max_scan=VALUES_PER_COMMAND)
     finally:
         sink.close()
