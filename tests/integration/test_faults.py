@@ -1114,8 +1114,9 @@ SMALL_PREFETCH = {
 @pytest.mark.parametrize(
     ("kafka_extra", "max_growth_mb"),
     [
-        # The batch keeps at most five chunks: 80,000 more records add almost nothing.
-        pytest.param(SMALL_PREFETCH, 40, id="small-prefetch"),
+        # The batch keeps at most five chunks: 150,000 more records (180 MB)
+        # add almost nothing.
+        pytest.param(SMALL_PREFETCH, 50, id="small-prefetch"),
         # The product's settings (etl.source.CONSUMER_TUNING): librdkafka
         # prefetches at most its capped queue plus one fetch response,
         # however long the backlog.
@@ -1129,14 +1130,19 @@ def test_backlog_memory_bounded_by_chunk(
     kafka_extra: dict[str, Any],
     max_growth_mb: float,
 ) -> None:
-    """Peak RSS of the batch process depends on the chunk and the prefetch queue, not the backlog."""
+    """Peak RSS of the batch process depends on the chunk and the prefetch queue, not the backlog.
+
+    The smaller backlog is 25 chunks: a shorter batch ends before the
+    allocators reach their steady state, and its peak is 20 to 40 MB lower
+    on this account alone.
+    """
     peaks = {}
-    for backlog in (20_000, 100_000):
+    for backlog in (50_000, 200_000):
         settings = make_settings(
             broker.bootstrap, redis_service, chunk_size=2_000, kafka_extra=kafka_extra
         )
         create_topic(settings, PARTITIONS)
-        # About 1.2 kB per record: 100,000 records are about 120 MB of backlog.
+        # About 1.2 kB per record: 200,000 records are about 240 MB of backlog.
         produce_tracked(settings, _padded_values(backlog, 1_000))
         child = run_child(fault_argv("none"), settings, tmp_path, timeout=300)
         assert child.returncode == 0, child.stderr[-3000:]
@@ -1145,7 +1151,7 @@ def test_backlog_memory_bounded_by_chunk(
         assert report["chunks"] == backlog // 2_000
         peaks[backlog] = report["peak_rss_mb"]
 
-    assert peaks[100_000] - peaks[20_000] < max_growth_mb, peaks
+    assert peaks[200_000] - peaks[50_000] < max_growth_mb, peaks
 
 
 @pytest.mark.slow
