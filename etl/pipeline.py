@@ -233,10 +233,11 @@ def process_chunk(
     rejects = pl.concat([type_rejects, contract_rejects, output_rejects]).sort(
         "partition", "offset"
     )
-    # The Kafka key of each reject, so that a replay sends it with the same key.
+    # Each reject gets its Kafka key and its value as sent (the parser folds
+    # the line breaks of multi-line JSON), so that a replay sends the same record.
     if rejects.height:
-        rejects = rejects.join(
-            unique.select("partition", "offset", "key"),
+        rejects = rejects.drop("value").join(
+            unique.select("partition", "offset", "value", "key"),
             on=["partition", "offset"],
             how="left",
             maintain_order="left",

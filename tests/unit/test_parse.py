@@ -437,6 +437,14 @@ def test_parse_multiline_utf16_rejected_unchanged() -> None:
     assert base64.b64decode(reject["payload_base64"]) == value
 
 
+def test_multiline_contract_reject_keeps_line_breaks() -> None:
+    """A pretty-printed reading that breaks the contract is rejected as it was sent."""
+    value = json.dumps(reading(age=131), indent=2).encode()
+    (reject,) = rejects_of([value])
+    assert reject["reason"] == "out_of_range"
+    assert reject["payload"] == value.decode()
+
+
 def test_parse_reject_keeps_non_utf8_as_base64() -> None:
     (reject,) = rejects_of([b'{"name": "H\xe9l\xe8ne"}'])
     assert "payload" not in reject
