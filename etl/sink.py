@@ -16,6 +16,7 @@ attempt, the chunk is already in Redis and is not written again.
 
 from __future__ import annotations
 
+import json
 import logging
 import shlex
 import threading
@@ -122,6 +123,16 @@ def topic_id_field(topic: str) -> str:
     return f"{topic}:topic_id"
 
 
+def lists_from_field(topic: str) -> str:
+    """Return the field of the offsets hash that contains where each list's entries of the topic id begin.
+
+    Its value is a JSON object from list key to the length of that list
+    before the first write under the topic id that ``topic_id_field`` holds.
+    Entries before it may come from an earlier topic of the same name.
+    """
+    return f"{topic}:lists_from"
+
+
 class RedisSink:
     """The Redis side of a batch: stored offsets, chunk writes and reports."""
 
@@ -207,7 +218,8 @@ class RedisSink:
 
         Each list is read from its end, in pages. A partition's entries follow
         its offsets in each list, so the scan of a list stops one chunk past
-        the first entry of every partition, at its start, or after
+        the first entry of every partition, at the first entry written under
+        the current topic id (:func:`lists_from_field`), or after
         ``max_scan`` entries. A partition is returned when its highest offset
         is known in both lists (the scan went one chunk past its first entry,
         or read the list whole) and one of them contains it. The others are
@@ -216,9 +228,15 @@ class RedisSink:
         """
         found: dict[int, int] = {}
         answered = set(partitions)
+        try:
+            floors = self._lists_from(topic)
+        except SinkError:
+            return {}
         for key in (self._settings.redis_list_key, self._settings.redis_rejects_key):
             try:
-                highest, known = self._scan_tail(key, topic, set(partitions), max_scan)
+                highest, known = self._scan_tail(
+                    key, topic, set(partitions), max_scan, floor=floors.get(key, 0)
+                )
             except redis.RedisError:
                 return {}
             answered &= known
@@ -227,13 +245,14 @@ class RedisSink:
         return {p: offset for p, offset in found.items() if p in answered}
 
     def _scan_tail(
-        self, key: str, topic: str, partitions: set[int], max_scan: int
+        self, key: str, topic: str, partitions: set[int], max_scan: int, *, floor: int
     ) -> tuple[dict[int, int], set[int]]:
         """Return the highest offset per partition near the end of ``key``.
 
         Also returns the partitions whose highest offset in ``key`` is known:
-        all of them when the scan read the whole list, else those met at
-        least one chunk before the scan stopped.
+        all of them when the scan reached the index ``floor`` or the start of
+        the list, else those met at least one chunk before the scan stopped.
+        Entries appended during the scan are not read.
         """
         page = VALUES_PER_COMMAND
         margin = self._settings.chunk_size
@@ -241,8 +260,12 @@ class RedisSink:
         # Entries from the end at which each partition was first met.
         first_seen: dict[int, int] = {}
         scanned = 0
+        # Indices from the start, which appends do not shift.
+        end = int(self.client.llen(key))
         while True:
-            entries = self.client.lrange(key, -scanned - page, -scanned - 1)
+            stop = end - scanned
+            start = max(floor, stop - page, 0)
+            entries = self.client.lrange(key, start, stop - 1) if stop > start else []
             for entry in reversed(entries):
                 source = _source_of(entry)
                 if source is not None and source[0] == topic:
@@ -250,7 +273,7 @@ class RedisSink:
                     highest[partition] = max(offset, highest.get(partition, -1))
                     first_seen.setdefault(partition, scanned)
                 scanned += 1
-            if len(entries) < page:
+            if start <= floor or len(entries) < stop - start:
                 return highest, set(partitions)
             known = {
                 p
@@ -259,6 +282,25 @@ class RedisSink:
             }
             if known == partitions or scanned >= max_scan:
                 return highest, known
+
+    def _lists_from(self, topic: str) -> dict[str, int]:
+        """Return the index of each list from which its entries are of the current topic id."""
+        text = self._offsets_field(lists_from_field(topic))
+        if text is None:
+            return {}
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = None
+        if not isinstance(value, dict):
+            logger.warning(
+                "Ignoring field %s of %s, which is not a JSON object: %r",
+                lists_from_field(topic),
+                self._settings.redis_offsets_key,
+                text,
+            )
+            return {}
+        return {k: v for k, v in value.items() if isinstance(v, int)}
 
     def stored_topic_id(self, topic: str) -> str | None:
         """Return the topic id recorded with the stored offsets, if any."""
@@ -411,6 +453,14 @@ class RedisSink:
                 [*fields, write_id_field(topic), topic_id_field(topic)],
             )
             _check_same_topic_id(topic, topic_id, stored_id)
+            # The first write under this topic id: the entries before it may
+            # come from an earlier topic of the same name.
+            lists_from = None
+            if topic_id is not None and stored_id is None:
+                lists_from = {
+                    key: int(pipe.llen(key))
+                    for key in (settings.redis_list_key, settings.redis_rejects_key)
+                }
             if sent and last_write in (write_id, write_id.encode()):
                 logger.warning(
                     "The previous write attempt of this chunk was applied although "
@@ -437,6 +487,8 @@ class RedisSink:
             advance[write_id_field(topic)] = write_id
             if topic_id is not None:
                 advance[topic_id_field(topic)] = topic_id
+            if lists_from is not None:
+                advance[lists_from_field(topic)] = json.dumps(lists_from)
 
             counts = counters(rows, rejects)
             # WATCH took a connection from the pool; the transaction uses it too.

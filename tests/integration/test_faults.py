@@ -1037,6 +1037,41 @@ def test_recreated_topic_fails_instead_of_skipping(
     assert len(stored) == 60 + 300
 
 
+def test_reset_after_recreate_skips_old_rows(
+    redis_service: str, storeless_broker: StorelessBroker
+) -> None:
+    """A wrong HSET after a recreated topic: the printed reset ignores the old topic's rows."""
+    settings = make_settings(storeless_broker.bootstrap, redis_service)
+    quick = settings.model_copy(update={"kafka_timeout_s": 1.0})
+    client = redis.Redis.from_url(redis_service)
+    try:
+        create_topic(settings, 1)
+        produce_tracked(settings, mixed_values(60))
+        assert run_batch(settings).read == 60
+        storeless_broker.restart()
+        create_topic(settings, 1)
+        produce_tracked(settings, mixed_values(20))
+        with pytest.raises(OffsetsOutOfRange, match="was recreated") as recreated:
+            run_batch(settings)
+        run_printed_reset(settings, recreated.value)
+        assert run_batch(settings).read == 20
+        produce_tracked(settings, mixed_values(80))
+        client.hset(settings.redis_offsets_key, f"{settings.kafka_topic}:0", 10**6)
+
+        with pytest.raises(SourceError, match="neither records") as past_end:
+            run_batch(quick)
+        run_printed_reset(settings, past_end.value)
+        produce_tracked(settings, mixed_values(50))
+        report = run_batch(settings)
+        stored = redis_positions(client, settings)
+    finally:
+        client.close()
+
+    # The old topic's rows reach offset 59: resetting to 60 would skip 20 to 59.
+    assert report.read == 80 + 50
+    assert len(stored) == 60 + 150
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "fault",

@@ -262,6 +262,56 @@ def test_last_written_stops_one_chunk_past_each_partition(
         sink.close()
 
     assert found == {0: 30_000}
-    # One page of the rows list, and the whole (empty) rejects list.
-    assert calls == 2
+    # One page of the rows list; the rejects list is empty.
+    assert calls == 1
     assert cut_short == {0: 30_000}
+
+
+def source_chunk(offsets: range) -> Chunk:
+    """Return a chunk of rows of partition 0 whose payloads name their source."""
+    chunk = rows_chunk(offsets)
+    payloads = pl.Series([entry(TOPIC, 0, o) for o in offsets], dtype=pl.Binary)
+    chunk.rows = chunk.rows.with_columns(payloads.alias("payload"))
+    return chunk
+
+
+def test_last_written_skips_earlier_topic(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    """Entries of a deleted topic of the same name, before the new topic's first write, are not counted."""
+    redis_client.rpush(
+        settings.redis_list_key, *[entry(TOPIC, 0, o) for o in range(3_000)]
+    )
+    redis_client.rpush(settings.redis_rejects_key, entry(TOPIC, 0, 2_990))
+    sink = RedisSink(settings)
+    try:
+        sink.set_topic_id(TOPIC, "id-of-the-new-topic")
+        sink.write_chunk(TOPIC, source_chunk(range(100)))
+        after_first = sink.last_written(TOPIC, [0])
+        sink.write_chunk(TOPIC, source_chunk(range(100, 150)))
+        after_second = sink.last_written(TOPIC, [0])
+    finally:
+        sink.close()
+
+    lists_from = redis_client.hget(settings.redis_offsets_key, f"{TOPIC}:lists_from")
+    assert json.loads(lists_from or "") == {
+        settings.redis_list_key: 3_000,
+        settings.redis_rejects_key: 1,
+    }
+    assert after_first == {0: 99}
+    assert after_second == {0: 149}
+
+
+def test_last_written_ignores_invalid_lists_from(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    """A lists_from field that is not a JSON object is ignored: every entry counts."""
+    redis_client.rpush(settings.redis_list_key, entry(TOPIC, 0, 7))
+    redis_client.hset(settings.redis_offsets_key, f"{TOPIC}:lists_from", "[5]")
+    sink = RedisSink(settings)
+    try:
+        found = sink.last_written(TOPIC, [0])
+    finally:
+        sink.close()
+
+    assert found == {0: 7}
