@@ -775,6 +775,14 @@ def test_parse_name_control_character_rejected(name: str) -> None:
     )
 
 
+@pytest.mark.parametrize("space", ["\t", "\n", "\v", "\f", "\r", "\u2028", "\u2029"])
+def test_parse_name_whitespace_control_splits(space: str) -> None:
+    """Whitespace controls and Unicode line separators in a name count as spaces."""
+    (row,) = rows_of([encode(reading(name=f"Jean{space}Dupont"))])
+
+    assert (row["first_name"], row["last_name"]) == ("Jean", "Dupont")
+
+
 @pytest.mark.parametrize(
     "patient_id",
     ["PT-1\n", "PT-1\r\n", "\tPT-1", "PT-1\u2028", " PT-1 ", "PT-1\u3000"],
