@@ -124,11 +124,11 @@ def topic_id_field(topic: str) -> str:
 
 
 def lists_from_field(topic: str) -> str:
-    """Return the field of the offsets hash that contains where each list's entries of the topic id begin.
+    """Return the field of the offsets hash that contains where the topic's current entries begin.
 
     Its value is a JSON object from list key to the length of that list
     before the first write under the topic id that ``topic_id_field`` holds.
-    Entries before it may come from an earlier topic of the same name.
+    Entries before that index may come from an earlier topic of the same name.
     """
     return f"{topic}:lists_from"
 
@@ -284,7 +284,7 @@ class RedisSink:
                 return highest, known
 
     def _lists_from(self, topic: str) -> dict[str, int]:
-        """Return the index of each list from which its entries are of the current topic id."""
+        """Return, per list key, the index of the first entry written under the topic's current id."""
         text = self._offsets_field(lists_from_field(topic))
         if text is None:
             return {}
@@ -294,7 +294,7 @@ class RedisSink:
             value = None
         if not isinstance(value, dict):
             logger.warning(
-                "Ignoring field %s of %s, which is not a JSON object: %r",
+                "Field %s of %s is not a JSON object (%r); reading the whole lists",
                 lists_from_field(topic),
                 self._settings.redis_offsets_key,
                 text,

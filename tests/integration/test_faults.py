@@ -1167,9 +1167,8 @@ def test_backlog_memory_bounded_by_chunk(
 ) -> None:
     """Peak RSS of the batch process depends on the chunk and the prefetch queue, not the backlog.
 
-    The smaller backlog is 25 chunks: a shorter batch ends before the
-    allocators reach their steady state, and its peak is 20 to 40 MB lower
-    on this account alone.
+    The smaller backlog is 25 chunks. A batch of 10 chunks ended before its
+    RSS levelled off: its peak was 20 to 40 MB below that of 50 chunks.
     """
     peaks = {}
     for backlog in (50_000, 200_000):
