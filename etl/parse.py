@@ -599,6 +599,9 @@ def _diagnose(value: bytes) -> tuple[Reason, str]:
         return Reason.NOT_UTF8, f"invalid UTF-8 byte at position {exc.start}"
     if not text.strip():
         return Reason.INVALID_JSON, "blank value"
+    if text.startswith("\ufeff"):
+        # RFC 8259, section 8.1: no byte order mark before networked JSON text.
+        return Reason.INVALID_JSON, "starts with a byte order mark (U+FEFF)"
     try:
         document = json.loads(text)
     except json.JSONDecodeError as exc:

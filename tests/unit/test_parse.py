@@ -445,6 +445,12 @@ def test_multiline_contract_reject_keeps_line_breaks() -> None:
     assert reject["payload"] == value.decode()
 
 
+def test_parse_bom_rejected_with_plain_detail() -> None:
+    (reject,) = rejects_of([b"\xef\xbb\xbf" + encode(reading())])
+    assert reject["reason"] == "invalid_json"
+    assert reject["detail"] == "starts with a byte order mark (U+FEFF)"
+
+
 def test_parse_reject_keeps_non_utf8_as_base64() -> None:
     (reject,) = rejects_of([b'{"name": "H\xe9l\xe8ne"}'])
     assert "payload" not in reject
