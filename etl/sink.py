@@ -124,11 +124,13 @@ def topic_id_field(topic: str) -> str:
 
 
 def lists_from_field(topic: str) -> str:
-    """Return the field of the offsets hash that contains where the topic's current entries begin.
+    """Return the field of the offsets hash that marks where the topic's current entries begin.
 
-    Its value is a JSON object from list key to the length of that list
-    before the first write under the topic id that ``topic_id_field`` holds.
-    Entries before that index may come from an earlier topic of the same name.
+    Its value is a JSON object. ``topic_id`` is the id of the topic when the
+    mark was written. Each list key maps to the ``[partition, offset]`` of the
+    first entry that a write under that id pushed to the list, or to null
+    before one did. Entries before that one may come from an earlier topic
+    of the same name.
     """
     return f"{topic}:lists_from"
 
@@ -218,9 +220,9 @@ class RedisSink:
 
         Each list is read from its end, in pages. A partition's entries follow
         its offsets in each list, so the scan of a list stops one chunk past
-        the first entry of every partition, at the first entry written under
-        the current topic id (:func:`lists_from_field`), or after
-        ``max_scan`` entries. A partition is returned when its highest offset
+        the first entry of every partition. It also stops at the first entry
+        written under the current topic id (:func:`lists_from_field`), at the
+        start of the list, or after ``max_scan`` entries. A partition is returned when its highest offset
         is known in both lists (the scan went one chunk past its first entry,
         or read the list whole) and one of them contains it. The others are
         left out, and all are when Redis fails: the caller then has no exact
@@ -229,13 +231,13 @@ class RedisSink:
         found: dict[int, int] = {}
         answered = set(partitions)
         try:
-            floors = self._lists_from(topic)
+            firsts = self._first_current_entries(topic)
         except SinkError:
             return {}
         for key in (self._settings.redis_list_key, self._settings.redis_rejects_key):
             try:
                 highest, known = self._scan_tail(
-                    key, topic, set(partitions), max_scan, floor=floors.get(key, 0)
+                    key, topic, set(partitions), max_scan, first=firsts.get(key, ())
                 )
             except redis.RedisError:
                 return {}
@@ -245,35 +247,44 @@ class RedisSink:
         return {p: offset for p, offset in found.items() if p in answered}
 
     def _scan_tail(
-        self, key: str, topic: str, partitions: set[int], max_scan: int, *, floor: int
+        self,
+        key: str,
+        topic: str,
+        partitions: set[int],
+        max_scan: int,
+        *,
+        first: tuple[int, ...] | None,
     ) -> tuple[dict[int, int], set[int]]:
         """Return the highest offset per partition near the end of ``key``.
 
-        Also returns the partitions whose highest offset in ``key`` is known:
-        all of them when the scan reached the index ``floor`` or the start of
-        the list, else those met at least one chunk before the scan stopped.
-        Entries appended during the scan are not read.
+        Also returns the partitions whose highest offset in ``key`` is known.
+        That is all of them when the scan reached the start of the list, or
+        the entry of ``topic`` nearest the end whose ``(partition, offset)``
+        is ``first``. Otherwise it is those met at least one chunk before the
+        scan stopped. With ``first`` None, no entry of ``topic`` counts, and with
+        ``first`` empty (no mark), every entry does.
         """
+        if first is None:
+            return {}, set(partitions)
         page = VALUES_PER_COMMAND
         margin = self._settings.chunk_size
         highest: dict[int, int] = {}
         # Entries from the end at which each partition was first met.
         first_seen: dict[int, int] = {}
         scanned = 0
-        # Indices from the start, which appends do not shift.
-        end = int(self.client.llen(key))
         while True:
-            stop = end - scanned
-            start = max(floor, stop - page, 0)
-            entries = self.client.lrange(key, start, stop - 1) if stop > start else []
+            entries = self.client.lrange(key, -scanned - page, -scanned - 1)
             for entry in reversed(entries):
                 source = _source_of(entry)
-                if source is not None and source[0] == topic:
-                    partition, offset = source[1], source[2]
-                    highest[partition] = max(offset, highest.get(partition, -1))
-                    first_seen.setdefault(partition, scanned)
                 scanned += 1
-            if start <= floor or len(entries) < stop - start:
+                if source is None or source[0] != topic:
+                    continue
+                partition, offset = source[1], source[2]
+                highest[partition] = max(offset, highest.get(partition, -1))
+                first_seen.setdefault(partition, scanned - 1)
+                if (partition, offset) == first:
+                    return highest, set(partitions)
+            if len(entries) < page:
                 return highest, set(partitions)
             known = {
                 p
@@ -283,24 +294,28 @@ class RedisSink:
             if known == partitions or scanned >= max_scan:
                 return highest, known
 
-    def _lists_from(self, topic: str) -> dict[str, int]:
-        """Return, per list key, the index of the first entry written under the topic's current id."""
-        text = self._offsets_field(lists_from_field(topic))
-        if text is None:
-            return {}
+    def _first_current_entries(self, topic: str) -> dict[str, tuple[int, ...] | None]:
+        """Return, per list key, the source of the first entry written under the topic's current id.
+
+        None means that the list has no such entry yet. Without a mark for
+        the current id (:func:`lists_from_field`), the result is empty and
+        every entry counts.
+        """
         try:
-            value = json.loads(text)
-        except ValueError:
-            value = None
-        if not isinstance(value, dict):
-            logger.warning(
-                "Field %s of %s is not a JSON object (%r); reading the whole lists",
-                lists_from_field(topic),
+            (stored_id, text) = self.client.hmget(
                 self._settings.redis_offsets_key,
-                text,
+                [topic_id_field(topic), lists_from_field(topic)],
             )
+        except redis.RedisError as exc:
+            msg = f"cannot read offsets from Redis at {self._settings.redis_url_redacted}: {exc}"
+            raise SinkError(msg) from exc
+        mark = _lists_from_mark(topic, _decoded(stored_id), text)
+        if mark is None:
             return {}
-        return {k: v for k, v in value.items() if isinstance(v, int)}
+        return {
+            key: None if source is None else tuple(source)
+            for key, source in mark.items()
+        }
 
     def stored_topic_id(self, topic: str) -> str | None:
         """Return the topic id recorded with the stored offsets, if any."""
@@ -448,19 +463,16 @@ class RedisSink:
         topic_id = self._topic_ids.get(topic)
         with self.client.pipeline(transaction=True) as pipe:
             pipe.watch(settings.redis_offsets_key)  # type: ignore[no-untyped-call]
-            *raw, last_write, stored_id = pipe.hmget(
+            *raw, last_write, stored_id, stored_mark = pipe.hmget(
                 settings.redis_offsets_key,
-                [*fields, write_id_field(topic), topic_id_field(topic)],
+                [
+                    *fields,
+                    write_id_field(topic),
+                    topic_id_field(topic),
+                    lists_from_field(topic),
+                ],
             )
             _check_same_topic_id(topic, topic_id, stored_id)
-            # The first write under this topic id: the entries before it may
-            # come from an earlier topic of the same name.
-            lists_from = None
-            if topic_id is not None and stored_id is None:
-                lists_from = {
-                    key: int(pipe.llen(key))
-                    for key in (settings.redis_list_key, settings.redis_rejects_key)
-                }
             if sent and last_write in (write_id, write_id.encode()):
                 logger.warning(
                     "The previous write attempt of this chunk was applied although "
@@ -487,8 +499,14 @@ class RedisSink:
             advance[write_id_field(topic)] = write_id
             if topic_id is not None:
                 advance[topic_id_field(topic)] = topic_id
-            if lists_from is not None:
-                advance[lists_from_field(topic)] = json.dumps(lists_from)
+            mark = _marked_after_write(
+                topic,
+                topic_id,
+                stored_mark,
+                {settings.redis_list_key: rows, settings.redis_rejects_key: rejects},
+            )
+            if mark is not None:
+                advance[lists_from_field(topic)] = mark
 
             counts = counters(rows, rejects)
             # WATCH took a connection from the pool; the transaction uses it too.
@@ -681,6 +699,71 @@ def _check_still_stored(partition: int, offset: int, stored: int | None) -> None
             f"to {stored} during the batch (offsets reset?); rerun the batch"
         )
         raise OffsetConflict(msg)
+
+
+def _lists_from_mark(
+    topic: str, topic_id: str | None, text: bytes | str | None
+) -> dict[str, list[int] | None] | None:
+    """Return the first source per list key that the mark of ``topic`` holds for ``topic_id``.
+
+    Returns None when there is no mark, or it was written for another id. A
+    mark that is not of the expected shape is logged and ignored.
+    """
+    if topic_id is None or text is None:
+        return None
+    try:
+        mark = json.loads(text)
+    except ValueError:
+        mark = None
+    if not (isinstance(mark, dict) and isinstance(mark.get("topic_id"), str)):
+        mark = None
+    sources = {k: v for k, v in (mark or {}).items() if k != "topic_id"}
+    if mark is None or not all(v is None or _is_source(v) for v in sources.values()):
+        logger.warning(
+            "Field %s of the offsets hash is not a valid mark; ignoring it",
+            lists_from_field(topic),
+        )
+        return None
+    if mark["topic_id"] != topic_id:
+        return None
+    return sources
+
+
+def _is_source(value: Any) -> bool:
+    """Tell whether ``value`` is a ``[partition, offset]`` pair of non-negative integers."""
+    return (
+        isinstance(value, list)
+        and len(value) == 2
+        and all(type(v) is int and v >= 0 for v in value)
+    )
+
+
+def _marked_after_write(
+    topic: str,
+    topic_id: str | None,
+    stored: bytes | str | None,
+    pushed: dict[str, pl.DataFrame],
+) -> str | None:
+    """Return the new mark of where ``topic_id``'s entries begin, or None to keep the stored one.
+
+    ``pushed`` maps each list key to the entries that this write appends.
+    The first write under an id, or after the mark was lost, starts a new
+    mark. Each list gets the source of the first entry that a write under
+    the id pushes to it.
+    """
+    if topic_id is None:
+        return None
+    mark = _lists_from_mark(topic, topic_id, stored)
+    changed = mark is None
+    sources: dict[str, list[int] | None] = {key: None for key in pushed}
+    sources.update(mark or {})
+    for key, frame in pushed.items():
+        if sources.get(key) is None and frame.height:
+            sources[key] = [int(frame["partition"][0]), int(frame["offset"][0])]
+            changed = True
+    if not changed:
+        return None
+    return json.dumps({"topic_id": topic_id, **sources})
 
 
 def _after(frame: pl.DataFrame, floors: dict[int, int]) -> pl.DataFrame:

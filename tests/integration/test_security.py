@@ -52,7 +52,6 @@ ETL_COMMANDS: Final = (
     "rpush",
     "xadd",
     "type",
-    "llen",
     "lrange",
 )
 

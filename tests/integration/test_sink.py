@@ -262,8 +262,8 @@ def test_last_written_stops_one_chunk_past_each_partition(
         sink.close()
 
     assert found == {0: 30_000}
-    # One page of the rows list; the rejects list is empty.
-    assert calls == 1
+    # One page of the rows list, and the whole (empty) rejects list.
+    assert calls == 2
     assert cut_short == {0: 30_000}
 
 
@@ -290,28 +290,77 @@ def test_last_written_skips_earlier_topic(
         after_first = sink.last_written(TOPIC, [0])
         sink.write_chunk(TOPIC, source_chunk(range(100, 150)))
         after_second = sink.last_written(TOPIC, [0])
+        # An operator trims the oldest entries: the mark does not depend on indices.
+        redis_client.ltrim(settings.redis_list_key, 1_000, -1)
+        after_trim = sink.last_written(TOPIC, [0])
     finally:
         sink.close()
 
-    lists_from = redis_client.hget(settings.redis_offsets_key, f"{TOPIC}:lists_from")
-    assert json.loads(lists_from or "") == {
-        settings.redis_list_key: 3_000,
-        settings.redis_rejects_key: 1,
+    mark = redis_client.hget(settings.redis_offsets_key, f"{TOPIC}:lists_from")
+    assert json.loads(mark or "") == {
+        "topic_id": "id-of-the-new-topic",
+        settings.redis_list_key: [0, 0],
+        settings.redis_rejects_key: None,
     }
     assert after_first == {0: 99}
     assert after_second == {0: 149}
+    assert after_trim == {0: 149}
 
 
-def test_last_written_ignores_invalid_lists_from(
+def test_mark_of_other_topic_id_replaced(
     settings: Settings, redis_client: redis.Redis
 ) -> None:
-    """A lists_from field that is not a JSON object is ignored: every entry counts."""
-    redis_client.rpush(settings.redis_list_key, entry(TOPIC, 0, 7))
-    redis_client.hset(settings.redis_offsets_key, f"{TOPIC}:lists_from", "[5]")
+    """A mark left by an earlier topic id is replaced at the next write."""
+    old_mark = {"topic_id": "old-id", settings.redis_list_key: [0, 0]}
+    redis_client.hset(
+        settings.redis_offsets_key,
+        mapping={
+            f"{TOPIC}:lists_from": json.dumps(old_mark),
+            f"{TOPIC}:topic_id": "new-id",
+        },
+    )
+    redis_client.rpush(settings.redis_list_key, entry(TOPIC, 0, 500))
+    sink = RedisSink(settings)
+    try:
+        sink.set_topic_id(TOPIC, "new-id")
+        sink.write_chunk(TOPIC, source_chunk(range(20)))
+        found = sink.last_written(TOPIC, [0])
+    finally:
+        sink.close()
+
+    assert found == {0: 19}
+
+
+@pytest.mark.parametrize(
+    ("mark", "expected"),
+    [
+        pytest.param('{"topic_id": "id-1", "LIST": [0, 3]}', {0: 3}, id="valid"),
+        pytest.param("[0, 3]", {0: 7}, id="not-an-object"),
+        pytest.param("not json", {0: 7}, id="not-json"),
+        pytest.param('{"LIST": [0, 3]}', {0: 7}, id="no-topic-id"),
+        pytest.param('{"topic_id": "id-1", "LIST": [false, 3]}', {0: 7}, id="bool"),
+        pytest.param('{"topic_id": "id-1", "LIST": [0, 3.0]}', {0: 7}, id="float"),
+        pytest.param('{"topic_id": "id-1", "LIST": [0, -3]}', {0: 7}, id="negative"),
+        pytest.param('{"topic_id": "id-1", "LIST": 3}', {0: 7}, id="number"),
+    ],
+)
+def test_last_written_reads_mark_of_valid_shape(
+    settings: Settings, redis_client: redis.Redis, mark: str, expected: dict[int, int]
+) -> None:
+    """A mark stops the scan at its entry; a mark of another shape is ignored."""
+    # Offset 3 after offset 7: the partition was read again from 3.
+    redis_client.rpush(settings.redis_list_key, entry(TOPIC, 0, 7), entry(TOPIC, 0, 3))
+    redis_client.hset(
+        settings.redis_offsets_key,
+        mapping={
+            f"{TOPIC}:lists_from": mark.replace("LIST", settings.redis_list_key),
+            f"{TOPIC}:topic_id": "id-1",
+        },
+    )
     sink = RedisSink(settings)
     try:
         found = sink.last_written(TOPIC, [0])
     finally:
         sink.close()
 
-    assert found == {0: 7}
+    assert found == expected
