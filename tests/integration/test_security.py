@@ -37,7 +37,8 @@ ETL_PASSWORD: Final = "etl-Secret-93ab"
 #: under an ACL user with ``-@all`` and adding what ``ACL LOG`` reported.
 #: redis-py also sends CLIENT SETINFO on Redis 7.2 and later, and ignores its
 #: failure, so it is left out. LRANGE serves the advice printed when a stored
-#: offset is past the end of the log, which these batches do not reach.
+#: offset is past the end of the log, which these batches do not reach, and
+#: SELECT a database other than 0.
 ETL_COMMANDS: Final = (
     "ping",
     "hello",
@@ -53,6 +54,7 @@ ETL_COMMANDS: Final = (
     "xadd",
     "type",
     "lrange",
+    "select",
 )
 
 
