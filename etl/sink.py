@@ -127,10 +127,12 @@ def lists_from_field(topic: str) -> str:
     """Return the field of the offsets hash that marks where the topic's current entries begin.
 
     Its value is a JSON object. ``topic_id`` is the id of the topic when the
-    mark was written. Each list key maps to the ``[partition, offset]`` of the
-    first entry that a write under that id pushed to the list, or to null
-    before one did. Entries before that one may come from an earlier topic
-    of the same name.
+    mark was written. Each list key maps to ``[partition, offset, copies]``,
+    or to null before a write under that id pushed an entry to the list.
+    ``partition`` and ``offset`` are the source of the first entry pushed.
+    ``copies`` counts the entries pushed with that source, more than one when
+    the partition was read again from that offset. Entries before the first may come from
+    an earlier topic of the same name.
     """
     return f"{topic}:lists_from"
 
@@ -259,13 +261,16 @@ class RedisSink:
 
         Also returns the partitions whose highest offset in ``key`` is known.
         That is all of them when the scan reached the start of the list, or
-        the entry of ``topic`` nearest the end whose ``(partition, offset)``
-        is ``first``. Otherwise it is those met at least one chunk before the
-        scan stopped. With ``first`` None, no entry of ``topic`` counts, and with
-        ``first`` empty (no mark), every entry does.
+        the first entry of the current topic id. With ``first`` equal to
+        ``(partition, offset, copies)``, that entry is the ``copies``-th
+        entry of ``topic`` with that source, counted from the end. Otherwise
+        it is those met at least one chunk before the scan stopped. With ``first`` None,
+        no entry of ``topic`` counts, and with ``first`` empty (no mark),
+        every entry does.
         """
         if first is None:
             return {}, set(partitions)
+        copies_left = first[2] if first else 0
         page = VALUES_PER_COMMAND
         margin = self._settings.chunk_size
         highest: dict[int, int] = {}
@@ -282,8 +287,10 @@ class RedisSink:
                 partition, offset = source[1], source[2]
                 highest[partition] = max(offset, highest.get(partition, -1))
                 first_seen.setdefault(partition, scanned - 1)
-                if (partition, offset) == first:
-                    return highest, set(partitions)
+                if first and (partition, offset) == first[:2]:
+                    copies_left -= 1
+                    if copies_left == 0:
+                        return highest, set(partitions)
             if len(entries) < page:
                 return highest, set(partitions)
             known = {
@@ -295,7 +302,7 @@ class RedisSink:
                 return highest, known
 
     def _first_current_entries(self, topic: str) -> dict[str, tuple[int, ...] | None]:
-        """Return, per list key, the source of the first entry written under the topic's current id.
+        """Return, per list key, the source and copies of the first entry under the topic's current id.
 
         None means that the list has no such entry yet. Without a mark for
         the current id (:func:`lists_from_field`), the result is empty and
@@ -704,7 +711,7 @@ def _check_still_stored(partition: int, offset: int, stored: int | None) -> None
 def _lists_from_mark(
     topic: str, topic_id: str | None, text: bytes | str | None
 ) -> dict[str, list[int] | None] | None:
-    """Return the first source per list key that the mark of ``topic`` holds for ``topic_id``.
+    """Return the first entry per list key that the mark of ``topic`` holds for ``topic_id``.
 
     Returns None when there is no mark, or it was written for another id. A
     mark that is not of the expected shape is logged and ignored.
@@ -713,7 +720,7 @@ def _lists_from_mark(
         return None
     try:
         mark = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         mark = None
     if not (isinstance(mark, dict) and isinstance(mark.get("topic_id"), str)):
         mark = None
@@ -730,11 +737,12 @@ def _lists_from_mark(
 
 
 def _is_source(value: Any) -> bool:
-    """Tell whether ``value`` is a ``[partition, offset]`` pair of non-negative integers."""
+    """Tell whether ``value`` is ``[partition, offset, copies]``, with ``copies`` at least 1."""
     return (
         isinstance(value, list)
-        and len(value) == 2
+        and len(value) == 3
         and all(type(v) is int and v >= 0 for v in value)
+        and value[2] >= 1
     )
 
 
@@ -749,7 +757,7 @@ def _marked_after_write(
     ``pushed`` maps each list key to the entries that this write appends.
     The first write under an id, or after the mark was lost, starts a new
     mark. Each list gets the source of the first entry that a write under
-    the id pushes to it.
+    the id pushes to it, and counts the entries pushed again with it.
     """
     if topic_id is None:
         return None
@@ -758,8 +766,17 @@ def _marked_after_write(
     sources: dict[str, list[int] | None] = {key: None for key in pushed}
     sources.update(mark or {})
     for key, frame in pushed.items():
-        if sources.get(key) is None and frame.height:
-            sources[key] = [int(frame["partition"][0]), int(frame["offset"][0])]
+        if frame.is_empty():
+            continue
+        source = sources.get(key)
+        if source is None:
+            source = [int(frame["partition"][0]), int(frame["offset"][0]), 0]
+        partition, offset, copies = source
+        again = frame.filter(
+            (pl.col("partition") == partition) & (pl.col("offset") == offset)
+        ).height
+        if again:
+            sources[key] = [partition, offset, copies + again]
             changed = True
     if not changed:
         return None

@@ -267,11 +267,16 @@ def test_last_written_stops_one_chunk_past_each_partition(
     assert cut_short == {0: 30_000}
 
 
-def source_chunk(offsets: range) -> Chunk:
-    """Return a chunk of rows of partition 0 whose payloads name their source."""
+def source_chunk(offsets: range, partition: int = 0) -> Chunk:
+    """Return a chunk of rows of ``partition`` whose payloads name their source."""
     chunk = rows_chunk(offsets)
-    payloads = pl.Series([entry(TOPIC, 0, o) for o in offsets], dtype=pl.Binary)
-    chunk.rows = chunk.rows.with_columns(payloads.alias("payload"))
+    payloads = [entry(TOPIC, partition, o) for o in offsets]
+    chunk.rows = chunk.rows.with_columns(
+        pl.lit(partition, pl.Int32).alias("partition"),
+        pl.Series("payload", payloads, dtype=pl.Binary),
+    )
+    chunk.expected = {partition: None}
+    chunk.next_offsets = {partition: offsets.stop}
     return chunk
 
 
@@ -299,7 +304,7 @@ def test_last_written_skips_earlier_topic(
     mark = redis_client.hget(settings.redis_offsets_key, f"{TOPIC}:lists_from")
     assert json.loads(mark or "") == {
         "topic_id": "id-of-the-new-topic",
-        settings.redis_list_key: [0, 0],
+        settings.redis_list_key: [0, 0, 1],
         settings.redis_rejects_key: None,
     }
     assert after_first == {0: 99}
@@ -311,7 +316,7 @@ def test_mark_of_other_topic_id_replaced(
     settings: Settings, redis_client: redis.Redis
 ) -> None:
     """A mark left by an earlier topic id is replaced at the next write."""
-    old_mark = {"topic_id": "old-id", settings.redis_list_key: [0, 0]}
+    old_mark = {"topic_id": "old-id", settings.redis_list_key: [0, 0, 1]}
     redis_client.hset(
         settings.redis_offsets_key,
         mapping={
@@ -334,13 +339,18 @@ def test_mark_of_other_topic_id_replaced(
 @pytest.mark.parametrize(
     ("mark", "expected"),
     [
-        pytest.param('{"topic_id": "id-1", "LIST": [0, 3]}', {0: 3}, id="valid"),
-        pytest.param("[0, 3]", {0: 7}, id="not-an-object"),
+        pytest.param('{"topic_id": "id-1", "LIST": [0, 3, 1]}', {0: 3}, id="valid"),
+        pytest.param("[0, 3, 1]", {0: 7}, id="not-an-object"),
         pytest.param("not json", {0: 7}, id="not-json"),
-        pytest.param('{"LIST": [0, 3]}', {0: 7}, id="no-topic-id"),
-        pytest.param('{"topic_id": "id-1", "LIST": [false, 3]}', {0: 7}, id="bool"),
-        pytest.param('{"topic_id": "id-1", "LIST": [0, 3.0]}', {0: 7}, id="float"),
-        pytest.param('{"topic_id": "id-1", "LIST": [0, -3]}', {0: 7}, id="negative"),
+        pytest.param("[" * 5_000, {0: 7}, id="nested-too-deep"),
+        pytest.param('{"LIST": [0, 3, 1]}', {0: 7}, id="no-topic-id"),
+        pytest.param('{"topic_id": "id-1", "LIST": [0, 3]}', {0: 7}, id="no-copies"),
+        pytest.param(
+            '{"topic_id": "id-1", "LIST": [0, 3, 0]}', {0: 7}, id="zero-copies"
+        ),
+        pytest.param('{"topic_id": "id-1", "LIST": [false, 3, 1]}', {0: 7}, id="bool"),
+        pytest.param('{"topic_id": "id-1", "LIST": [0, 3.0, 1]}', {0: 7}, id="float"),
+        pytest.param('{"topic_id": "id-1", "LIST": [0, -3, 1]}', {0: 7}, id="negative"),
         pytest.param('{"topic_id": "id-1", "LIST": 3}', {0: 7}, id="number"),
     ],
 )
@@ -364,3 +374,25 @@ def test_last_written_reads_mark_of_valid_shape(
         sink.close()
 
     assert found == expected
+
+
+def test_mark_counts_first_entry_read_again(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    """A partition read again from the first entry: the scan stops at the first copy."""
+    redis_client.rpush(settings.redis_list_key, entry(TOPIC, 1, 900))
+    sink = RedisSink(settings)
+    try:
+        sink.set_topic_id(TOPIC, "id-1")
+        sink.write_chunk(TOPIC, source_chunk(range(5), partition=2))
+        sink.write_chunk(TOPIC, source_chunk(range(5), partition=1))
+        # An operator moves partition 2 back to its first offset.
+        redis_client.hset(settings.redis_offsets_key, f"{TOPIC}:2", 0)
+        sink.write_chunk(TOPIC, source_chunk(range(5), partition=2))
+        found = sink.last_written(TOPIC, [1, 2])
+    finally:
+        sink.close()
+
+    mark = redis_client.hget(settings.redis_offsets_key, f"{TOPIC}:lists_from")
+    assert json.loads(mark or "")[settings.redis_list_key] == [2, 0, 2]
+    assert found == {1: 4, 2: 4}
