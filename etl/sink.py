@@ -759,6 +759,9 @@ def _marked_after_write(
     mark. Each list gets the source of the first entry that a write under
     the id pushes to it, and counts the entries pushed again with it.
     """
+    # NOTE: writes without a topic id (the broker did not describe the topic)
+    # count no copies, and entries removed other than from the head of a list
+    # are still counted, so the scan may stop too late or too early.
     if topic_id is None:
         return None
     mark = _lists_from_mark(topic, topic_id, stored)
