@@ -131,8 +131,8 @@ def lists_from_field(topic: str) -> str:
     or to null before a write under that id pushed an entry to the list.
     ``partition`` and ``offset`` are the source of the first entry pushed.
     ``copies`` counts the entries pushed with that source, more than one when
-    the partition was read again from that offset. Entries before the first may come from
-    an earlier topic of the same name.
+    the partition was read again from that offset. Entries before the first
+    may come from an earlier topic of the same name.
     """
     return f"{topic}:lists_from"
 
@@ -224,11 +224,11 @@ class RedisSink:
         its offsets in each list, so the scan of a list stops one chunk past
         the first entry of every partition. It also stops at the first entry
         written under the current topic id (:func:`lists_from_field`), at the
-        start of the list, or after ``max_scan`` entries. A partition is returned when its highest offset
-        is known in both lists (the scan went one chunk past its first entry,
-        or read the list whole) and one of them contains it. The others are
-        left out, and all are when Redis fails: the caller then has no exact
-        offset for them.
+        start of the list, or after ``max_scan`` entries. A partition is
+        returned when its highest offset is known in both lists (the scan went
+        one chunk past its first entry, or read the list whole) and one of them
+        contains it. The others are left out, and all are when Redis fails,
+        because the caller then has no exact offset for them.
         """
         found: dict[int, int] = {}
         answered = set(partitions)
@@ -264,9 +264,9 @@ class RedisSink:
         the first entry of the current topic id. With ``first`` equal to
         ``(partition, offset, copies)``, that entry is the ``copies``-th
         entry of ``topic`` with that source, counted from the end. Otherwise
-        it is those met at least one chunk before the scan stopped. With ``first`` None,
-        no entry of ``topic`` counts, and with ``first`` empty (no mark),
-        every entry does.
+        it is those met at least one chunk before the scan stopped. With
+        ``first`` None, no entry of ``topic`` counts, and with ``first`` empty
+        (no mark), every entry does.
         """
         if first is None:
             return {}, set(partitions)
@@ -308,15 +308,8 @@ class RedisSink:
         the current id (:func:`lists_from_field`), the result is empty and
         every entry counts.
         """
-        try:
-            (stored_id, text) = self.client.hmget(
-                self._settings.redis_offsets_key,
-                [topic_id_field(topic), lists_from_field(topic)],
-            )
-        except redis.RedisError as exc:
-            msg = f"cannot read offsets from Redis at {self._settings.redis_url_redacted}: {exc}"
-            raise SinkError(msg) from exc
-        mark = _lists_from_mark(topic, _decoded(stored_id), text)
+        text = self._offsets_field(lists_from_field(topic))
+        mark = _lists_from_mark(topic, self.stored_topic_id(topic), text)
         if mark is None:
             return {}
         return {
@@ -727,7 +720,8 @@ def _lists_from_mark(
     sources = {k: v for k, v in (mark or {}).items() if k != "topic_id"}
     if mark is None or not all(v is None or _is_source(v) for v in sources.values()):
         logger.warning(
-            "Field %s of the offsets hash is not a valid mark; ignoring it",
+            "Field %s of the offsets hash is not a valid mark, so it is ignored "
+            "until the next write replaces it",
             lists_from_field(topic),
         )
         return None
