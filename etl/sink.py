@@ -45,6 +45,10 @@ _RETRIES: Final = 5
 _RETRY_BASE_S: Final = 0.2
 #: Redis's reply to ``SELECT`` with an index at or above its ``databases`` setting.
 _DB_OUT_OF_RANGE: Final = "DB index is out of range"
+#: The maxmemory-policy values that may evict any key, whether or not it has an
+#: expiry: allkeys-lru, allkeys-lfu and allkeys-random (Redis docs, "Key
+#: eviction").
+_EVICTING_POLICY_PREFIX: Final = "allkeys-"
 #: The Redis type of each key that a batch writes, by the setting that names it.
 _KEY_TYPES: Final = {
     "redis_offsets_key": "hash",
@@ -199,6 +203,42 @@ class RedisSink:
         except redis.RedisError as exc:
             msg = f"checking the types of the batch's keys at Redis {url} failed: {exc}"
             raise SinkError(msg) from exc
+        self._check_eviction_policy()
+
+    def _check_eviction_policy(self) -> None:
+        """Raise SinkError when Redis may evict keys that have no expiry.
+
+        Under an ``allkeys-*`` ``maxmemory-policy``, a Redis that reaches its
+        ``maxmemory`` deletes keys of its choice, rows and offsets included,
+        and the batches that follow still end ``ok``. Under ``noeviction``
+        (Redis's default) a full Redis rejects the write, and the
+        ``volatile-*`` policies evict only keys with an expiry, which the
+        batch never sets.
+        """
+        url = self._settings.redis_url_redacted
+        try:
+            memory = self.client.info("memory")
+        except redis.exceptions.NoPermissionError as exc:
+            logger.warning(
+                "Redis at %s did not allow INFO (%s), so its maxmemory-policy was "
+                "not checked; allow +info for the batch's user",
+                url,
+                exc,
+            )
+            return
+        except redis.RedisError as exc:
+            msg = f"reading the memory settings of Redis at {url} failed: {exc}"
+            raise SinkError(msg) from exc
+        policy = str(memory.get("maxmemory_policy", ""))
+        if policy.startswith(_EVICTING_POLICY_PREFIX):
+            msg = (
+                f"Redis at {url} has maxmemory-policy {policy}, so when it is full "
+                "it deletes keys of its choice, rows and stored offsets included, "
+                "and readings would be lost with no error. Set "
+                "'maxmemory-policy noeviction' (Redis's default) in its "
+                "configuration, or use another Redis for the batch"
+            )
+            raise SinkError(msg)
 
     def stored_offsets(self, topic: str) -> dict[int, int]:
         """Return the next offset to read per partition, as stored by earlier batches."""
@@ -687,8 +727,9 @@ def _check_still_stored(partition: int, offset: int, stored: int | None) -> None
     if stored is None:
         msg = (
             f"the stored offset of partition {partition} ({offset}) vanished from "
-            "Redis during the batch (FLUSHDB, a restart without persistence or a "
-            "deleted field), and the rows written before it may be gone too; "
+            "Redis during the batch (FLUSHDB, a restart without persistence, "
+            "eviction or a deleted field), and the rows written before it may be "
+            "gone too; "
             "Kafka's committed offsets follow Redis, so read docs/operations.md "
             "(The delivery guarantee) before rerunning"
         )

@@ -37,8 +37,8 @@ ETL_PASSWORD: Final = "etl-Secret-93ab"
 #: under an ACL user with ``-@all`` and adding what ``ACL LOG`` reported.
 #: redis-py also sends CLIENT SETINFO on Redis 7.2 and later, and ignores its
 #: failure, so it is left out. LRANGE serves the advice printed when a stored
-#: offset is past the end of the log, which these batches do not reach, and
-#: SELECT a database other than 0.
+#: offset is past the end of the log, which these batches do not reach,
+#: SELECT a database other than 0, and INFO the check of maxmemory-policy.
 ETL_COMMANDS: Final = (
     "ping",
     "hello",
@@ -55,6 +55,7 @@ ETL_COMMANDS: Final = (
     "type",
     "lrange",
     "select",
+    "info",
 )
 
 

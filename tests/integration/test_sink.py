@@ -170,6 +170,56 @@ def test_check_wrong_type_key_is_settings_error(
     assert f"is a {found}, not a {wanted}" in str(failure.value)
 
 
+@pytest.mark.parametrize("policy", ["allkeys-lru", "allkeys-lfu", "allkeys-random"])
+def test_check_rejects_evicting_policy(
+    settings: Settings, redis_client: redis.Redis, policy: str
+) -> None:
+    """A Redis that may evict any key could drop rows and offsets: no batch starts."""
+    redis_client.config_set("maxmemory-policy", policy)
+    sink = RedisSink(settings)
+    try:
+        with pytest.raises(SinkError) as failure:
+            sink.check()
+    finally:
+        sink.close()
+        redis_client.config_set("maxmemory-policy", "noeviction")
+
+    assert f"has maxmemory-policy {policy}," in str(failure.value)
+    assert "'maxmemory-policy noeviction'" in str(failure.value)
+
+
+@pytest.mark.parametrize("policy", ["noeviction", "volatile-lru", "volatile-ttl"])
+def test_check_accepts_policy_sparing_persistent_keys(
+    settings: Settings, redis_client: redis.Redis, policy: str
+) -> None:
+    """The batch's keys have no expiry, so the volatile policies never evict them."""
+    redis_client.config_set("maxmemory-policy", policy)
+    sink = RedisSink(settings)
+    try:
+        sink.check()
+    finally:
+        sink.close()
+        redis_client.config_set("maxmemory-policy", "noeviction")
+
+
+def test_check_without_info_permission_warns(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A user without INFO still runs batches; the log names the check it skipped."""
+    sink = RedisSink(settings)
+    denied = redis.exceptions.NoPermissionError(
+        "no permissions to run the 'info' command"
+    )
+    try:
+        with mock.patch.object(sink.client, "info", side_effect=denied):
+            sink.check()
+    finally:
+        sink.close()
+
+    assert "maxmemory-policy was not checked" in caplog.text
+    assert "allow +info" in caplog.text
+
+
 def test_write_chunk_cancel_stops_retries(settings: Settings) -> None:
     """A write that waits to retry gives up at once when the sink is cancelled."""
     sink = RedisSink(settings)
