@@ -789,10 +789,12 @@ def load_staging(settings: Settings, staging: Path) -> BatchReport:
         # Read before this load's writes replace it.
         last_write = sink.last_write_id(manifest["topic"])
         # The next offset per partition after the chunks this load (or an
-        # earlier attempt of it) wrote.
+        # earlier attempt of it) wrote, and after every staged chunk.
         written: dict[int, int] = {}
+        drained: dict[int, int] = {}
         for stem in manifest.get("processed", []):
             chunk = load_chunk_file(staging, stem)
+            _keep_highest(drained, chunk.next_offsets)
             meta = json.loads((staging / f"chunk-{stem}.json").read_text())
             report.duplicates += meta["duplicates"]
             marker = staging / f"chunk-{stem}{ATTEMPTED}"
@@ -805,14 +807,23 @@ def load_staging(settings: Settings, staging: Path) -> BatchReport:
                 report.status = "concurrent_batch"
         if written:
             # Fails when Redis lost offsets after the last write. Kafka then
-            # gets what Redis stores, up to what this load wrote: Redis may
-            # hold more (another batch) or a wrong offset (a manual HSET).
+            # gets what Redis stores where the staged drain read that far,
+            # as another batch may have written the later chunks. Past that,
+            # Redis may hold a wrong offset (a manual HSET), so Kafka gets
+            # no more than what this load wrote.
             stored = sink.check_offsets_kept(manifest["topic"])
             source = source or KafkaSource(settings)
             if drained_id:
                 # Kafka would take the old topic's offsets for the new one's.
                 _check_still_same_topic(source, drained_id, written=True)
-            source.commit({p: min(stored[p], written[p]) for p in written})
+            source.commit(
+                {
+                    p: stored[p]
+                    if stored[p] <= drained[p]
+                    else min(stored[p], written[p])
+                    for p in written
+                }
+            )
     finally:
         if source is not None:
             source.close()

@@ -516,6 +516,49 @@ def test_staged_load_reports_other_batch(
     assert_accounted(redis_client, settings, produced)
 
 
+def test_staged_load_retry_keeps_later_commit(
+    settings: Settings, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    """A retried load after another batch wrote the rest leaves Kafka's commit at Redis's offsets.
+
+    The first attempt writes one chunk and fails before the next, another
+    batch writes the other chunks and commits their end, and the retry
+    writes nothing.
+    """
+    create_topic(settings, PARTITIONS)
+    produced = produce_tracked(settings, mixed_values(250))
+    chunked = settings.model_copy(update={"chunk_size": 100})
+    drain_to_staging(chunked, tmp_path)
+    transform_staging(chunked, tmp_path)
+
+    original = RedisSink.write_chunk
+    calls = {"n": 0}
+
+    def write_first_only(
+        self: RedisSink, topic: str, chunk: Any, **options: Any
+    ) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise SinkError("injected: the task timed out before the second write")
+        return original(self, topic, chunk, **options)
+
+    with (
+        mock.patch.object(RedisSink, "write_chunk", write_first_only),
+        pytest.raises(SinkError, match="timed out"),
+    ):
+        load_staging(chunked, tmp_path)
+    run_batch(chunked)
+    committed_by_batch = kafka_committed(settings, PARTITIONS)
+
+    retried = load_staging(chunked, tmp_path)
+
+    assert retried.status == "concurrent_batch"
+    assert retried.written + retried.rejected == 0
+    assert committed_by_batch == stored_offsets(redis_client, settings)
+    assert kafka_committed(settings, PARTITIONS) == committed_by_batch
+    assert_accounted(redis_client, settings, produced)
+
+
 def spawn_paused_before_first_write(
     settings: Settings, tmp_path: Path
 ) -> tuple[subprocess.Popen[bytes], Path, Path, Path]:
