@@ -347,6 +347,7 @@ def test_airflow_service_settings(
     assert env["VITALS_KAFKA_BOOTSTRAP_SERVERS"] == "kafka:9092"
     assert env["VITALS_KAFKA_TOPIC"] == "vitals"
     assert env["VITALS_REDIS_URL"].endswith("@redis:6379/0")
+    assert env["VITALS_DEMO_GENERATE"] == "true"
     assert service["depends_on"]["postgres"]["condition"] == "service_healthy"
 
 
