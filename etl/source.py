@@ -188,7 +188,12 @@ class KafkaSource:
         logger.log(level, "Kafka client error: %s", error)
 
     def partitions(self) -> list[int]:
-        """Return the partition ids of the topic, or raise when the broker is unreachable."""
+        """Return the partition ids of the topic.
+
+        Raises SourceError when the broker is unreachable or does not have
+        the topic: a misspelt or deleted topic would otherwise give batches
+        that end ``ok`` with nothing read, run after run.
+        """
         servers = self._settings.kafka_bootstrap_servers
         try:
             metadata = self._consumer.list_topics(
@@ -201,10 +206,12 @@ class KafkaSource:
         if topic is None or topic.error is not None:
             code = topic.error.code() if topic is not None and topic.error else None
             if code == KafkaError.UNKNOWN_TOPIC_OR_PART:
-                logger.warning(
-                    "Topic %s does not exist yet; nothing to drain", self._topic
+                msg = (
+                    f"topic {self._topic!r} does not exist on the Kafka broker at "
+                    f"{servers}: check VITALS_KAFKA_TOPIC (or --topic), or create "
+                    "the topic before the batch runs"
                 )
-                return []
+                raise SourceError(msg)
             msg = f"cannot read metadata of topic {self._topic!r} from {servers}: {topic.error if topic else 'no metadata'}"
             raise SourceError(msg)
         return sorted(topic.partitions)

@@ -104,9 +104,17 @@ def test_batch_empty_topic_ends_at_once(
     assert redis_client.llen(settings.redis_list_key) == 0
 
 
-def test_batch_missing_topic_reads_nothing(settings: Settings) -> None:
-    report = run_batch(settings)
-    assert report.read == 0
+def test_batch_missing_topic_fails_with_advice(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    """A misspelt or deleted topic fails the batch instead of reading nothing, run after run."""
+    with pytest.raises(SourceError) as failure:
+        run_batch(settings)
+
+    message = str(failure.value)
+    assert f"topic {settings.kafka_topic!r} does not exist" in message
+    assert "check VITALS_KAFKA_TOPIC (or --topic)" in message
+    assert redis_client.exists(settings.redis_reports_key) == 0
 
 
 def test_batch_second_run_writes_nothing(
