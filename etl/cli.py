@@ -368,7 +368,12 @@ STATE_DIR_OPTION: Final = click.option(
 def services_start(
     state_dir: Path, kafka_port: int | None, redis_port: int | None
 ) -> None:
-    """Start both services unless they run; print the variables that point at them."""
+    """Start both services unless they run; print the variables that point at them.
+
+    A service that already runs stays as it is, and its port is printed.
+    When it runs on another port than --kafka-port or --redis-port requests,
+    nothing starts and the command exits 3.
+    """
     from redis import RedisError
 
     from etl.services import ServiceError, forget_stale_offsets, start_local_stack

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -288,6 +289,32 @@ def _alive(pid: int) -> bool:
 _FRESH_BROKER: Final = "kafka.fresh"
 
 
+@dataclass(frozen=True)
+class PortMismatch:
+    """A local service that runs on another port than the one requested."""
+
+    name: str
+    pid: int
+    running_port: int
+    requested_port: int
+
+
+def port_mismatch_message(mismatches: list[PortMismatch], state_dir: Path) -> str:
+    """Return the error for services that run on other ports than requested, with the fix."""
+    running = ", and ".join(
+        f"the local {mismatch.name} already runs on port {mismatch.running_port} "
+        f"(pid {mismatch.pid}), not on the requested port {mismatch.requested_port}"
+        for mismatch in mismatches
+    )
+    options = " and ".join(f"--{mismatch.name}-port" for mismatch in mismatches)
+    stop = f"etl services stop --state-dir {shlex.quote(str(state_dir))}"
+    return (
+        f"{running}. To use the requested ports, stop the running services "
+        f"first with '{stop}', then start them again. To keep the running "
+        f"ports, start without {options}"
+    )
+
+
 def start_local_stack(
     state_dir: Path,
     *,
@@ -303,20 +330,29 @@ def start_local_stack(
     takes the one its pid file records, so a service that died comes back
     where its clients look, else the default port. Both ports are checked
     before either service starts.
+
+    Raises :class:`ServiceError` when a port is taken by another program, or
+    when a service already runs on another port than the one given, because
+    clients that use the given port would find nothing there.
     """
     state_dir.mkdir(parents=True, exist_ok=True)
     redis_server_binary()  # Fail before starting anything when Redis is missing.
     requested = {"kafka": kafka_port, "redis": redis_port}
     defaults = {"kafka": DEFAULT_KAFKA_PORT, "redis": DEFAULT_REDIS_PORT}
     ports: dict[str, int] = {}
+    mismatches: list[PortMismatch] = []
     to_start = []
     for name in requested:
         pid_file = state_dir / f"{name}.pid"
         recorded = _recorded_port(pid_file)
         ports[name] = requested[name] or recorded or defaults[name]
-        if _running_from(pid_file):
+        pid = _running_from(pid_file)
+        if pid:
             logger.info("%s already running (pid file %s)", name, pid_file)
             ports[name] = recorded or ports[name]
+            requested_port = requested[name]
+            if requested_port is not None and requested_port != ports[name]:
+                mismatches.append(PortMismatch(name, pid, ports[name], requested_port))
         elif port_in_use(ports[name]):
             msg = (
                 f"port {ports[name]} on {HOST} is already in use by another program, "
@@ -326,6 +362,8 @@ def start_local_stack(
             raise ServiceError(msg)
         else:
             to_start.append(name)
+    if mismatches:
+        raise ServiceError(port_mismatch_message(mismatches, state_dir))
     started: list[Service] = []
     try:
         for name in to_start:

@@ -15,6 +15,7 @@ from click.testing import CliRunner, Result
 from etl.cli import main
 from etl.services import (
     free_port,
+    local_stack_ports,
     local_stack_status,
     port_in_use,
     start_local_stack,
@@ -98,16 +99,117 @@ def test_taken_redis_port_starts_nothing(tmp_path: Path) -> None:
     assert local_stack_status(tmp_path) == {"kafka": None, "redis": None}
 
 
-def test_running_redis_port_wins(tmp_path: Path) -> None:
-    redis_port = free_port()
+def test_running_ports_win_without_options(tmp_path: Path) -> None:
+    kafka_port, redis_port = free_port(), free_port()
     try:
-        start(tmp_path, free_port(), redis_port)
-        result = invoke(tmp_path, free_port(), free_port())
+        start(tmp_path, kafka_port, redis_port)
+        result = CliRunner().invoke(
+            main,
+            ["services", "start", "--state-dir", str(tmp_path)],
+            env={"VITALS_KAFKA_TOPIC": "vitals"},
+        )
     finally:
         stop_local_stack(tmp_path)
 
-    assert result.exit_code == 0
+    assert result.exit_code == 0, result.output
+    assert result.stderr == ""
+    assert f"VITALS_KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:{kafka_port}" in result.stdout
     assert f"VITALS_REDIS_URL=redis://127.0.0.1:{redis_port}/0" in result.stdout
+
+
+def test_other_redis_port_exits_3(tmp_path: Path) -> None:
+    """A requested port that differs from the running one fails, naming both and the fix."""
+    kafka_port, redis_port, other_port = free_port(), free_port(), free_port()
+    try:
+        start(tmp_path, kafka_port, redis_port)
+        before = local_stack_status(tmp_path)
+        result = invoke(tmp_path, kafka_port, other_port)
+        after = local_stack_status(tmp_path)
+    finally:
+        stop_local_stack(tmp_path)
+    message = " ".join(result.stderr.split())
+
+    assert result.exit_code == 3, result.output
+    assert result.stdout == ""
+    assert f"the local redis already runs on port {redis_port}" in message
+    assert f"(pid {before['redis']})" in message
+    assert f"not on the requested port {other_port}" in message
+    assert "the local kafka" not in message
+    assert f"'etl services stop --state-dir {tmp_path}'" in message
+    assert "start without --redis-port" in message
+    assert after == before
+    assert not port_in_use(other_port)
+    assert local_stack_ports(tmp_path) == {"kafka": kafka_port, "redis": redis_port}
+
+
+def test_both_other_ports_named(tmp_path: Path) -> None:
+    kafka_port, redis_port = free_port(), free_port()
+    other_kafka, other_redis = free_port(), free_port()
+    try:
+        start(tmp_path, kafka_port, redis_port)
+        result = invoke(tmp_path, other_kafka, other_redis)
+    finally:
+        stop_local_stack(tmp_path)
+    message = " ".join(result.stderr.split())
+
+    assert result.exit_code == 3, result.output
+    assert f"kafka already runs on port {kafka_port}" in message
+    assert f"not on the requested port {other_kafka}" in message
+    assert f"redis already runs on port {redis_port}" in message
+    assert f"not on the requested port {other_redis}" in message
+    assert "start without --kafka-port and --redis-port" in message
+    assert not port_in_use(other_kafka)
+    assert not port_in_use(other_redis)
+
+
+def test_other_port_starts_no_stopped_service(tmp_path: Path) -> None:
+    """The broker runs elsewhere, so the Redis that died stays stopped."""
+    kafka_port, redis_port, other_port = free_port(), free_port(), free_port()
+    try:
+        start(tmp_path, kafka_port, redis_port)
+        redis_pid = local_stack_status(tmp_path)["redis"]
+        assert redis_pid is not None
+        terminate(redis_pid)
+        result = invoke(tmp_path, other_port, redis_port)
+        status = local_stack_status(tmp_path)
+    finally:
+        stop_local_stack(tmp_path)
+
+    assert result.exit_code == 3, result.output
+    assert f"kafka already runs on port {kafka_port}" in result.stderr
+    assert status["kafka"] is not None
+    assert status["redis"] is None
+    assert not port_in_use(redis_port)
+
+
+def test_same_ports_leave_services_running(tmp_path: Path) -> None:
+    kafka_port, redis_port = free_port(), free_port()
+    try:
+        start(tmp_path, kafka_port, redis_port)
+        before = local_stack_status(tmp_path)
+        result = invoke(tmp_path, kafka_port, redis_port)
+        after = local_stack_status(tmp_path)
+    finally:
+        stop_local_stack(tmp_path)
+
+    assert result.exit_code == 0, result.output
+    assert result.stderr == ""
+    assert f"VITALS_KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:{kafka_port}" in result.stdout
+    assert after == before
+
+
+def test_port_after_stop_starts_there(tmp_path: Path) -> None:
+    """Stopped services start on a new requested port, as the error message advises."""
+    redis_port, other_port = free_port(), free_port()
+    try:
+        start(tmp_path, free_port(), redis_port)
+        stop_local_stack(tmp_path)
+        result = invoke(tmp_path, free_port(), other_port)
+    finally:
+        stop_local_stack(tmp_path)
+
+    assert result.exit_code == 0, result.output
+    assert f"VITALS_REDIS_URL=redis://127.0.0.1:{other_port}/0" in result.stdout
 
 
 def test_missing_database_is_settings_error(tmp_path: Path) -> None:
