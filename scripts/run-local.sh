@@ -8,8 +8,10 @@
 #   scripts/run-local.sh stop    stop everything this script started
 #
 # Ports: Kafka 9092, Redis 6380 (6379 is often a system Redis), Airflow 8080;
-# override with KAFKA_PORT, REDIS_PORT and AIRFLOW_PORT. SKIP_AIRFLOW=1 stops
-# after the batch.
+# override with KAFKA_PORT, REDIS_PORT and AIRFLOW_PORT. Without KAFKA_PORT
+# and REDIS_PORT, the broker and Redis keep the ports of their last start.
+# When they already run on other ports than KAFKA_PORT or REDIS_PORT, the
+# script stops with an error. SKIP_AIRFLOW=1 stops after the batch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STATE_DIR=${STATE_DIR:-.local}
@@ -22,11 +24,6 @@ if [ "${SKIP_AIRFLOW:-0}" = "1" ]; then
   EXTRAS=${EXTRAS:-dev}
 fi
 source scripts/setup-env.sh
-
-KAFKA_PORT=${KAFKA_PORT:-9092}
-REDIS_PORT=${REDIS_PORT:-6380}
-export VITALS_KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:$KAFKA_PORT
-export VITALS_REDIS_URL=redis://127.0.0.1:$REDIS_PORT/0
 
 if [ "${1:-}" = "stop" ]; then
   if [ ! -x "$VENV/bin/etl" ]; then
@@ -46,8 +43,29 @@ etl="$VENV/bin/etl"
 mkdir -p "$STATE_DIR"
 (cd "$VENV" && pwd) > "$STATE_DIR/venv"
 
-echo "== Starting the broker on 127.0.0.1:$KAFKA_PORT and Redis on 127.0.0.1:$REDIS_PORT"
-"$etl" services start --state-dir "$STATE_DIR" --kafka-port "$KAFKA_PORT" --redis-port "$REDIS_PORT" >/dev/null
+# Only the ports set here are passed, so that services started before on
+# other ports are reused when neither variable is set.
+port_options=()
+if [ -n "${KAFKA_PORT:-}" ]; then
+  port_options+=(--kafka-port "$KAFKA_PORT")
+fi
+if [ -n "${REDIS_PORT:-}" ]; then
+  port_options+=(--redis-port "$REDIS_PORT")
+fi
+# 'etl services start' takes the database number from VITALS_REDIS_URL, and
+# the rows of this script go to database 0 of the local Redis.
+export VITALS_REDIS_URL=redis://127.0.0.1/0
+echo "== Starting the broker and Redis on 127.0.0.1 (state folder $STATE_DIR)"
+exports=$("$etl" services start --state-dir "$STATE_DIR" "${port_options[@]}") || {
+  status=$?
+  echo "scripts/run-local.sh sets --kafka-port, --redis-port and --state-dir from" \
+    "KAFKA_PORT, REDIS_PORT and STATE_DIR. 'scripts/run-local.sh stop' stops the" \
+    "running services and Airflow." >&2
+  exit "$status"
+}
+# Sets VITALS_KAFKA_BOOTSTRAP_SERVERS and VITALS_REDIS_URL to the running ports.
+eval "$exports"
+echo "== Broker at $VITALS_KAFKA_BOOTSTRAP_SERVERS, Redis at $VITALS_REDIS_URL"
 
 echo "== Producing 500 readings to topic ${VITALS_KAFKA_TOPIC:-vitals}"
 "$etl" generate --count 500 --malformed-rate 0.02
@@ -56,7 +74,9 @@ echo "== Running one batch"
 "$etl" run
 
 # The list keeps the rows of earlier runs, so the newest rows are at its end.
-echo "== Last rows of liste-patients (redis-cli -p $REDIS_PORT LRANGE liste-patients -5 -1)"
+redis_port=${VITALS_REDIS_URL##*:}
+redis_port=${redis_port%%/*}
+echo "== Last rows of liste-patients (redis-cli -p $redis_port LRANGE liste-patients -5 -1)"
 "$etl" show --start -5 --stop -1
 
 if [ "${SKIP_AIRFLOW:-0}" = "1" ]; then
