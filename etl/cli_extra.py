@@ -314,6 +314,7 @@ def reports(last: int, as_json: bool) -> None:
 def _reports_table(entries: list[ReportEntry], *, key: str) -> Table:
     table = Table(title=f"Last {len(entries)} batch reports ({key})")
     table.add_column("time (UTC)")
+    table.add_column("topic")
     table.add_column("status")
     for name in ("read", "written", "rejected", "duplicates", "alerts"):
         table.add_column(name, justify="right")
@@ -322,6 +323,7 @@ def _reports_table(entries: list[ReportEntry], *, key: str) -> Table:
     for entry in entries:
         table.add_row(
             entry.time.strftime("%Y-%m-%d %H:%M:%S"),
+            entry.topic or "unknown",
             entry.status,
             str(entry.read),
             str(entry.written),

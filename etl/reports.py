@@ -49,6 +49,15 @@ class ReportEntry:
     report: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def topic(self) -> str | None:
+        """Kafka topic of the batch, read from the ``report`` field, or None without one.
+
+        Batches of every topic append to the same stream.
+        """
+        topic = self.report.get("topic")
+        return topic if isinstance(topic, str) else None
+
+    @property
     def rejected_by_reason(self) -> dict[str, int]:
         counts = self.report.get("rejected_by_reason") or {}
         return {str(reason): int(amount) for reason, amount in counts.items()}

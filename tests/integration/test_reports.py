@@ -70,8 +70,10 @@ def test_reports_cli_prints_table(settings: Settings) -> None:
 
     assert result.exit_code == 0, result.output
     assert "Last 2 batch reports" in result.output
-    for header in ("status", "read", "written", "rejected", "duplicates", "alerts"):
+    headers = ("topic", "status", "read", "written", "rejected", "duplicates", "alerts")
+    for header in headers:
         assert header in result.output
+    assert f" {settings.kafka_topic} " in result.output
 
 
 @pytest.mark.integration
@@ -134,4 +136,5 @@ def test_reports_parse_entry_tolerates_damaged_fields() -> None:
 
     assert entry.read == 0
     assert entry.report == {}
+    assert entry.topic is None
     assert entry.time.isoformat() == "2024-06-10T06:13:20+00:00"
