@@ -17,7 +17,13 @@ from rich.table import Table
 from etl.cli_options import PARTITIONS_OPTION, rate_option
 from etl.config import Settings
 from etl.exit_codes import EXIT_FAILED
-from etl.terminal import console, errors, print_error, stop_on_signals
+from etl.terminal import (
+    console,
+    errors,
+    print_error,
+    print_table,
+    stop_on_signals,
+)
 
 if TYPE_CHECKING:
     from etl.feed import FeedResult, PublishResult
@@ -308,14 +314,15 @@ def reports(last: int, as_json: bool) -> None:
             f"No batch reports in {settings.redis_reports_key} yet; run 'etl run' first."
         )
         return
-    console.print(_reports_table(entries, key=settings.redis_reports_key))
+    print_table(_reports_table(entries, key=settings.redis_reports_key))
 
 
 def _reports_table(entries: list[ReportEntry], *, key: str) -> Table:
     table = Table(title=f"Last {len(entries)} batch reports ({key})")
     table.add_column("time (UTC)")
-    table.add_column("topic")
-    table.add_column("status")
+    # Topics and statuses fold where a narrow terminal needs it.
+    table.add_column("topic", overflow="fold")
+    table.add_column("status", overflow="fold")
     for name in ("read", "written", "rejected", "duplicates", "alerts"):
         table.add_column(name, justify="right")
     table.add_column("duration", justify="right")

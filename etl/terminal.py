@@ -11,14 +11,115 @@ from __future__ import annotations
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Final
 
 from rich.console import Console
+from rich.measure import Measurement
+from rich.table import Column, Table
 from rich.text import Text
 
-console: Final = Console(soft_wrap=True, markup=False, emoji=False)
+
+def _plain_console(**options: Any) -> Console:
+    return Console(soft_wrap=True, markup=False, emoji=False, **options)
+
+
+console: Final = _plain_console()
 # Not wrapped: an error may end with a command to copy, such as a reset.
-errors: Final = Console(stderr=True, soft_wrap=True, markup=False, emoji=False)
+errors: Final = _plain_console(stderr=True)
+
+
+def print_table(table: Table) -> None:
+    """Print ``table`` on stdout without cutting any value.
+
+    Off a terminal (a pipe or a file) every column takes the width of its
+    widest cell, as ``ls`` and ``git`` print full values there. On a
+    terminal a table wider than the terminal is narrowed to fit, no column
+    below half the width of its header. Headers and the cells of columns
+    with ``overflow="fold"`` fold first, then other cells wrap between
+    words, and no word is cut. A table that still does not fit is printed
+    wider than the terminal. Sets the width of every column and makes
+    headers fold.
+    """
+    layouts = [_column_layout(column, table.show_header) for column in table.columns]
+    widths = [layout.natural for layout in layouts]
+    if console.is_terminal:
+        _set_widths(table, widths)
+        available = console.width - (_table_width(table) - sum(widths))
+        one_line = [layout.one_line for layout in layouts]
+        widths = _fit_widths(widths, one_line, available)
+        wrapped = [layout.wrapped for layout in layouts]
+        widths = _fit_widths(widths, wrapped, available)
+    _set_widths(table, widths)
+    for column in table.columns:
+        if isinstance(column.header, str):
+            column.header = Text(column.header, overflow="fold")
+    width = _table_width(table)
+    if width <= console.width:
+        console.print(table)
+    else:
+        _plain_console(width=width).print(table)
+
+
+#: The width that tables are measured against: wider than any table printed
+#: here, so that the measure narrows no column.
+_UNLIMITED_WIDTH: Final = 1_000_000
+
+
+@dataclass(frozen=True)
+class _ColumnLayout:
+    """Widths of a column's content, without padding.
+
+    ``natural`` fits every cell on one line. ``one_line`` keeps each value
+    on one line, and ``wrapped`` wraps values between words. Both let the
+    header fold to half its width, and the values of a folding column too.
+    """
+
+    natural: int
+    one_line: int
+    wrapped: int
+
+
+def _column_layout(column: Column, show_header: bool) -> _ColumnLayout:
+    options = console.options.update(max_width=_UNLIMITED_WIDTH)
+    values = [Measurement.get(console, options, cell) for cell in column.cells]
+    header = 0
+    if show_header:
+        header = Measurement.get(console, options, column.header).maximum
+    header_floor = max(1, -(-header // 2))
+    natural = max([1, header, *(value.maximum for value in values)])
+    if column.overflow == "fold":
+        return _ColumnLayout(natural, header_floor, header_floor)
+    one_line = max([header_floor, *(value.maximum for value in values)])
+    wrapped = max([header_floor, *(value.minimum for value in values)])
+    return _ColumnLayout(natural, one_line, wrapped)
+
+
+def _table_width(table: Table) -> int:
+    options = console.options.update(max_width=_UNLIMITED_WIDTH)
+    return Measurement.get(console, options, table).maximum
+
+
+def _set_widths(table: Table, widths: list[int]) -> None:
+    for column, width in zip(table.columns, widths, strict=True):
+        column.width = width
+
+
+def _fit_widths(widths: list[int], floors: list[int], available: int) -> list[int]:
+    """Narrow ``widths`` to ``available`` in total, none below its floor.
+
+    Each step narrows by one the column with the most room above its floor.
+    """
+    fitted = list(widths)
+    excess = sum(fitted) - available
+    while excess > 0:
+        room = [width - floor for width, floor in zip(fitted, floors, strict=True)]
+        roomiest = room.index(max(room))
+        if room[roomiest] <= 0:
+            break
+        fitted[roomiest] -= 1
+        excess -= 1
+    return fitted
 
 
 def print_error(label: str, message: object = "") -> None:

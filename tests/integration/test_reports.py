@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from typing import Any
 
 import pytest
 import redis
@@ -74,6 +76,110 @@ def test_reports_cli_prints_table(settings: Settings) -> None:
     for header in headers:
         assert header in result.output
     assert f" {settings.kafka_topic} " in result.output
+
+
+def add_report(
+    client: redis.Redis, settings: Settings, topic: str, **counts: Any
+) -> None:
+    """Append a report to the stream as the batch does, without running one."""
+    report = BatchReport(topic=topic, started_at="2024-06-10T06:13:20+00:00", **counts)
+    client.xadd(
+        settings.redis_reports_key,
+        {**report.stream_fields(), "report": json.dumps(report.to_dict())},
+    )
+
+
+def big_reports(client: redis.Redis, settings: Settings) -> None:
+    """Two reports of different topics, whose values need more than 80 columns."""
+    add_report(
+        client,
+        settings,
+        "icu.vitals.ward-7.bedside-monitors",
+        read=1_234_567,
+        written=1_234_000,
+        rejected=567,
+        duration_s=196.74,
+    )
+    add_report(client, settings, "vitals", status="concurrent_batch", read=42)
+
+
+def plain_lines(output: str) -> list[str]:
+    """Return the lines of ``output`` without ANSI escape sequences."""
+    return [re.sub(r"\x1b\[[0-9;]*m", "", line) for line in output.splitlines()]
+
+
+def report_times(client: redis.Redis, settings: Settings) -> list[str]:
+    return [
+        entry.time.strftime("%Y-%m-%d %H:%M:%S")
+        for entry in read_reports(client, settings.redis_reports_key)
+    ]
+
+
+@pytest.mark.integration
+def test_reports_piped_prints_whole_values(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    """Off a terminal the table is as wide as its values, whatever the value of COLUMNS."""
+    big_reports(redis_client, settings)
+    env = {**settings_env(settings), "COLUMNS": "80"}
+
+    result = CliRunner().invoke(main, ["reports"], env=env)
+    lines = plain_lines(result.stdout)
+
+    assert result.exit_code == 0, result.output
+    assert "…" not in result.stdout
+    assert max(len(line) for line in lines) > 80
+    [big_row] = [line for line in lines if "1234567" in line]
+    for value in ("icu.vitals.ward-7.bedside-monitors", "1234000", " 567 ", "196.74 s"):
+        assert value in big_row
+    assert "6,275/s" in big_row
+    [small_row] = [line for line in lines if "concurrent_batch" in line]
+    assert " vitals " in small_row
+    for time in report_times(redis_client, settings):
+        assert time in result.stdout
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("columns", [80, 100])
+def test_reports_terminal_fits_width(
+    settings: Settings, redis_client: redis.Redis, columns: int
+) -> None:
+    """On a terminal the table fits by folding headers and text, not numbers."""
+    add_report(redis_client, settings, "vitals", read=500, written=490, duration_s=0.18)
+    env = {**settings_env(settings), "TTY_COMPATIBLE": "1", "COLUMNS": str(columns)}
+
+    result = CliRunner().invoke(main, ["reports"], env=env)
+    lines = plain_lines(result.stdout)
+
+    assert result.exit_code == 0, result.output
+    assert "…" not in result.stdout
+    assert max(len(line) for line in lines) == columns
+    [date, clock] = report_times(redis_client, settings)[0].split()
+    assert date in result.stdout
+    assert clock in result.stdout
+    for value in (" 500 ", " 490 ", "0.18", "2,778/s"):
+        assert value in result.stdout
+
+
+@pytest.mark.integration
+def test_reports_narrow_terminal_keeps_numbers(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    """Numbers that do not fit the terminal widen the table rather than being cut."""
+    big_reports(redis_client, settings)
+    env = {**settings_env(settings), "TTY_COMPATIBLE": "1", "COLUMNS": "40"}
+
+    result = CliRunner().invoke(main, ["reports"], env=env)
+    lines = plain_lines(result.stdout)
+
+    assert result.exit_code == 0, result.output
+    assert "…" not in result.stdout
+    assert max(len(line) for line in lines) > 40
+    for value in ("1234567", "1234000", "6,275/s", "196.74"):
+        assert value in result.stdout
+    for time in report_times(redis_client, settings):
+        for part in time.split():
+            assert part in result.stdout
 
 
 @pytest.mark.integration
