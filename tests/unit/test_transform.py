@@ -22,6 +22,32 @@ def split(names: list[str]) -> list[tuple[str | None, str | None]]:
     return frame.select(first.alias("first"), last.alias("last")).rows()
 
 
+def split_in_batch(names: list[str]) -> list[tuple[str | None, str | None]]:
+    """Split ``names`` with transform(), after the whitespace clean-up of etl.parse.to_typed."""
+    readings = pl.DataFrame({"name": names}, schema={"name": pl.String}).with_columns(
+        pl.col("name").str.strip_chars().str.replace_all(r"\s+", " "),
+        patient_id=pl.lit("PT-1"),
+        age=pl.lit(40, pl.Int64),
+        respiratory_rate=pl.lit(16.0),
+        spo2=pl.lit(97.0),
+        on_oxygen=pl.lit(False),
+        heart_rate=pl.lit(70.0),
+        temperature=pl.lit(37.0),
+        consciousness=pl.lit("A"),
+        spo2_scale=pl.lit(1, pl.Int64),
+        systolic=pl.lit(120, pl.Int64),
+        diastolic=pl.lit(80, pl.Int64),
+        sex=pl.lit("F"),
+        measured_at=pl.lit(datetime(2024, 6, 10, tzinfo=UTC)),
+        partition=pl.lit(0, pl.Int32),
+        offset=pl.int_range(pl.len(), dtype=pl.Int64),
+    )
+    derived = transform(
+        readings, topic="vitals", rule_set="acc_aha_2017", time_zone="UTC"
+    )
+    return derived.select("first_name", "last_name").rows()
+
+
 @pytest.mark.parametrize(
     ("name", "expected"),
     [
@@ -374,10 +400,141 @@ def split(names: list[str]) -> list[tuple[str | None, str | None]]:
             ("Marie", "DUBOIS épouse MARTIN"),
             id="leading-connector-married-name",
         ),
+        # A parenthesised part stays with the word before it, or at the start
+        # with the word after it.
+        pytest.param(
+            "Jean (Johnny) Martin", ("Jean (Johnny)", "Martin"), id="parenthesised"
+        ),
+        pytest.param(
+            "(Johnny) Jean Martin",
+            ("(Johnny) Jean", "Martin"),
+            id="parenthesised-at-start",
+        ),
+        pytest.param(
+            "Jean Martin (Johnny)",
+            ("Jean", "Martin (Johnny)"),
+            id="parenthesised-at-end",
+        ),
+        pytest.param(
+            "Jean-Pierre (JP) DUPONT",
+            ("Jean-Pierre (JP)", "DUPONT"),
+            id="parenthesised-before-upper-case",
+        ),
+        pytest.param(
+            "Robert ( Bob Jr ) Smith",
+            ("Robert ( Bob Jr )", "Smith"),
+            id="parenthesised-spaces",
+        ),
+        pytest.param(
+            "Jean (Johnny) (JJ) Martin",
+            ("Jean (Johnny) (JJ)", "Martin"),
+            id="parenthesised-twice",
+        ),
+        pytest.param(
+            "Jean (Johnny) A. Martin",
+            ("Jean (Johnny) A.", "Martin"),
+            id="parenthesised-initial",
+        ),
+        pytest.param(
+            "John (Jack) Smith III",
+            ("John (Jack)", "Smith III"),
+            id="parenthesised-suffix",
+        ),
+        pytest.param(
+            "John Smith III (Jack)",
+            ("John", "Smith III (Jack)"),
+            id="suffix-parenthesised",
+        ),
+        pytest.param(
+            "Marie Claire DUBOIS (Mimi)",
+            ("Marie Claire", "DUBOIS (Mimi)"),
+            id="upper-case-last-parenthesised",
+        ),
+        pytest.param(
+            "DUBOIS (MARTIN) Marie",
+            ("Marie", "DUBOIS (MARTIN)"),
+            id="upper-case-first-parenthesised",
+        ),
+        pytest.param(
+            "DUBOIS Marie (Mimi)",
+            ("Marie (Mimi)", "DUBOIS"),
+            id="upper-case-first-given-parenthesised",
+        ),
+        pytest.param(
+            "DUPONT, Jean (Johnny)",
+            ("Jean (Johnny)", "DUPONT"),
+            id="comma-parenthesised",
+        ),
+        pytest.param(
+            "Dr Jean (Johnny) Martin",
+            ("Dr Jean (Johnny)", "Martin"),
+            id="title-parenthesised",
+        ),
+        pytest.param(
+            "Jane Doe (Janie), MD",
+            ("Jane", "Doe (Janie), MD"),
+            id="parenthesised-credential",
+        ),
+        # A parenthesis without its pair, or inside another pair, is an
+        # ordinary character.
+        pytest.param(
+            "Jean (Johnny Martin",
+            ("Jean", "(Johnny Martin"),
+            id="parenthesis-not-closed",
+        ),
+        pytest.param(
+            "Jean Johnny) Martin",
+            ("Jean", "Johnny) Martin"),
+            id="parenthesis-not-opened",
+        ),
+        pytest.param(
+            "Jean ((Johnny)) Martin",
+            ("Jean", "((Johnny)) Martin"),
+            id="parentheses-nested",
+        ),
+        # Known limits: after a one-word name, the parenthesised part is the
+        # last name. A birth name in parentheses reads as a nickname, and a
+        # comma in parentheses as the comma of "family, given".
+        pytest.param(
+            "Jean (Johnny)", ("Jean", "(Johnny)"), id="parenthesised-one-word"
+        ),
+        pytest.param(
+            "Mrs Smith (Jo)", ("Mrs Smith", "(Jo)"), id="title-one-word-parenthesised"
+        ),
+        pytest.param(
+            "Mary (Smith) Jones",
+            ("Mary (Smith)", "Jones"),
+            id="parenthesised-birth-name",
+        ),
+        pytest.param(
+            "Jean (Jo, JJ) Martin",
+            ("JJ) Martin", "Jean (Jo"),
+            id="comma-in-parentheses",
+        ),
+        # Commas at the start or the end set no family name apart.
+        pytest.param(", Jean", ("Jean", None), id="comma-at-start"),
+        pytest.param(",Jean", ("Jean", None), id="comma-at-start-no-space"),
+        pytest.param(", , Jean", ("Jean", None), id="commas-at-start"),
+        pytest.param(", Jean Paul", ("Jean", "Paul"), id="comma-at-start-two-words"),
+        pytest.param("Smith,", ("Smith", None), id="comma-at-end"),
+        pytest.param("John Smith,", ("John", "Smith"), id="comma-at-end-two-words"),
+        pytest.param(
+            "Smith, John, Jr.,", ("John", "Smith Jr."), id="comma-at-end-suffix"
+        ),
+        pytest.param(
+            "Jane Doe, MD,", ("Jane", "Doe, MD"), id="comma-at-end-credential"
+        ),
     ],
 )
 def test_split_name_cases(name: str, expected: tuple[str, str | None]) -> None:
+    """split_name and the batch, transform(), give the expected parts."""
     assert split([name]) == [expected]
+    assert split_in_batch([name]) == [expected]
+
+
+def test_split_name_comma_only() -> None:
+    """A comma alone gives an empty first name. The input contract rejects such a name."""
+    assert split([","]) == [("", None)]
 
 
 @given(st.text(alphabet=st.characters(blacklist_categories=("Cs", "Cc")), max_size=60))
@@ -386,8 +543,9 @@ def test_split_name_cases(name: str, expected: tuple[str, str | None]) -> None:
 def test_split_name_never_loses_words(name: str) -> None:
     """The two parts hold every word of the name, each once."""
     ((first, last),) = split([name])
-    # split_name composes the name to NFC, which may join a mark to a letter.
-    name = unicodedata.normalize("NFC", name)
+    # split_name composes the name to NFC, which may join a mark to a letter,
+    # and drops commas at the start and the end.
+    name = " ".join(unicodedata.normalize("NFC", name).split()).strip(", ")
     words = name.split()
     if not words:
         assert first in (None, "")
@@ -434,10 +592,13 @@ def test_format_timestamp_winter_offset() -> None:
 NAME_WORDS = (
     "Jane", "DOE", "de", "Ó", "MD", "Ph.D.", "RN,", ",", "JR", "Dr", "M.", "MRS",
     "CNM", "MSc", "MARTIN", "épouse", "ép.", "née", "Jr.", "med.", "Sister",
-    "van", "Merwe", "Van", "A.", "K", "Madame", "Vve", "PA-C",
+    "van", "Merwe", "Van", "A.", "K", "Madame", "Vve", "PA-C", "(Jo)", "(JP)",
+    "(Jo", "K)", "(A. B)",
 )  # fmt: skip
 NAMES = st.text(
-    alphabet=st.sampled_from(["A", "é", "Z", "b", "I", "J", "R", "-", "'", ",", " "]),
+    alphabet=st.sampled_from(
+        ["A", "é", "Z", "b", "I", "J", "R", "-", "'", ",", " ", "(", ")"]
+    ),
     max_size=24,
 ).map(lambda name: " ".join(name.split())) | st.lists(
     st.sampled_from(NAME_WORDS),
