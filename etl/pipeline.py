@@ -42,7 +42,7 @@ from etl.sink import (
     reset_offsets_command,
     topic_id_field,
 )
-from etl.source import KafkaSource, OffsetsOutOfRange, Prefetcher
+from etl.source import KafkaSource, OffsetsOutOfRange, Prefetcher, SourceError
 from etl.transform import transform
 from etl.validate import split_valid
 
@@ -806,24 +806,13 @@ def load_staging(settings: Settings, staging: Path) -> BatchReport:
             else:
                 report.status = "concurrent_batch"
         if written:
-            # Fails when Redis lost offsets after the last write. Kafka then
-            # gets what Redis stores where the staged drain read that far,
-            # as another batch may have written the later chunks. Past that,
-            # Redis may hold a wrong offset (a manual HSET), so Kafka gets
-            # no more than what this load wrote.
+            # Fails when Redis lost offsets after the last write.
             stored = sink.check_offsets_kept(manifest["topic"])
             source = source or KafkaSource(settings)
             if drained_id:
                 # Kafka would take the old topic's offsets for the new one's.
                 _check_still_same_topic(source, drained_id, written=True)
-            source.commit(
-                {
-                    p: stored[p]
-                    if stored[p] <= drained[p]
-                    else min(stored[p], written[p])
-                    for p in written
-                }
-            )
+            source.commit(_staged_commit(source, stored, drained, written))
     finally:
         if source is not None:
             source.close()
@@ -831,6 +820,37 @@ def load_staging(settings: Settings, staging: Path) -> BatchReport:
     report.duration_s = manifest["drain_s"] + time.monotonic() - started
     (staging / "report.json").write_text(json.dumps(report.to_dict(), indent=1))
     return report
+
+
+def _staged_commit(
+    source: KafkaSource,
+    stored: dict[int, int],
+    drained: dict[int, int],
+    written: dict[int, int],
+) -> dict[int, int]:
+    """Return the offsets that a staged load commits, per partition it wrote.
+
+    A partition gets Redis's offset where the staged drain read that far,
+    because another batch may have written the later chunks. Past that,
+    Redis's offset is either that of a later batch, which committed it
+    itself, or a wrong one (a manual HSET). Such a partition gets what this
+    load wrote, unless the group's commit in Kafka is already there or
+    further.
+    """
+    offsets = {p: stored[p] for p in written if stored[p] <= drained[p]}
+    beyond = [p for p in written if p not in offsets]
+    if beyond:
+        try:
+            committed = source.committed(beyond)
+        except SourceError as exc:
+            logger.warning(
+                "Kafka offset commit skipped for partitions %s: %s", beyond, exc
+            )
+            return offsets
+        offsets.update(
+            (p, written[p]) for p in beyond if written[p] > committed.get(p, -1)
+        )
+    return offsets
 
 
 def _written_by_earlier_attempt(marker: Path, last_write: str | None) -> bool:

@@ -516,14 +516,18 @@ def test_staged_load_reports_other_batch(
     assert_accounted(redis_client, settings, produced)
 
 
+@pytest.mark.parametrize("produced_after_drain", [0, 90])
 def test_staged_load_retry_keeps_later_commit(
-    settings: Settings, redis_client: redis.Redis, tmp_path: Path
+    settings: Settings,
+    redis_client: redis.Redis,
+    tmp_path: Path,
+    produced_after_drain: int,
 ) -> None:
     """A retried load after another batch wrote the rest leaves Kafka's commit at Redis's offsets.
 
     The first attempt writes one chunk and fails before the next, another
-    batch writes the other chunks and commits their end, and the retry
-    writes nothing.
+    batch writes the other chunks (and the records produced after the
+    staged drain) and commits their end, and the retry writes nothing.
     """
     create_topic(settings, PARTITIONS)
     produced = produce_tracked(settings, mixed_values(250))
@@ -547,6 +551,7 @@ def test_staged_load_retry_keeps_later_commit(
         pytest.raises(SinkError, match="timed out"),
     ):
         load_staging(chunked, tmp_path)
+    produced += produce_tracked(settings, mixed_values(produced_after_drain))
     run_batch(chunked)
     committed_by_batch = kafka_committed(settings, PARTITIONS)
 
