@@ -47,8 +47,8 @@ _PARENTHESISED: Final = r"\([^()]*\)"
 #: the convention of French administrative records, with the lower-case
 #: particles before it ("Charles de GAULLE") and the connectors within it.
 #: Parenthesised parts after the run belong to it ("DUBOIS (Mimi)"). The
-#: ``run`` group is the run without them, which is checked for a generational
-#: suffix alone ("John Smith III (Jack)").
+#: ``run`` group is the run without them, which is no family name when it is
+#: a generational suffix or a credential alone ("John Smith III (Jack)").
 UPPER_CASE_FAMILY_NAME: Final = (
     rf"^(?<first>.+?)\s+(?<last>(?<run>{_PARTICLE_RUN}*"
     rf"{_UPPER_CASE_WORD}"
@@ -108,6 +108,13 @@ _CREDENTIAL: Final = "(?:{})".format(
     )
 )
 _CREDENTIAL_SEPARATOR: Final = r"(?:\s*,\s*|\s+)"
+#: Upper-case words that end a name without being a family name: a credential
+#: followed by a parenthesised part escapes the credential rule, which reads
+#: the end of the name ("Jean Martin MD (Johnny)").
+_NOT_A_FAMILY_NAME: Final = (
+    *GENERATIONAL_SUFFIXES,
+    *sorted({credential.upper() for credential in CREDENTIALS}),
+)
 #: Every name that ends in credentials ends like this.
 CREDENTIAL_AT_END: Final = rf"[\s,]{_CREDENTIAL}$"
 #: A name of two words or more followed by credentials. Credentials are not
@@ -391,11 +398,11 @@ def name_from_candidates(
 ) -> tuple[pl.Expr, pl.Expr]:
     """Return the first and last name from the candidates of :func:`name_candidates`."""
     comma_first, comma_last = _given_and_family(comma)
-    # A run that is only a generational suffix is no family name ("John Smith
-    # III"). is_in took about 1.4 ms of CPU time per million generated names,
-    # and replace with a mapping to null 12.7 ms (Polars 2.1.0, 2-vCPU Intel
-    # Xeon).
-    suffix_only = upper.struct.field("run").is_in(GENERATIONAL_SUFFIXES)
+    # A run that is only a generational suffix or a credential is no family
+    # name ("John Smith III", "Jean Martin MD (Johnny)"). is_in took about
+    # 1.4 ms of CPU time per million generated names, and replace with a
+    # mapping to null 12.7 ms (Polars 2.1.0, 2-vCPU Intel Xeon).
+    suffix_only = upper.struct.field("run").is_in(_NOT_A_FAMILY_NAME)
     upper_last = pl.when(~suffix_only).then(upper.struct.field("last"))
     upper_first = pl.when(upper_last.is_not_null()).then(upper.struct.field("first"))
     lead_first, lead_last = _given_and_family(lead)

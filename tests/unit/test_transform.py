@@ -446,6 +446,16 @@ def split_in_batch(names: list[str]) -> list[tuple[str | None, str | None]]:
             id="suffix-parenthesised",
         ),
         pytest.param(
+            "Jean Martin MD (Johnny)",
+            ("Jean", "Martin MD (Johnny)"),
+            id="credential-parenthesised",
+        ),
+        pytest.param(
+            "Ali Khan MBBS (locum)",
+            ("Ali", "Khan MBBS (locum)"),
+            id="credential-parenthesised-note",
+        ),
+        pytest.param(
             "Marie Claire DUBOIS (Mimi)",
             ("Marie Claire", "DUBOIS (Mimi)"),
             id="upper-case-last-parenthesised",
