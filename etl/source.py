@@ -208,8 +208,9 @@ class KafkaSource:
             if code == KafkaError.UNKNOWN_TOPIC_OR_PART:
                 msg = (
                     f"topic {self._topic!r} does not exist on the Kafka broker at "
-                    f"{servers}: check VITALS_KAFKA_TOPIC (or --topic), or create "
-                    "the topic before the batch runs"
+                    f"{servers}: check VITALS_KAFKA_TOPIC, or create the topic "
+                    "before the batch runs ('etl publish' and 'etl generate' "
+                    "create it with 3 partitions)"
                 )
                 raise SourceError(msg)
             msg = f"cannot read metadata of topic {self._topic!r} from {servers}: {topic.error if topic else 'no metadata'}"
