@@ -317,6 +317,14 @@ def reports(last: int, as_json: bool) -> None:
     print_table(_reports_table(entries, key=settings.redis_reports_key))
 
 
+def _printable(text: str) -> str:
+    """Return ``text``, or its Python literal when it has control characters.
+
+    So an escape sequence in a damaged stream entry cannot drive the terminal.
+    """
+    return text if text.isprintable() else ascii(text)
+
+
 def _reports_table(entries: list[ReportEntry], *, key: str) -> Table:
     table = Table(title=f"Last {len(entries)} batch reports ({key})")
     table.add_column("time (UTC)")
@@ -330,8 +338,8 @@ def _reports_table(entries: list[ReportEntry], *, key: str) -> Table:
     for entry in entries:
         table.add_row(
             entry.time.strftime("%Y-%m-%d %H:%M:%S"),
-            entry.topic or "unknown",
-            entry.status,
+            _printable(entry.topic or "unknown"),
+            _printable(entry.status),
             str(entry.read),
             str(entry.written),
             str(entry.rejected),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -128,12 +129,14 @@ def _text(value: bytes | str) -> str:
 
 
 def _number(value: str | None) -> float:
+    """Return ``value`` as a finite number, or 0.0 when it is missing, not a number, inf or nan."""
     if value is None:
         return 0.0
     try:
-        return float(value)
+        number = float(value)
     except ValueError:
         return 0.0
+    return number if math.isfinite(number) else 0.0
 
 
 def _report_document(value: str | None, entry_id: str) -> dict[str, Any]:

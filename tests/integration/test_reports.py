@@ -233,6 +233,35 @@ def test_reports_frame_for_notebooks(settings: Settings) -> None:
     ]
 
 
+def test_reports_parse_entry_reads_inf_and_nan_as_zero() -> None:
+    """Redis keeps any text in a stream field; such numbers must not stop `etl reports`."""
+    entry = parse_entry(
+        b"1718000000000-0",
+        {b"status": b"ok", b"read": b"inf", b"written": b"nan", b"rate_per_s": b"-inf"},
+    )
+
+    assert entry.read == 0
+    assert entry.written == 0
+    assert entry.rate_per_s == 0.0
+
+
+@pytest.mark.integration
+def test_reports_table_shows_control_characters_escaped(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    """An escape sequence in a damaged entry reaches the terminal as text, not as a command."""
+    add_report(redis_client, settings, "vitals\x1b[31mred", status="ok\x07", read=3)
+    env = {**settings_env(settings), "TTY_COMPATIBLE": "1", "COLUMNS": "200"}
+
+    result = CliRunner().invoke(main, ["reports"], env=env)
+
+    assert result.exit_code == 0, result.output
+    assert "\x1b[31mred" not in result.stdout
+    assert "\x07" not in result.stdout
+    assert "'vitals\\x1b[31mred'" in result.stdout
+    assert "'ok\\x07'" in result.stdout
+
+
 def test_reports_parse_entry_tolerates_damaged_fields() -> None:
     entry = parse_entry(
         b"1718000000000-0",
