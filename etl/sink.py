@@ -232,8 +232,9 @@ class RedisSink:
         policy = str(memory.get("maxmemory_policy", ""))
         if policy.startswith(_EVICTING_POLICY_PREFIX):
             msg = (
-                f"Redis at {url} has maxmemory-policy {policy}, so when it is full "
-                "it deletes keys of its choice, rows and stored offsets included, "
+                f"Redis at {url} has maxmemory-policy {policy}, so once it reaches "
+                "its maxmemory it deletes keys of its choice, rows and stored "
+                "offsets included, "
                 "and readings would be lost with no error. Set "
                 "'maxmemory-policy noeviction' (Redis's default) in its "
                 "configuration, or use another Redis for the batch"
