@@ -42,7 +42,7 @@ from etl.sink import (
     reset_offsets_command,
     topic_id_field,
 )
-from etl.source import KafkaSource, OffsetsOutOfRange, Prefetcher, SourceError
+from etl.source import KafkaSource, OffsetsOutOfRange, Prefetcher
 from etl.transform import transform
 from etl.validate import split_valid
 
@@ -444,9 +444,7 @@ def run_batch(settings: Settings, *, now: float | None = None) -> BatchReport:
         # without a stored offset has its start committed again, so that the
         # commit does not expire (offsets.retention.minutes) while it is idle.
         stored = sink.check_offsets_kept(source.topic)
-        source.commit(
-            source.confirmed_offsets(stored, start, writer.written), retry=True
-        )
+        source.commit_forward(source.confirmed_offsets(stored, start, writer.written))
         chunks.close()
         report.stop_reason = (
             source.stats.stop_reason if report.status == "ok" else report.status
@@ -812,7 +810,7 @@ def load_staging(settings: Settings, staging: Path) -> BatchReport:
             if drained_id:
                 # Kafka would take the old topic's offsets for the new one's.
                 _check_still_same_topic(source, drained_id, written=True)
-            source.commit(_staged_commit(source, stored, drained, written))
+            source.commit_forward(_staged_commit(stored, drained, written))
     finally:
         if source is not None:
             source.close()
@@ -823,34 +821,18 @@ def load_staging(settings: Settings, staging: Path) -> BatchReport:
 
 
 def _staged_commit(
-    source: KafkaSource,
-    stored: dict[int, int],
-    drained: dict[int, int],
-    written: dict[int, int],
+    stored: dict[int, int], drained: dict[int, int], written: dict[int, int]
 ) -> dict[int, int]:
     """Return the offsets that a staged load commits, per partition it wrote.
 
     A partition gets Redis's offset where the staged drain read that far,
     because another batch may have written the later chunks. Past that,
     Redis's offset is either that of a later batch, which committed it
-    itself, or a wrong one (a manual HSET). Such a partition gets what this
-    load wrote, unless the group's commit in Kafka is already there or
-    further.
+    itself, or a wrong one (a manual HSET), so the partition gets what this
+    load wrote. :meth:`KafkaSource.commit_forward` then keeps any group
+    commit that is further.
     """
-    offsets = {p: stored[p] for p in written if stored[p] <= drained[p]}
-    beyond = [p for p in written if p not in offsets]
-    if beyond:
-        try:
-            committed = source.committed(beyond)
-        except SourceError as exc:
-            logger.warning(
-                "Kafka offset commit skipped for partitions %s: %s", beyond, exc
-            )
-            return offsets
-        offsets.update(
-            (p, written[p]) for p in beyond if written[p] > committed.get(p, -1)
-        )
-    return offsets
+    return {p: stored[p] if stored[p] <= drained[p] else written[p] for p in written}
 
 
 def _written_by_earlier_attempt(marker: Path, last_write: str | None) -> bool:

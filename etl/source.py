@@ -208,9 +208,10 @@ class KafkaSource:
             if code == KafkaError.UNKNOWN_TOPIC_OR_PART:
                 msg = (
                     f"topic {self._topic!r} does not exist on the Kafka broker at "
-                    f"{servers}: check VITALS_KAFKA_TOPIC, or create the topic "
-                    "before the batch runs ('etl publish' and 'etl generate' "
-                    "create it with 3 partitions)"
+                    f"{servers}: check the topic name (VITALS_KAFKA_TOPIC, or "
+                    "--topic of etl run), or create the topic before the batch "
+                    "runs ('etl generate --count 0' creates it empty, with 3 "
+                    "partitions)"
                 )
                 raise SourceError(msg)
             msg = f"cannot read metadata of topic {self._topic!r} from {servers}: {topic.error if topic else 'no metadata'}"
@@ -705,6 +706,27 @@ class KafkaSource:
                 "(Redis offsets stay authoritative): %s",
                 exc,
             )
+
+    def commit_forward(self, offsets: dict[int, int]) -> None:
+        """Commit ``offsets`` at the end of a batch, where they do not move a commit back.
+
+        A partition whose group commit is already further keeps it: another
+        batch that read further committed it, and moving it back would make
+        an ``HDEL`` of the stored offset read rows again. Commits equal to
+        the stored ones are made again, so that an idle partition's commit
+        does not expire.
+        """
+        if not offsets:
+            return
+        try:
+            committed = self.committed(sorted(offsets))
+        except SourceError as exc:
+            logger.warning("Kafka offset commit skipped: %s", exc)
+            return
+        self.commit(
+            {p: o for p, o in offsets.items() if o >= committed.get(p, -1)},
+            retry=True,
+        )
 
     def close(self) -> None:
         self._admin = None

@@ -564,6 +564,42 @@ def test_staged_load_retry_keeps_later_commit(
     assert_accounted(redis_client, settings, produced)
 
 
+def test_staged_load_commit_never_moves_back(
+    settings: Settings, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    """A batch that commits further while a staged load ends keeps its commit.
+
+    The other batch runs after the load read Redis's offsets and before it
+    commits, and reads records produced after the staged drain.
+    """
+    create_topic(settings, PARTITIONS)
+    produced = produce_tracked(settings, mixed_values(250))
+    chunked = settings.model_copy(update={"chunk_size": 100})
+    drain_to_staging(chunked, tmp_path)
+    transform_staging(chunked, tmp_path)
+    produced += produce_tracked(settings, mixed_values(60))
+    original = RedisSink.check_offsets_kept
+    other_batches: list[BatchReport] = []
+    calls = {"n": 0}
+
+    def then_other_batch(self: RedisSink, topic: str) -> dict[int, int]:
+        stored = original(self, topic)
+        calls["n"] += 1
+        if calls["n"] == 1:  # The other batch calls this method too.
+            other_batches.append(run_batch(chunked))
+        return stored
+
+    with mock.patch.object(RedisSink, "check_offsets_kept", then_other_batch):
+        loaded = load_staging(chunked, tmp_path)
+
+    assert loaded.status == "ok"
+    assert [batch.written + batch.rejected for batch in other_batches] == [60]
+    assert kafka_committed(settings, PARTITIONS) == stored_offsets(
+        redis_client, settings
+    )
+    assert_accounted(redis_client, settings, produced)
+
+
 def spawn_paused_before_first_write(
     settings: Settings, tmp_path: Path
 ) -> tuple[subprocess.Popen[bytes], Path, Path, Path]:
