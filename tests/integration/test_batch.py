@@ -113,7 +113,8 @@ def test_batch_missing_topic_fails_with_advice(
 
     message = str(failure.value)
     assert f"topic {settings.kafka_topic!r} does not exist" in message
-    assert "check VITALS_KAFKA_TOPIC, or create the topic" in message
+    assert "check the topic name (VITALS_KAFKA_TOPIC" in message
+    assert "'etl generate --count 0' creates it empty" in message
     assert redis_client.exists(settings.redis_reports_key) == 0
 
 
