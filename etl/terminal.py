@@ -37,13 +37,12 @@ def print_table(table: Table) -> None:
     terminal a table wider than the terminal is narrowed to fit, no column
     below half the width of its header. Headers and the cells of columns
     with ``overflow="fold"`` fold first, then other cells wrap between
-    words, and no word is cut. A table that would not fit even so is
-    printed at its natural width, wider than the terminal. Sets the width of every column and makes
+    words, and no word is cut. A table that still does not fit is printed
+    wider than the terminal. Sets the width of every column and makes
     headers fold.
     """
     layouts = [_column_layout(column, table.show_header) for column in table.columns]
-    natural = [layout.natural for layout in layouts]
-    widths = natural
+    widths = [layout.natural for layout in layouts]
     if console.is_terminal:
         _set_widths(table, widths)
         available = console.width - (_table_width(table) - sum(widths))
@@ -51,9 +50,6 @@ def print_table(table: Table) -> None:
         widths = _fit_widths(widths, one_line, available)
         wrapped = [layout.wrapped for layout in layouts]
         widths = _fit_widths(widths, wrapped, available)
-        if sum(widths) > available:
-            # Folding every header would not make it fit: print it whole.
-            widths = natural
     _set_widths(table, widths)
     for column in table.columns:
         if isinstance(column.header, str):
