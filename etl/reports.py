@@ -139,12 +139,21 @@ def _number(value: str | None) -> float:
     return number if math.isfinite(number) else 0.0
 
 
+def _reject_constant(name: str) -> Any:
+    """Raise ValueError for NaN and Infinity, which Python's parser accepts and JSON does not.
+
+    ``etl reports --json`` prints the document again, and must print JSON.
+    """
+    msg = f"{name} is not a JSON value"
+    raise ValueError(msg)
+
+
 def _report_document(value: str | None, entry_id: str) -> dict[str, Any]:
     if value is None:
         return {}
     try:
-        document = json.loads(value)
-    except json.JSONDecodeError:
+        document = json.loads(value, parse_constant=_reject_constant)
+    except ValueError:
         logger.warning("Report %s has a report field that is not JSON", entry_id)
         return {}
     if not isinstance(document, dict):

@@ -58,7 +58,8 @@ export VITALS_REDIS_URL=redis://127.0.0.1/0
 echo "== Starting the broker and Redis on 127.0.0.1 (state folder $STATE_DIR)"
 exports=$("$etl" services start --state-dir "$STATE_DIR" "${port_options[@]}") || {
   status=$?
-  # Exit code 3: a port is taken, or a service runs on another port.
+  # Exit code 3: the services did not start as asked (a port taken, a
+  # service running on another port, a start that failed).
   if [ "$status" = 3 ]; then
     echo "scripts/run-local.sh sets --kafka-port, --redis-port and --state-dir from" \
       "KAFKA_PORT, REDIS_PORT and STATE_DIR. 'scripts/run-local.sh stop' stops the" \

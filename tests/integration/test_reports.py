@@ -263,6 +263,20 @@ def test_reports_table_shows_control_characters_escaped(
     assert "'ok\\x07'" in result.stdout
 
 
+def test_reports_parse_entry_rejects_nan_in_report() -> None:
+    """A report document with NaN reads as empty, so `etl reports --json` prints JSON."""
+    entry = parse_entry(
+        b"1718000000000-0",
+        {
+            b"status": b"ok",
+            b"report": b'{"topic": "t", "rejected_by_reason": {"a": NaN}}',
+        },
+    )
+
+    assert entry.report == {}
+    assert "NaN" not in json.dumps(entry.to_dict())
+
+
 def test_reports_parse_entry_tolerates_damaged_fields() -> None:
     entry = parse_entry(
         b"1718000000000-0",
