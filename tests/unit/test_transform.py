@@ -456,6 +456,16 @@ def split_in_batch(names: list[str]) -> list[tuple[str | None, str | None]]:
             id="credential-parenthesised-note",
         ),
         pytest.param(
+            "Jean Martin MD FACS (Johnny)",
+            ("Jean", "Martin MD FACS (Johnny)"),
+            id="credentials-parenthesised",
+        ),
+        pytest.param(
+            "John Smith III MD (Jack)",
+            ("John", "Smith III MD (Jack)"),
+            id="suffix-credential-parenthesised",
+        ),
+        pytest.param(
             "Marie Claire DUBOIS (Mimi)",
             ("Marie Claire", "DUBOIS (Mimi)"),
             id="upper-case-last-parenthesised",
