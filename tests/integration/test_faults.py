@@ -454,15 +454,26 @@ def test_redis_pipeline_is_empty_after_connection_error(
     assert redis_client.llen(key) == 0
 
 
-def test_staged_load_retried_after_timeout_writes_once(
-    settings: Settings, redis_client: redis.Redis, tmp_path: Path
-) -> None:
-    """The load task times out after Redis accepted the write and is retried (C26)."""
+def staged_chunks(
+    settings: Settings, tmp_path: Path
+) -> tuple[Settings, list[Position]]:
+    """Produce 250 records, then drain and process them into ``tmp_path`` in chunks of 100.
+
+    Returns the settings with that chunk size, and the produced records.
+    """
     create_topic(settings, PARTITIONS)
     produced = produce_tracked(settings, mixed_values(250))
     chunked = settings.model_copy(update={"chunk_size": 100})
     drain_to_staging(chunked, tmp_path)
     transform_staging(chunked, tmp_path)
+    return chunked, produced
+
+
+def test_staged_load_retried_after_timeout_writes_once(
+    settings: Settings, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    """The load task times out after Redis accepted the write and is retried (C26)."""
+    chunked, produced = staged_chunks(settings, tmp_path)
 
     original = RedisSink.write_chunk
     calls = {"n": 0}
@@ -498,11 +509,7 @@ def test_staged_load_reports_other_batch(
     With ``earlier_attempt``, an attempt of the load had sent each chunk's write
     and failed before Redis applied it.
     """
-    create_topic(settings, PARTITIONS)
-    produced = produce_tracked(settings, mixed_values(250))
-    chunked = settings.model_copy(update={"chunk_size": 100})
-    drain_to_staging(chunked, tmp_path)
-    transform_staging(chunked, tmp_path)
+    chunked, produced = staged_chunks(settings, tmp_path)
     if earlier_attempt:
         for processed in tmp_path.glob("chunk-*.json"):
             marker = processed.with_name(processed.stem + ATTEMPTED)
@@ -529,11 +536,7 @@ def test_staged_load_retry_keeps_later_commit(
     batch writes the other chunks (and the records produced after the
     staged drain) and commits their end, and the retry writes nothing.
     """
-    create_topic(settings, PARTITIONS)
-    produced = produce_tracked(settings, mixed_values(250))
-    chunked = settings.model_copy(update={"chunk_size": 100})
-    drain_to_staging(chunked, tmp_path)
-    transform_staging(chunked, tmp_path)
+    chunked, produced = staged_chunks(settings, tmp_path)
 
     original = RedisSink.write_chunk
     calls = {"n": 0}
@@ -572,11 +575,7 @@ def test_staged_load_commit_never_moves_back(
     The other batch runs after the load read Redis's offsets and before it
     commits, and reads records produced after the staged drain.
     """
-    create_topic(settings, PARTITIONS)
-    produced = produce_tracked(settings, mixed_values(250))
-    chunked = settings.model_copy(update={"chunk_size": 100})
-    drain_to_staging(chunked, tmp_path)
-    transform_staging(chunked, tmp_path)
+    chunked, produced = staged_chunks(settings, tmp_path)
     produced += produce_tracked(settings, mixed_values(60))
     original = RedisSink.check_offsets_kept
     other_batches: list[BatchReport] = []
