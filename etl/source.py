@@ -714,15 +714,20 @@ class KafkaSource:
         batch that read further committed it, and moving it back would make
         an ``HDEL`` of the stored offset read rows again. Commits equal to
         the stored ones are made again, so that an idle partition's commit
-        does not expire.
+        does not expire. When the commits cannot be read, every offset is
+        committed. A batch that commits between the lookup and the commit
+        can still be moved back.
         """
         if not offsets:
             return
         try:
             committed = self.committed(sorted(offsets))
         except SourceError as exc:
-            logger.warning("Kafka offset commit skipped: %s", exc)
-            return
+            # Commit every offset then, so that Kafka's commit does not stay behind Redis.
+            logger.warning(
+                "Reading the group's commits before the last commit failed: %s", exc
+            )
+            committed = {}
         self.commit(
             {p: o for p, o in offsets.items() if o >= committed.get(p, -1)},
             retry=True,

@@ -599,6 +599,23 @@ def test_staged_load_commit_never_moves_back(
     assert_accounted(redis_client, settings, produced)
 
 
+def test_staged_load_commits_when_commit_lookup_fails(
+    settings: Settings, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    """Without the group's commits to compare, the load still commits Redis's offsets."""
+    chunked, produced = staged_chunks(settings, tmp_path)
+    lookup_failed = SourceError("injected: cannot read committed offsets")
+
+    with mock.patch.object(KafkaSource, "committed", side_effect=lookup_failed):
+        loaded = load_staging(chunked, tmp_path)
+
+    assert loaded.status == "ok"
+    assert kafka_committed(settings, PARTITIONS) == stored_offsets(
+        redis_client, settings
+    )
+    assert_accounted(redis_client, settings, produced)
+
+
 def spawn_paused_before_first_write(
     settings: Settings, tmp_path: Path
 ) -> tuple[subprocess.Popen[bytes], Path, Path, Path]:
