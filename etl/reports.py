@@ -8,11 +8,12 @@ risk, offsets per partition).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final
 
@@ -64,8 +65,14 @@ class ReportEntry:
         return {str(reason): int(amount) for reason, amount in counts.items()}
 
     def to_dict(self) -> dict[str, Any]:
-        """Return the entry as JSON-ready values (``time`` as ISO-8601 UTC)."""
-        data = asdict(self)
+        """Return the entry as JSON-ready values (``time`` as ISO-8601 UTC).
+
+        The report document is not copied: ``dataclasses.asdict`` would copy
+        it with one recursive call per level of nesting.
+        """
+        data = {
+            item.name: getattr(self, item.name) for item in dataclasses.fields(self)
+        }
         data["time"] = self.time.isoformat(timespec="milliseconds")
         return data
 
@@ -73,7 +80,11 @@ class ReportEntry:
 def entry_time(entry_id: str) -> datetime:
     """Return the time encoded in a stream entry id (``<milliseconds>-<sequence>``)."""
     milliseconds = int(entry_id.split("-", 1)[0])
-    return datetime.fromtimestamp(milliseconds / 1000, UTC)
+    try:
+        return datetime.fromtimestamp(milliseconds / 1000, UTC)
+    except (ValueError, OverflowError, OSError):
+        # An id set by hand (XADD with an explicit id) may lie past year 9999.
+        return datetime.max.replace(tzinfo=UTC)
 
 
 def parse_entry(
@@ -148,12 +159,23 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(msg)
 
 
+def _finite_float(text: str) -> float:
+    """Return the number of ``text``, or raise ValueError for one too large for a float (1e999)."""
+    number = float(text)
+    if not math.isfinite(number):
+        msg = f"{text} is out of the range of a float"
+        raise ValueError(msg)
+    return number
+
+
 def _report_document(value: str | None, entry_id: str) -> dict[str, Any]:
     if value is None:
         return {}
     try:
-        document = json.loads(value, parse_constant=_reject_constant)
-    except ValueError:
+        document = json.loads(
+            value, parse_constant=_reject_constant, parse_float=_finite_float
+        )
+    except (ValueError, RecursionError):
         logger.warning("Report %s has a report field that is not JSON", entry_id)
         return {}
     if not isinstance(document, dict):

@@ -277,6 +277,42 @@ def test_reports_parse_entry_rejects_nan_in_report() -> None:
     assert "NaN" not in json.dumps(entry.to_dict())
 
 
+@pytest.mark.parametrize(
+    "document",
+    [
+        pytest.param('{"topic": "t", "duration": 1e999}', id="float-overflow"),
+        pytest.param('{"a": -1e400}', id="negative-overflow"),
+        pytest.param('{"a": ' + "[" * 5000 + "]" * 5000 + "}", id="nested-too-deep"),
+    ],
+)
+def test_reports_parse_entry_reads_unprintable_report_as_empty(document: str) -> None:
+    """Numbers a float cannot hold and nesting past Python's recursion limit."""
+    entry = parse_entry(
+        b"1718000000000-0", {b"status": b"ok", b"report": document.encode()}
+    )
+
+    assert entry.report == {}
+    assert "Infinity" not in json.dumps(entry.to_dict())
+
+
+def test_reports_nested_report_prints_as_json() -> None:
+    """A report nested 500 levels deep, which Python's parser reads, prints as JSON."""
+    document = '{"a": ' + "[" * 500 + "]" * 500 + "}"
+    entry = parse_entry(
+        b"1718000000000-0", {b"status": b"ok", b"report": document.encode()}
+    )
+
+    assert json.loads(json.dumps(entry.to_dict()))["report"] == json.loads(document)
+
+
+def test_reports_entry_id_past_year_9999() -> None:
+    """An id set by hand with XADD may lie past the dates Python can hold."""
+    entry = parse_entry(b"99999999999999999-0", {b"status": b"ok"})
+
+    assert entry.time.year == 9999
+    assert entry.to_dict()["time"].startswith("9999-12-31T23:59:59")
+
+
 def test_reports_parse_entry_tolerates_damaged_fields() -> None:
     entry = parse_entry(
         b"1718000000000-0",
