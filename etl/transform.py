@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import polars as pl
 
 from contracts.models import OUTPUT_KEYS
 from etl import rules
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 #: Lower-case particles that belong to the upper-case family name after them
 #: ("de GAULLE", "de los SANTOS", "bin ABDULLAH").
@@ -234,10 +237,7 @@ def compose_marks(text: pl.Series) -> pl.Series:
     if non_ascii.is_empty():
         return text
     marked = non_ascii.filter(text.gather(non_ascii).str.contains(DECOMPOSED))
-    if marked.is_empty():
-        return text
-    composed = text.gather(marked).str.normalize("NFC")
-    return text.clone().scatter(marked, composed)
+    return _rewrite_rows(text, marked, lambda values: values.str.normalize("NFC"))
 
 
 #: Characters stripped from both ends of a name before the split. No name
@@ -254,10 +254,18 @@ def strip_edge_commas(text: pl.Series) -> pl.Series:
     values (Polars 2.1.0, 2-vCPU Intel Xeon).
     """
     edge_comma = (text.str.starts_with(",") | text.str.ends_with(",")).arg_true()
-    if edge_comma.is_empty():
+    return _rewrite_rows(
+        text, edge_comma, lambda values: values.str.strip_chars(EDGE_COMMA_CHARACTERS)
+    )
+
+
+def _rewrite_rows(
+    text: pl.Series, rows: pl.Series, rewrite: Callable[[pl.Series], pl.Series]
+) -> pl.Series:
+    """Return ``text`` with the values at the indexes ``rows`` passed through ``rewrite``."""
+    if rows.is_empty():
         return text
-    stripped = text.gather(edge_comma).str.strip_chars(EDGE_COMMA_CHARACTERS)
-    return text.clone().scatter(edge_comma, stripped)
+    return text.clone().scatter(rows, rewrite(text.gather(rows)))
 
 
 def split_name(name: pl.Expr, *, normalised: bool = False) -> tuple[pl.Expr, pl.Expr]:
