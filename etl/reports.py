@@ -15,7 +15,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 if TYPE_CHECKING:
     import redis
@@ -150,7 +150,7 @@ def _number(value: str | None) -> float:
     return number if math.isfinite(number) else 0.0
 
 
-def _reject_constant(name: str) -> Any:
+def _reject_constant(name: str) -> NoReturn:
     """Raise ValueError for NaN and Infinity, which Python's parser accepts and JSON does not.
 
     ``etl reports --json`` prints the document again, and must print JSON.

@@ -220,7 +220,7 @@ class RedisSink:
             memory = self.client.info("memory")
         except redis.exceptions.NoPermissionError as exc:
             logger.warning(
-                "Redis at %s did not allow INFO (%s), so its maxmemory-policy was "
+                "Redis at %s rejected INFO (%s), so its maxmemory-policy was "
                 "not checked; allow +info for the batch's user",
                 url,
                 exc,
@@ -234,8 +234,7 @@ class RedisSink:
             msg = (
                 f"Redis at {url} has maxmemory-policy {policy}, so once it reaches "
                 "its maxmemory it deletes keys of its choice, rows and stored "
-                "offsets included, "
-                "and readings would be lost with no error. Set "
+                "offsets included, and readings would be lost with no error. Set "
                 "'maxmemory-policy noeviction' (Redis's default) in its "
                 "configuration, or use another Redis for the batch"
             )

@@ -234,7 +234,7 @@ def test_reports_frame_for_notebooks(settings: Settings) -> None:
     ]
 
 
-def test_reports_parse_entry_reads_inf_and_nan_as_zero() -> None:
+def test_reports_inf_nan_fields_zero() -> None:
     """Redis keeps any text in a stream field; such numbers must not stop `etl reports`."""
     entry = parse_entry(
         b"1718000000000-0",
@@ -247,7 +247,7 @@ def test_reports_parse_entry_reads_inf_and_nan_as_zero() -> None:
 
 
 @pytest.mark.integration
-def test_reports_table_shows_control_characters_escaped(
+def test_reports_table_escapes_controls(
     settings: Settings, redis_client: redis.Redis
 ) -> None:
     """An escape sequence in a damaged entry reaches the terminal as text, not as a command."""
@@ -263,7 +263,7 @@ def test_reports_table_shows_control_characters_escaped(
     assert "'ok\\x07'" in result.stdout
 
 
-def test_reports_parse_entry_rejects_nan_in_report() -> None:
+def test_reports_nan_document_empty() -> None:
     """A report document with NaN reads as empty, so `etl reports --json` prints JSON."""
     entry = parse_entry(
         b"1718000000000-0",
@@ -285,7 +285,7 @@ def test_reports_parse_entry_rejects_nan_in_report() -> None:
         pytest.param('{"a": ' + "[" * 5000 + "]" * 5000 + "}", id="nested-too-deep"),
     ],
 )
-def test_reports_parse_entry_reads_unprintable_report_as_empty(document: str) -> None:
+def test_reports_unreadable_document_empty(document: str) -> None:
     """Numbers a float cannot hold and nesting past Python's recursion limit."""
     entry = parse_entry(
         b"1718000000000-0", {b"status": b"ok", b"report": document.encode()}
@@ -295,7 +295,7 @@ def test_reports_parse_entry_reads_unprintable_report_as_empty(document: str) ->
     assert "Infinity" not in json.dumps(entry.to_dict())
 
 
-def test_reports_nested_report_prints_as_json() -> None:
+def test_reports_nested_document_prints_json() -> None:
     """A report nested 500 levels deep, which Python's parser reads, prints as JSON."""
     document = '{"a": ' + "[" * 500 + "]" * 500 + "}"
     entry = parse_entry(

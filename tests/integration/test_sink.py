@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from unittest import mock
 
 import polars as pl
@@ -170,19 +172,30 @@ def test_check_wrong_type_key_is_settings_error(
     assert f"is a {found}, not a {wanted}" in str(failure.value)
 
 
+@contextmanager
+def maxmemory_policy(client: redis.Redis, policy: str) -> Iterator[None]:
+    """Set the ``maxmemory-policy`` of the shared test Redis, then restore the default."""
+    client.config_set("maxmemory-policy", policy)
+    try:
+        yield
+    finally:
+        client.config_set("maxmemory-policy", "noeviction")
+
+
 @pytest.mark.parametrize("policy", ["allkeys-lru", "allkeys-lfu", "allkeys-random"])
 def test_check_rejects_evicting_policy(
     settings: Settings, redis_client: redis.Redis, policy: str
 ) -> None:
     """A Redis that may evict any key could drop rows and offsets: no batch starts."""
-    redis_client.config_set("maxmemory-policy", policy)
     sink = RedisSink(settings)
     try:
-        with pytest.raises(SinkError) as failure:
+        with (
+            maxmemory_policy(redis_client, policy),
+            pytest.raises(SinkError) as failure,
+        ):
             sink.check()
     finally:
         sink.close()
-        redis_client.config_set("maxmemory-policy", "noeviction")
 
     assert f"has maxmemory-policy {policy}," in str(failure.value)
     assert "'maxmemory-policy noeviction'" in str(failure.value)
@@ -193,13 +206,12 @@ def test_check_accepts_policy_sparing_persistent_keys(
     settings: Settings, redis_client: redis.Redis, policy: str
 ) -> None:
     """The batch's keys have no expiry, so the volatile policies never evict them."""
-    redis_client.config_set("maxmemory-policy", policy)
     sink = RedisSink(settings)
     try:
-        sink.check()
+        with maxmemory_policy(redis_client, policy):
+            sink.check()
     finally:
         sink.close()
-        redis_client.config_set("maxmemory-policy", "noeviction")
 
 
 def test_check_without_info_permission_warns(
