@@ -473,20 +473,57 @@ def transform(
     # expression trees, more than evaluating them on a 50k-row chunk. Eager
     # Polars shares no subexpression, so the parts that two output columns
     # read are stored as columns first.
-
-    # The contract checked the name as sent; the split reads its composed form.
-    readings = readings.with_columns(compose_marks(readings["name"]))
-    readings = readings.with_columns(strip_edge_commas(readings["name"]))
-    has_credentials = readings["name"].str.contains(CREDENTIAL_AT_END).any()
-    if has_credentials:
-        readings = _set_credentials_apart(readings)
-    has_title = readings["name"].str.contains(TITLE_AT_START).any()
-    if has_title:
-        readings = _set_titles_apart(readings)
-    shared, columns = _output_columns(
-        topic, rule_set, time_zone, credentials=has_credentials, titles=has_title
+    shared, columns = _output_columns(topic, rule_set, time_zone)
+    return (
+        readings.hstack(_first_and_last_names(readings["name"]))
+        .with_columns(shared)
+        .select(columns)
+        .select(OUTPUT_KEYS)
     )
-    return readings.with_columns(shared).select(columns).select(OUTPUT_KEYS)
+
+
+def _first_and_last_names(name: pl.Series) -> list[pl.Series]:
+    """Return the ``first_name`` and ``last_name`` columns of the names in ``name``.
+
+    A monitor sends a reading every few seconds, so each patient's name
+    comes back many times in a chunk. Where at most half of the names are
+    distinct, the patterns of the split run once per distinct name, and the
+    parts are joined back to the rows.
+    """
+    distinct = name.unique()
+    if 2 * distinct.len() > name.len():
+        parts = _split_names(name)
+    else:
+        parts = name.to_frame().join(
+            _split_names(distinct), on="name", how="left", maintain_order="left"
+        )
+    return [parts["first_name"], parts["last_name"]]
+
+
+def _split_names(name: pl.Series) -> pl.DataFrame:
+    """Split ``name`` as :func:`split_name` does: ``name``, ``first_name``, ``last_name``.
+
+    The names must be stripped and collapsed, as :func:`etl.parse.to_typed`
+    leaves them.
+    """
+    # The contract checked the name as sent; the split reads its composed form.
+    names = pl.DataFrame(
+        {"_sent": name, "name": strip_edge_commas(compose_marks(name))}
+    )
+    has_credentials = names["name"].str.contains(CREDENTIAL_AT_END).any()
+    if has_credentials:
+        names = _set_credentials_apart(names)
+    has_title = names["name"].str.contains(TITLE_AT_START).any()
+    if has_title:
+        names = _set_titles_apart(names)
+    shared, first_name, last_name = _name_columns(
+        credentials=has_credentials, titles=has_title
+    )
+    return names.with_columns(shared).select(
+        pl.col("_sent").alias("name"),
+        first_name.alias("first_name"),
+        last_name.alias("last_name"),
+    )
 
 
 def _set_credentials_apart(readings: pl.DataFrame) -> pl.DataFrame:
@@ -511,32 +548,18 @@ def _set_titles_apart(readings: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-@functools.lru_cache(maxsize=32)
-def _output_columns(
-    topic: str, rule_set: str, time_zone: str, *, credentials: bool, titles: bool
-) -> tuple[tuple[pl.Expr, ...], tuple[pl.Expr, ...]]:
-    """Build the expressions of the shared parts and of the output columns once per setting.
+@functools.lru_cache(maxsize=8)
+def _name_columns(
+    *, credentials: bool, titles: bool
+) -> tuple[tuple[pl.Expr, ...], pl.Expr, pl.Expr]:
+    """Build the shared parts and the first and last name of :func:`_split_names`.
 
     With ``credentials``, the last name ends with the ``_name_credentials``
     column. With ``titles``, the first name starts with ``_name_titles``, or
     is only that where ``_name_family`` is present and is the last name.
     """
-    # Names come from etl.parse.to_typed, already stripped and collapsed.
     name_parts = name_candidates(pl.col("name"))
-    news2_code = rules.news2_code(
-        respiratory_rate=pl.col("respiratory_rate"),
-        spo2=pl.col("spo2"),
-        on_oxygen=pl.col("on_oxygen"),
-        systolic=pl.col("systolic"),
-        heart_rate=pl.col("heart_rate"),
-        consciousness=pl.col("consciousness"),
-        temperature=pl.col("temperature"),
-        spo2_scale=pl.col("spo2_scale"),
-    )
-    shared = (
-        *(expr.alias(f"_name_{part}") for part, expr in name_parts.items()),
-        news2_code.alias("_news2_code"),
-    )
+    shared = tuple(expr.alias(f"_name_{part}") for part, expr in name_parts.items())
     first_name, last_name = name_from_candidates(
         **{part: pl.col(f"_name_{part}") for part in name_parts}
     )
@@ -549,6 +572,25 @@ def _output_columns(
         )
     if credentials:
         last_name = with_credentials(last_name, pl.col("_name_credentials"))
+    return shared, first_name, last_name
+
+
+@functools.lru_cache(maxsize=32)
+def _output_columns(
+    topic: str, rule_set: str, time_zone: str
+) -> tuple[tuple[pl.Expr, ...], tuple[pl.Expr, ...]]:
+    """Build the expressions of the shared parts and of the output columns once per setting."""
+    news2_code = rules.news2_code(
+        respiratory_rate=pl.col("respiratory_rate"),
+        spo2=pl.col("spo2"),
+        on_oxygen=pl.col("on_oxygen"),
+        systolic=pl.col("systolic"),
+        heart_rate=pl.col("heart_rate"),
+        consciousness=pl.col("consciousness"),
+        temperature=pl.col("temperature"),
+        spo2_scale=pl.col("spo2_scale"),
+    )
+    shared = (news2_code.alias("_news2_code"),)
     news2_score, news2_risk = rules.news2_from_code(
         pl.col("_news2_code"), age=pl.col("age")
     )
@@ -561,8 +603,8 @@ def _output_columns(
     )
     columns = (
         pl.col("patient_id"),
-        first_name.alias("first_name"),
-        last_name.alias("last_name"),
+        pl.col("first_name"),
+        pl.col("last_name"),
         pl.col("age"),
         # pl.format panics on some filtered frames in Polars 2.1.0
         # ("assertion failed: i < self.len()"); concat_str gives the same text.

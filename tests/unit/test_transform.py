@@ -697,6 +697,41 @@ def test_transform_matches_single_expressions(rows: list[dict[str, Any]]) -> Non
     assert derived.select(expected.columns).equals(expected)
 
 
+@settings(max_examples=100, deadline=None)
+@given(
+    pool=st.lists(NAMES, min_size=1, max_size=5),
+    picks=st.lists(st.integers(0, 4), min_size=1, max_size=40),
+)
+def test_transform_splits_repeated_names_like_split_name(
+    pool: list[str], picks: list[int]
+) -> None:
+    """Names sent many times in a chunk, split once each, get the parts of split_name."""
+    names = [pool[pick % len(pool)] for pick in picks]
+    readings = pl.DataFrame({"name": names}, schema={"name": pl.String}).with_columns(
+        patient_id=pl.lit("PT-1"),
+        age=pl.lit(40, pl.Int64),
+        respiratory_rate=pl.lit(16.0),
+        spo2=pl.lit(97.0),
+        on_oxygen=pl.lit(False),
+        heart_rate=pl.lit(70.0),
+        temperature=pl.lit(37.0),
+        consciousness=pl.lit("A"),
+        spo2_scale=pl.lit(1, pl.Int64),
+        systolic=pl.lit(120, pl.Int64),
+        diastolic=pl.lit(80, pl.Int64),
+        sex=pl.lit("F"),
+        measured_at=pl.lit(datetime(2024, 6, 10, tzinfo=UTC)),
+        partition=pl.lit(0, pl.Int32),
+        offset=pl.int_range(pl.len(), dtype=pl.Int64),
+    )
+    first, last = split_name(pl.col("name"), normalised=True)
+    expected = readings.select(first.alias("first_name"), last.alias("last_name"))
+    derived = transform(
+        readings, topic="vitals", rule_set="acc_aha_2017", time_zone="UTC"
+    )
+    assert derived.select(expected.columns).equals(expected)
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.text(max_size=12), max_size=8))
 @example(["E\u0301mond", "Jean"])
