@@ -18,9 +18,16 @@ from typing import Any
 
 import pytest
 import redis
+from hypothesis import settings
 
 from etl.config import Settings, load_settings
 from etl.services import Service, free_port, start_broker, start_redis
+
+# Speed is measured by benchmarks/, never by a timed test. Hypothesis's
+# deadline of 200 ms per example would time the first call of a property
+# test, which compiles its regexes, and fail it on a busy two-vCPU host.
+settings.register_profile("untimed", deadline=None)
+settings.load_profile("untimed")
 
 #: Inputs that broke pipelines like this one in public bug reports (Kafka
 #: clients, Polars, Pandera, redis-py, Airflow, name parsers); invented patients.
