@@ -613,8 +613,11 @@ class _WriteBehind:
             self._queue.put(None)
         self._thread.join()
         if self._error is not None:
+            # On Ctrl-C, Polars raises KeyboardInterrupt in the thread that runs
+            # a query (pola-rs/polars#20961), and it has no message.
             logger.error(
-                "Writing to Redis failed while the batch stopped: %s", self._error
+                "Writing to Redis failed while the batch stopped: %s",
+                str(self._error) or type(self._error).__name__,
             )
             self._error = None
 

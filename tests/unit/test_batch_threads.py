@@ -43,9 +43,16 @@ def chunk(partition_offset: int) -> Chunk:
 
 
 class FakeSink:
-    def __init__(self, *, fail_at: int | None = None, concurrent_at: int | None = None):
+    def __init__(
+        self,
+        *,
+        fail_at: int | None = None,
+        concurrent_at: int | None = None,
+        error: BaseException | None = None,
+    ):
         self.written: list[int] = []
         self.fail_at = fail_at
+        self.error = error or SinkError("injected: Redis went away")
         self.concurrent_at = concurrent_at
         self.release = threading.Event()
         self.release.set()
@@ -58,7 +65,7 @@ class FakeSink:
         self.release.wait(5)
         offset = chunk.next_offsets[0] - 1
         if offset == self.fail_at:
-            raise SinkError("injected: Redis went away")
+            raise self.error
         self.written.append(offset)
         return WriteResult(1, 0, 0, 0, concurrent=offset == self.concurrent_at)
 
@@ -209,6 +216,21 @@ def test_write_behind_close_logs_unraised_error(
 
     assert "Writing to Redis failed while the batch stopped" in caplog.text
     assert "injected" in caplog.text
+
+
+def test_write_behind_close_names_error_without_message(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Polars raises a bare KeyboardInterrupt in the thread on Ctrl-C; the log names it."""
+    sink = FakeSink(fail_at=0, error=KeyboardInterrupt())
+    sink.release.clear()
+    writer, _, _ = writer_for(sink)
+    writer.submit(chunk(0), read=1, duplicates=0)
+    sink.release.set()
+    writer._thread.join(5)
+    writer.close()
+
+    assert "failed while the batch stopped: KeyboardInterrupt" in caplog.text
 
 
 def test_write_behind_close_cancels_pending_retries() -> None:
