@@ -12,6 +12,8 @@
 # and REDIS_PORT, the broker and Redis keep the ports of their last start.
 # When they already run on other ports than KAFKA_PORT or REDIS_PORT, the
 # script stops with an error. SKIP_AIRFLOW=1 stops after the batch.
+# STATE_DIR (default .local) holds the broker's and Redis's files and logs;
+# 'stop' needs the STATE_DIR of the start.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STATE_DIR=${STATE_DIR:-.local}

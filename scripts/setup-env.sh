@@ -36,12 +36,19 @@ find_python() {
 }
 
 install_project() {
-  local python
+  local python stamp
   if [ ! -x "$VENV/bin/python" ]; then
     python=$(find_python) || return 1
     "$python" -m venv "$VENV"
+    "$VENV/bin/python" -m pip install -q --upgrade pip
+  fi
+  # What the last install read: the clone, its pins and the extras. When it
+  # is unchanged, pip has nothing to do and needs no package index.
+  stamp="$(pwd) $EXTRAS $(cat constraints.txt pyproject.toml | sha256sum)"
+  if [ "$(cat "$VENV/.vitals-install" 2>/dev/null)" = "$stamp" ]; then
+    return 0
   fi
   # constraints.txt pins every package, so each install resolves the same versions.
-  "$VENV/bin/python" -m pip install -q --upgrade pip
-  "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[$EXTRAS]"
+  "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[$EXTRAS]" &&
+    echo "$stamp" >"$VENV/.vitals-install"
 }
