@@ -264,14 +264,26 @@ def _produce(settings: Settings, batch: list[tuple[str, bytes, bytes | None]]) -
     except (KafkaException, BufferError) as exc:
         msg = f"producing to {settings.kafka_bootstrap_servers} failed: {exc}"
         raise ReplayError(msg) from exc
-    remaining = producer.flush(settings.kafka_timeout_s * 3)
+    timeout_s = settings.kafka_timeout_s * 3
+    remaining = producer.flush(timeout_s)
     if remaining or failures:
         # NOTE: nothing is recorded as replayed then, so a rerun may produce
         # some values twice; the Kafka delivery reports name the failures.
+        problems = []
+        if remaining:
+            problems.append(
+                f"{remaining} of {len(batch)} values got no acknowledgement within "
+                f"{timeout_s:g} s: check that the broker runs and that "
+                "VITALS_KAFKA_BOOTSTRAP_SERVERS points at it"
+            )
+        if failures:
+            problems.append(
+                f"{len(failures)} of {len(batch)} values failed, the first with "
+                f"{failures[0]!r}"
+            )
         msg = (
-            f"{remaining} values undelivered and {len(failures)} failed on "
-            f"{settings.kafka_bootstrap_servers}: {failures[:1]}; nothing was marked "
-            "as replayed"
+            f"producing to the Kafka broker at {settings.kafka_bootstrap_servers}: "
+            f"{'; '.join(problems)}. Nothing was marked as replayed"
         )
         raise ReplayError(msg)
 

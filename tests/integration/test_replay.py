@@ -22,6 +22,7 @@ from etl.replay import (
     replay_rejects,
     replay_rejects_command,
 )
+from etl.services import free_port
 from tests.conftest import create_topic, encode, reading
 from tests.integration.accounting import produce_tracked
 
@@ -105,6 +106,30 @@ def test_replay_dry_run_and_unreplayable(
     assert report.skipped_tombstone == 1
     assert report.produced == 0
     assert report.would_produce == 1
+    assert redis_client.exists(settings.redis_rejects_key + REPLAYED_SUFFIX) == 0
+
+
+def test_replay_without_broker_names_it(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    """Nothing listens at the bootstrap address: the error says to check the broker."""
+    create_topic(settings)
+    produce_tracked(settings, [encode(reading(timestamp=2e9))])
+    run_batch(settings)
+    gone = settings.model_copy(
+        update={
+            "kafka_bootstrap_servers": f"127.0.0.1:{free_port()}",
+            "kafka_timeout_s": 0.5,
+        }
+    )
+
+    with pytest.raises(ReplayError) as failure:
+        replay_rejects(gone, reasons=["timestamp_invalid"])
+
+    message = str(failure.value)
+    assert "1 of 1 values got no acknowledgement within 1.5 s" in message
+    assert "VITALS_KAFKA_BOOTSTRAP_SERVERS" in message
+    assert "Nothing was marked as replayed" in message
     assert redis_client.exists(settings.redis_rejects_key + REPLAYED_SUFFIX) == 0
 
 
