@@ -19,6 +19,7 @@ from etl.config import Settings
 from etl.exit_codes import EXIT_FAILED
 from etl.terminal import (
     console,
+    counted,
     errors,
     print_error,
     print_table,
@@ -205,8 +206,9 @@ def publish(
         )
         sys.exit(EXIT_CONFIG)
     console.print(
-        f"Published {result.published} messages to topic {settings.kafka_topic}; "
-        f"{result.blank} blank lines skipped{_unkeyed_summary(result, key_field)}"
+        f"Published {counted(result.published, 'message')} to topic "
+        f"{settings.kafka_topic}; {counted(result.blank, 'blank line')} skipped"
+        f"{_unkeyed_summary(result, key_field)}"
     )
     if key_field and result.published and result.without_field == result.published:
         print_error(
@@ -268,8 +270,9 @@ def _print_feed_result(result: FeedResult, *, limit: int) -> None:
         console.print(summary)
     valid = result.checked - len(result.failures)
     console.print(
-        f"{result.checked} messages checked: {valid} valid, "
-        f"{len(result.failures)} invalid; {result.blank} blank lines skipped"
+        f"{counted(result.checked, 'message')} checked: {valid} valid, "
+        f"{len(result.failures)} invalid; {counted(result.blank, 'blank line')} "
+        "skipped"
     )
 
 

@@ -122,6 +122,11 @@ def _fit_widths(widths: list[int], floors: list[int], available: int) -> list[in
     return fitted
 
 
+def counted(count: int, noun: str) -> str:
+    """Return ``count`` and ``noun``, with an s unless the count is one: "1 message"."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
 def print_error(label: str, message: object = "") -> None:
     """Print ``label`` in red, then ``message`` as it is, on stderr."""
     text = Text.assemble((label, "red"))

@@ -55,7 +55,7 @@ def test_published_feed_becomes_rows_and_rejects(
 
     assert result.exit_code == 0, result.output
     assert "Published 4 messages" in result.output
-    assert "1 blank lines skipped" in result.output
+    assert "1 blank line skipped" in result.output
     assert report.read == 4
     assert report.written == 2
     assert report.rejected_by_reason == {"invalid_json": 1, "out_of_range": 1}

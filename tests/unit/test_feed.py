@@ -15,6 +15,7 @@ from etl.config import load_settings
 from etl.feed import LineFailure, find_message_key, iter_lines, validate_feed
 from etl.parse import RAW_SCHEMA
 from etl.pipeline import process_chunk
+from etl.terminal import counted
 from tests.conftest import case_value, encode, load_cases, reading
 
 NOW = 1_718_000_600.0
@@ -164,7 +165,7 @@ def test_feed_cli_bom_file_exits_0(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["validate-feed", str(path)])
 
     assert result.exit_code == 0, result.output
-    assert "1 messages checked: 1 valid, 0 invalid" in result.output
+    assert "1 message checked: 1 valid, 0 invalid" in result.output
 
 
 def test_feed_checks_timestamp_against_now() -> None:
@@ -193,7 +194,7 @@ def test_feed_cli_prints_failures_and_exits_1(tmp_path: Path) -> None:
     assert "missing_field" in result.output
     summary = (
         f"{expected.checked} messages checked: {expected.checked - invalid} valid, "
-        f"{invalid} invalid; {expected.blank} blank lines skipped"
+        f"{invalid} invalid; {counted(expected.blank, 'blank line')} skipped"
     )
     assert summary in result.output
 
@@ -260,3 +261,10 @@ def test_find_message_key_reports_field(
     value: bytes, key_field: str, expected: tuple[bytes | None, bool]
 ) -> None:
     assert find_message_key(value, key_field) == expected
+
+
+@pytest.mark.parametrize(
+    ("count", "text"), [(0, "0 blank lines"), (1, "1 blank line"), (2, "2 blank lines")]
+)
+def test_counted_singular_and_plural(count: int, text: str) -> None:
+    assert counted(count, "blank line") == text
