@@ -472,10 +472,12 @@ def _flush(producer: Producer, deadline: float, stop: StopRequest) -> int:
 @contextmanager
 def _progress_bar(total: int, *, enabled: bool) -> Iterator[Callable[[int], None]]:
     """Yield a function that shows the number of delivered messages out of ``total``."""
-    if not enabled or total < _PROGRESS_MIN_COUNT:
+    console = Console(stderr=True)
+    # Rich would still print the last frame of the bar into a log or a pipe.
+    if not enabled or total < _PROGRESS_MIN_COUNT or not console.is_terminal:
         yield lambda _delivered: None
         return
 
-    with Progress(console=Console(stderr=True)) as progress:
+    with Progress(console=console) as progress:
         task = progress.add_task("Producing readings", total=total)
         yield lambda delivered: progress.update(task, completed=delivered)

@@ -157,11 +157,27 @@ def test_rate_cap_paces_messages(_own_broker: str) -> None:
 
 
 def test_progress_bar_shown_when_large(
-    _own_broker: str, capsys: pytest.CaptureFixture[str]
+    _own_broker: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")  # Rich 14 and later: a terminal
     settings = _settings(_own_broker)
     assert produce_readings(settings, count=10_000, seed=20, progress=True) == 10_000
     assert "Producing readings" in capsys.readouterr().err
+
+
+def test_progress_bar_hidden_off_terminal(
+    _own_broker: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Piped or logged, stderr gets no frame of the bar."""
+    for name in ("TTY_COMPATIBLE", "FORCE_COLOR"):
+        monkeypatch.delenv(name, raising=False)
+    settings = _settings(_own_broker)
+    assert produce_readings(settings, count=10_000, seed=23, progress=True) == 10_000
+    assert "Producing readings" not in capsys.readouterr().err
 
 
 def test_progress_bar_hidden_when_small(
