@@ -387,7 +387,7 @@ start() {
     fetch_token || fail_start "could not log in to the API server"
     wait_for_dag "$parse_start"
     unpause_and_run
-    log "UI: $BASE_URL (login $AIRFLOW_USER / password in $PASSWORDS_FILE); stop with: $0 stop"
+    log "UI: $BASE_URL (user $AIRFLOW_USER, password $AIRFLOW_USER unless changed in $PASSWORDS_FILE); stop with: $0 stop"
 }
 
 # Send SIGTERM to each component's process group, wait, then SIGKILL what is
