@@ -48,6 +48,8 @@ install_project() {
   if [ "$(cat "$VENV/.vitals-install" 2>/dev/null)" = "$stamp" ]; then
     return 0
   fi
+  # A failed install may leave some packages changed, so it leaves no stamp.
+  rm -f "$VENV/.vitals-install"
   # constraints.txt pins every package, so each install resolves the same versions.
   "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[$EXTRAS]" &&
     echo "$stamp" >"$VENV/.vitals-install"
