@@ -240,16 +240,29 @@ def _redis_failed(settings: Settings, error: Exception) -> str:
 
 
 def _produce(settings: Settings, batch: list[tuple[str, bytes, bytes | None]]) -> None:
-    from confluent_kafka import KafkaException, Producer
+    from confluent_kafka import KafkaError, KafkaException, Producer
+
+    # Delivery errors meaning that no broker took the value: it timed out in
+    # the producer's queue (message.timeout.ms), or every broker was down.
+    no_broker = {
+        KafkaError._MSG_TIMED_OUT,
+        KafkaError._TIMED_OUT,
+        KafkaError._TRANSPORT,
+        KafkaError._ALL_BROKERS_DOWN,
+    }
 
     from etl.config import kafka_client
 
     producer = kafka_client(Producer, settings.kafka_config())
     failures: list[str] = []
+    unreached = 0
 
     def on_delivery(error: Any, _message: Any) -> None:
+        nonlocal unreached
         if error is not None:
             failures.append(str(error))
+            if error.code() in no_broker:
+                unreached += 1
 
     try:
         for marker, value, key in batch:
@@ -273,13 +286,17 @@ def _produce(settings: Settings, batch: list[tuple[str, bytes, bytes | None]]) -
         if remaining:
             problems.append(
                 f"{remaining} of {len(batch)} values got no acknowledgement within "
-                f"{timeout_s:g} s: check that the broker runs and that "
-                "VITALS_KAFKA_BOOTSTRAP_SERVERS points at it"
+                f"{timeout_s:g} s"
             )
         if failures:
             problems.append(
                 f"{len(failures)} of {len(batch)} values failed, the first with "
                 f"{failures[0]!r}"
+            )
+        if remaining or unreached:
+            problems.append(
+                "check that the broker runs and that VITALS_KAFKA_BOOTSTRAP_SERVERS "
+                "points at it"
             )
         msg = (
             f"producing to the Kafka broker at {settings.kafka_bootstrap_servers}: "
