@@ -287,8 +287,8 @@ def produce_readings(
     The topic is created first if needed (see ``ensure_topic``). ``rate`` caps the
     throughput in messages per second, and ``None`` sends as fast as the producer
     accepts. With ``progress=True`` a progress bar is drawn on stderr when ``count`` is
-    at least 10,000. Returns the number of messages delivered, which is ``count`` on
-    success.
+    at least 10,000 and stderr is a terminal. Returns the number of messages
+    delivered, which is ``count`` on success.
 
     Raises
     ------
@@ -473,7 +473,7 @@ def _flush(producer: Producer, deadline: float, stop: StopRequest) -> int:
 def _progress_bar(total: int, *, enabled: bool) -> Iterator[Callable[[int], None]]:
     """Yield a function that shows the number of delivered messages out of ``total``."""
     console = Console(stderr=True)
-    # Rich would still print the last frame of the bar into a log or a pipe.
+    # Off a terminal, Rich would still print the bar's last frame into the log.
     if not enabled or total < _PROGRESS_MIN_COUNT or not console.is_terminal:
         yield lambda _delivered: None
         return
