@@ -13,7 +13,14 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from etl import rules
-from etl.transform import compose_marks, format_timestamp, split_name, transform
+from etl.transform import (
+    _first_and_last_names,
+    _split_names,
+    compose_marks,
+    format_timestamp,
+    split_name,
+    transform,
+)
 
 
 def split(names: list[str]) -> list[tuple[str | None, str | None]]:
@@ -695,6 +702,30 @@ def test_transform_matches_single_expressions(rows: list[dict[str, Any]]) -> Non
         readings, topic="vitals", rule_set="acc_aha_2017", time_zone="UTC"
     )
     assert derived.select(expected.columns).equals(expected)
+
+
+@settings(max_examples=100)
+@given(
+    pool=st.lists(
+        NAMES
+        | st.sampled_from(
+            [None, "", "E\u0301mile Zola", "\u212bngstr\u00f6m Lund", ", Jean"]
+        ),
+        min_size=1,
+        max_size=4,
+    ),
+    picks=st.lists(st.integers(0, 3), min_size=2, max_size=30),
+)
+def test_names_joined_back_match_direct_split(
+    pool: list[str | None], picks: list[int]
+) -> None:
+    """Splitting each distinct name once gives the parts of splitting every row."""
+    names = pl.Series("name", [pool[pick % len(pool)] for pick in picks], pl.String)
+    first, last = _first_and_last_names(names)
+    direct = _split_names(names)
+
+    assert first.equals(direct["first_name"])
+    assert last.equals(direct["last_name"])
 
 
 @settings(max_examples=100, deadline=None)
