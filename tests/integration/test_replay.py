@@ -130,16 +130,16 @@ def test_replay_without_broker_names_it(
     update: dict[str, object],
     problem: str,
 ) -> None:
-    """Nothing listens at the bootstrap address: the error says to check the broker."""
+    """Nothing listens at the bootstrap address: the error points at the broker."""
     create_topic(settings)
     produce_tracked(settings, [encode(reading(timestamp=2e9))])
     run_batch(settings)
-    gone = settings.model_copy(
+    unreachable = settings.model_copy(
         update={"kafka_bootstrap_servers": f"127.0.0.1:{free_port()}", **update}
     )
 
     with pytest.raises(ReplayError) as failure:
-        replay_rejects(gone, reasons=["timestamp_invalid"])
+        replay_rejects(unreachable, reasons=["timestamp_invalid"])
 
     message = str(failure.value)
     assert problem in message

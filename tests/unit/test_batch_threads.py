@@ -218,7 +218,7 @@ def test_write_behind_close_logs_unraised_error(
     assert "injected" in caplog.text
 
 
-def test_write_behind_close_names_error_without_message(
+def test_write_behind_close_logs_bare_error_type(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Polars raises a bare KeyboardInterrupt in the thread on Ctrl-C; the log names it."""

@@ -733,7 +733,7 @@ def test_names_joined_back_match_direct_split(
     pool=st.lists(NAMES, min_size=1, max_size=5),
     picks=st.lists(st.integers(0, 4), min_size=1, max_size=40),
 )
-def test_transform_splits_repeated_names_like_split_name(
+def test_transform_repeated_names_match_split_name(
     pool: list[str], picks: list[int]
 ) -> None:
     """Names sent many times in a chunk, split once each, get the parts of split_name."""
