@@ -202,11 +202,19 @@ def test_process_ahead_close_stops_early() -> None:
     assert (first.next_offsets, read, duplicates) == ({0: 10}, 10, 0)
 
 
+@pytest.mark.parametrize(
+    ("error", "logged"),
+    [
+        pytest.param(SinkError("injected: Redis went away"), "injected", id="sink"),
+        # On Ctrl-C, Polars raises a KeyboardInterrupt without a message in the thread.
+        pytest.param(KeyboardInterrupt(), "stopped: KeyboardInterrupt", id="bare"),
+    ],
+)
 def test_write_behind_close_logs_unraised_error(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, error: BaseException, logged: str
 ) -> None:
     """The caller failed first: the write error still reaches the log, and retries stop."""
-    sink = FakeSink(fail_at=0)
+    sink = FakeSink(fail_at=0, error=error)
     sink.release.clear()
     writer, _, _ = writer_for(sink)
     writer.submit(chunk(0), read=1, duplicates=0)
@@ -215,22 +223,7 @@ def test_write_behind_close_logs_unraised_error(
     writer.close()
 
     assert "Writing to Redis failed while the batch stopped" in caplog.text
-    assert "injected" in caplog.text
-
-
-def test_write_behind_close_logs_bare_error_type(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    """Polars raises a bare KeyboardInterrupt in the thread on Ctrl-C; the log names it."""
-    sink = FakeSink(fail_at=0, error=KeyboardInterrupt())
-    sink.release.clear()
-    writer, _, _ = writer_for(sink)
-    writer.submit(chunk(0), read=1, duplicates=0)
-    sink.release.set()
-    writer._thread.join(5)
-    writer.close()
-
-    assert "failed while the batch stopped: KeyboardInterrupt" in caplog.text
+    assert logged in caplog.text
 
 
 def test_write_behind_close_cancels_pending_retries() -> None:

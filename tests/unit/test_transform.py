@@ -31,8 +31,18 @@ def split(names: list[str]) -> list[tuple[str | None, str | None]]:
 
 def split_in_batch(names: list[str]) -> list[tuple[str | None, str | None]]:
     """Split ``names`` with transform(), after the whitespace clean-up of etl.parse.to_typed."""
-    readings = pl.DataFrame({"name": names}, schema={"name": pl.String}).with_columns(
-        pl.col("name").str.strip_chars().str.replace_all(r"\s+", " "),
+    readings = readings_named(names).with_columns(
+        pl.col("name").str.strip_chars().str.replace_all(r"\s+", " ")
+    )
+    derived = transform(
+        readings, topic="vitals", rule_set="acc_aha_2017", time_zone="UTC"
+    )
+    return derived.select("first_name", "last_name").rows()
+
+
+def readings_named(names: list[str]) -> pl.DataFrame:
+    """Return one valid reading per name, in the columns that transform() reads."""
+    return pl.DataFrame({"name": names}, schema={"name": pl.String}).with_columns(
         patient_id=pl.lit("PT-1"),
         age=pl.lit(40, pl.Int64),
         respiratory_rate=pl.lit(16.0),
@@ -49,10 +59,6 @@ def split_in_batch(names: list[str]) -> list[tuple[str | None, str | None]]:
         partition=pl.lit(0, pl.Int32),
         offset=pl.int_range(pl.len(), dtype=pl.Int64),
     )
-    derived = transform(
-        readings, topic="vitals", rule_set="acc_aha_2017", time_zone="UTC"
-    )
-    return derived.select("first_name", "last_name").rows()
 
 
 @pytest.mark.parametrize(
@@ -737,24 +743,7 @@ def test_transform_repeated_names_match_split_name(
     pool: list[str], picks: list[int]
 ) -> None:
     """Names sent many times in a chunk, split once each, get the parts of split_name."""
-    names = [pool[pick % len(pool)] for pick in picks]
-    readings = pl.DataFrame({"name": names}, schema={"name": pl.String}).with_columns(
-        patient_id=pl.lit("PT-1"),
-        age=pl.lit(40, pl.Int64),
-        respiratory_rate=pl.lit(16.0),
-        spo2=pl.lit(97.0),
-        on_oxygen=pl.lit(False),
-        heart_rate=pl.lit(70.0),
-        temperature=pl.lit(37.0),
-        consciousness=pl.lit("A"),
-        spo2_scale=pl.lit(1, pl.Int64),
-        systolic=pl.lit(120, pl.Int64),
-        diastolic=pl.lit(80, pl.Int64),
-        sex=pl.lit("F"),
-        measured_at=pl.lit(datetime(2024, 6, 10, tzinfo=UTC)),
-        partition=pl.lit(0, pl.Int32),
-        offset=pl.int_range(pl.len(), dtype=pl.Int64),
-    )
+    readings = readings_named([pool[pick % len(pool)] for pick in picks])
     first, last = split_name(pl.col("name"), normalised=True)
     expected = readings.select(first.alias("first_name"), last.alias("last_name"))
     derived = transform(
