@@ -16,7 +16,7 @@ from etl.cli_options import PARTITIONS_OPTION, finite_number, rate_option
 from etl.cohort import MAX_COHORT_SIZE
 from etl.config import ConfigurationError, Settings, load_settings
 from etl.exit_codes import EXIT_CONFIG, EXIT_INFRASTRUCTURE
-from etl.terminal import console, errors, print_error, stop_on_signals
+from etl.terminal import console, errors, print_error, print_table, stop_on_signals
 
 #: A TCP port to listen on.
 PORT: Final = click.IntRange(1, 65535)
@@ -180,7 +180,7 @@ def run(
     table.add_row("ended by", report.stop_reason)
     table.add_row("duration", f"{report.duration_s:.2f} s")
     table.add_row("rate", f"{report.rate_per_s:,.0f} readings/s")
-    console.print(table)
+    print_table(table)
 
 
 class StopRequested(BaseException):

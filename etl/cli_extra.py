@@ -257,7 +257,7 @@ def _print_feed_result(result: FeedResult, *, limit: int) -> None:
                 failure.field or "",
                 failure.detail or "",
             )
-        console.print(table)
+        print_table(table)
         if len(shown) < len(result.failures):
             console.print(
                 f"... and {len(result.failures) - len(shown)} more (use --limit 0 or --json)"
@@ -267,7 +267,7 @@ def _print_feed_result(result: FeedResult, *, limit: int) -> None:
         summary.add_column("lines", justify="right")
         for reason, amount in result.by_reason.items():
             summary.add_row(reason, str(amount))
-        console.print(summary)
+        print_table(summary)
     valid = result.checked - len(result.failures)
     console.print(
         f"{counted(result.checked, 'message')} checked: {valid} valid, "

@@ -223,6 +223,20 @@ def test_feed_cli_valid_feed_exits_0() -> None:
     assert "3 messages checked: 3 valid, 0 invalid" in result.output
 
 
+def test_feed_cli_piped_table_keeps_details() -> None:
+    """Off a terminal the failure table is as wide as its longest detail."""
+    feed = encode(reading(name="Jean\u202eMartin"))
+
+    result = CliRunner().invoke(
+        main, ["validate-feed", "-"], input=feed, env={"COLUMNS": "60"}
+    )
+
+    assert result.exit_code == 1
+    detail = "contains a control or explicit bidirectional formatting character"
+    [row] = [line for line in result.output.splitlines() if "contains a" in line]
+    assert detail in row
+
+
 def test_feed_cli_limit_shortens_table() -> None:
     feed = b"\n".join(encode(reading(age=200)) for _ in range(5))
 
