@@ -452,6 +452,14 @@ def _given_and_family(groups: pl.Expr) -> tuple[pl.Expr, pl.Expr]:
     return first, pl.when(first.is_not_null()).then(last)
 
 
+def _unsigned_zero(field: str) -> pl.Expr:
+    """Return the Float64 ``field`` with -0.0 as 0.0, so the row never shows "-0.0".
+
+    IEEE 754 addition gives +0.0 for -0.0 + 0.0, and leaves every other value as it is.
+    """
+    return (pl.col(field) + 0.0).alias(field)
+
+
 def format_timestamp(measured_at: pl.Expr, time_zone: str) -> pl.Expr:
     """Format a UTC datetime as ISO-8601 with milliseconds and the zone's offset.
 
@@ -614,13 +622,13 @@ def _output_columns(
             separator="/",
         ).alias("blood_pressure"),
         status.alias("blood_pressure_status"),
-        pl.col("heart_rate"),
-        pl.col("temperature"),
+        _unsigned_zero("heart_rate"),
+        _unsigned_zero("temperature"),
         format_timestamp(pl.col("measured_at"), time_zone).alias("timestamp"),
         pl.col("systolic"),
         pl.col("diastolic"),
-        pl.col("spo2"),
-        pl.col("respiratory_rate"),
+        _unsigned_zero("spo2"),
+        _unsigned_zero("respiratory_rate"),
         news2_score.cast(pl.Int64).alias("news2_score"),
         news2_risk.alias("news2_risk"),
         pl.lit(rule_set).alias("rule_set"),

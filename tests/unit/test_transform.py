@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import unicodedata
 from datetime import UTC, datetime
@@ -750,6 +751,21 @@ def test_transform_repeated_names_match_split_name(
         readings, topic="vitals", rule_set="acc_aha_2017", time_zone="UTC"
     )
     assert derived.select(expected.columns).equals(expected)
+
+
+def test_transform_writes_negative_zero_as_zero() -> None:
+    """A monitor's -0.0 reads as 0 in the row, with no minus sign."""
+    fields = ("heart_rate", "temperature", "spo2", "respiratory_rate")
+    readings = readings_named(["Jean Martin"]).with_columns(
+        pl.lit(-0.0).alias(field) for field in fields
+    )
+
+    derived = transform(
+        readings, topic="vitals", rule_set="acc_aha_2017", time_zone="UTC"
+    )
+
+    for field in fields:
+        assert math.copysign(1.0, derived[field].item()) == 1.0, field
 
 
 @settings(max_examples=200, deadline=None)
