@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Final
 
+from rich.cells import cell_len
 from rich.console import Console
 from rich.measure import Measurement
 from rich.table import Column, Table
@@ -91,8 +92,32 @@ def _column_layout(column: Column, show_header: bool) -> _ColumnLayout:
     if column.overflow == "fold":
         return _ColumnLayout(natural, header_floor, header_floor)
     one_line = max([header_floor, *(value.maximum for value in values)])
-    wrapped = max([header_floor, *(value.minimum for value in values)])
+    wrapped = max(
+        [
+            header_floor,
+            *(
+                max(value.minimum, _first_word_width(cell))
+                for cell, value in zip(column.cells, values, strict=True)
+            ),
+        ]
+    )
     return _ColumnLayout(natural, one_line, wrapped)
+
+
+def _first_word_width(cell: object) -> int:
+    """Return the width of a text cell's first word with the spaces before it.
+
+    Rich measures the longest word alone, but keeps the leading spaces of an
+    indented value ("  invalid_json") when it wraps, so a column that narrow
+    would cut the word.
+    """
+    if isinstance(cell, Text):
+        cell = cell.plain
+    if not isinstance(cell, str):
+        return 0
+    words = cell.lstrip(" ").split(maxsplit=1)
+    indent = len(cell) - len(cell.lstrip(" "))
+    return indent + (cell_len(words[0]) if words else 0)
 
 
 def _table_width(table: Table) -> int:

@@ -15,7 +15,6 @@ from etl.config import load_settings
 from etl.feed import LineFailure, find_message_key, iter_lines, validate_feed
 from etl.parse import RAW_SCHEMA
 from etl.pipeline import process_chunk
-from etl.terminal import counted
 from tests.conftest import case_value, encode, load_cases, reading
 
 NOW = 1_718_000_600.0
@@ -276,10 +275,3 @@ def test_find_message_key_reports_field(
     value: bytes, key_field: str, expected: tuple[bytes | None, bool]
 ) -> None:
     assert find_message_key(value, key_field) == expected
-
-
-@pytest.mark.parametrize(
-    ("count", "text"), [(0, "0 blank lines"), (1, "1 blank line"), (2, "2 blank lines")]
-)
-def test_counted_singular_and_plural(count: int, text: str) -> None:
-    assert counted(count, "blank line") == text
