@@ -455,9 +455,11 @@ def _given_and_family(groups: pl.Expr) -> tuple[pl.Expr, pl.Expr]:
 def _unsigned_zero(field: str) -> pl.Expr:
     """Return the Float64 ``field`` with -0.0 as 0.0, so the row never shows "-0.0".
 
-    IEEE 754 addition gives +0.0 for -0.0 + 0.0, and leaves every other value as it is.
+    Adding 0.0 would do it in IEEE 754 arithmetic, but Polars drops the
+    addition as a no-op, so the zeros are replaced instead.
     """
-    return (pl.col(field) + 0.0).alias(field)
+    column = pl.col(field)
+    return pl.when(column == 0).then(0.0).otherwise(column).alias(field)
 
 
 def format_timestamp(measured_at: pl.Expr, time_zone: str) -> pl.Expr:
@@ -623,7 +625,7 @@ def _output_columns(
         ).alias("blood_pressure"),
         status.alias("blood_pressure_status"),
         _unsigned_zero("heart_rate"),
-        _unsigned_zero("temperature"),
+        pl.col("temperature"),
         format_timestamp(pl.col("measured_at"), time_zone).alias("timestamp"),
         pl.col("systolic"),
         pl.col("diastolic"),

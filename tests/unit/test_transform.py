@@ -755,9 +755,9 @@ def test_transform_repeated_names_match_split_name(
 
 def test_transform_writes_negative_zero_as_zero() -> None:
     """A monitor's -0.0 reads as 0 in the row, with no minus sign."""
-    fields = ("heart_rate", "temperature", "spo2", "respiratory_rate")
-    readings = readings_named(["Jean Martin"]).with_columns(
-        pl.lit(-0.0).alias(field) for field in fields
+    fields = ("heart_rate", "spo2", "respiratory_rate")
+    readings = readings_named(["Jean Martin", "Anne Morel", "Lea Petit"]).with_columns(
+        pl.Series(field, [-0.0, 72.0, -0.0]) for field in fields
     )
 
     derived = transform(
@@ -765,7 +765,9 @@ def test_transform_writes_negative_zero_as_zero() -> None:
     )
 
     for field in fields:
-        assert math.copysign(1.0, derived[field].item()) == 1.0, field
+        signs = [math.copysign(1.0, value) for value in derived[field]]
+        assert signs == [1.0, 1.0, 1.0], field
+        assert derived[field].to_list() == [0.0, 72.0, 0.0], field
 
 
 @settings(max_examples=200, deadline=None)
