@@ -295,8 +295,8 @@ def _produce(settings: Settings, batch: list[tuple[str, bytes, bytes | None]]) -
             )
         if remaining or unreached:
             problems.append(
-                "check that the broker runs and that VITALS_KAFKA_BOOTSTRAP_SERVERS "
-                "points at it"
+                "check that the broker runs and responds, and that "
+                "VITALS_KAFKA_BOOTSTRAP_SERVERS points at it"
             )
         msg = (
             f"producing to the Kafka broker at {settings.kafka_bootstrap_servers}: "
