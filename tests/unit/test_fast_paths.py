@@ -116,6 +116,48 @@ def test_parse_matches_text_path_on_mutations(values: list[bytes]) -> None:
     assert sorted_rejects(rejects) == sorted_rejects(expected_rejects)
 
 
+#: Patient ids and names that each read check of to_typed reacts to, sent
+#: several times in one chunk as a monitor sends them.
+ODD_IDS = st.sampled_from(
+    ["PT-1", " PT-2 ", "PT\u200b3", "[1]", "", 42, [1], True, None]
+)
+ODD_NAMES = st.sampled_from(
+    [
+        *("Jean Martin", "Jean  Martin", " Anne\tMorel ", "Jean\u202eMartin"),
+        *("Ana\x07", "", " ", "true", "17", 42, True, ["a"], None),
+    ]
+)
+
+
+@settings(max_examples=60)
+@given(
+    pool=st.lists(st.tuples(ODD_IDS, ODD_NAMES), min_size=1, max_size=3),
+    picks=st.lists(st.integers(0, 2), min_size=2, max_size=20),
+)
+def test_parse_repeated_values_match_rows_alone(
+    pool: list[tuple[Any, Any]], picks: list[int]
+) -> None:
+    """A chunk whose ids and names repeat gives each row what parsing it alone gives."""
+    values: list[bytes | None] = []
+    for pick in picks:
+        patient_id, name = pool[pick % len(pool)]
+        values.append(encode(reading(patient_id=patient_id, name=name)))
+    raw = raw_frame(values)
+
+    typed, rejects = parse(raw, max_bytes=65_536, now=NOW)
+    alone = [
+        parse(raw.slice(row, 1), max_bytes=65_536, now=NOW)
+        for row in range(len(values))
+    ]
+
+    assert typed.equals(pl.concat([rows for rows, _ in alone]))
+    expected_rejects = pl.concat([found for _, found in alone])
+    columns = ("offset", "reason", "field", "detail")
+    assert sorted(rejects.select(columns).rows()) == sorted(
+        expected_rejects.select(columns).rows()
+    )
+
+
 def test_typed_where_possible_converts_the_other_columns() -> None:
     """One numeric string leaves only its own field to the text steps."""
     values = [encode(reading(patient_id=f"P{i}")) for i in range(10)]
