@@ -242,6 +242,8 @@ def _redis_failed(settings: Settings, error: Exception) -> str:
 def _produce(settings: Settings, batch: list[tuple[str, bytes, bytes | None]]) -> None:
     from confluent_kafka import KafkaError, KafkaException, Producer
 
+    from etl.config import kafka_client
+
     # Delivery errors meaning that no broker took the value: it timed out in
     # the producer's queue (message.timeout.ms), or every broker was down.
     no_broker = {
@@ -250,9 +252,6 @@ def _produce(settings: Settings, batch: list[tuple[str, bytes, bytes | None]]) -
         KafkaError._TRANSPORT,
         KafkaError._ALL_BROKERS_DOWN,
     }
-
-    from etl.config import kafka_client
-
     producer = kafka_client(Producer, settings.kafka_config())
     failures: list[str] = []
     unreached = 0

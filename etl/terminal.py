@@ -92,15 +92,11 @@ def _column_layout(column: Column, show_header: bool) -> _ColumnLayout:
     if column.overflow == "fold":
         return _ColumnLayout(natural, header_floor, header_floor)
     one_line = max([header_floor, *(value.maximum for value in values)])
-    wrapped = max(
-        [
-            header_floor,
-            *(
-                max(value.minimum, _first_word_width(cell))
-                for cell, value in zip(column.cells, values, strict=True)
-            ),
-        ]
-    )
+    narrowest = [
+        max(value.minimum, _first_word_width(cell))
+        for cell, value in zip(column.cells, values, strict=True)
+    ]
+    wrapped = max([header_floor, *narrowest])
     return _ColumnLayout(natural, one_line, wrapped)
 
 
@@ -115,8 +111,9 @@ def _first_word_width(cell: object) -> int:
         cell = cell.plain
     if not isinstance(cell, str):
         return 0
-    words = cell.lstrip(" ").split(maxsplit=1)
-    indent = len(cell) - len(cell.lstrip(" "))
+    text = cell.lstrip(" ")
+    words = text.split(maxsplit=1)
+    indent = len(cell) - len(text)
     return indent + (cell_len(words[0]) if words else 0)
 
 
