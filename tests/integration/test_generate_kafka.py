@@ -161,7 +161,7 @@ def test_progress_bar_shown_when_large(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv("TTY_COMPATIBLE", "1")  # Rich 14 and later: a terminal
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")  # Rich reads this as a terminal
     settings = _settings(_own_broker)
     assert produce_readings(settings, count=10_000, seed=20, progress=True) == 10_000
     assert "Producing readings" in capsys.readouterr().err

@@ -20,7 +20,7 @@ def test_print_table_keeps_indented_words(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, columns: int
 ) -> None:
     """On a narrow terminal, an indented value wraps but keeps its words whole."""
-    monkeypatch.setenv("TTY_COMPATIBLE", "1")  # Rich 14 and later: a terminal
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")  # Rich reads this as a terminal
     monkeypatch.setenv("COLUMNS", str(columns))
     table = Table(title="Batch on topic vitals", show_header=False)
     table.add_row("rejected", "12 -> hospital:north-wing:liste-patients:rejects")
