@@ -153,7 +153,8 @@ settings when they are defined.
         "owner": "data-engineering",
         "retries": 2,
         "retry_delay": timedelta(seconds=30),
-        # A float multiplier in Task SDK 1.3.2: 30 s, then 60 s.
+        # A float multiplier in Task SDK 1.3.2: the first retry 30 to 59 s after
+        # the failure (Airflow adds a delay fixed per task instance), then 60 s.
         "retry_exponential_backoff": 2.0,
         "max_retry_delay": timedelta(minutes=1),
         "execution_timeout": timedelta(minutes=2),

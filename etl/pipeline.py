@@ -652,6 +652,8 @@ MANIFEST: Final = "manifest.json"
 
 #: Suffix of the marker file that a staged load leaves before writing a chunk.
 ATTEMPTED: Final = ".attempted"
+#: The content of a marker from an older release once its chunk is written.
+#: Before that, such a marker contains the write id.
 _WRITTEN: Final = "done"
 
 
@@ -664,7 +666,7 @@ def drain_to_staging(
     and stored offsets, chunk files and counts.
     """
     staging.mkdir(parents=True, exist_ok=True)
-    for old in [*staging.glob("*.arrow"), *staging.glob(f"*{ATTEMPTED}")]:
+    for old in [*staging.glob("*.arrow"), *staging.glob(f"*{ATTEMPTED}*")]:
         old.unlink()
     started = time.monotonic()
     now = time.time() if now is None else now
@@ -711,6 +713,7 @@ def transform_staging(settings: Settings, staging: Path) -> dict[str, Any]:
     Two chunks are processed at once, as in :func:`run_batch`; the files of
     each chunk are written in drain order.
     """
+    started = time.monotonic()
     manifest = json.loads((staging / MANIFEST).read_text())
     expected: dict[int, int | None] = {
         int(p): o for p, o in manifest["stored_offsets"].items()
@@ -746,6 +749,7 @@ def transform_staging(settings: Settings, staging: Path) -> dict[str, Any]:
     finally:
         chunks.close()
     manifest["processed"] = processed
+    manifest["transform_s"] = round(time.monotonic() - started, 3)
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return {"chunks": len(processed), **totals}
 
@@ -799,10 +803,12 @@ def load_staging(settings: Settings, staging: Path) -> BatchReport:
             meta = json.loads((staging / f"chunk-{stem}.json").read_text())
             report.duplicates += meta["duplicates"]
             marker = staging / f"chunk-{stem}{ATTEMPTED}"
-            written_before = _written_by_earlier_attempt(marker, last_write)
-            result = _write_marked(sink, manifest["topic"], chunk, marker)
-            report.add(chunk, result)
-            if not result.concurrent or written_before:
+            earlier = _written_by_earlier_attempt(marker, last_write)
+            result = _write_marked(sink, manifest["topic"], chunk, marker, earlier)
+            # The run's report counts the rows of an earlier attempt as written,
+            # not as skipped, because they are this run's rows.
+            report.add(chunk, _counted(earlier, result))
+            if not result.concurrent or earlier is not None:
                 _keep_highest(written, chunk.next_offsets)
             else:
                 report.status = "concurrent_batch"
@@ -818,7 +824,9 @@ def load_staging(settings: Settings, staging: Path) -> BatchReport:
         if source is not None:
             source.close()
         sink.close()
-    report.duration_s = manifest["drain_s"] + time.monotonic() - started
+    # The run's work: its drain, its transform and this load attempt.
+    work_s = manifest["drain_s"] + manifest.get("transform_s", 0.0)
+    report.duration_s = work_s + time.monotonic() - started
     (staging / "report.json").write_text(json.dumps(report.to_dict(), indent=1))
     return report
 
@@ -838,28 +846,73 @@ def _staged_commit(
     return {p: stored[p] if stored[p] <= drained[p] else written[p] for p in written}
 
 
-def _written_by_earlier_attempt(marker: Path, last_write: str | None) -> bool:
-    """Tell whether an earlier attempt of this staged load applied the chunk of ``marker``.
+def _written_by_earlier_attempt(
+    marker: Path, last_write: str | None
+) -> WriteResult | bool | None:
+    """Return what an earlier attempt of this staged load wrote of the chunk of ``marker``.
 
-    The marker contains ``done`` after a write, or the id of a write that was
-    sent. That write was applied if it is ``last_write``, the topic's last
-    write when this load started.
+    Returns None when no earlier attempt applied a write of the chunk, and
+    True when one did but its marker, from an older release, does not say
+    what it wrote. The marker is a JSON object: ``write_id`` is the last
+    write sent, and ``pending`` what that write contains, recorded before
+    it was sent. That write was applied if it is ``last_write``, the
+    topic's last write when this load started. ``applied`` is what an
+    applied write wrote.
     """
     if not marker.exists():
-        return False
-    earlier = marker.read_text().strip()
-    return earlier in (_WRITTEN, last_write)
+        return None
+    text = marker.read_text().strip()
+    if not text.startswith("{"):
+        return True if text in (_WRITTEN, last_write) else None
+    state = json.loads(text)
+    if state.get("applied") is not None:
+        return WriteResult(**state["applied"])
+    if state["write_id"] == last_write:
+        pending = state.get("pending")
+        return WriteResult(**pending) if pending is not None else True
+    return None
+
+
+def _counted(earlier: WriteResult | bool | None, result: WriteResult) -> WriteResult:
+    """Return what the report counts for a chunk: the earlier write, unless this one wrote.
+
+    This write writes something after an earlier one only when Redis lost
+    what the earlier one wrote. What Redis then contains is this write's.
+    """
+    wrote_nothing = not (result.written or result.rejected or result.alerts)
+    return earlier if isinstance(earlier, WriteResult) and wrote_nothing else result
 
 
 def _write_marked(
-    sink: RedisSink, topic: str, chunk: Chunk, marker: Path
+    sink: RedisSink,
+    topic: str,
+    chunk: Chunk,
+    marker: Path,
+    earlier: WriteResult | bool | None,
 ) -> WriteResult:
-    """Write ``chunk`` with its write id in ``marker`` first, and ``done`` there after."""
-    write_id = uuid.uuid4().hex
-    marker.write_text(write_id)
-    result = sink.write_chunk(topic, chunk, write_id=write_id)
-    marker.write_text(_WRITTEN)
+    """Write ``chunk``, keeping in ``marker`` what each write sends and what was applied."""
+    state: dict[str, Any] = {
+        "write_id": uuid.uuid4().hex,
+        "pending": None,
+        "applied": asdict(earlier) if isinstance(earlier, WriteResult) else None,
+    }
+
+    def record(pending: WriteResult) -> None:
+        state["pending"] = asdict(pending)
+        _save_marker(marker, state)
+
+    _save_marker(marker, state)
+    result = sink.write_chunk(topic, chunk, write_id=state["write_id"], on_send=record)
+    state["applied"] = asdict(_counted(earlier, result))
+    _save_marker(marker, state)
     return result
+
+
+def _save_marker(marker: Path, state: dict[str, Any]) -> None:
+    """Replace ``marker`` with ``state`` at once, so that a crash leaves the old or the new one."""
+    partial = marker.with_name(marker.name + ".tmp")
+    partial.write_text(json.dumps(state))
+    partial.replace(marker)
 
 
 def _check_still_same_topic(

@@ -32,7 +32,7 @@ from redis.connection import SSLConnection, parse_url
 from etl.config import ENV_PREFIX, ConfigurationError
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Callable, Iterable
 
     from etl.config import Settings
 
@@ -383,21 +383,30 @@ class RedisSink:
         return self._topic_ids.get(topic)
 
     def write_chunk(
-        self, topic: str, chunk: Chunk, *, write_id: str | None = None
+        self,
+        topic: str,
+        chunk: Chunk,
+        *,
+        write_id: str | None = None,
+        on_send: Callable[[WriteResult], None] | None = None,
     ) -> WriteResult:
         """Write one chunk in one transaction; retry transient failures safely.
 
         A retry re-reads the stored offsets, so if an earlier attempt's EXEC
         succeeded before its reply was lost, the retry writes nothing again.
         The transaction stores ``write_id`` (random by default) as the topic's
-        last write, which :meth:`last_write_id` returns.
+        last write, which :meth:`last_write_id` returns. ``on_send`` receives
+        what each transaction writes just before it is sent, so that a caller
+        can keep it for a later process that finds ``write_id`` applied.
         """
         delay = _RETRY_BASE_S
         write_id = write_id or uuid.uuid4().hex
         sent: list[WriteResult] = []
         for attempt in range(1, _RETRIES + 1):
             try:
-                result = self._write_once(topic, chunk, write_id=write_id, sent=sent)
+                result = self._write_once(
+                    topic, chunk, write_id=write_id, sent=sent, on_send=on_send
+                )
             except redis.WatchError as exc:
                 # redis-py raises WatchError for a lost connection while
                 # watching too; only a real conflict has no such cause.
@@ -488,7 +497,13 @@ class RedisSink:
             raise ConfigurationError(msg)
 
     def _write_once(
-        self, topic: str, chunk: Chunk, *, write_id: str, sent: list[WriteResult]
+        self,
+        topic: str,
+        chunk: Chunk,
+        *,
+        write_id: str,
+        sent: list[WriteResult],
+        on_send: Callable[[WriteResult], None] | None,
     ) -> WriteResult:
         """Write the chunk in one transaction; ``sent`` collects what each attempt sent."""
         settings = self._settings
@@ -574,6 +589,8 @@ class RedisSink:
                 counts,
             )
             sent.append(result)
+            if on_send is not None:
+                on_send(result)
             try:
                 _exec_transaction(connection, commands)
             finally:

@@ -31,6 +31,7 @@ from etl.cli import main
 from etl.config import Settings
 from etl.pipeline import (
     ATTEMPTED,
+    MANIFEST,
     BatchReport,
     drain_to_staging,
     load_staging,
@@ -494,8 +495,14 @@ def test_staged_load_retried_after_timeout_writes_once(
         load_staging(chunked, tmp_path)
     retried = load_staging(chunked, tmp_path)
 
-    assert retried.written + retried.rejected == len(produced) - 200
-    assert retried.skipped == 200
+    # The retry's report is the run's, so it counts the first attempt's chunks too.
+    assert retried.written + retried.rejected == len(produced)
+    assert retried.skipped == 0
+    assert retried.written == redis_client.llen(settings.redis_list_key)
+    assert retried.alerts == redis_client.llen(settings.redis_alerts_key)
+    assert sum(retried.bp_status.values()) == retried.written
+    manifest = json.loads((tmp_path / MANIFEST).read_text())
+    assert retried.duration_s >= manifest["drain_s"] + manifest["transform_s"]
     assert retried.status == "ok"
     assert_accounted(redis_client, settings, produced)
 
@@ -561,7 +568,9 @@ def test_staged_load_retry_keeps_later_commit(
     retried = load_staging(chunked, tmp_path)
 
     assert retried.status == "concurrent_batch"
-    assert retried.written + retried.rejected == 0
+    # The first chunk, of 100 records, which the first attempt wrote.
+    assert retried.written + retried.rejected == 100
+    assert retried.skipped == len(produced) - produced_after_drain - 100
     assert committed_by_batch == stored_offsets(redis_client, settings)
     assert kafka_committed(settings, PARTITIONS) == committed_by_batch
     assert_accounted(redis_client, settings, produced)

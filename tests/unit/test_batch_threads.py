@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+from dataclasses import asdict
 from pathlib import Path
 
 import polars as pl
@@ -12,8 +13,10 @@ import pytest
 from etl.pipeline import (
     MANIFEST,
     BatchReport,
+    _counted,
     _process_ahead,
     _WriteBehind,
+    _written_by_earlier_attempt,
     load_chunk_file,
     transform_staging,
 )
@@ -265,7 +268,9 @@ def test_staged_transform_matches_chunk_order(tmp_path: Path) -> None:
     ends = [sum(sizes[: n + 1]) for n in range(len(sizes))]
     starts: list[int | None] = [None, *ends[:-1]]
     stems = [name.removeprefix("raw-").removesuffix(".arrow") for name in names]
-    assert json.loads((tmp_path / MANIFEST).read_text())["processed"] == stems
+    manifest = json.loads((tmp_path / MANIFEST).read_text())
+    assert manifest["processed"] == stems
+    assert manifest["transform_s"] >= 0
     assert totals == {
         "chunks": 5,
         "rows": sum(sizes) - 5,
@@ -280,3 +285,65 @@ def test_staged_transform_matches_chunk_order(tmp_path: Path) -> None:
         assert chunk.next_offsets == {0: end}
         assert chunk.rows["offset"].to_list() == list(range(end - size, end - 1))
         assert chunk.rejects["offset"].to_list() == [end - 1]
+
+
+EARLIER = WriteResult(90, 10, 3, 0, False, {"bp_status:Normal": 90})
+SKIPPED = WriteResult(0, 0, 0, 100, True)
+
+
+def marker_state(
+    write_id: str,
+    *,
+    pending: WriteResult | None = None,
+    applied: WriteResult | None = None,
+) -> str:
+    return json.dumps(
+        {
+            "write_id": write_id,
+            "pending": None if pending is None else asdict(pending),
+            "applied": None if applied is None else asdict(applied),
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        pytest.param(None, None, id="no-marker"),
+        # Markers of older releases: "done", or the id of the write sent.
+        pytest.param("done", True, id="older-done"),
+        pytest.param("last-id", True, id="older-applied-id"),
+        pytest.param("other-id", None, id="older-unapplied-id"),
+        pytest.param(marker_state("other-id", applied=EARLIER), EARLIER, id="applied"),
+        # The write was applied, but the load failed before recording it.
+        pytest.param(
+            marker_state("last-id", pending=EARLIER), EARLIER, id="pending-applied"
+        ),
+        pytest.param(marker_state("last-id"), True, id="applied-before-pending"),
+        pytest.param(
+            marker_state("other-id", pending=EARLIER), None, id="pending-unapplied"
+        ),
+    ],
+)
+def test_earlier_attempt_read_from_marker(
+    tmp_path: Path, content: str | None, expected: WriteResult | bool | None
+) -> None:
+    marker = tmp_path / "chunk-00000.attempted"
+    if content is not None:
+        marker.write_text(content)
+
+    assert _written_by_earlier_attempt(marker, "last-id") == expected
+
+
+def test_counted_prefers_earlier_write() -> None:
+    """A chunk that an earlier attempt wrote counts as written, not as skipped."""
+    assert _counted(EARLIER, SKIPPED) == EARLIER
+    assert _counted(True, SKIPPED) == SKIPPED
+    assert _counted(None, EARLIER) == EARLIER
+
+
+def test_counted_takes_rewrite_after_lost_data() -> None:
+    """When Redis lost the earlier write, what it contains is the new write's."""
+    rewritten = WriteResult(100, 0, 0, 0, False)
+
+    assert _counted(EARLIER, rewritten) == rewritten
