@@ -74,13 +74,31 @@ def readings(count: int, *, seed: int, start: float) -> list[bytes | None]:
     return values
 
 
+#: Readings of PT-0001 without respiratory rate or consciousness, so that this
+#: patient has the most readings and none with a NEWS2 score.
+UNSCORED = [
+    encode(
+        {
+            "patient_id": "PT-0001",
+            "name": "Lucas Brennan",
+            "age": 34,
+            "blood_pressure": "120/80",
+            "heart_rate": 70,
+            "temperature": 37.0,
+            "timestamp": time.time() - 3600 - 60 * minute,
+        }
+    )
+    for minute in range(3)
+]
+
+
 def fill_redis(settings: Settings) -> None:
     """Produce readings with some malformed ones, and load them with two batches."""
     create_topic(settings, partitions=2)
     start = time.time() - 6 * 3600
     produce(settings, readings(30, seed=1, start=start) + MALFORMED[:4])
     run_batch(settings)
-    produce(settings, readings(30, seed=2, start=start + 60) + MALFORMED[4:])
+    produce(settings, readings(30, seed=2, start=start + 60) + MALFORMED[4:] + UNSCORED)
     run_batch(settings)
 
 
@@ -177,6 +195,15 @@ def test_notebook_draws_every_figure(
     ]
     assert errors == []
     assert count_images(notebook) == FIGURES[name]
+
+
+def test_explore_notebook_charts_scored_patient(
+    executed: dict[str, nbformat.NotebookNode],
+) -> None:
+    """By default the NEWS2 chart shows the patient with the most scores, not the most readings."""
+    text = printed_text(executed["01_explore_vitals.ipynb"])
+
+    assert "Patient PT-0000: 10 readings, 10 with a NEWS2 score" in text
 
 
 def test_rejects_notebook_replays_same_reasons(
