@@ -246,6 +246,18 @@ def test_bar_charts_filter_stats_fields(dashboard: dict[str, Any]) -> None:
         assert options["include"]["pattern"] == f"^{prefix}:.*"
 
 
+def test_bp_chart_names_unclassified_readings(dashboard: dict[str, Any]) -> None:
+    """The stats field bp_status:none shows as the label the notebook gives it."""
+    panel = panel_by_title(dashboard, "Blood-pressure category (all readings)")
+    renames = [
+        step["options"]
+        for step in panel["transformations"]
+        if step["id"] == "renameByRegex"
+    ]
+
+    assert {"regex": "^none$", "renamePattern": "Not classified"} in renames
+
+
 def test_time_series_plots_report_fields(dashboard: dict[str, Any]) -> None:
     panel = panel_by_title(
         dashboard, "Batches: rows written, rows rejected and throughput"
