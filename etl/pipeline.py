@@ -111,6 +111,7 @@ class BatchReport:
             "rejected": self.rejected,
             "tombstones": self.rejected_by_reason.get(Reason.TOMBSTONE.value, 0),
             "duplicates": self.duplicates,
+            "skipped": self.skipped,
             "alerts": self.alerts,
             "duration_s": round(self.duration_s, 3),
             "rate_per_s": round(self.rate_per_s, 1),

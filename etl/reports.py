@@ -1,7 +1,7 @@
 """Read batch reports back from the capped Redis stream that ``run_batch`` appends to.
 
 Each stream entry has flat fields (status, read, written, rejected, tombstones,
-duplicates, alerts, duration_s, rate_per_s) and a ``report`` field with the
+duplicates, skipped, alerts, duration_s, rate_per_s) and a ``report`` field with the
 whole report as JSON (counts by reason, by blood-pressure status and by NEWS2
 risk, offsets per partition).
 """
@@ -28,6 +28,7 @@ COUNT_FIELDS: Final = (
     "rejected",
     "tombstones",
     "duplicates",
+    "skipped",
     "alerts",
 )
 RATE_FIELDS: Final = ("duration_s", "rate_per_s")
@@ -45,6 +46,9 @@ class ReportEntry:
     rejected: int = 0
     tombstones: int = 0
     duplicates: int = 0
+    #: Records that another batch had written first (entries written before
+    #: this field existed read 0).
+    skipped: int = 0
     alerts: int = 0
     duration_s: float = 0.0
     rate_per_s: float = 0.0

@@ -234,6 +234,22 @@ def test_reports_frame_for_notebooks(settings: Settings) -> None:
     ]
 
 
+def test_reports_skipped_read_back() -> None:
+    """Records that another batch wrote first stay in the account of the entry."""
+    report = BatchReport(
+        topic="vitals", started_at="2024-06-10T06:00:00+00:00", read=10, written=5
+    )
+    report.rejected, report.duplicates, report.skipped = 2, 1, 2
+    fields = {name: str(value) for name, value in report.stream_fields().items()}
+
+    entry = parse_entry(b"1718000000000-0", fields)
+
+    assert entry.skipped == 2
+    assert (
+        entry.read == entry.written + entry.rejected + entry.duplicates + entry.skipped
+    )
+
+
 def test_reports_inf_nan_fields_zero() -> None:
     """Redis keeps any text in a stream field; such numbers must not stop `etl reports`."""
     entry = parse_entry(
