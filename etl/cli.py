@@ -432,7 +432,7 @@ def services_start(
             "The local broker starts with no topics, so the offsets of topic "
             f"{settings.kafka_topic} stored in the local Redis no longer apply: "
             f"removed {forgotten} fields of {settings.redis_offsets_key} "
-            "(the rows stay)."
+            "(the rows and the topic's id stay)."
         )
     for name, value in env.items():
         click.echo(f"export {name}={value}")

@@ -342,17 +342,16 @@ def _start_offsets(
     """
     partitions = source.partitions()
     stored = sink.stored_offsets(source.topic)
-    if partitions:
-        _check_same_topic(source, sink, stored)
+    renewed = _check_same_topic(source, sink, stored) if partitions else False
     missing = [p for p in partitions if p not in stored]
-    committed = source.committed(missing) if missing else {}
+    committed = source.committed(missing) if missing and not renewed else {}
     start = {p: stored.get(p, committed.get(p, OFFSET_BEGINNING)) for p in partitions}
     return start, stored
 
 
 def _check_same_topic(
     source: KafkaSource, sink: RedisSink, stored: dict[int, int]
-) -> None:
+) -> bool:
     """Fail when the stored offsets were written for another topic of the same name.
 
     A deleted and recreated topic, or one of a broker that lost its data,
@@ -360,12 +359,20 @@ def _check_same_topic(
     new end would otherwise make the batch skip the new records silently.
     Offsets stored without an id (by an older version, or after the id field
     was deleted) pass when Kafka still has committed offsets for the group,
-    which a recreated topic or a restarted broker without storage has lost.
+    which a recreated topic or a restarted broker without storage has lost,
+    unless a batch that ran across the restart committed again.
     Otherwise the sink records the current id with the offsets it writes.
+
+    Returns True when Redis records another id and no offsets: the topic is
+    new since Redis's last write, and Kafka's committed offsets of the group
+    may be those of the old topic. A batch that ran across a restart of a
+    broker without storage can commit its offsets on the restarted broker,
+    after ``etl services start`` removed them from Redis, so they must not
+    be read.
     """
     current = source.topic_id()
     if current is None:
-        return
+        return False
     topic = source.topic
     recorded = sink.stored_topic_id(topic)
     reset_command = reset_offsets_command(sink.settings, topic, stored)
@@ -388,7 +395,16 @@ def _check_same_topic(
             f"{sink.cli_command('HSET', sink.offsets_key, topic_id_field(topic), current)}"
         )
         raise OffsetsOutOfRange(msg)
-    sink.set_topic_id(topic, current)
+    renewed = not stored and recorded not in (None, current)
+    sink.set_topic_id(topic, current, replaces=recorded if renewed else None)
+    if renewed:
+        logger.warning(
+            "Topic %s has a new id since Redis stored its offsets; Kafka's committed "
+            "offsets of the group may be the old topic's, so the batch starts at "
+            "the earliest offset",
+            topic,
+        )
+    return renewed
 
 
 def run_batch(settings: Settings, *, now: float | None = None) -> BatchReport:
@@ -562,8 +578,9 @@ class _WriteBehind:
                     # a chunk that met another write may be partly unwritten,
                     # so neither is committed here.
                     # NOTE: the topic id is not checked again here. A topic
-                    # recreated between the write and this commit would get the
-                    # old offsets (Redis stays right, and the next batch fails).
+                    # recreated between the write and this commit gets the old
+                    # offsets. Redis stays right, and the next batch ignores
+                    # Kafka's commits while Redis records the old topic's id.
                     self._source.commit(chunk.next_offsets)
                     _keep_highest(self.written, chunk.next_offsets)
                 else:
@@ -695,6 +712,7 @@ def drain_to_staging(
             "start_offsets": {str(p): o for p, o in start.items()},
             "stored_offsets": {str(p): o for p, o in stored.items()},
             "topic_id": sink.topic_id(settings.kafka_topic),
+            "replaced_topic_id": sink.replaced_topic_id(settings.kafka_topic),
             "raw_files": files,
             "read": source.stats.read,
             "stop_reason": source.stats.stop_reason,
@@ -785,7 +803,9 @@ def load_staging(settings: Settings, staging: Path) -> BatchReport:
     sink = RedisSink(settings)
     drained_id = manifest.get("topic_id")
     if drained_id:
-        sink.set_topic_id(manifest["topic"], drained_id)
+        sink.set_topic_id(
+            manifest["topic"], drained_id, replaces=manifest.get("replaced_topic_id")
+        )
     source: KafkaSource | None = None
     try:
         sink.check()

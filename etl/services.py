@@ -409,13 +409,23 @@ def forget_stale_offsets(
 
 
 def forget_offsets(redis_url: str, offsets_key: str, topic: str) -> int:
-    """Delete the fields of ``topic`` from the offsets hash; return how many there were."""
+    """Delete the fields of ``topic`` from the offsets hash; return how many there were.
+
+    The topic id stays. A batch that ran while the broker restarted may still
+    commit its offsets to Kafka, and the next batch ignores such commits
+    while Redis records an id other than the new topic's.
+    """
     import redis
+
+    from etl.sink import topic_id_field
 
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     try:
         names = [str(name) for name in client.hkeys(offsets_key)]
-        fields = [name for name in names if name.startswith(f"{topic}:")]
+        id_field = topic_id_field(topic)
+        fields = [
+            name for name in names if name.startswith(f"{topic}:") and name != id_field
+        ]
         if fields:
             client.hdel(offsets_key, *fields)
     finally:

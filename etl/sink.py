@@ -157,6 +157,9 @@ class RedisSink:
         # every later write checks that Redis still has at least that much.
         self._stored_by_us: dict[str, dict[int, int]] = {}
         self._topic_ids: dict[str, str] = {}
+        #: Per topic, the id of an older topic of the same name that Redis may
+        #: still record, with no offsets, and that the first write replaces.
+        self._replaced_ids: dict[str, str] = {}
 
     @property
     def settings(self) -> Settings:
@@ -374,13 +377,26 @@ class RedisSink:
             raise SinkError(msg) from exc
         return _decoded(value)
 
-    def set_topic_id(self, topic: str, topic_id: str) -> None:
-        """Record ``topic_id`` with the offsets of every later write to ``topic``."""
+    def set_topic_id(
+        self, topic: str, topic_id: str, *, replaces: str | None = None
+    ) -> None:
+        """Record ``topic_id`` with the offsets of every later write to ``topic``.
+
+        ``replaces`` is the id that Redis records for an older topic of the same
+        name whose offsets were removed. A write replaces it while Redis stores
+        no offset of the chunk's partitions.
+        """
         self._topic_ids[topic] = topic_id
+        if replaces is not None:
+            self._replaced_ids[topic] = replaces
 
     def topic_id(self, topic: str) -> str | None:
         """Return the id given to :meth:`set_topic_id`, if any."""
         return self._topic_ids.get(topic)
+
+    def replaced_topic_id(self, topic: str) -> str | None:
+        """Return the ``replaces`` id given to :meth:`set_topic_id`, if any."""
+        return self._replaced_ids.get(topic)
 
     def write_chunk(
         self,
@@ -527,7 +543,10 @@ class RedisSink:
                     lists_from_field(topic),
                 ],
             )
-            _check_same_topic_id(topic, topic_id, stored_id)
+            if _decoded(stored_id) != self._replaced_ids.get(topic) or any(
+                value is not None for value in raw
+            ):
+                _check_same_topic_id(topic, topic_id, stored_id)
             if sent and last_write in (write_id, write_id.encode()):
                 logger.warning(
                     "The previous write attempt of this chunk was applied although "
@@ -745,8 +764,9 @@ def _check_still_stored(partition: int, offset: int, stored: int | None) -> None
         msg = (
             f"the stored offset of partition {partition} ({offset}) vanished from "
             "Redis during the batch (FLUSHDB, a restart without persistence, "
-            "eviction or a deleted field), and the rows written before it may be "
-            "gone too; "
+            "eviction, a deleted field, or 'etl services start' after the local "
+            "broker restarted without its topics), and the rows written before "
+            "it may be gone too; "
             "Kafka's committed offsets follow Redis, so read docs/operations.md "
             "(The delivery guarantee) before rerunning"
         )

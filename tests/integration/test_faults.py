@@ -38,7 +38,7 @@ from etl.pipeline import (
     run_batch,
     transform_staging,
 )
-from etl.services import Service, free_port, start_broker
+from etl.services import Service, forget_offsets, free_port, start_broker
 from etl.sink import OffsetConflict, RedisSink, SinkError
 from etl.source import KafkaSource, OffsetsOutOfRange, SourceError
 from tests.conftest import Broker, create_topic, encode, make_settings, reading
@@ -964,6 +964,44 @@ def test_wrong_hset_during_batch_is_not_committed(
     assert report.status == "concurrent_batch"
     assert committed == {0: 200}
     assert_accounted(redis_client, settings, produced)
+
+
+@pytest.mark.parametrize("staged", [False, True])
+def test_stale_commit_after_broker_restart_ignored(
+    redis_service: str,
+    storeless_broker: StorelessBroker,
+    tmp_path: Path,
+    staged: bool,
+) -> None:
+    """A commit sent across a broker restart does not make the next batch skip records.
+
+    A batch that ran while the broker restarted commits on the restarted
+    broker, after 'etl services start' removed the topic's offsets from Redis.
+    """
+    settings = make_settings(storeless_broker.bootstrap, redis_service)
+    create_topic(settings, PARTITIONS)
+    produce_tracked(settings, mixed_values(60))
+    run_batch(settings)
+    storeless_broker.restart()
+    forget_offsets(redis_service, settings.redis_offsets_key, settings.kafka_topic)
+    create_topic(settings, PARTITIONS)
+    produce_tracked(settings, mixed_values(300))
+    late = KafkaSource(settings)
+    try:
+        late.commit(dict.fromkeys(range(PARTITIONS), 20))
+    finally:
+        late.close()
+
+    if staged:
+        drain_to_staging(settings, tmp_path / "staging")
+        transform_staging(settings, tmp_path / "staging")
+        report = load_staging(settings, tmp_path / "staging")
+    else:
+        report = run_batch(settings)
+
+    assert report.read == 300
+    assert report.written + report.rejected == 300
+    assert report.status == "ok"
 
 
 def test_recreated_topic_without_stored_id_fails(

@@ -35,12 +35,17 @@ class FakeSink:
     def __init__(self, recorded: str | None) -> None:
         self.recorded = recorded
         self.to_record: str | None = None
+        self.to_replace: str | None = None
+        self.renewed: bool | None = None
 
     def stored_topic_id(self, topic: str) -> str | None:
         return self.recorded
 
-    def set_topic_id(self, topic: str, topic_id: str) -> None:
+    def set_topic_id(
+        self, topic: str, topic_id: str, *, replaces: str | None = None
+    ) -> None:
         self.to_record = topic_id
+        self.to_replace = replaces
 
     settings = load_settings(redis_url=REDIS_URL)
 
@@ -56,7 +61,7 @@ def check(
 ) -> Any:
     sink = FakeSink(recorded)
     source = FakeSource(current, stored if committed is None else committed)
-    _check_same_topic(source, sink, stored)  # type: ignore[arg-type]
+    sink.renewed = _check_same_topic(source, sink, stored)  # type: ignore[arg-type]
     return sink
 
 
@@ -91,6 +96,24 @@ def test_id_written_with_next_offsets(
     assert sink.to_record == "id-1"
 
 
+@pytest.mark.parametrize(
+    ("recorded", "stored", "renewed"),
+    [
+        pytest.param("id-1", {}, False, id="same-id"),
+        pytest.param(None, {}, False, id="no-id"),
+        # Offsets removed after a broker restart: Kafka's commits may be stale.
+        pytest.param("old-id", {}, True, id="other-id"),
+    ],
+)
+def test_other_id_without_offsets_ignores_commits(
+    recorded: str | None, stored: dict[int, int], renewed: bool
+) -> None:
+    sink = check("id-1", recorded, stored)
+
+    assert sink.renewed is renewed
+    assert sink.to_replace == ("old-id" if renewed else None)
+
+
 def test_offsets_without_id_or_commits_fail() -> None:
     with pytest.raises(OffsetsOutOfRange) as failure:
         check("id-1", None, {0: 187}, committed={})
@@ -107,3 +130,4 @@ def test_broker_without_ids_skips_check() -> None:
     sink = check(None, "old-id", {0: 5})
 
     assert sink.to_record is None
+    assert sink.renewed is False
