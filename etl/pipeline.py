@@ -631,12 +631,18 @@ class _WriteBehind:
             self._queue.put(None)
         self._thread.join()
         if self._error is not None:
-            # On Ctrl-C, Polars raises KeyboardInterrupt in the thread that runs
-            # a query (pola-rs/polars#20961), and it has no message.
-            logger.error(
-                "Writing to Redis failed while the batch stopped: %s",
-                str(self._error) or type(self._error).__name__,
-            )
+            if isinstance(self._error, KeyboardInterrupt):
+                # On Ctrl-C, Polars raises KeyboardInterrupt in the thread that
+                # runs a query (pola-rs/polars#20961). Nothing failed in Redis.
+                logger.warning(
+                    "Writing to Redis stopped on the interrupt; each chunk is in "
+                    "Redis whole, with its offsets, or not at all"
+                )
+            else:
+                logger.error(
+                    "Writing to Redis failed while the batch stopped: %s",
+                    str(self._error) or type(self._error).__name__,
+                )
             self._error = None
 
     def _raise_error(self) -> None:

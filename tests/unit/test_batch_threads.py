@@ -206,15 +206,31 @@ def test_process_ahead_close_stops_early() -> None:
 
 
 @pytest.mark.parametrize(
-    ("error", "logged"),
+    ("error", "logged", "level"),
     [
-        pytest.param(SinkError("injected: Redis went away"), "injected", id="sink"),
+        pytest.param(
+            SinkError("injected: Redis went away"),
+            "Writing to Redis failed while the batch stopped: injected",
+            "ERROR",
+            id="sink",
+        ),
+        pytest.param(
+            ValueError(),
+            "Writing to Redis failed while the batch stopped: ValueError",
+            "ERROR",
+            id="bare",
+        ),
         # On Ctrl-C, Polars raises a KeyboardInterrupt without a message in the thread.
-        pytest.param(KeyboardInterrupt(), "stopped: KeyboardInterrupt", id="bare"),
+        pytest.param(
+            KeyboardInterrupt(),
+            "Writing to Redis stopped on the interrupt",
+            "WARNING",
+            id="interrupt",
+        ),
     ],
 )
 def test_write_behind_close_logs_unraised_error(
-    caplog: pytest.LogCaptureFixture, error: BaseException, logged: str
+    caplog: pytest.LogCaptureFixture, error: BaseException, logged: str, level: str
 ) -> None:
     """The caller failed first: the write error still reaches the log, and retries stop."""
     sink = FakeSink(fail_at=0, error=error)
@@ -225,8 +241,9 @@ def test_write_behind_close_logs_unraised_error(
     writer._thread.join(5)
     writer.close()
 
-    assert "Writing to Redis failed while the batch stopped" in caplog.text
-    assert logged in caplog.text
+    [record] = [r for r in caplog.records if r.name == "etl.pipeline"]
+    assert logged in record.getMessage()
+    assert record.levelname == level
 
 
 def test_write_behind_close_cancels_pending_retries() -> None:
