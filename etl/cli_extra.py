@@ -346,7 +346,9 @@ def _reports_table(entries: list[ReportEntry], *, key: str) -> Table:
             str(entry.read),
             str(entry.written),
             str(entry.rejected),
-            str(entry.duplicates),
+            # As in the summary of etl run: records delivered twice, and records
+            # that another batch had written first.
+            str(entry.duplicates + entry.skipped),
             str(entry.alerts),
             f"{entry.duration_s:.2f} s",
             f"{entry.rate_per_s:,.0f}/s",

@@ -140,6 +140,30 @@ def test_reports_piped_prints_whole_values(
 
 
 @pytest.mark.integration
+def test_reports_table_adds_skipped_to_duplicates(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    """The duplicates column counts what etl run's "duplicates skipped" line counts."""
+    add_report(
+        redis_client,
+        settings,
+        "vitals",
+        status="concurrent_batch",
+        read=90,
+        written=80,
+        rejected=3,
+        duplicates=2,
+        skipped=5,
+    )
+
+    result = CliRunner().invoke(main, ["reports"], env=settings_env(settings))
+    [row] = [line for line in plain_lines(result.stdout) if "concurrent_batch" in line]
+
+    assert result.exit_code == 0, result.output
+    assert row.split("│")[7].strip() == "7"
+
+
+@pytest.mark.integration
 @pytest.mark.parametrize("columns", [80, 100])
 def test_reports_terminal_fits_width(
     settings: Settings, redis_client: redis.Redis, columns: int
