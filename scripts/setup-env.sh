@@ -36,21 +36,38 @@ find_python() {
 }
 
 install_project() {
-  local python stamp
+  local python digest
   if [ ! -x "$VENV/bin/python" ]; then
     python=$(find_python) || return 1
     "$python" -m venv "$VENV"
     "$VENV/bin/python" -m pip install -q --upgrade pip
   fi
-  # What the last install read: the clone, its pins and the extras. When it
-  # is unchanged, pip has nothing to do and needs no package index.
-  stamp="$(pwd) $EXTRAS $(cat constraints.txt pyproject.toml | sha256sum)"
-  if [ "$(cat "$VENV/.vitals-install" 2>/dev/null)" = "$stamp" ]; then
+  # The stamp records what the last install read: the clone, the hash of its
+  # pins, and the extras. While the clone and the pins are the same and the
+  # extras include those of EXTRAS, pip has nothing to do and needs no
+  # package index.
+  digest=$(cat constraints.txt pyproject.toml | sha256sum)
+  if stamp_covers "$VENV/.vitals-install" "$(pwd)" "$digest" "$EXTRAS"; then
     return 0
   fi
   # A failed install may leave some packages changed, so it leaves no stamp.
   rm -f "$VENV/.vitals-install"
   # constraints.txt pins every package, so each install resolves the same versions.
   "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[$EXTRAS]" &&
-    echo "$stamp" >"$VENV/.vitals-install"
+    printf '%s\n%s\n%s\n' "$(pwd)" "$digest" "$EXTRAS" >"$VENV/.vitals-install"
+}
+
+# stamp_covers STAMP CLONE DIGEST EXTRAS: succeed when the install that wrote
+# STAMP was of CLONE with pins of DIGEST and every extra of EXTRAS.
+stamp_covers() {
+  local stamp=$1 extra installed
+  local -a wanted
+  [ -f "$stamp" ] || return 1
+  [ "$(sed -n 1p "$stamp")" = "$2" ] || return 1
+  [ "$(sed -n 2p "$stamp")" = "$3" ] || return 1
+  installed=",$(sed -n 3p "$stamp"),"
+  IFS=, read -ra wanted <<<"$4"
+  for extra in "${wanted[@]}"; do
+    [[ $installed == *",$extra,"* ]] || return 1
+  done
 }
