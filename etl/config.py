@@ -591,17 +591,20 @@ def load_settings(
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
+            # Pydantic starts the message of a ValueError raised by a validator
+            # with "Value error, ", which says nothing to the reader.
+            message = error["msg"].removeprefix("Value error, ")
             if not error["loc"]:
                 # A check across fields: its input is every setting, secrets
                 # included, so only its message is shown.
-                problems.append(error["msg"])
+                problems.append(message)
                 continue
             field = str(error["loc"][0])
             source = f"{ENV_PREFIX}{field.upper()}"
             if option_names and field in overrides and field in option_names:
                 source = option_names[field]
             shown = _shown_input(field, error.get("input"))
-            problems.append(f"{source}={shown!r}: {error['msg']}")
+            problems.append(f"{source}={shown!r}: {message}")
         msg = "invalid settings: " + "; ".join(problems)
         raise ConfigurationError(msg) from None
 
