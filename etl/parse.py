@@ -110,6 +110,11 @@ ISO_8601_PATTERN: Final = (
     r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]+)?"
     r"(?:[Zz]|[+-][0-9]{2}(?::?[0-9]{2})?)$"
 )
+#: ISO-8601 date and time with no offset, which :data:`ISO_FORMAT` rejects
+#: because the instant it names depends on a time zone that it does not give.
+ISO_8601_LOCAL_PATTERN: Final = (
+    r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}(?::[0-9]{2}(?:\.[0-9]+)?)?$"
+)
 #: ASCII digits only: ``\d`` also matches other scripts' digits ("١٢٠"), which
 #: the integer cast cannot read.
 BLOOD_PRESSURE_PATTERN: Final = (
@@ -759,6 +764,13 @@ def _epoch_seconds(typed: frozenset[str]) -> pl.Expr:
     return pl.coalesce(from_number, from_iso)
 
 
+def _local_time(field: str, typed: frozenset[str]) -> pl.Expr:
+    """Tell whether ``field`` is a date and time in ISO-8601 with no offset."""
+    if field in typed:
+        return pl.lit(False)
+    return _text(field).str.contains(ISO_8601_LOCAL_PATTERN).fill_null(False)
+
+
 def _boolean(field: str, typed: frozenset[str]) -> pl.Expr:
     if field in typed:
         return pl.col(field)
@@ -834,6 +846,12 @@ def _read_checks(
             Reason.WRONG_TYPE,
             "expected a number",
             _unreadable_number("temperature", typed),
+        ),
+        (
+            "timestamp",
+            Reason.TIMESTAMP_INVALID,
+            "ISO-8601 without an offset: add Z for UTC, or the offset such as +02:00",
+            _local_time("timestamp", typed) & seconds.is_null(),
         ),
         (
             "timestamp",

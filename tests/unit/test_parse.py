@@ -943,6 +943,30 @@ def test_unreadable_value_detail_uses_json_terms(value: bytes, detail: str) -> N
     assert reject["detail"] == detail
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "2024-06-10T06:13:20",
+        "2024-06-10 06:13:20",
+        "2024-06-10T06:13",
+        "2024-06-10T06:13:20.250",
+    ],
+)
+def test_local_time_detail_asks_for_offset(text: str) -> None:
+    (reject,) = rejects_of([encode(reading(timestamp=text))])
+
+    assert reject["reason"] == "timestamp_invalid"
+    assert reject["detail"].startswith("ISO-8601 without an offset: add Z")
+
+
+@pytest.mark.parametrize("text", ["yesterday", "2024-06-10", "2024-06-10T25"])
+def test_other_timestamp_text_keeps_generic_detail(text: str) -> None:
+    (reject,) = rejects_of([encode(reading(timestamp=text))])
+
+    assert reject["reason"] == "timestamp_invalid"
+    assert reject["detail"].startswith("expected epoch seconds")
+
+
 def test_early_timestamp_detail_names_earliest_time() -> None:
     _, rejects = run_chunk([encode(reading(timestamp=12))])
 
