@@ -342,16 +342,40 @@ def _start_offsets(
     """
     partitions = source.partitions()
     stored = sink.stored_offsets(source.topic)
-    renewed = _check_same_topic(source, sink, stored) if partitions else False
+    replaced = _check_same_topic(source, sink, stored) if partitions else None
+    if replaced is not None:
+        stored = _adopt_new_topic(source, sink, partitions, replaced)
     missing = [p for p in partitions if p not in stored]
-    committed = source.committed(missing) if missing and not renewed else {}
+    committed = source.committed(missing) if missing else {}
     start = {p: stored.get(p, committed.get(p, OFFSET_BEGINNING)) for p in partitions}
     return start, stored
 
 
+def _adopt_new_topic(
+    source: KafkaSource, sink: RedisSink, partitions: list[int], replaced: str
+) -> dict[int, int]:
+    """Store the earliest offset of every partition of a topic that Redis knew under another id.
+
+    Kafka's committed offsets of the group may be the old topic's, because
+    a batch that ran across a restart of a broker without storage can commit
+    its offsets on the restarted broker, after ``etl services start``
+    removed them from Redis. With a stored offset for every partition, no later
+    batch reads those commits. Returns the offsets stored afterwards.
+    """
+    topic = source.topic
+    earliest = source.earliest_offsets(partitions)
+    logger.warning(
+        "Topic %s has a new id since Redis stored its offsets; Kafka's committed "
+        "offsets of the group may be the old topic's, so the batch stores the "
+        "earliest offset of each partition in Redis and starts there",
+        topic,
+    )
+    return sink.adopt_topic(topic, earliest, replaced=replaced)
+
+
 def _check_same_topic(
     source: KafkaSource, sink: RedisSink, stored: dict[int, int]
-) -> bool:
+) -> str | None:
     """Fail when the stored offsets were written for another topic of the same name.
 
     A deleted and recreated topic, or one of a broker that lost its data,
@@ -363,16 +387,13 @@ def _check_same_topic(
     unless a batch that ran across the restart committed again.
     Otherwise the sink records the current id with the offsets it writes.
 
-    Returns True when Redis records another id and no offsets: the topic is
-    new since Redis's last write, and Kafka's committed offsets of the group
-    may be those of the old topic. A batch that ran across a restart of a
-    broker without storage can commit its offsets on the restarted broker,
-    after ``etl services start`` removed them from Redis, so they must not
-    be read.
+    Returns the id that Redis records when it is another one and Redis
+    stores no offsets: the topic is new since Redis's last write (see
+    :func:`_adopt_new_topic`). Returns None otherwise.
     """
     current = source.topic_id()
     if current is None:
-        return False
+        return None
     topic = source.topic
     recorded = sink.stored_topic_id(topic)
     reset_command = reset_offsets_command(sink.settings, topic, stored)
@@ -395,16 +416,8 @@ def _check_same_topic(
             f"{sink.cli_command('HSET', sink.offsets_key, topic_id_field(topic), current)}"
         )
         raise OffsetsOutOfRange(msg)
-    renewed = not stored and recorded not in (None, current)
-    sink.set_topic_id(topic, current, replaces=recorded if renewed else None)
-    if renewed:
-        logger.warning(
-            "Topic %s has a new id since Redis stored its offsets; Kafka's committed "
-            "offsets of the group may be the old topic's, so the batch starts at "
-            "the earliest offset",
-            topic,
-        )
-    return renewed
+    sink.set_topic_id(topic, current)
+    return recorded if not stored and recorded not in (None, current) else None
 
 
 def run_batch(settings: Settings, *, now: float | None = None) -> BatchReport:
@@ -579,8 +592,8 @@ class _WriteBehind:
                     # so neither is committed here.
                     # NOTE: the topic id is not checked again here. A topic
                     # recreated between the write and this commit gets the old
-                    # offsets. Redis stays right, and the next batch ignores
-                    # Kafka's commits while Redis records the old topic's id.
+                    # offsets. Redis stays right, and the next batch stores the
+                    # earliest offsets while Redis records the old topic's id.
                     self._source.commit(chunk.next_offsets)
                     _keep_highest(self.written, chunk.next_offsets)
                 else:
@@ -718,7 +731,6 @@ def drain_to_staging(
             "start_offsets": {str(p): o for p, o in start.items()},
             "stored_offsets": {str(p): o for p, o in stored.items()},
             "topic_id": sink.topic_id(settings.kafka_topic),
-            "replaced_topic_id": sink.replaced_topic_id(settings.kafka_topic),
             "raw_files": files,
             "read": source.stats.read,
             "stop_reason": source.stats.stop_reason,
@@ -809,9 +821,7 @@ def load_staging(settings: Settings, staging: Path) -> BatchReport:
     sink = RedisSink(settings)
     drained_id = manifest.get("topic_id")
     if drained_id:
-        sink.set_topic_id(
-            manifest["topic"], drained_id, replaces=manifest.get("replaced_topic_id")
-        )
+        sink.set_topic_id(manifest["topic"], drained_id)
     source: KafkaSource | None = None
     try:
         sink.check()

@@ -412,8 +412,8 @@ def forget_offsets(redis_url: str, offsets_key: str, topic: str) -> int:
     """Delete the fields of ``topic`` from the offsets hash; return how many there were.
 
     The topic id stays. A batch that ran while the broker restarted may still
-    commit its offsets to Kafka, and the next batch ignores such commits
-    while Redis records an id other than the new topic's.
+    commit its offsets to Kafka. The next batch, finding the old id and no
+    offsets, stores the new topic's earliest offsets and never reads them.
     """
     import redis
 

@@ -157,9 +157,6 @@ class RedisSink:
         # every later write checks that Redis still has at least that much.
         self._stored_by_us: dict[str, dict[int, int]] = {}
         self._topic_ids: dict[str, str] = {}
-        #: Per topic, the id of an older topic of the same name that Redis may
-        #: still record, with no offsets, and that the first write replaces.
-        self._replaced_ids: dict[str, str] = {}
 
     @property
     def settings(self) -> Settings:
@@ -377,26 +374,46 @@ class RedisSink:
             raise SinkError(msg) from exc
         return _decoded(value)
 
-    def set_topic_id(
-        self, topic: str, topic_id: str, *, replaces: str | None = None
-    ) -> None:
-        """Record ``topic_id`` with the offsets of every later write to ``topic``.
+    def adopt_topic(
+        self, topic: str, offsets: dict[int, int], *, replaced: str
+    ) -> dict[int, int]:
+        """Store ``offsets`` and the current id of a topic that replaced the one of id ``replaced``.
 
-        ``replaces`` is the id that Redis records for an older topic of the same
-        name whose offsets were removed. A write replaces it while Redis stores
-        no offset of the chunk's partitions.
+        Stores them only while Redis still records ``replaced`` and no offset
+        of ``topic``, so that two batches cannot both do it. Returns the
+        offsets that Redis stores for the topic afterwards.
         """
+        topic_id = self._topic_ids[topic]
+        key = self._settings.redis_offsets_key
+        fields = [offset_field(topic, p) for p in offsets]
+        try:
+            with self.client.pipeline(transaction=True) as pipe:
+                pipe.watch(key)  # type: ignore[no-untyped-call]
+                stored_id, *stored = pipe.hmget(key, [topic_id_field(topic), *fields])
+                if _decoded(stored_id) == replaced and all(v is None for v in stored):
+                    pipe.multi()
+                    pipe.hset(
+                        key,
+                        mapping={
+                            **dict(zip(fields, offsets.values(), strict=True)),
+                            topic_id_field(topic): topic_id,
+                        },
+                    )
+                    pipe.execute()
+        except redis.WatchError:
+            logger.info("Another batch stored offsets of topic %s meanwhile", topic)
+        except redis.RedisError as exc:
+            msg = f"cannot store offsets in Redis at {self._settings.redis_url_redacted}: {exc}"
+            raise SinkError(msg) from exc
+        return self.stored_offsets(topic)
+
+    def set_topic_id(self, topic: str, topic_id: str) -> None:
+        """Record ``topic_id`` with the offsets of every later write to ``topic``."""
         self._topic_ids[topic] = topic_id
-        if replaces is not None:
-            self._replaced_ids[topic] = replaces
 
     def topic_id(self, topic: str) -> str | None:
         """Return the id given to :meth:`set_topic_id`, if any."""
         return self._topic_ids.get(topic)
-
-    def replaced_topic_id(self, topic: str) -> str | None:
-        """Return the ``replaces`` id given to :meth:`set_topic_id`, if any."""
-        return self._replaced_ids.get(topic)
 
     def write_chunk(
         self,
@@ -543,10 +560,7 @@ class RedisSink:
                     lists_from_field(topic),
                 ],
             )
-            if _decoded(stored_id) != self._replaced_ids.get(topic) or any(
-                value is not None for value in raw
-            ):
-                _check_same_topic_id(topic, topic_id, stored_id)
+            _check_same_topic_id(topic, topic_id, stored_id)
             if sent and last_write in (write_id, write_id.encode()):
                 logger.warning(
                     "The previous write attempt of this chunk was applied although "

@@ -269,6 +269,24 @@ class KafkaSource:
             raise SourceError(msg) from exc
         return {tp.partition: tp.offset for tp in found if tp.offset >= 0}
 
+    def earliest_offsets(self, partitions: list[int]) -> dict[int, int]:
+        """Return the earliest offset that the broker still has for each partition.
+
+        Tansu 0.6 returns the right earliest offset, unlike its end offset.
+        """
+        earliest = {}
+        for partition in partitions:
+            watermarks = self._watermarks(partition)
+            if watermarks is None:
+                msg = (
+                    f"cannot read the earliest offset of partition {partition} of "
+                    f"topic {self._topic} from the Kafka broker at "
+                    f"{self._settings.kafka_bootstrap_servers}"
+                )
+                raise SourceError(msg)
+            earliest[partition] = int(watermarks[0])
+        return earliest
+
     def assign(self, start: dict[int, int]) -> None:
         """Assign every partition, each from ``start[p]`` or from the earliest offset."""
         self._partitions = sorted(start)

@@ -35,17 +35,13 @@ class FakeSink:
     def __init__(self, recorded: str | None) -> None:
         self.recorded = recorded
         self.to_record: str | None = None
-        self.to_replace: str | None = None
-        self.renewed: bool | None = None
+        self.replaced: str | None = None
 
     def stored_topic_id(self, topic: str) -> str | None:
         return self.recorded
 
-    def set_topic_id(
-        self, topic: str, topic_id: str, *, replaces: str | None = None
-    ) -> None:
+    def set_topic_id(self, topic: str, topic_id: str) -> None:
         self.to_record = topic_id
-        self.to_replace = replaces
 
     settings = load_settings(redis_url=REDIS_URL)
 
@@ -61,7 +57,7 @@ def check(
 ) -> Any:
     sink = FakeSink(recorded)
     source = FakeSource(current, stored if committed is None else committed)
-    sink.renewed = _check_same_topic(source, sink, stored)  # type: ignore[arg-type]
+    sink.replaced = _check_same_topic(source, sink, stored)  # type: ignore[arg-type]
     return sink
 
 
@@ -97,21 +93,20 @@ def test_id_written_with_next_offsets(
 
 
 @pytest.mark.parametrize(
-    ("recorded", "stored", "renewed"),
+    ("recorded", "replaced"),
     [
-        pytest.param("id-1", {}, False, id="same-id"),
-        pytest.param(None, {}, False, id="no-id"),
+        pytest.param("id-1", None, id="same-id"),
+        pytest.param(None, None, id="no-id"),
         # Offsets removed after a broker restart: Kafka's commits may be stale.
-        pytest.param("old-id", {}, True, id="other-id"),
+        pytest.param("old-id", "old-id", id="other-id"),
     ],
 )
-def test_other_id_without_offsets_ignores_commits(
-    recorded: str | None, stored: dict[int, int], renewed: bool
+def test_other_id_without_offsets_replaced(
+    recorded: str | None, replaced: str | None
 ) -> None:
-    sink = check("id-1", recorded, stored)
+    sink = check("id-1", recorded, {})
 
-    assert sink.renewed is renewed
-    assert sink.to_replace == ("old-id" if renewed else None)
+    assert sink.replaced == replaced
 
 
 def test_offsets_without_id_or_commits_fail() -> None:
@@ -130,4 +125,4 @@ def test_broker_without_ids_skips_check() -> None:
     sink = check(None, "old-id", {0: 5})
 
     assert sink.to_record is None
-    assert sink.renewed is False
+    assert sink.replaced is None
