@@ -15,6 +15,7 @@ from __future__ import annotations
 import codecs
 import json
 import logging
+import os
 import queue
 import threading
 import time
@@ -834,18 +835,29 @@ def load_staging(settings: Settings, staging: Path) -> BatchReport:
         # earlier attempt of it) wrote, and after every staged chunk.
         written: dict[int, int] = {}
         drained: dict[int, int] = {}
-        for stem in manifest.get("processed", []):
+        stems: list[str] = manifest.get("processed", [])
+        markers = {stem: staging / f"chunk-{stem}{ATTEMPTED}" for stem in stems}
+        # Every marker is read before this load's first write replaces the
+        # topic's last write id, which tells whether a pending write was applied.
+        earlier_writes = {
+            stem: _settle_marker(marker, last_write) for stem, marker in markers.items()
+        }
+        for stem in stems:
             chunk = load_chunk_file(staging, stem)
             _keep_highest(drained, chunk.next_offsets)
             meta = json.loads((staging / f"chunk-{stem}.json").read_text())
             report.duplicates += meta["duplicates"]
-            marker = staging / f"chunk-{stem}{ATTEMPTED}"
-            earlier = _written_by_earlier_attempt(marker, last_write)
-            result = _write_marked(sink, manifest["topic"], chunk, marker, earlier)
+            earlier = earlier_writes[stem]
+            result = _write_marked(
+                sink, manifest["topic"], chunk, markers[stem], earlier
+            )
             # The run's report counts the rows of an earlier attempt as written,
             # not as skipped, because they are this run's rows.
-            report.add(chunk, _counted(earlier, result))
-            if not result.concurrent or earlier is not None:
+            counted = _counted(earlier, result)
+            report.add(chunk, counted)
+            # A marker of an older release does not say whether another batch
+            # wrote the chunk first, so its chunk counts as this run's.
+            if not counted.concurrent or earlier is True:
                 _keep_highest(written, chunk.next_offsets)
             else:
                 report.status = "concurrent_batch"
@@ -901,13 +913,37 @@ def _written_by_earlier_attempt(
     text = marker.read_text().strip()
     if not text.startswith("{"):
         return True if text in (_WRITTEN, last_write) else None
-    state = json.loads(text)
-    if state.get("applied") is not None:
-        return WriteResult(**state["applied"])
-    if state["write_id"] == last_write:
-        pending = state.get("pending")
-        return WriteResult(**pending) if pending is not None else True
+    try:
+        state = json.loads(text)
+        if state.get("applied") is not None:
+            return WriteResult(**state["applied"])
+        if state["write_id"] == last_write:
+            pending = state.get("pending")
+            return WriteResult(**pending) if pending is not None else True
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        logger.warning(
+            "Ignoring the unreadable marker %s (%s): if an earlier attempt wrote "
+            "its chunk, the chunk counts as written by another batch",
+            marker,
+            type(exc).__name__,
+        )
     return None
+
+
+def _settle_marker(marker: Path, last_write: str | None) -> WriteResult | bool | None:
+    """Return what an earlier attempt wrote of the chunk of ``marker``, and record it there.
+
+    A write found applied through ``last_write`` is recorded as applied, so
+    that a later attempt still finds it once another write replaced
+    ``last_write``.
+    """
+    earlier = _written_by_earlier_attempt(marker, last_write)
+    if isinstance(earlier, WriteResult):
+        state = json.loads(marker.read_text())
+        if state.get("applied") is None:
+            state["applied"] = asdict(earlier)
+            _save_marker(marker, state)
+    return earlier
 
 
 def _counted(earlier: WriteResult | bool | None, result: WriteResult) -> WriteResult:
@@ -948,7 +984,10 @@ def _write_marked(
 def _save_marker(marker: Path, state: dict[str, Any]) -> None:
     """Replace ``marker`` with ``state`` at once, so that a crash leaves the old or the new one."""
     partial = marker.with_name(marker.name + ".tmp")
-    partial.write_text(json.dumps(state))
+    with partial.open("w") as file:
+        json.dump(state, file)
+        file.flush()
+        os.fsync(file.fileno())
     partial.replace(marker)
 
 

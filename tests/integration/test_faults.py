@@ -507,6 +507,67 @@ def test_staged_load_retried_after_timeout_writes_once(
     assert_accounted(redis_client, settings, produced)
 
 
+def fail_at_write(number: int, *, after: bool) -> Any:
+    """A stand-in for RedisSink.write_chunk whose ``number``-th call fails, before or after writing."""
+    original = RedisSink.write_chunk
+    calls = {"n": 0}
+
+    def write_chunk(self: RedisSink, topic: str, chunk: Any, **options: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == number and not after:
+            raise SinkError("injected: the task timed out before the write")
+        result = original(self, topic, chunk, **options)
+        if calls["n"] == number:
+            raise SinkError("injected: the task timed out after the write")
+        return result
+
+    return write_chunk
+
+
+def test_staged_load_counts_write_of_attempt_before_last(
+    settings: Settings, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    """A write applied in the first attempt still counts after a second attempt replaced the last write id."""
+    chunked, produced = staged_chunks(settings, tmp_path)
+    # The second attempt's write of the first chunk replaces the last write
+    # id, which was that of the first attempt's second chunk.
+    for number, after in ((2, True), (1, True)):
+        with (
+            mock.patch.object(
+                RedisSink, "write_chunk", fail_at_write(number, after=after)
+            ),
+            pytest.raises(SinkError, match="timed out"),
+        ):
+            load_staging(chunked, tmp_path)
+
+    retried = load_staging(chunked, tmp_path)
+
+    assert retried.written + retried.rejected == len(produced)
+    assert retried.skipped == 0
+    assert retried.status == "ok"
+    assert_accounted(redis_client, settings, produced)
+
+
+def test_staged_load_retry_keeps_other_batch_status(
+    settings: Settings, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    """A chunk that another batch wrote first keeps the status concurrent_batch in a retry."""
+    chunked, produced = staged_chunks(settings, tmp_path)
+    run_batch(chunked.model_copy(update={"max_records": 100}))
+    with (
+        mock.patch.object(RedisSink, "write_chunk", fail_at_write(3, after=True)),
+        pytest.raises(SinkError, match="timed out"),
+    ):
+        load_staging(chunked, tmp_path)
+
+    retried = load_staging(chunked, tmp_path)
+
+    assert retried.status == "concurrent_batch"
+    assert retried.skipped == 100
+    assert retried.written + retried.rejected == len(produced) - 100
+    assert_accounted(redis_client, settings, produced)
+
+
 @pytest.mark.parametrize("earlier_attempt", [False, True])
 def test_staged_load_reports_other_batch(
     settings: Settings, redis_client: redis.Redis, tmp_path: Path, earlier_attempt: bool

@@ -340,6 +340,11 @@ def marker_state(
         pytest.param(
             marker_state("other-id", pending=EARLIER), None, id="pending-unapplied"
         ),
+        # Damaged markers are ignored, with a warning.
+        pytest.param("{garbage", None, id="invalid-json"),
+        pytest.param("{}", None, id="no-write-id"),
+        pytest.param('{"applied": {"rows": 1}}', None, id="unknown-fields"),
+        pytest.param('{"applied": 3}', None, id="applied-not-object"),
     ],
 )
 def test_earlier_attempt_read_from_marker(
