@@ -113,7 +113,7 @@ ISO_8601_PATTERN: Final = (
 #: ISO-8601 date and time with no offset, which :data:`ISO_FORMAT` rejects
 #: because the instant it names depends on a time zone that it does not give.
 ISO_8601_LOCAL_PATTERN: Final = (
-    r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}(?::[0-9]{2}(?:\.[0-9]+)?)?$"
+    r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]+)?$"
 )
 #: ASCII digits only: ``\d`` also matches other scripts' digits ("١٢٠"), which
 #: the integer cast cannot read.
@@ -765,10 +765,15 @@ def _epoch_seconds(typed: frozenset[str]) -> pl.Expr:
 
 
 def _local_time(field: str, typed: frozenset[str]) -> pl.Expr:
-    """Tell whether ``field`` is a date and time in ISO-8601 with no offset."""
+    """Tell whether ``field`` is a date and time in ISO-8601 that only lacks its offset."""
     if field in typed:
         return pl.lit(False)
-    return _text(field).str.contains(ISO_8601_LOCAL_PATTERN).fill_null(False)
+    text = _text(field)
+    in_utc = pl.concat_str(
+        text.str.slice(0, 10), pl.lit("T"), text.str.slice(11), pl.lit("Z")
+    ).str.to_datetime(ISO_FORMAT, time_zone="UTC", strict=False)
+    local = text.str.contains(ISO_8601_LOCAL_PATTERN) & in_utc.is_not_null()
+    return local.fill_null(False)
 
 
 def _boolean(field: str, typed: frozenset[str]) -> pl.Expr:

@@ -945,12 +945,7 @@ def test_unreadable_value_detail_uses_json_terms(value: bytes, detail: str) -> N
 
 @pytest.mark.parametrize(
     "text",
-    [
-        "2024-06-10T06:13:20",
-        "2024-06-10 06:13:20",
-        "2024-06-10T06:13",
-        "2024-06-10T06:13:20.250",
-    ],
+    ["2024-06-10T06:13:20", "2024-06-10 06:13:20", "2024-06-10T06:13:20.250"],
 )
 def test_local_time_detail_asks_for_offset(text: str) -> None:
     (reject,) = rejects_of([encode(reading(timestamp=text))])
@@ -959,7 +954,18 @@ def test_local_time_detail_asks_for_offset(text: str) -> None:
     assert reject["detail"].startswith("ISO-8601 without an offset: add Z")
 
 
-@pytest.mark.parametrize("text", ["yesterday", "2024-06-10", "2024-06-10T25"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "yesterday",
+        "2024-06-10",
+        "2024-06-10T25",
+        # Invalid with an offset too: adding one would not help.
+        "2024-06-10T06:13",
+        "2026-13-45T99:99:99",
+        "2026-02-30T10:00:00",
+    ],
+)
 def test_other_timestamp_text_keeps_generic_detail(text: str) -> None:
     (reject,) = rejects_of([encode(reading(timestamp=text))])
 
