@@ -371,7 +371,11 @@ def _adopt_new_topic(
         "earliest offset of each partition in Redis and starts there",
         topic,
     )
-    return sink.adopt_topic(topic, earliest, replaced=replaced)
+    stored = sink.adopt_topic(topic, earliest, replaced=replaced)
+    # Kafka's commits follow Redis. The old topic's would otherwise serve a
+    # partition whose field an operator deletes later.
+    source.commit(stored)
+    return stored
 
 
 def _check_same_topic(
@@ -698,7 +702,7 @@ _WRITTEN: Final = "done"
 def drain_to_staging(
     settings: Settings, staging: Path, *, now: float | None = None
 ) -> dict[str, Any]:
-    """Drain the topic into Arrow IPC chunk files; commit nothing.
+    """Drain the topic into Arrow IPC chunk files; commit nothing, unless :func:`_adopt_new_topic` runs.
 
     Returns the manifest (also written to ``staging/manifest.json``): start
     and stored offsets, chunk files and counts.

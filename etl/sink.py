@@ -711,14 +711,17 @@ def redis_cli_command(settings: Settings, *arguments: str) -> str:
 def reset_offsets_command(
     settings: Settings, topic: str, partitions: Iterable[int]
 ) -> str:
-    """Return the redis-cli HDEL that deletes the fields of ``topic`` from the offsets hash.
+    """Return the redis-cli HDEL that deletes the offsets of ``topic`` from the offsets hash.
 
-    The fields are the next offset of each of ``partitions``, the id of the
-    last write and the topic id. Without them, the next batch starts each
-    partition at the group's committed offset in Kafka, or at the earliest.
+    The fields are the next offset of each of ``partitions`` and the id of
+    the last write. The topic id stays, so that the next batch, finding
+    another id and no offsets, stores the earliest offset of every partition
+    instead of reading the group's commits in Kafka, which may be the old
+    topic's. Without a topic id, it starts each partition at the group's
+    committed offset, or at the earliest.
     """
     fields = [offset_field(topic, p) for p in sorted(partitions)]
-    fields += [write_id_field(topic), topic_id_field(topic)]
+    fields += [write_id_field(topic)]
     return redis_cli_command(settings, "HDEL", settings.redis_offsets_key, *fields)
 
 

@@ -1057,20 +1057,57 @@ def test_stale_commit_after_broker_restart_ignored(
     # no row; the next batch must not start them at the late commit either.
     first = settings.model_copy(update={"max_records": 50, "chunk_size": 50})
     reports = []
-    for batch_settings in (first, settings):
-        if staged:
-            staging = tmp_path / f"staging-{len(reports)}"
-            drain_to_staging(batch_settings, staging)
-            transform_staging(batch_settings, staging)
-            reports.append(load_staging(batch_settings, staging))
-        else:
-            reports.append(run_batch(batch_settings))
-    stored = stored_offsets(redis.Redis.from_url(redis_service), settings)
+    committed = []
+    client = redis.Redis.from_url(redis_service)
+    try:
+        for batch_settings in (first, settings):
+            if staged:
+                staging = tmp_path / f"staging-{len(reports)}"
+                drain_to_staging(batch_settings, staging)
+                transform_staging(batch_settings, staging)
+                reports.append(load_staging(batch_settings, staging))
+            else:
+                reports.append(run_batch(batch_settings))
+            # Kafka's commits follow Redis on every partition, read or not.
+            committed.append(
+                kafka_committed(settings, PARTITIONS)
+                == stored_offsets(client, settings)
+            )
+        stored = stored_offsets(client, settings)
+    finally:
+        client.close()
 
     assert [report.read for report in reports] == [50, 250]
     assert sum(report.written + report.rejected for report in reports) == 300
     assert [report.status for report in reports] == ["ok", "ok"]
     assert sum(stored.values()) == 300
+    assert committed == [True, True]
+
+
+def test_recreated_topic_reset_ignores_stale_commits(
+    redis_service: str, storeless_broker: StorelessBroker
+) -> None:
+    """The reset that a "was recreated" failure prints keeps the group's old commits unread."""
+    settings = make_settings(storeless_broker.bootstrap, redis_service)
+    create_topic(settings, PARTITIONS)
+    produce_tracked(settings, mixed_values(60))
+    run_batch(settings)
+    storeless_broker.restart()
+    create_topic(settings, PARTITIONS)
+    produce_tracked(settings, mixed_values(300))
+    late = KafkaSource(settings)
+    try:
+        late.commit(dict.fromkeys(range(PARTITIONS), 20))
+    finally:
+        late.close()
+    with pytest.raises(OffsetsOutOfRange, match="was recreated") as failure:
+        run_batch(settings)
+    run_printed_reset(settings, failure.value)
+
+    report = run_batch(settings)
+
+    assert report.read == 300
+    assert report.written + report.rejected == 300
 
 
 def test_recreated_topic_without_stored_id_fails(

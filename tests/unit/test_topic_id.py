@@ -71,7 +71,7 @@ def test_other_id_with_offsets_fails() -> None:
     assert "old-id" in message
     assert (
         "redis-cli -h 127.0.0.1 -p 6380 -n 5 HDEL liste-patients:offsets vitals:0 "
-        "vitals:2 vitals:last_write vitals:topic_id" in message
+        "vitals:2 vitals:last_write (see" in message
     )
 
 
