@@ -914,10 +914,10 @@ def _written_by_earlier_attempt(
     """
     if not marker.exists():
         return None
-    text = marker.read_text().strip()
-    if not text.startswith("{"):
-        return True if text in (_WRITTEN, last_write) else None
     try:
+        text = marker.read_text().strip()
+        if not text.startswith("{"):
+            return True if text in (_WRITTEN, last_write) else None
         state = json.loads(text)
         if state.get("applied") is not None:
             return WriteResult(**state["applied"])

@@ -345,13 +345,16 @@ def marker_state(
         pytest.param("{}", None, id="no-write-id"),
         pytest.param('{"applied": {"rows": 1}}', None, id="unknown-fields"),
         pytest.param('{"applied": 3}', None, id="applied-not-object"),
+        pytest.param(b'\xff\xfe{"write_id"', None, id="not-utf8"),
     ],
 )
 def test_earlier_attempt_read_from_marker(
-    tmp_path: Path, content: str | None, expected: WriteResult | bool | None
+    tmp_path: Path, content: str | bytes | None, expected: WriteResult | bool | None
 ) -> None:
     marker = tmp_path / "chunk-00000.attempted"
-    if content is not None:
+    if isinstance(content, bytes):
+        marker.write_bytes(content)
+    elif content is not None:
         marker.write_text(content)
 
     assert _written_by_earlier_attempt(marker, "last-id") == expected
