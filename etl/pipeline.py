@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import queue
+import re
 import threading
 import time
 import uuid
@@ -695,8 +696,9 @@ MANIFEST: Final = "manifest.json"
 #: Suffix of the marker file that a staged load leaves before writing a chunk.
 ATTEMPTED: Final = ".attempted"
 #: The content of a marker from an older release once its chunk is written.
-#: Before that, such a marker contains the write id.
+#: Before that, such a marker contains the write id (:data:`_OLDER_WRITE_ID`).
 _WRITTEN: Final = "done"
+_OLDER_WRITE_ID: Final = re.compile(r"[0-9a-f]{32}")
 
 
 def drain_to_staging(
@@ -917,14 +919,19 @@ def _written_by_earlier_attempt(
     try:
         text = marker.read_text().strip()
         if not text.startswith("{"):
-            return True if text in (_WRITTEN, last_write) else None
+            if text in (_WRITTEN, last_write):
+                return True
+            if _OLDER_WRITE_ID.fullmatch(text) is None:
+                msg = "neither JSON nor a write id"
+                raise ValueError(msg)
+            return None
         state = json.loads(text)
         if state.get("applied") is not None:
             return WriteResult(**state["applied"])
         if state["write_id"] == last_write:
             pending = state.get("pending")
             return WriteResult(**pending) if pending is not None else True
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         logger.warning(
             "Ignoring the unreadable marker %s (%s): if an earlier attempt wrote "
             "its chunk, the chunk counts as written by another batch",

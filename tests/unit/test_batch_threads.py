@@ -304,6 +304,16 @@ def test_staged_transform_matches_chunk_order(tmp_path: Path) -> None:
         assert chunk.rejects["offset"].to_list() == [end - 1]
 
 
+#: Marker contents that are read as no earlier write, with a warning.
+DAMAGED_MARKERS = (
+    "{garbage",
+    "{}",
+    '{"applied": {"rows": 1}}',
+    '{"applied": 3}',
+    b'\xff\xfe{"write_id"',
+    "",
+    "[1]",
+)
 EARLIER = WriteResult(90, 10, 3, 0, False, {"bp_status:Normal": 90})
 SKIPPED = WriteResult(0, 0, 0, 100, True)
 
@@ -330,7 +340,7 @@ def marker_state(
         # Markers of older releases: "done", or the id of the write sent.
         pytest.param("done", True, id="older-done"),
         pytest.param("last-id", True, id="older-applied-id"),
-        pytest.param("other-id", None, id="older-unapplied-id"),
+        pytest.param("0123456789abcdef0123456789abcdef", None, id="older-unapplied-id"),
         pytest.param(marker_state("other-id", applied=EARLIER), EARLIER, id="applied"),
         # The write was applied, but the load failed before recording it.
         pytest.param(
@@ -346,10 +356,15 @@ def marker_state(
         pytest.param('{"applied": {"rows": 1}}', None, id="unknown-fields"),
         pytest.param('{"applied": 3}', None, id="applied-not-object"),
         pytest.param(b'\xff\xfe{"write_id"', None, id="not-utf8"),
+        pytest.param("", None, id="empty"),
+        pytest.param("[1]", None, id="list"),
     ],
 )
 def test_earlier_attempt_read_from_marker(
-    tmp_path: Path, content: str | bytes | None, expected: WriteResult | bool | None
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    content: str | bytes | None,
+    expected: WriteResult | bool | None,
 ) -> None:
     marker = tmp_path / "chunk-00000.attempted"
     if isinstance(content, bytes):
@@ -358,6 +373,7 @@ def test_earlier_attempt_read_from_marker(
         marker.write_text(content)
 
     assert _written_by_earlier_attempt(marker, "last-id") == expected
+    assert ("unreadable marker" in caplog.text) is (content in DAMAGED_MARKERS)
 
 
 def test_counted_prefers_earlier_write() -> None:
