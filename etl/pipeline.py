@@ -844,7 +844,7 @@ def load_staging(settings: Settings, staging: Path) -> BatchReport:
         stems: list[str] = manifest.get("processed", [])
         markers = {stem: staging / f"chunk-{stem}{ATTEMPTED}" for stem in stems}
         # Every marker is read before this load's first write replaces the
-        # topic's last write id, which tells whether a pending write was applied.
+        # topic's last write id, the only sign that a pending write was applied.
         earlier_writes = {
             stem: _settle_marker(marker, last_write) for stem, marker in markers.items()
         }
@@ -950,10 +950,9 @@ def _settle_marker(marker: Path, last_write: str | None) -> WriteResult | bool |
     """
     earlier = _written_by_earlier_attempt(marker, last_write)
     if isinstance(earlier, WriteResult):
-        state = json.loads(marker.read_text())
-        if state.get("applied") is None:
-            state["applied"] = asdict(earlier)
-            _save_marker(marker, state)
+        _save_marker(
+            marker, {"write_id": None, "pending": None, "applied": asdict(earlier)}
+        )
     return earlier
 
 

@@ -1027,6 +1027,31 @@ def test_wrong_hset_during_batch_is_not_committed(
     assert_accounted(redis_client, settings, produced)
 
 
+def restart_with_late_commit(
+    settings: Settings, broker: StorelessBroker, *, forget: bool
+) -> None:
+    """Load 60 records, restart the broker, then produce 300 and commit offset 20 late.
+
+    The commit is that of a batch that ran across the restart. With
+    ``forget``, the topic's offsets leave Redis as 'etl services start'
+    removes them after a restart.
+    """
+    create_topic(settings, PARTITIONS)
+    produce_tracked(settings, mixed_values(60))
+    run_batch(settings)
+    broker.restart()
+    if forget:
+        redis_url = settings.redis_url.get_secret_value()
+        forget_offsets(redis_url, settings.redis_offsets_key, settings.kafka_topic)
+    create_topic(settings, PARTITIONS)
+    produce_tracked(settings, mixed_values(300))
+    late = KafkaSource(settings)
+    try:
+        late.commit(dict.fromkeys(range(PARTITIONS), 20))
+    finally:
+        late.close()
+
+
 @pytest.mark.parametrize("staged", [False, True])
 def test_stale_commit_after_broker_restart_ignored(
     redis_service: str,
@@ -1040,21 +1065,10 @@ def test_stale_commit_after_broker_restart_ignored(
     broker, after 'etl services start' removed the topic's offsets from Redis.
     """
     settings = make_settings(storeless_broker.bootstrap, redis_service)
-    create_topic(settings, PARTITIONS)
-    produce_tracked(settings, mixed_values(60))
-    run_batch(settings)
-    storeless_broker.restart()
-    forget_offsets(redis_service, settings.redis_offsets_key, settings.kafka_topic)
-    create_topic(settings, PARTITIONS)
-    produce_tracked(settings, mixed_values(300))
-    late = KafkaSource(settings)
-    try:
-        late.commit(dict.fromkeys(range(PARTITIONS), 20))
-    finally:
-        late.close()
+    restart_with_late_commit(settings, storeless_broker, forget=True)
 
-    # The first batch reads part of the backlog only, so some partitions get
-    # no row; the next batch must not start them at the late commit either.
+    # The first batch reads part of the backlog only, so some partitions may
+    # get no row. The next batch must not start them at the late commit either.
     first = settings.model_copy(update={"max_records": 50, "chunk_size": 50})
     reports = []
     committed = []
@@ -1089,17 +1103,7 @@ def test_recreated_topic_reset_ignores_stale_commits(
 ) -> None:
     """The reset that a "was recreated" failure prints keeps the group's old commits unread."""
     settings = make_settings(storeless_broker.bootstrap, redis_service)
-    create_topic(settings, PARTITIONS)
-    produce_tracked(settings, mixed_values(60))
-    run_batch(settings)
-    storeless_broker.restart()
-    create_topic(settings, PARTITIONS)
-    produce_tracked(settings, mixed_values(300))
-    late = KafkaSource(settings)
-    try:
-        late.commit(dict.fromkeys(range(PARTITIONS), 20))
-    finally:
-        late.close()
+    restart_with_late_commit(settings, storeless_broker, forget=False)
     with pytest.raises(OffsetsOutOfRange, match="was recreated") as failure:
         run_batch(settings)
     run_printed_reset(settings, failure.value)
