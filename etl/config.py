@@ -592,7 +592,7 @@ def load_settings(
         problems = []
         for error in exc.errors():
             # Pydantic starts the message of a ValueError raised by a validator
-            # with "Value error, ", which says nothing to the reader.
+            # with "Value error, ", which adds nothing for the reader.
             message = error["msg"].removeprefix("Value error, ")
             if not error["loc"]:
                 # A check across fields: its input is every setting, secrets
