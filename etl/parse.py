@@ -115,6 +115,12 @@ ISO_8601_PATTERN: Final = (
 ISO_8601_LOCAL_PATTERN: Final = (
     r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]+)?$"
 )
+#: ISO-8601 date and time to the minute, with or without an offset. ISO 8601
+#: allows leaving out the seconds, but :data:`ISO_FORMAT` requires them.
+ISO_8601_MINUTES_PATTERN: Final = (
+    r"^(?<minutes>[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2})"
+    r"(?<offset>[Zz]|[+-][0-9]{2}(?::?[0-9]{2})?)?$"
+)
 #: ASCII digits only: ``\d`` also matches other scripts' digits ("١٢٠"), which
 #: the integer cast cannot read.
 BLOOD_PRESSURE_PATTERN: Final = (
@@ -776,6 +782,43 @@ def _local_time(field: str, typed: frozenset[str]) -> pl.Expr:
     return local.fill_null(False)
 
 
+def _without_seconds(field: str, typed: frozenset[str], *, offset: bool) -> pl.Expr:
+    """Tell whether ``field`` is a valid ISO-8601 date and time to the minute.
+
+    With ``offset``, the text must end with ``Z`` or an offset; without, it
+    must end with the minutes, and only lacks its offset too.
+    """
+    if field in typed:
+        return pl.lit(False)
+    parts = _text(field).str.extract_groups(ISO_8601_MINUTES_PATTERN)
+    minutes = parts.struct.field("minutes")
+    with_seconds = pl.concat_str(
+        minutes.str.slice(0, 10),
+        pl.lit("T"),
+        minutes.str.slice(11),
+        pl.lit(":00"),
+        parts.struct.field("offset").fill_null("Z"),
+    ).str.to_datetime(ISO_FORMAT, time_zone="UTC", strict=False)
+    has_offset = parts.struct.field("offset").is_not_null()
+    return with_seconds.is_not_null() & (has_offset if offset else ~has_offset)
+
+
+def _epoch_microseconds(
+    typed: frozenset[str], *, now: float, max_future_skew_s: float, min_timestamp: float
+) -> pl.Expr:
+    """Tell whether the timestamp is a number that reads as a valid time in epoch microseconds.
+
+    Such a number is above the milliseconds threshold, so it is read as
+    milliseconds and lands thousands of years in the future.
+    """
+    seconds = _number("timestamp", typed) / 1e6
+    return (
+        _number("timestamp", typed).is_finite()
+        & (seconds >= min_timestamp)
+        & (seconds <= now + max_future_skew_s)
+    )
+
+
 def _boolean(field: str, typed: frozenset[str]) -> pl.Expr:
     if field in typed:
         return pl.col(field)
@@ -861,6 +904,19 @@ def _read_checks(
         (
             "timestamp",
             Reason.TIMESTAMP_INVALID,
+            "ISO-8601 without seconds: write the time as HH:MM:SS",
+            _without_seconds("timestamp", typed, offset=True) & seconds.is_null(),
+        ),
+        (
+            "timestamp",
+            Reason.TIMESTAMP_INVALID,
+            "ISO-8601 without seconds or an offset: write the time as HH:MM:SS, "
+            "then Z for UTC or the offset such as +02:00",
+            _without_seconds("timestamp", typed, offset=False) & seconds.is_null(),
+        ),
+        (
+            "timestamp",
+            Reason.TIMESTAMP_INVALID,
             "expected epoch seconds, epoch milliseconds or ISO-8601 with an offset",
             pl.col("timestamp").is_not_null() & seconds.is_null(),
         ),
@@ -869,6 +925,18 @@ def _read_checks(
             Reason.TIMESTAMP_INVALID,
             f"before the earliest accepted time, {_utc_text(min_timestamp)}",
             seconds < min_timestamp,
+        ),
+        (
+            "timestamp",
+            Reason.TIMESTAMP_INVALID,
+            "epoch microseconds: send epoch seconds or milliseconds",
+            (seconds > now + max_future_skew_s)
+            & _epoch_microseconds(
+                typed,
+                now=now,
+                max_future_skew_s=max_future_skew_s,
+                min_timestamp=min_timestamp,
+            ),
         ),
         (
             "timestamp",

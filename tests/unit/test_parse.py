@@ -960,10 +960,11 @@ def test_local_time_detail_asks_for_offset(text: str) -> None:
         "yesterday",
         "2024-06-10",
         "2024-06-10T25",
-        # Invalid with an offset too: adding one would not help.
-        "2024-06-10T06:13",
+        # Invalid with an offset or seconds too: adding them would not help.
         "2026-13-45T99:99:99",
         "2026-02-30T10:00:00",
+        "2026-02-30T10:00Z",
+        "2024-06-10T24:13",
     ],
 )
 def test_other_timestamp_text_keeps_generic_detail(text: str) -> None:
@@ -971,6 +972,37 @@ def test_other_timestamp_text_keeps_generic_detail(text: str) -> None:
 
     assert reject["reason"] == "timestamp_invalid"
     assert reject["detail"].startswith("expected epoch seconds")
+
+
+@pytest.mark.parametrize(
+    ("text", "detail"),
+    [
+        ("2024-06-10T06:13Z", "ISO-8601 without seconds: write the time as HH:MM:SS"),
+        ("2024-06-10 06:13+02:00", "ISO-8601 without seconds: write the time"),
+        (" 2024-06-10t06:13z ", "ISO-8601 without seconds: write the time"),
+        ("2024-06-10T06:13", "ISO-8601 without seconds or an offset: write"),
+    ],
+)
+def test_time_to_minute_detail_asks_for_seconds(text: str, detail: str) -> None:
+    (reject,) = rejects_of([encode(reading(timestamp=text))])
+
+    assert reject["reason"] == "timestamp_invalid"
+    assert reject["detail"].startswith(detail)
+
+
+@pytest.mark.parametrize("value", [1_718_000_000_000_000, "1718000000000000"])
+def test_epoch_microseconds_detail_names_unit(value: int | str) -> None:
+    (reject,) = rejects_of([encode(reading(timestamp=value))])
+
+    assert reject["reason"] == "timestamp_invalid"
+    assert reject["detail"] == "epoch microseconds: send epoch seconds or milliseconds"
+
+
+@pytest.mark.parametrize("value", [1_718_000_000_000_000_000, 9e99])
+def test_far_future_number_detail_keeps_skew(value: float) -> None:
+    (reject,) = rejects_of([encode(reading(timestamp=value))])
+
+    assert reject["detail"] == "more than 3600 s in the future"
 
 
 def test_early_timestamp_detail_names_earliest_time() -> None:
