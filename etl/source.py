@@ -300,6 +300,15 @@ class KafkaSource:
             self._partitions,
             describe_offsets(start),
         )
+        timeout_s = self._settings.kafka_timeout_s
+        if self._settings.deadline_s < 2 * timeout_s:
+            logger.warning(
+                "VITALS_DEADLINE_S (%s s) is shorter than twice VITALS_KAFKA_TIMEOUT_S "
+                "(%s s): a partition that sends nothing ends the drain at the "
+                "deadline with a warning instead of failing the batch",
+                self._settings.deadline_s,
+                timeout_s,
+            )
 
     def chunks(
         self,

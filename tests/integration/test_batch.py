@@ -345,6 +345,21 @@ def test_deadline_before_silence_check_warns(
     assert report.stop_reason == "deadline"
     assert "Partitions [0] of topic" in caplog.text
     assert "before the deadline" in caplog.text
+    assert "VITALS_DEADLINE_S (1.0 s) is shorter than twice" in caplog.text
+
+
+def test_long_deadline_gives_no_warning(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    create_topic(settings, partitions=1)
+    produce(settings, [encode(reading())])
+    timely = settings.model_copy(update={"kafka_timeout_s": 5.0, "deadline_s": 10.0})
+
+    with caplog.at_level(logging.WARNING, logger="etl.source"):
+        report = run_batch(timely)
+
+    assert report.written == 1
+    assert "VITALS_DEADLINE_S" not in caplog.text
 
 
 def test_silent_partitions_from_earliest_named(
