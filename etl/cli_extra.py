@@ -224,7 +224,9 @@ def _unkeyed_summary(result: PublishResult, key_field: str) -> str:
     """Return the summary's part on messages sent without a key, or '' when all had one."""
     reasons = []
     if result.without_field:
-        reasons.append(f"{result.without_field} without the field {key_field!r}")
+        reasons.append(
+            f"{result.without_field} not a JSON object with the field {key_field!r}"
+        )
     if result.unusable_key:
         reasons.append(
             f"{result.unusable_key} with a blank or non-string {key_field!r}"

@@ -194,7 +194,9 @@ def test_publish_unknown_key_field_warns(settings: Settings, tmp_path: Path) -> 
     summary = " ".join(result.stdout.split())
     assert result.exit_code == 0, result.output
     assert "Published 2 messages" in summary
-    assert "2 sent without a key (2 without the field 'nosuch')" in summary
+    assert "2 sent without a key (2 not a JSON object with the field 'nosuch')" in (
+        summary
+    )
     assert "warning: no line has the field 'nosuch'" in result.stderr
 
 
@@ -208,7 +210,7 @@ def test_publish_some_unkeyed_no_warning(settings: Settings, tmp_path: Path) -> 
     summary = " ".join(result.stdout.split())
     assert result.exit_code == 0, result.output
     assert (
-        "2 sent without a key (1 without the field 'patient_id', "
+        "2 sent without a key (1 not a JSON object with the field 'patient_id', "
         "1 with a blank or non-string 'patient_id')" in summary
     )
     assert "warning" not in result.stderr
