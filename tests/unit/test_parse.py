@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import unicodedata
+from datetime import datetime
 from typing import Any
 from unittest import mock
 
@@ -988,6 +989,21 @@ def test_time_to_minute_detail_asks_for_seconds(text: str, detail: str) -> None:
 
     assert reject["reason"] == "timestamp_invalid"
     assert reject["detail"].startswith(detail)
+
+
+@given(
+    moment=st.datetimes(min_value=datetime(2000, 1, 1), max_value=datetime(2026, 1, 1)),
+    offset=st.sampled_from(["Z", "+02:00", "-0530", "+01"]),
+    separator=st.sampled_from(["T", " "]),
+)
+@settings(max_examples=50, deadline=None)
+def test_any_time_to_minute_asks_for_seconds(
+    moment: datetime, offset: str, separator: str
+) -> None:
+    text = moment.strftime(f"%Y-%m-%d{separator}%H:%M") + offset
+    (reject,) = rejects_of([encode(reading(timestamp=text))])
+
+    assert reject["detail"] == "ISO-8601 without seconds: write the time as HH:MM:SS"
 
 
 @pytest.mark.parametrize("value", [1_718_000_000_000_000, "1718000000000000"])
