@@ -130,6 +130,41 @@ def test_batch_second_run_writes_nothing(
     assert redis_client.llen(settings.redis_list_key) == 50
 
 
+@pytest.mark.parametrize("keep_topic_id", [True, False])
+def test_rebuild_from_offset_zero_without_commits(
+    settings: Settings, redis_client: redis.Redis, keep_topic_id: bool
+) -> None:
+    """The rebuild of docs/operations.md without Kafka's tools, on a group with no commits."""
+    create_topic(settings)
+    produce(settings, [encode(reading(patient_id=f"PT-{i}")) for i in range(60)])
+    assert run_batch(settings).written == 60
+    redis_client.delete(
+        settings.redis_list_key,
+        settings.redis_rejects_key,
+        settings.redis_alerts_key,
+        settings.redis_stats_key,
+    )
+    if not keep_topic_id:
+        redis_client.delete(settings.redis_offsets_key)
+    topic = settings.kafka_topic
+    redis_client.hset(
+        settings.redis_offsets_key, mapping={f"{topic}:{p}": 0 for p in range(3)}
+    )
+    # A local broker that restarted keeps the topic but not the group's commits.
+    uncommitted = settings.model_copy(update={"kafka_group_id": "etl-rebuilt"})
+
+    if keep_topic_id:
+        assert run_batch(uncommitted).written == 60
+        assert stored_offsets(redis_client, settings) == sorted(
+            set(stored_offsets(redis_client, settings))
+        )
+        assert redis_client.llen(settings.redis_list_key) == 60
+    else:
+        with pytest.raises(SourceError, match="carry no topic id"):
+            run_batch(uncommitted)
+        assert redis_client.llen(settings.redis_list_key) == 0
+
+
 def test_batch_reads_records_older_than_group(
     settings: Settings, redis_client: redis.Redis
 ) -> None:
