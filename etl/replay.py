@@ -357,3 +357,16 @@ def replay_rejects_command(
         print_error("replay failed:", exc)
         raise SystemExit(EXIT_INFRASTRUCTURE) from None
     click.echo(json.dumps({"topic": settings.kafka_topic, **asdict(report)}, indent=2))
+    skipped = report.skipped_already_replayed
+    if skipped:
+        rejects = (
+            "1 reject was not sent because its source is"
+            if skipped == 1
+            else f"{skipped} rejects were not sent because their sources are"
+        )
+        print_error(
+            "warning:",
+            f"{rejects} in "
+            f"{settings.redis_rejects_key}{REPLAYED_SUFFIX}; pass --force to send "
+            "them again",
+        )

@@ -185,6 +185,27 @@ def test_replay_command_wrong_key_type_exits_2(settings: Settings) -> None:
     assert "is not a list" in result.stderr
 
 
+def test_replay_command_warns_of_replayed_sources(settings: Settings) -> None:
+    create_topic(settings)
+    produce_tracked(settings, [encode(reading(timestamp=2e9))])
+    run_batch(settings)
+    env = {
+        "VITALS_KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
+        "VITALS_KAFKA_TOPIC": settings.kafka_topic,
+        "VITALS_REDIS_URL": settings.redis_url.get_secret_value(),
+        "VITALS_REDIS_REJECTS_KEY": settings.redis_rejects_key,
+    }
+    first = CliRunner().invoke(replay_rejects_command, [], env=env)
+    again = CliRunner().invoke(replay_rejects_command, [], env=env)
+
+    assert first.exit_code == 0, first.output
+    assert "warning" not in first.stderr
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout)["skipped_already_replayed"] == 1
+    assert "1 reject was not sent because its source is in" in again.stderr
+    assert "pass --force to send them again" in again.stderr
+
+
 def test_reject_value_decodes_base64() -> None:
     assert reject_value({"payload_base64": "6eg=", "payload_truncated": False}) == (
         b"\xe9\xe8"
