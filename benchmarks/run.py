@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -776,7 +777,7 @@ def verdict(target: Target | None, value: float, args: argparse.Namespace) -> st
 def render(machine: dict[str, Any], args: argparse.Namespace, rows: list[Row]) -> str:
     lines = [f"{key}: {value}" for key, value in machine.items()]
     lines += [
-        f"command: python -m benchmarks.run {' '.join(sys.argv[1:])}".rstrip(),
+        f"command: {shlex.join(['python', '-m', 'benchmarks.run', *sys.argv[1:]])}",
         "",
         f"| {'stage':<44} | {'messages':>10} | {'seconds':>8} | {'messages/s':>11} | notes |",
         f"|{'-' * 46}|{'-' * 12}:|{'-' * 9}:|{'-' * 12}:|-------|",

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 
-from benchmarks.run import CPU_BOUND, Row, ratios
+from benchmarks.run import CPU_BOUND, Row, parse_args, ratios, render
 
 
 def _rows(*, batch_cpu_s: float, server_cpu_s: float) -> list[Row]:
@@ -36,3 +37,13 @@ def test_cpu_bound_spreads_cpu_time_over_vcpus() -> None:
 
     # 8 CPU-s of work over every vCPU cannot end before 8 / vcpus seconds.
     assert found[CPU_BOUND] == pytest.approx(2.0 / (8.0 / vcpus))
+
+
+def test_printed_command_can_be_pasted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An empty option value keeps its quotes, so the command runs again as printed."""
+    argv = ["run.py", "--rss-counts", "", "--count", "1000"]
+    monkeypatch.setattr(sys, "argv", argv)
+
+    output = render({}, parse_args(argv[1:]), [])
+
+    assert "command: python -m benchmarks.run --rss-counts '' --count 1000" in output
