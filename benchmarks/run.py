@@ -177,6 +177,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--seed", type=int, default=7, help="seed of the generated readings"
     )
     parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        help="folder in which the run keeps the broker's and Redis's files, "
+        "removed at the end (default: the system's temporary folder)",
+    )
+    parser.add_argument(
         "--json",
         type=Path,
         default=None,
@@ -802,7 +809,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     machine = describe_machine()
     rows: list[Row] = []
-    with tempfile.TemporaryDirectory(prefix="vitals-bench-") as state:
+    if args.state_dir is not None:
+        args.state_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(
+        prefix="vitals-bench-", dir=args.state_dir
+    ) as state:
         stack = start_stack(Path(state))
         try:
             benchmark(args, stack, rows)
