@@ -785,8 +785,8 @@ def _local_time(field: str, typed: frozenset[str]) -> pl.Expr:
 def _without_seconds(field: str, typed: frozenset[str], *, offset: bool) -> pl.Expr:
     """Tell whether ``field`` is a valid ISO-8601 date and time to the minute.
 
-    With ``offset``, the text must end with ``Z`` or an offset; without, it
-    must end with the minutes, and only lacks its offset too.
+    With ``offset``, the text must end with ``Z`` or an offset. Without it,
+    the text must end with the minutes, so it lacks its offset too.
     """
     if field in typed:
         return pl.lit(False)
@@ -803,15 +803,20 @@ def _without_seconds(field: str, typed: frozenset[str], *, offset: bool) -> pl.E
     return with_seconds.is_not_null() & (has_offset if offset else ~has_offset)
 
 
-def _epoch_microseconds(
-    typed: frozenset[str], *, now: float, max_future_skew_s: float, min_timestamp: float
+def _epoch_in_unit(
+    per_second: float,
+    typed: frozenset[str],
+    *,
+    now: float,
+    max_future_skew_s: float,
+    min_timestamp: float,
 ) -> pl.Expr:
-    """Tell whether the timestamp is a number that reads as a valid time in epoch microseconds.
+    """Tell whether the timestamp is a number that, divided by ``per_second``, is a valid time.
 
-    Such a number is above the milliseconds threshold, so it is read as
-    milliseconds and lands thousands of years in the future.
+    An epoch in microseconds or nanoseconds is above the milliseconds
+    threshold, so it is read as milliseconds and lands far in the future.
     """
-    seconds = _number("timestamp", typed) / 1e6
+    seconds = _number("timestamp", typed) / per_second
     return (
         _number("timestamp", typed).is_finite()
         & (seconds >= min_timestamp)
@@ -845,6 +850,11 @@ def _read_checks(
 ) -> list[tuple[str, Reason, str, pl.Expr]]:
     seconds = pl.col("_seconds")
     bp = pl.col("_bp")
+    limits = {
+        "now": now,
+        "max_future_skew_s": max_future_skew_s,
+        "min_timestamp": min_timestamp,
+    }
     return [
         (
             "patient_id",
@@ -930,13 +940,13 @@ def _read_checks(
             "timestamp",
             Reason.TIMESTAMP_INVALID,
             "epoch microseconds: send epoch seconds or milliseconds",
-            (seconds > now + max_future_skew_s)
-            & _epoch_microseconds(
-                typed,
-                now=now,
-                max_future_skew_s=max_future_skew_s,
-                min_timestamp=min_timestamp,
-            ),
+            (seconds > now + max_future_skew_s) & _epoch_in_unit(1e6, typed, **limits),
+        ),
+        (
+            "timestamp",
+            Reason.TIMESTAMP_INVALID,
+            "epoch nanoseconds: send epoch seconds or milliseconds",
+            (seconds > now + max_future_skew_s) & _epoch_in_unit(1e9, typed, **limits),
         ),
         (
             "timestamp",

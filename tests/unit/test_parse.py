@@ -1014,7 +1014,14 @@ def test_epoch_microseconds_detail_names_unit(value: int | str) -> None:
     assert reject["detail"] == "epoch microseconds: send epoch seconds or milliseconds"
 
 
-@pytest.mark.parametrize("value", [1_718_000_000_000_000_000, 9e99])
+@pytest.mark.parametrize("value", [1_718_000_000_000_000_000, "1718000000000000000"])
+def test_epoch_nanoseconds_detail_names_unit(value: int | str) -> None:
+    (reject,) = rejects_of([encode(reading(timestamp=value))])
+
+    assert reject["detail"] == "epoch nanoseconds: send epoch seconds or milliseconds"
+
+
+@pytest.mark.parametrize("value", [1e17, 1e21, 9e99])
 def test_far_future_number_detail_keeps_skew(value: float) -> None:
     (reject,) = rejects_of([encode(reading(timestamp=value))])
 
