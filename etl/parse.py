@@ -759,15 +759,21 @@ def _epoch_seconds(typed: frozenset[str]) -> pl.Expr:
         return from_number
     text = _text("timestamp")
     # chrono skips whitespace where the format has none ("06:13:20 Z"), so the
-    # text must match the pattern first. Its date-time separator becomes a T.
-    iso = pl.when(text.str.contains(ISO_8601_PATTERN)).then(
-        pl.concat_str(text.str.slice(0, 10), pl.lit("T"), text.str.slice(11))
-    )
-    from_iso = (
-        iso.str.to_datetime(ISO_FORMAT, time_zone="UTC", strict=False).dt.epoch("us")
-        / 1e6
-    )
+    # text must match the pattern first.
+    iso = pl.when(text.str.contains(ISO_8601_PATTERN)).then(text)
+    from_iso = _iso_datetime(iso).dt.epoch("us") / 1e6
     return pl.coalesce(from_number, from_iso)
+
+
+def _iso_datetime(date_time: pl.Expr, *suffix: pl.Expr) -> pl.Expr:
+    """Parse ``date_time`` followed by ``suffix`` with :data:`ISO_FORMAT`, null where invalid.
+
+    The date-time separator (a space or a lower-case t, as RFC 3339 allows)
+    becomes the T that the format requires.
+    """
+    return pl.concat_str(
+        date_time.str.slice(0, 10), pl.lit("T"), date_time.str.slice(11), *suffix
+    ).str.to_datetime(ISO_FORMAT, time_zone="UTC", strict=False)
 
 
 def _local_time(field: str, typed: frozenset[str]) -> pl.Expr:
@@ -775,9 +781,7 @@ def _local_time(field: str, typed: frozenset[str]) -> pl.Expr:
     if field in typed:
         return pl.lit(False)
     text = _text(field)
-    in_utc = pl.concat_str(
-        text.str.slice(0, 10), pl.lit("T"), text.str.slice(11), pl.lit("Z")
-    ).str.to_datetime(ISO_FORMAT, time_zone="UTC", strict=False)
+    in_utc = _iso_datetime(text, pl.lit("Z"))
     local = text.str.contains(ISO_8601_LOCAL_PATTERN) & in_utc.is_not_null()
     return local.fill_null(False)
 
@@ -791,15 +795,11 @@ def _without_seconds(field: str, typed: frozenset[str], *, offset: bool) -> pl.E
     if field in typed:
         return pl.lit(False)
     parts = _text(field).str.extract_groups(ISO_8601_MINUTES_PATTERN)
-    minutes = parts.struct.field("minutes")
-    with_seconds = pl.concat_str(
-        minutes.str.slice(0, 10),
-        pl.lit("T"),
-        minutes.str.slice(11),
-        pl.lit(":00"),
-        parts.struct.field("offset").fill_null("Z"),
-    ).str.to_datetime(ISO_FORMAT, time_zone="UTC", strict=False)
-    has_offset = parts.struct.field("offset").is_not_null()
+    sent_offset = parts.struct.field("offset")
+    with_seconds = _iso_datetime(
+        parts.struct.field("minutes"), pl.lit(":00"), sent_offset.fill_null("Z")
+    )
+    has_offset = sent_offset.is_not_null()
     return with_seconds.is_not_null() & (has_offset if offset else ~has_offset)
 
 
@@ -816,9 +816,10 @@ def _epoch_in_unit(
     An epoch in microseconds or nanoseconds is above the milliseconds
     threshold, so it is read as milliseconds and lands far in the future.
     """
-    seconds = _number("timestamp", typed) / per_second
+    number = _number("timestamp", typed)
+    seconds = number / per_second
     return (
-        _number("timestamp", typed).is_finite()
+        number.is_finite()
         & (seconds >= min_timestamp)
         & (seconds <= now + max_future_skew_s)
     )
