@@ -133,7 +133,8 @@ environment of the dag-processor (it sets the param's default), or trigger a
 run with the conf `{{"generate": false}}`.
 
 **Where rows land.** Rows go to `liste-patients`, rejected readings to
-`liste-patients:rejects`, Medium and High NEWS2 rows also to
+`liste-patients:rejects`, rows with a NEWS2 of 5 or more (incomplete rows
+too when their recorded parameters reach it) also to
 `liste-patients:alerts`, and one report per run to `liste-patients:reports`.
 Connections `kafka_default` and `redis_default` override the `VITALS_*`
 settings when they are defined.

@@ -53,7 +53,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-ALERT_RISKS: Final = ("Medium", "High")
 #: Raw payload bytes kept in a reject; the rest is cut and flagged.
 REJECT_PAYLOAD_BYTES: Final = 4096
 _CARRY: Final = ("partition", "offset", "value")
@@ -219,10 +218,14 @@ def process_chunk(
         topic=topic,
         rule_set=settings.rule_set,
         time_zone=settings.time_zone,
+        with_alert=True,
     )
     derived = pl.concat([derived, readings.select(_CARRY)], how="horizontal")
     rows, output_rejects = split_valid(
-        derived, OutputRow, carry=_CARRY, default_reason=Reason.OUTPUT_CONTRACT
+        derived,
+        OutputRow,
+        carry=(*_CARRY, "news2_alert"),
+        default_reason=Reason.OUTPUT_CONTRACT,
     )
     if output_rejects.height:
         logger.error(
@@ -251,7 +254,7 @@ def process_chunk(
     chunk = Chunk(
         rows=row_frame,
         rejects=_encode_rejects(rejects, topic=topic),
-        alerts=row_frame.filter(pl.col("news2_risk").is_in(ALERT_RISKS)),
+        alerts=row_frame.filter("news2_alert"),
         expected={p: expected.get(p) for p in next_offsets},
         next_offsets=next_offsets,
     )
@@ -271,6 +274,7 @@ def _encode_rows(rows: pl.DataFrame) -> pl.DataFrame:
         payload.alias("payload"),
         "blood_pressure_status",
         "news2_risk",
+        "news2_alert",
     )
 
 

@@ -313,6 +313,10 @@ def _news2_risk(total: int, *, has_red_score: bool) -> str:
 # total is below the weight, so one sum gives both the total and the risk.
 _RED_SCORE_WEIGHT: Final = NEWS2_MAX_SCORE + 1
 _NEWS2_PARAMETER_COUNT: Final = 7
+# A missing parameter adds this weight to the sum instead of a code. It is above
+# every sum of codes (at most 20 + 21 x 7 = 167), so the sum also holds the number
+# of missing parameters and the codes of the recorded ones.
+_MISSING_WEIGHT: Final = 1000
 _NEWS2_RISK_BY_CODE: Final = {
     total + _RED_SCORE_WEIGHT * red_count: _news2_risk(
         total, has_red_score=red_count > 0
@@ -693,7 +697,8 @@ def news2_code(
     The inputs are those of :func:`news2_parameter_scores`, without the age.
     Eager Polars evaluates an expression once per output that uses it, so a
     frame that needs both the score and the risk can store this sum as a
-    column first and pass that column to :func:`news2_from_code`.
+    column first and pass that column to :func:`news2_from_code` and
+    :func:`news2_alert_from_code`.
     """
     codes = _parameter_scores(
         respiratory_rate=respiratory_rate,
@@ -706,8 +711,7 @@ def news2_code(
         spo2_scale=spo2_scale,
         red_weight=_RED_SCORE_WEIGHT,
     ).values()
-    # Plain addition keeps a null part, unlike pl.sum_horizontal, which skips it.
-    return reduce(operator.add, codes)
+    return reduce(operator.add, (part.fill_null(_MISSING_WEIGHT) for part in codes))
 
 
 def news2_from_code(code: pl.Expr, *, age: pl.Expr) -> tuple[pl.Expr, pl.Expr]:
@@ -716,7 +720,8 @@ def news2_from_code(code: pl.Expr, *, age: pl.Expr) -> tuple[pl.Expr, pl.Expr]:
     Both outputs read the one sum, so a separate test for a red score does
     not score every parameter again.
     """
-    total = code % _RED_SCORE_WEIGHT
+    total = pl.when(code < _MISSING_WEIGHT).then(code % _RED_SCORE_WEIGHT)
+    # A sum with a missing parameter is no key, so its risk is Incomplete.
     risk = code.replace_strict(
         _NEWS2_RISK_BY_CODE, default=NEWS2_RISK_INCOMPLETE, return_dtype=pl.String
     )
@@ -725,6 +730,24 @@ def news2_from_code(code: pl.Expr, *, age: pl.Expr) -> tuple[pl.Expr, pl.Expr]:
     score = pl.when(is_child).then(pl.lit(None, dtype=pl.Int64)).otherwise(total)
     risk = pl.when(is_child).then(pl.lit(NEWS2_RISK_NOT_APPLICABLE)).otherwise(risk)
     return score.alias("news2_score"), risk.alias("news2_risk")
+
+
+def news2_alert_from_code(code: pl.Expr, *, age: pl.Expr) -> pl.Expr:
+    """Build whether a reading needs an urgent response: NEWS2 of 5 or more from age 16.
+
+    That is a risk of Medium or High. When parameters are missing, the scores
+    of the recorded ones count, because a missing parameter can only add to
+    the total. Recorded scores of 5 or more mean a full NEWS2 of at least 5.
+    The result is a Boolean named ``news2_alert``, false under age 16 and
+    scored as an adult when the age is null, as :func:`news2_from_code` does.
+    """
+    recorded_total = code % _MISSING_WEIGHT % _RED_SCORE_WEIGHT
+    return (
+        pl.when(age < NEWS2_MIN_AGE)
+        .then(pl.lit(value=False))
+        .otherwise(recorded_total >= NEWS2_MEDIUM_MIN)
+        .alias("news2_alert")
+    )
 
 
 def _parameter_scores(

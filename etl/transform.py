@@ -476,19 +476,32 @@ def format_timestamp(measured_at: pl.Expr, time_zone: str) -> pl.Expr:
 
 
 def transform(
-    readings: pl.DataFrame, *, topic: str, rule_set: str, time_zone: str
+    readings: pl.DataFrame,
+    *,
+    topic: str,
+    rule_set: str,
+    time_zone: str,
+    with_alert: bool = False,
 ) -> pl.DataFrame:
-    """Build the output rows (columns in :data:`contracts.models.OUTPUT_KEYS` order)."""
+    """Build the output rows (columns in :data:`contracts.models.OUTPUT_KEYS` order).
+
+    With ``with_alert``, a last Boolean column ``news2_alert`` marks the rows
+    that go to the alerts list (:func:`etl.rules.news2_alert_from_code`).
+    """
     # Eager selects: the lazy optimiser cost about 10 ms per call on these
     # expression trees, more than evaluating them on a 50k-row chunk. Eager
     # Polars shares no subexpression, so the parts that two output columns
     # read are stored as columns first.
-    shared, columns = _output_columns(topic, rule_set, time_zone)
+    shared, columns, alert = _output_columns(topic, rule_set, time_zone)
+    keys = OUTPUT_KEYS
+    if with_alert:
+        columns = (*columns, alert)
+        keys = [*OUTPUT_KEYS, "news2_alert"]
     return (
         readings.hstack(_first_and_last_names(readings["name"]))
         .with_columns(shared)
         .select(columns)
-        .select(OUTPUT_KEYS)
+        .select(keys)
     )
 
 
@@ -588,8 +601,8 @@ def _name_columns(
 @functools.lru_cache(maxsize=32)
 def _output_columns(
     topic: str, rule_set: str, time_zone: str
-) -> tuple[tuple[pl.Expr, ...], tuple[pl.Expr, ...]]:
-    """Build the expressions of the shared parts and of the output columns once per setting."""
+) -> tuple[tuple[pl.Expr, ...], tuple[pl.Expr, ...], pl.Expr]:
+    """Build the expressions of the shared parts, the output columns and the alert once."""
     news2_code = rules.news2_code(
         respiratory_rate=pl.col("respiratory_rate"),
         spo2=pl.col("spo2"),
@@ -638,4 +651,5 @@ def _output_columns(
             pl.lit(topic).alias("topic"), pl.col("partition"), pl.col("offset")
         ).alias("source"),
     )
-    return shared, columns
+    alert = rules.news2_alert_from_code(pl.col("_news2_code"), age=pl.col("age"))
+    return shared, columns, alert

@@ -338,6 +338,49 @@ def test_batch_news2_alerts_in_same_transaction(
     assert stats[b"written"] == b"2"
 
 
+def test_batch_alerts_incomplete_reading_scoring_5(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    """Recorded parameters that score 5 or more alert, because a missing one only adds."""
+    create_topic(settings, partitions=1)
+    # No consciousness: respiration 3, SpO2 3, oxygen 2, pulse 2 and 3 for 35.0 C.
+    unwell = reading(
+        patient_id="PT-NO-ACVPU",
+        heart_rate=115,
+        temperature=35.0,
+        spo2=90,
+        respiratory_rate=26,
+        on_oxygen=True,
+    )
+    # No SpO2: respiration 2, pulse 1 and temperature 1, 4 in all.
+    watch = reading(
+        patient_id="PT-NO-SPO2",
+        heart_rate=95,
+        temperature=38.5,
+        respiratory_rate=22,
+        consciousness="A",
+        on_oxygen=False,
+    )
+    produce(settings, [encode(unwell), encode(watch)])
+
+    report = run_batch(settings)
+
+    risks = {
+        row["patient_id"]: (row["news2_score"], row["news2_risk"])
+        for row in stored_rows(redis_client, settings)
+    }
+    assert risks == {
+        "PT-NO-ACVPU": (None, "Incomplete"),
+        "PT-NO-SPO2": (None, "Incomplete"),
+    }
+    alerts = [
+        json.loads(v)["patient_id"]
+        for v in redis_client.lrange(settings.redis_alerts_key, 0, -1)
+    ]
+    assert alerts == ["PT-NO-ACVPU"]
+    assert report.alerts == 1
+
+
 def store_past_end(settings: Settings, client: redis.Redis) -> None:
     """Store offset 5000 for partition 0, with the topic's current id."""
     source = KafkaSource(settings)

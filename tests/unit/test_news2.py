@@ -22,6 +22,8 @@ from etl.rules import (
     NEWS2_RISK_MEDIUM,
     NEWS2_RISK_NOT_APPLICABLE,
     news2,
+    news2_alert_from_code,
+    news2_code,
     news2_parameter_scores,
 )
 
@@ -68,7 +70,11 @@ def score_exprs() -> tuple[pl.Expr, ...]:
     """Build the expressions once, as building takes milliseconds."""
     parts = news2_parameter_scores(**inputs())
     score, risk = news2(**inputs())
-    return (*parts.values(), score, risk)
+    code = news2_code(
+        **{name: expr for name, expr in inputs().items() if name != "age"}
+    )
+    alert = news2_alert_from_code(code, age=pl.col("age"))
+    return (*parts.values(), score, risk, alert)
 
 
 def evaluate(rows: list[dict[str, Any]]) -> pl.DataFrame:
@@ -394,6 +400,43 @@ def test_news2_missing_parameter_incomplete(column: str) -> None:
 
 
 @pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        pytest.param({}, False, id="low"),
+        pytest.param({"consciousness": "V"}, False, id="low-medium"),
+        pytest.param(
+            {"respiratory_rate": 24.0, "heart_rate": 115.0, "temperature": 38.5},
+            True,
+            id="medium-5",
+        ),
+        pytest.param({"respiratory_rate": 30.0, "heart_rate": 150.0}, True, id="high"),
+        pytest.param(
+            {"respiratory_rate": 30.0, "heart_rate": 150.0, "consciousness": None},
+            True,
+            id="incomplete-recorded-6",
+        ),
+        pytest.param(
+            {"respiratory_rate": 24.0, "heart_rate": 115.0, "spo2": None},
+            False,
+            id="incomplete-recorded-4",
+        ),
+        pytest.param(
+            {"respiratory_rate": 30.0, "heart_rate": 150.0, "age": 15},
+            False,
+            id="under-16",
+        ),
+        pytest.param(
+            {"respiratory_rate": 30.0, "heart_rate": 150.0, "age": None},
+            True,
+            id="null-age-as-adult",
+        ),
+    ],
+)
+def test_news2_alert(changes: dict[str, Any], expected: bool) -> None:
+    assert evaluate_one(**changes)["news2_alert"] is expected
+
+
+@pytest.mark.parametrize(
     ("age", "expected_score", "expected_risk"),
     [
         pytest.param(15, None, NEWS2_RISK_NOT_APPLICABLE, id="15-not-applicable"),
@@ -496,3 +539,27 @@ def test_news2_any_missing_input_incomplete(
     for row in out.iter_rows(named=True):
         assert row["news2_score"] is None, f"score despite a missing input: {row}"
         assert row["news2_risk"] == NEWS2_RISK_INCOMPLETE, f"wrong risk: {row}"
+
+
+@settings(deadline=None)
+@given(
+    rows=st.lists(
+        st.tuples(complete_reading, st.sets(st.sampled_from(INPUT_PARAMETERS))),
+        min_size=1,
+        max_size=50,
+    )
+)
+def test_news2_alert_from_recorded_scores(
+    rows: list[tuple[dict[str, Any], set[str]]],
+) -> None:
+    """Complete readings alert at Medium or High, others when recorded scores reach 5."""
+    readings = [{**row, **dict.fromkeys(missing)} for row, missing in rows]
+    out = pl.DataFrame(readings, schema=SCHEMA).select(score_exprs())
+
+    for row in out.iter_rows(named=True):
+        parts = [row[f"news2_{parameter}_score"] for parameter in PARAMETERS]
+        recorded = sum(part for part in parts if part is not None)
+        assert row["news2_alert"] is (recorded >= 5), f"wrong alert: {row}"
+        if None not in parts:
+            medium_or_high = row["news2_risk"] in (NEWS2_RISK_MEDIUM, NEWS2_RISK_HIGH)
+            assert row["news2_alert"] is medium_or_high, f"alert off its risk: {row}"
