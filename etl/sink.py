@@ -497,8 +497,36 @@ class RedisSink:
         """Return the stored offsets, raising OffsetConflict if one this sink wrote is gone."""
         stored = self.stored_offsets(topic)
         for partition, offset in self._stored_by_us.get(topic, {}).items():
-            _check_still_stored(partition, offset, stored.get(partition))
+            self._check_still_stored(topic, partition, offset, stored.get(partition))
         return stored
+
+    def _check_still_stored(
+        self, topic: str, partition: int, offset: int, stored: int | None
+    ) -> None:
+        """Raise OffsetConflict when Redis lost an offset that this batch relies on."""
+        if stored is None:
+            msg = (
+                f"the stored offset of partition {partition} ({offset}) vanished from "
+                "Redis during the batch (FLUSHDB, a restart without persistence, "
+                "eviction, a deleted field, or 'etl services start' after the local "
+                "broker restarted without its topics), and the rows written before "
+                "it may be gone too; "
+                "Kafka's committed offsets follow Redis, so read docs/operations.md "
+                "(The delivery guarantee) before rerunning"
+            )
+            raise OffsetConflict(msg)
+        if stored < offset:
+            restore = self.cli_command(
+                "HSET", self.offsets_key, offset_field(topic, partition), str(offset)
+            )
+            msg = (
+                f"stored offset of partition {partition} moved back from {offset} "
+                f"to {stored} during the batch (offsets reset?). The next batch reads "
+                f"the partition from {stored}, so it writes the readings from "
+                f"{stored} to {offset - 1} again. If the reset was a mistake, put "
+                f"the offset back with {restore}; then rerun the batch"
+            )
+            raise OffsetConflict(msg)
 
     def _check_key_types(self) -> None:
         """Raise ConfigurationError if a key that the batch writes has another type.
@@ -572,9 +600,9 @@ class RedisSink:
                 for p, value in zip(partitions, raw, strict=True)
             }
             for partition, offset in earlier.items():
-                _check_still_stored(partition, offset, found[partition])
+                self._check_still_stored(topic, partition, offset, found[partition])
             stored = {p: found[p] for p in chunk.next_offsets}
-            floors, concurrent = self._floors(chunk, stored)
+            floors, concurrent = self._floors(topic, chunk, stored)
 
             rows = _after(chunk.rows, floors)
             rejects = _after(chunk.rejects, floors)
@@ -632,9 +660,8 @@ class RedisSink:
                 pipe.watching = False
         return result
 
-    @staticmethod
     def _floors(
-        chunk: Chunk, stored: dict[int, int | None]
+        self, topic: str, chunk: Chunk, stored: dict[int, int | None]
     ) -> tuple[dict[int, int], bool]:
         """Return the lowest offset still to write per partition, and whether another batch wrote."""
         floors: dict[int, int] = {}
@@ -642,7 +669,7 @@ class RedisSink:
         for partition, expected in chunk.expected.items():
             now = stored.get(partition)
             if expected is not None:
-                _check_still_stored(partition, expected, now)
+                self._check_still_stored(topic, partition, expected, now)
             if now is None:
                 floors[partition] = 0
             elif now == expected:
@@ -773,27 +800,6 @@ def _source_of(entry: bytes | str) -> tuple[str, int, int] | None:
         return str(source["topic"]), int(source["partition"]), int(source["offset"])
     except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError):
         return None
-
-
-def _check_still_stored(partition: int, offset: int, stored: int | None) -> None:
-    """Raise OffsetConflict when Redis lost an offset that this batch relies on."""
-    if stored is None:
-        msg = (
-            f"the stored offset of partition {partition} ({offset}) vanished from "
-            "Redis during the batch (FLUSHDB, a restart without persistence, "
-            "eviction, a deleted field, or 'etl services start' after the local "
-            "broker restarted without its topics), and the rows written before "
-            "it may be gone too; "
-            "Kafka's committed offsets follow Redis, so read docs/operations.md "
-            "(The delivery guarantee) before rerunning"
-        )
-        raise OffsetConflict(msg)
-    if stored < offset:
-        msg = (
-            f"stored offset of partition {partition} moved back from {offset} "
-            f"to {stored} during the batch (offsets reset?); rerun the batch"
-        )
-        raise OffsetConflict(msg)
 
 
 def _lists_from_mark(

@@ -805,6 +805,43 @@ def test_stored_offsets_vanish_mid_batch_fail_loudly(
     )
 
 
+def test_offset_moved_back_mid_batch_gives_restore(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    """An HSET back to 0 between two chunks stops the batch with the HSET that undoes it."""
+    create_topic(settings, 1)
+    produced = produce_tracked(settings, mixed_values(300))
+    chunked = settings.model_copy(update={"chunk_size": 100})
+    field = f"{settings.kafka_topic}:0"
+    original = RedisSink.write_chunk
+    writes: list[int] = []
+
+    def write_then_reset(
+        self: RedisSink, topic: str, chunk: Any, **options: Any
+    ) -> Any:
+        result = original(self, topic, chunk, **options)
+        writes.append(result.written + result.rejected)
+        if len(writes) == 1:
+            redis_client.hset(settings.redis_offsets_key, field, 0)
+        return result
+
+    with (
+        mock.patch.object(RedisSink, "write_chunk", write_then_reset),
+        pytest.raises(OffsetConflict) as raised,
+    ):
+        run_batch(chunked)
+    message = str(raised.value)
+    restore = shlex.split(message.split(" with ", 1)[1].split(";", 1)[0])
+    redis_client.hset(settings.redis_offsets_key, restore[-2], restore[-1])
+    run_batch(chunked)
+
+    assert "moved back from 100 to 0" in message
+    assert "writes the readings from 0 to 99 again" in message
+    assert restore[-4:] == ["HSET", settings.redis_offsets_key, field, "100"]
+    assert writes == [100]
+    assert_accounted(redis_client, settings, produced)
+
+
 def test_staged_load_detects_offsets_lost_after_last_write(
     settings: Settings, redis_client: redis.Redis, tmp_path: Path
 ) -> None:
