@@ -81,10 +81,17 @@ def settings_from_airflow() -> Settings:
     """
     base = load_settings()
     overrides: dict[str, Any] = {}
+    # The VITALS_* variable of each overridden setting, with its connection
+    # and its place there, so that an error names what the user set.
+    sources: dict[str, tuple[str, str]] = {}
 
     kafka = _connection(KAFKA_CONN_ID)
     if kafka is not None:
-        overrides.update(kafka_overrides(kafka.extra_dejson, base=base))
+        extra = kafka.extra_dejson
+        overrides.update(kafka_overrides(extra, base=base))
+        for key in extra:
+            field = KAFKA_FIELDS.get(key, "kafka_extra")
+            sources[f"VITALS_{field.upper()}"] = (KAFKA_CONN_ID, f"extra {key!r}")
     redis = _connection(REDIS_CONN_ID)
     if redis is not None:
         overrides["redis_url"] = redis_url(
@@ -94,14 +101,29 @@ def settings_from_airflow() -> Settings:
             password=redis.password,
             extra=redis.extra_dejson,
         )
+        sources["VITALS_REDIS_URL"] = (REDIS_CONN_ID, "URL")
     if not overrides:
         return base
 
     try:
         return load_settings(**overrides)
     except ConfigurationError as exc:
-        msg = f"Airflow connection {KAFKA_CONN_ID} or {REDIS_CONN_ID} is invalid: {exc}"
-        raise ConfigurationError(msg) from None
+        raise ConfigurationError(_connection_error(str(exc), sources)) from None
+
+
+def _connection_error(message: str, sources: dict[str, tuple[str, str]]) -> str:
+    """Reword a settings error so that it names the connection values, not VITALS_*."""
+    named: set[str] = set()
+    for variable, (conn_id, place) in sources.items():
+        if f"{variable}=" in message:
+            message = message.replace(f"{variable}=", f"the {place} of {conn_id} = ")
+            named.add(conn_id)
+    message = message.removeprefix("invalid settings: ")
+    if len(named) == 1:
+        return f"Airflow connection {named.pop()} is invalid: {message}"
+    return (
+        f"Airflow connection {KAFKA_CONN_ID} or {REDIS_CONN_ID} is invalid: {message}"
+    )
 
 
 def _connection(conn_id: str) -> Connection | None:

@@ -256,6 +256,26 @@ def test_settings_from_airflow_names_invalid_connection() -> None:
     env = clean_environ(**connection_env(kafka_default=bad_protocol))
     with (
         mock.patch.dict(os.environ, env, clear=True),
-        pytest.raises(ConfigurationError, match="kafka_default"),
+        pytest.raises(ConfigurationError) as raised,
     ):
         settings_from_airflow()
+    message = str(raised.value)
+    assert message.startswith("Airflow connection kafka_default is invalid: ")
+    assert "the extra 'security.protocol' of kafka_default = 'TLS'" in message
+    assert "VITALS_" not in message
+
+
+@pytest.mark.airflow
+def test_settings_from_airflow_names_invalid_redis_url() -> None:
+    pytest.importorskip("airflow")
+    bad_port = {"conn_type": "redis", "host": "redis", "port": 70000}
+    env = clean_environ(**connection_env(redis_default=bad_port))
+    with (
+        mock.patch.dict(os.environ, env, clear=True),
+        pytest.raises(ConfigurationError) as raised,
+    ):
+        settings_from_airflow()
+    message = str(raised.value)
+    assert message.startswith("Airflow connection redis_default is invalid: ")
+    assert "the URL of redis_default = 'redis://redis:70000/0'" in message
+    assert "VITALS_" not in message
