@@ -200,7 +200,13 @@ class KafkaSource:
                 self._topic, timeout=self._settings.kafka_timeout_s
             )
         except KafkaException as exc:
-            msg = f"Kafka broker at {servers} is unreachable: {exc.args[0]}"
+            # A broker that is stopped (SIGSTOP) or hung accepts connections but
+            # never answers, which librdkafka reports as a transport failure too.
+            msg = (
+                f"Kafka broker at {servers} is unreachable or did not answer within "
+                f"{self._settings.kafka_timeout_s:g} s (VITALS_KAFKA_TIMEOUT_S): "
+                f"{exc.args[0]}"
+            )
             raise SourceError(msg) from exc
         topic = metadata.topics.get(self._topic)
         if topic is None or topic.error is not None:
