@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Final
@@ -10,9 +11,12 @@ from unittest import mock
 
 import pytest
 import redis
+from click.testing import CliRunner
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
+from etl import explore
+from etl.cli import main
 from etl.config import ConfigurationError, Settings, load_settings, redact_url
 from etl.pipeline import (
     drain_to_staging,
@@ -26,7 +30,7 @@ from etl.sink import RedisSink, SinkError
 from etl.source import KafkaSource
 from tests.conftest import Broker, create_topic, encode, make_settings, reading
 from tests.integration.accounting import assert_accounted, produce_tracked
-from tests.integration.faultpoints import etl_argv, run_child
+from tests.integration.faultpoints import etl_argv, run_child, settings_env
 
 pytestmark = pytest.mark.integration
 
@@ -57,6 +61,12 @@ ETL_COMMANDS: Final = (
     "select",
     "info",
 )
+#: The commands that the readers need on top of ETL_COMMANDS: ``etl reports``
+#: runs XREVRANGE, ``etl show`` LRANGE, ``etl replay-rejects`` LRANGE,
+#: SISMEMBER and SADD, and the loaders of ``etl.explore`` PING, LLEN, LRANGE,
+#: XRANGE and XREVRANGE.
+READER_COMMANDS: Final = ("xrevrange", "xrange", "llen", "sismember", "sadd")
+OPERATIONS_DOC: Final = Path(__file__).resolve().parents[2] / "docs" / "operations.md"
 
 
 @pytest.fixture
@@ -146,7 +156,9 @@ def test_run_wrong_password_exits_3_without_secret(
 # An ACL user limited to the product's keys and commands.
 
 
-def create_etl_user(admin: redis.Redis, settings: Settings) -> None:
+def create_etl_user(
+    admin: redis.Redis, settings: Settings, commands: tuple[str, ...] = ETL_COMMANDS
+) -> None:
     admin.execute_command(
         "ACL",
         "SETUSER",
@@ -157,7 +169,7 @@ def create_etl_user(admin: redis.Redis, settings: Settings) -> None:
         f"~{key_prefix(settings)}:*",
         "resetchannels",
         "-@all",
-        *(f"+{command}" for command in ETL_COMMANDS),
+        *(f"+{command}" for command in commands),
     )
 
 
@@ -187,6 +199,71 @@ def test_acl_user_runs_plain_and_staged_batches(
         assert admin.xlen(settings.redis_reports_key) == 2
     finally:
         admin.close()
+
+
+def test_acl_user_runs_readers(broker: Broker, password_redis: Service) -> None:
+    """The batch's commands and READER_COMMANDS suffice for every reader."""
+    admin = redis.Redis.from_url(
+        f"redis://:{ADMIN_PASSWORD}@127.0.0.1:{password_redis.port}/0"
+    )
+    url = f"redis://etl:{ETL_PASSWORD}@127.0.0.1:{password_redis.port}/0"
+    settings = make_settings(broker.bootstrap, url)
+    create_etl_user(admin, settings, (*ETL_COMMANDS, *READER_COMMANDS))
+    create_topic(settings)
+    produce_tracked(settings, mixed_values(20))
+    env = settings_env(settings)
+    runner = CliRunner()
+    try:
+        run_batch(settings)
+        admin.execute_command("ACL", "LOG", "RESET")
+
+        reports_result = runner.invoke(main, ["reports"], env=env)
+        show_result = runner.invoke(main, ["show"], env=env)
+        replay_result = runner.invoke(main, ["replay-rejects"], env=env)
+        rows = explore.load_rows(settings)
+        rejects = explore.load_rejects(settings)
+        every_report = explore.load_reports(settings)
+        last_report = explore.load_reports(settings, last=1)
+
+        assert reports_result.exit_code == 0, reports_result.output
+        assert show_result.exit_code == 0, show_result.output
+        assert replay_result.exit_code == 0, replay_result.output
+        assert json.loads(replay_result.stdout)["produced"] == 4
+        assert rows.height == 16
+        assert rejects.height == 4
+        assert every_report.height == 1
+        assert last_report.height == 1
+        assert admin.execute_command("ACL", "LOG") == []
+    finally:
+        admin.close()
+
+
+def test_reports_needs_xrevrange(broker: Broker, password_redis: Service) -> None:
+    admin = redis.Redis.from_url(
+        f"redis://:{ADMIN_PASSWORD}@127.0.0.1:{password_redis.port}/0"
+    )
+    url = f"redis://etl:{ETL_PASSWORD}@127.0.0.1:{password_redis.port}/0"
+    settings = make_settings(broker.bootstrap, url)
+    create_etl_user(admin, settings)
+    try:
+        result = CliRunner().invoke(main, ["reports"], env=settings_env(settings))
+    finally:
+        admin.close()
+
+    assert result.exit_code == 3
+    assert "no permissions to run the 'xrevrange' command" in result.stderr
+
+
+def test_operations_doc_lists_acl_commands() -> None:
+    """The ACL line and the readers' additions in docs/operations.md match the tested sets."""
+    text = OPERATIONS_DOC.read_text(encoding="utf-8")
+    line = next(row for row in text.splitlines() if "ACL SETUSER etl" in row)
+    granted = [word[1:] for word in line.split() if word.startswith("+")]
+    added = re.search(r"`((?:\+[a-z|]+ ?)+)` added to that line", text)
+
+    assert granted == list(ETL_COMMANDS)
+    assert added is not None
+    assert added.group(1).split() == [f"+{command}" for command in READER_COMMANDS]
 
 
 @pytest.mark.parametrize(
