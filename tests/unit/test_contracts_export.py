@@ -338,6 +338,10 @@ def test_json_schema_agrees_with_batch(fields: dict[str, Any], accepted: bool) -
         pytest.param({"timestamp": "2024-13-10T06:13:20Z"}, id="month-13"),
         pytest.param({"timestamp": "2023-02-29T06:13:20Z"}, id="february-29-2023"),
         pytest.param({"timestamp": "2024-06-10T24:00:00Z"}, id="hour-24"),
+        # A lone surrogate escape is valid JSON text but no Unicode character.
+        pytest.param({"name": "Anna \ud800"}, id="lone-surrogate-in-name"),
+        pytest.param({"ward": {"bed": "\udc00"}}, id="lone-surrogate-nested"),
+        pytest.param({"\ud83d": "B2"}, id="lone-surrogate-in-key"),
     ],
 )
 def test_json_schema_leaves_checks_to_batch(fields: dict[str, Any]) -> None:
@@ -345,6 +349,30 @@ def test_json_schema_leaves_checks_to_batch(fields: dict[str, Any]) -> None:
 
     assert schema_accepts(message)
     assert not batch_accepts(json.dumps(message).encode())
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        pytest.param({"name": "Anna \ud800"}, "name", id="in-name"),
+        pytest.param({"ward": {"bed": "\udc00"}}, "ward", id="nested"),
+    ],
+)
+def test_lone_surrogate_rejected_as_invalid_json(
+    fields: dict[str, Any], field: str
+) -> None:
+    value = json.dumps(reading(**fields)).encode()
+    raw = pl.DataFrame(
+        {"partition": [0], "offset": [0], "key": [None], "value": [value]},
+        schema=RAW_SCHEMA,
+    )
+
+    chunk, _ = process_chunk(raw, SETTINGS, topic="t", now=NOW, expected={0: None})
+    rejects = [json.loads(payload) for payload in chunk.rejects["payload"]]
+
+    assert b"\\ud" in value
+    assert [reject["reason"] for reject in rejects] == ["invalid_json"]
+    assert [reject["field"] for reject in rejects] == [field]
 
 
 @pytest.mark.parametrize(
