@@ -16,7 +16,14 @@ from etl.cli_options import PARTITIONS_OPTION, finite_number, rate_option
 from etl.cohort import MAX_COHORT_SIZE
 from etl.config import ConfigurationError, Settings, load_settings
 from etl.exit_codes import EXIT_CONFIG, EXIT_INFRASTRUCTURE
-from etl.terminal import console, errors, print_error, print_table, stop_on_signals
+from etl.terminal import (
+    console,
+    counted,
+    errors,
+    print_error,
+    print_table,
+    stop_on_signals,
+)
 
 #: A TCP port to listen on.
 PORT: Final = click.IntRange(1, 65535)
@@ -275,7 +282,9 @@ def generate(
     except RuntimeError as exc:
         print_error("generate failed:", exc)
         sys.exit(EXIT_INFRASTRUCTURE)
-    console.print(f"Produced {delivered} readings to topic {settings.kafka_topic}")
+    console.print(
+        f"Produced {counted(delivered, 'reading')} to topic {settings.kafka_topic}"
+    )
 
 
 #: Redis reads list indexes as signed 64-bit integers.
@@ -431,7 +440,7 @@ def services_start(
         errors.print(
             "The local broker starts with no topics, so the offsets of topic "
             f"{settings.kafka_topic} stored in the local Redis no longer apply: "
-            f"removed {forgotten} fields of {settings.redis_offsets_key} "
+            f"removed {counted(forgotten, 'field')} of {settings.redis_offsets_key} "
             "(the rows and the topic's id stay)."
         )
     for name, value in env.items():

@@ -201,7 +201,7 @@ def publish(
     if from_line > result.lines + 1:
         print_error(
             "error:",
-            f"the feed has {result.lines} lines, so --from-line "
+            f"the feed has {counted(result.lines, 'line')}, so --from-line "
             f"{from_line} is past its end and nothing was sent",
         )
         sys.exit(EXIT_CONFIG)

@@ -28,6 +28,7 @@ from rich.progress import Progress
 from etl.cohort import Patient, build_cohort, draw_reading
 from etl.config import ENV_PREFIX, kafka_client
 from etl.malformed import MALFORMED_KINDS
+from etl.terminal import counted
 
 if TYPE_CHECKING:
     from etl.config import Settings
@@ -248,7 +249,8 @@ _NO_STOP_REQUEST: Final = _NoStopRequest()
 
 
 def _delivered_text(sent: int, delivered: int) -> str:
-    return f"Of the {sent} message(s) sent, {delivered} were delivered"
+    verb = "was" if delivered == 1 else "were"
+    return f"Of the {counted(sent, 'message')} sent, {delivered} {verb} delivered"
 
 
 class ProduceStopped(Exception):

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Final
 import click
 
 from etl.reasons import Reason
+from etl.terminal import counted
 
 if TYPE_CHECKING:
     import redis
@@ -282,15 +283,14 @@ def _produce(settings: Settings, batch: list[tuple[str, bytes, bytes | None]]) -
         # NOTE: nothing is recorded as replayed then, so a rerun may produce
         # some values twice; the Kafka delivery reports name the failures.
         problems = []
+        sent = counted(len(batch), "value")
         if remaining:
             problems.append(
-                f"{remaining} of {len(batch)} values got no acknowledgement within "
-                f"{timeout_s:g} s"
+                f"{remaining} of {sent} got no acknowledgement within {timeout_s:g} s"
             )
         if failures:
             problems.append(
-                f"{len(failures)} of {len(batch)} values failed, the first with "
-                f"{failures[0]!r}"
+                f"{len(failures)} of {sent} failed, the first with {failures[0]!r}"
             )
         if remaining or unreached:
             problems.append(

@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 import pytest
+from click.testing import CliRunner
 from confluent_kafka import (
     OFFSET_BEGINNING,
     Consumer,
@@ -22,6 +23,7 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient
 
+from etl.cli import main
 from etl.config import Settings, load_settings
 from etl.generate import WINDOW_S, ensure_topic, iter_readings, produce_readings
 from etl.services import free_port
@@ -146,6 +148,25 @@ def test_ensure_topic_keeps_existing_topic(
     assert "with its 4 partitions, although 2 were requested" in caplog.text
 
 
+@pytest.mark.parametrize(
+    ("count", "summary"),
+    [(1, "Produced 1 reading to topic"), (2, "Produced 2 readings to topic")],
+)
+def test_generate_summary_counts_readings(
+    _own_broker: str, count: int, summary: str
+) -> None:
+    settings = _settings(_own_broker)
+    env = {
+        "VITALS_KAFKA_BOOTSTRAP_SERVERS": _own_broker,
+        "VITALS_KAFKA_TOPIC": settings.kafka_topic,
+    }
+
+    result = CliRunner().invoke(main, ["generate", "--count", str(count)], env=env)
+
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith(f"{summary} {settings.kafka_topic}")
+
+
 def test_rate_cap_paces_messages(_own_broker: str) -> None:
     settings = _settings(_own_broker)
     started = time.monotonic()
@@ -223,4 +244,4 @@ def test_delivery_failure_raises(monkeypatch: pytest.MonkeyPatch) -> None:
         RuntimeError, match=rf"delivery to topic .* at {servers} failed"
     ) as caught:
         produce_readings(settings, count=10)
-    assert str(caught.value).endswith("Of the 10 message(s) sent, 0 were delivered")
+    assert str(caught.value).endswith("Of the 10 messages sent, 0 were delivered")

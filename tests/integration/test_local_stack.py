@@ -81,7 +81,7 @@ def test_broker_restart_forgets_stored_offsets(tmp_path: Path, database: int) ->
 
     assert first.stderr == ""
     assert f"export VITALS_REDIS_URL={url}" in first.stdout
-    assert "removed 1 fields of liste-patients:offsets" in " ".join(message.split())
+    assert "removed 1 field of liste-patients:offsets" in " ".join(message.split())
     # The old topic's id stays, so the next batch does not read Kafka's commits.
     assert offsets == {"other:0": "7", "vitals:topic_id": "old-id"}
     assert rows == 1

@@ -277,7 +277,7 @@ def test_from_line_past_end_exits_2(settings: Settings, tmp_path: Path) -> None:
     )
 
     assert result.exit_code == 2
-    assert "the feed has 1 lines, so --from-line 3 is past its end" in result.stderr
+    assert "the feed has 1 line, so --from-line 3 is past its end" in result.stderr
 
 
 def test_stop_delivers_earlier_lines(settings: Settings) -> None:

@@ -114,12 +114,12 @@ def test_replay_dry_run_and_unreplayable(
     [
         pytest.param(
             {"kafka_timeout_s": 0.5},
-            "1 of 1 values got no acknowledgement within 1.5 s",
+            "1 of 1 value got no acknowledgement within 1.5 s",
             id="flush-timeout",
         ),
         pytest.param(
             {"kafka_timeout_s": 2.0, "kafka_extra": {"message.timeout.ms": 500}},
-            "1 of 1 values failed, the first with",
+            "1 of 1 value failed, the first with",
             id="message-timeout",
         ),
     ],

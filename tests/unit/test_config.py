@@ -679,7 +679,7 @@ def test_print_error_keeps_brackets_and_colons(
 
 def test_console_keeps_long_lines_whole(capsys: pytest.CaptureFixture[str]) -> None:
     """A summary printed into a pipe stays on one line, so grep finds it."""
-    line = "Of the 100 message(s) sent, 100 were delivered; " * 4
+    line = "Of the 100 messages sent, 100 were delivered; " * 4
 
     console.print(line)
 

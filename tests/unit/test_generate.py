@@ -25,7 +25,13 @@ from etl.cohort import (
     make_name,
 )
 from etl.config import load_settings
-from etl.generate import WINDOW_S, ensure_topic, iter_readings, produce_readings
+from etl.generate import (
+    WINDOW_S,
+    _delivered_text,
+    ensure_topic,
+    iter_readings,
+    produce_readings,
+)
 from etl.malformed import MALFORMED_KINDS
 
 NOW = 1_800_000_000.0
@@ -553,3 +559,17 @@ def test_malformed_rate_outside_unit_interval(
         ValueError, match=r"malformed_rate must be between 0\.0 and 1\.0"
     ):
         iter_readings(count=1, malformed_rate=malformed_rate)
+
+
+@pytest.mark.parametrize(
+    ("sent", "delivered", "text"),
+    [
+        (1, 1, "Of the 1 message sent, 1 was delivered"),
+        (1, 0, "Of the 1 message sent, 0 were delivered"),
+        (10, 2, "Of the 10 messages sent, 2 were delivered"),
+    ],
+)
+def test_delivered_text_singular_and_plural(
+    sent: int, delivered: int, text: str
+) -> None:
+    assert _delivered_text(sent, delivered) == text
