@@ -58,7 +58,8 @@ def settings_or_exit(**overrides: Any) -> Settings:
         sys.exit(EXIT_CONFIG)
 
 
-@click.group()
+# Subcommands inherit the group's context settings, so -h works on each of them.
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", count=True, help="Log more (-v INFO, -vv DEBUG).")
 def main(verbose: int) -> None:
     """Patient vital-signs ETL: Kafka -> Polars/Pandera -> Redis list liste-patients.
