@@ -12,7 +12,12 @@ from typing import Any, Final, NoReturn
 import click
 from rich.table import Table
 
-from etl.cli_options import PARTITIONS_OPTION, finite_number, rate_option
+from etl.cli_options import (
+    PARTITIONS_OPTION,
+    finite_number,
+    rate_option,
+    redis_integer,
+)
 from etl.cohort import MAX_COHORT_SIZE
 from etl.config import ConfigurationError, Settings, load_settings
 from etl.exit_codes import EXIT_CONFIG, EXIT_INFRASTRUCTURE
@@ -288,21 +293,19 @@ def generate(
     )
 
 
-#: Redis reads list indexes as signed 64-bit integers.
-LIST_INDEX: Final = click.IntRange(-(2**63), 2**63 - 1)
-
-
 @main.command()
 @click.option(
     "--start",
-    type=LIST_INDEX,
+    type=int,
+    callback=redis_integer,
     default=0,
     show_default=True,
     help="Index of the first element; negative counts from the end.",
 )
 @click.option(
     "--stop",
-    type=LIST_INDEX,
+    type=int,
+    callback=redis_integer,
     default=9,
     show_default=True,
     help="Index of the last element, included; -1 is the last.",

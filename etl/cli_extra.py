@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, BinaryIO, Final
 import click
 from rich.table import Table
 
-from etl.cli_options import PARTITIONS_OPTION, rate_option
+from etl.cli_options import PARTITIONS_OPTION, rate_option, redis_integer
 from etl.config import Settings
 from etl.exit_codes import EXIT_FAILED
 from etl.terminal import (
@@ -284,7 +284,8 @@ def _print_feed_result(result: FeedResult, *, limit: int) -> None:
 @click.command("reports")
 @click.option(
     "--last",
-    type=click.IntRange(1, 2**63 - 1),
+    type=click.IntRange(min=1),
+    callback=redis_integer,
     default=10,
     show_default=True,
     help="Number of most recent batch reports to show.",

@@ -21,6 +21,28 @@ def finite_number(
     return value
 
 
+#: Bounds of the signed 64-bit integers that Redis reads counts and list indexes as.
+INT64_MIN: Final = -(2**63)
+INT64_MAX: Final = 2**63 - 1
+
+
+def redis_integer(
+    _context: click.Context, _parameter: click.Parameter, value: int | None
+) -> int | None:
+    """Reject an integer outside the signed 64-bit range, which Redis replies to with an error.
+
+    A callback, not bounds of the option's type, so that help shows only the
+    option's own bound (``x>=1``) and not these.
+    """
+    if value is not None and not INT64_MIN <= value <= INT64_MAX:
+        msg = (
+            f"{value} is not in the range of the signed 64-bit integers that Redis "
+            f"reads, {INT64_MIN} to {INT64_MAX}."
+        )
+        raise click.BadParameter(msg)
+    return value
+
+
 #: ``--partitions`` of the commands that create the topic.
 PARTITIONS_OPTION: Final = click.option(
     "--partitions",

@@ -9,6 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from etl.cli import main
+from etl.cli_options import INT64_MAX, INT64_MIN, redis_integer
 
 
 def command_paths(
@@ -35,3 +36,38 @@ def test_short_help_option_matches_long(path: tuple[str, ...]) -> None:
     assert short.exit_code == 0, short.output
     assert short.stdout == long.stdout
     assert "-h, --help" in short.stdout
+
+
+@pytest.mark.parametrize("path", COMMANDS, ids=lambda path: " ".join(path) or "etl")
+def test_help_leaves_out_64_bit_bounds(path: tuple[str, ...]) -> None:
+    """Help shows an option's own bound, not the limit of Redis's integers."""
+    result = CliRunner().invoke(main, [*path, "--help"])
+
+    assert str(INT64_MAX) not in result.stdout
+    assert str(INT64_MIN) not in result.stdout
+
+
+def test_reports_help_shows_lower_bound() -> None:
+    result = CliRunner().invoke(main, ["reports", "--help"])
+
+    assert "[default: 10; x>=1]" in " ".join(result.stdout.split())
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        ["reports", "--last", str(INT64_MAX + 1)],
+        ["show", "--start", str(INT64_MAX + 1)],
+        ["show", "--stop", str(INT64_MIN - 1)],
+    ],
+)
+def test_integer_past_64_bits_rejected(arguments: list[str]) -> None:
+    result = CliRunner().invoke(main, arguments)
+
+    assert result.exit_code == 2
+    assert "is not in the range of the signed 64-bit integers" in result.stderr
+
+
+@pytest.mark.parametrize("value", [INT64_MIN, -1, 0, INT64_MAX])
+def test_redis_integer_accepts_64_bit_values(value: int) -> None:
+    assert redis_integer(click.Context(main), click.Option(["--start"]), value) == value
