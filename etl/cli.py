@@ -133,7 +133,7 @@ def run(
 ) -> None:
     """Drain the topic once and append the readings to Redis exactly once."""
     from etl.pipeline import run_batch
-    from etl.sink import OffsetConflict, SinkError
+    from etl.sink import OffsetConflict, RedisFull, SinkError
     from etl.source import OffsetsOutOfRange, SourceError
 
     overrides = {
@@ -169,7 +169,8 @@ def run(
         _exit_with_json(as_json, exc, EXIT_CONFIG)
     except (SourceError, SinkError, OffsetConflict) as exc:
         print_error("batch failed:", exc)
-        if not isinstance(exc, OffsetConflict | OffsetsOutOfRange):
+        # These messages end with their own fix.
+        if not isinstance(exc, OffsetConflict | OffsetsOutOfRange | RedisFull):
             errors.print(
                 "Fix the cause above (start the service, correct its address in "
                 "the settings, or run the commands given), then rerun. Chunks "

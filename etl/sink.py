@@ -75,6 +75,13 @@ class SinkError(RuntimeError):
     """
 
 
+class RedisFull(SinkError):
+    """Redis rejected a write because its used memory is above its ``maxmemory``.
+
+    The message names the fix, so the command line adds no other advice.
+    """
+
+
 class OffsetConflict(RuntimeError):
     """The stored offsets moved back or vanished during the batch (a reset, or Redis lost data)."""
 
@@ -449,6 +456,8 @@ class RedisSink:
                     continue
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 failure = exc
+            except redis.exceptions.OutOfMemoryError as exc:
+                raise redis_full(exc, self._settings.redis_url_redacted) from exc
             except redis.RedisError as exc:
                 msg = f"Redis at {self._settings.redis_url_redacted} rejected the write: {exc}"
                 raise SinkError(msg) from exc
@@ -767,6 +776,26 @@ def missing_database(
         "(16 by default)"
     )
     return ConfigurationError(msg)
+
+
+def redis_full(error: redis.exceptions.OutOfMemoryError, url: str) -> RedisFull:
+    """Return the error for Redis's OOM reply to a chunk's transaction, with the fix.
+
+    While its used memory is above ``maxmemory``, Redis rejects each write
+    command, and then discards the whole transaction (the sink tests check
+    this on Redis 7.0.15). ``url`` is the URL to show, with its password
+    masked.
+    """
+    reply = str(error).rstrip(".")
+    msg = (
+        f"Redis at {url} is full and rejected the write ({reply}). Raise its "
+        "maxmemory (CONFIG SET maxmemory, and in its configuration file), or "
+        "free memory, for example by archiving then trimming the lists, then "
+        "rerun. Nothing of the rejected chunk was written, and the chunks "
+        "written before it stay in Redis with their offsets, so the next batch "
+        "resumes after them"
+    )
+    return RedisFull(msg)
 
 
 def _check_same_topic_id(

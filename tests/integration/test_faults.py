@@ -311,6 +311,32 @@ def test_run_wrong_key_type_exits_2(
     assert kafka_committed(settings, PARTITIONS) == {}
 
 
+def test_run_redis_full_names_fix(settings: Settings, own_redis: Service) -> None:
+    """Above maxmemory the batch exits 3 with the fix for a full Redis only."""
+    create_topic(settings, PARTITIONS)
+    produce_tracked(settings, mixed_values(20))
+    url = f"redis://127.0.0.1:{own_redis.port}/0"
+    full = settings.model_copy(update={"redis_url": SecretStr(url)})
+    client = redis.Redis.from_url(url)
+    try:
+        # One byte under noeviction, redis-server's default: every write is rejected.
+        client.config_set("maxmemory", 1)
+        result = CliRunner().invoke(main, ["run"], env=settings_env(full))
+        rows = client.llen(full.redis_list_key)
+    finally:
+        client.close()
+
+    stderr = " ".join(result.stderr.split())
+    assert result.exit_code == 3, result.output
+    assert f"Redis at {url} is full and rejected the write" in stderr
+    assert "Raise its maxmemory" in stderr
+    assert "then rerun" in stderr
+    assert "start the service" not in stderr
+    assert "Traceback" not in result.output
+    assert rows == 0
+    assert kafka_committed(settings, PARTITIONS) == {}
+
+
 def test_ping_error_reply_is_named(settings: Settings) -> None:
     """An error reply to PING other than a missing database, such as a missing ACL right."""
     sink = RedisSink(settings)

@@ -6,6 +6,7 @@ import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from unittest import mock
 
 import polars as pl
@@ -13,7 +14,16 @@ import pytest
 import redis
 
 from etl.config import ConfigurationError, Settings
-from etl.sink import VALUES_PER_COMMAND, Chunk, RedisSink, SinkError, _exec_transaction
+from etl.services import Service, free_port, start_redis
+from etl.sink import (
+    VALUES_PER_COMMAND,
+    Chunk,
+    RedisFull,
+    RedisSink,
+    SinkError,
+    _exec_transaction,
+)
+from tests.conftest import Broker, make_settings
 
 pytestmark = pytest.mark.integration
 
@@ -230,6 +240,51 @@ def test_check_without_info_permission_warns(
 
     assert "maxmemory-policy was not checked" in caplog.text
     assert "allow +info" in caplog.text
+
+
+@pytest.fixture
+def noeviction_redis(tmp_path: Path) -> Iterator[Service]:
+    """A redis-server of the test's own that rejects writes once full."""
+    service = start_redis(
+        port=free_port(),
+        state_dir=tmp_path / "redis",
+        extra_args=("--maxmemory-policy", "noeviction"),
+    )
+    try:
+        yield service
+    finally:
+        service.stop()
+
+
+def test_write_chunk_redis_full_names_fix(
+    broker: Broker, noeviction_redis: Service
+) -> None:
+    """Above maxmemory, the rejected chunk writes nothing and the chunk before stays."""
+    url = f"redis://127.0.0.1:{noeviction_redis.port}/0"
+    settings = make_settings(broker.bootstrap, url)
+    client = redis.Redis.from_url(url)
+    sink = RedisSink(settings)
+    try:
+        sink.write_chunk(TOPIC, rows_chunk(range(0, 100)))
+        # One byte, far below the used memory, so Redis rejects every write.
+        client.config_set("maxmemory", 1)
+        with pytest.raises(RedisFull) as failure:
+            sink.write_chunk(TOPIC, rows_chunk(range(100, 200), expected=100))
+        rows = client.llen(settings.redis_list_key)
+        offset = client.hget(settings.redis_offsets_key, f"{TOPIC}:0")
+        written = client.hget(settings.redis_stats_key, "written")
+    finally:
+        sink.close()
+        client.close()
+
+    message = str(failure.value)
+    assert "command not allowed when used memory > 'maxmemory'" in message
+    assert "Raise its maxmemory" in message
+    assert "free memory" in message
+    assert url in message
+    assert rows == 100
+    assert offset == b"100"
+    assert written == b"100"
 
 
 def test_write_chunk_cancel_stops_retries(settings: Settings) -> None:
