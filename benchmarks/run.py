@@ -391,13 +391,16 @@ def run_stages(
                     topic=settings.kafka_topic,
                     rule_set=settings.rule_set,
                     time_zone=settings.time_zone,
+                    with_alert=True,
                 ),
             )
             derived = pl.concat([derived, readings.select(CARRY)], how="horizontal")
             rows, _ = timed(
                 totals,
                 "output contract",
-                lambda derived=derived: split_valid(derived, OutputRow, carry=CARRY),
+                lambda derived=derived: split_valid(
+                    derived, OutputRow, carry=(*CARRY, "news2_alert")
+                ),
             )
             timed(totals, "serialise", lambda rows=rows: _encode_rows(rows))
             chunk, _ = timed(
