@@ -13,6 +13,7 @@ import click
 from rich.table import Table
 
 from etl.cli_options import (
+    HELP_SETTINGS,
     PARTITIONS_OPTION,
     finite_number,
     rate_option,
@@ -63,8 +64,7 @@ def settings_or_exit(**overrides: Any) -> Settings:
         sys.exit(EXIT_CONFIG)
 
 
-# Subcommands inherit the group's context settings, so -h works on each of them.
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings=HELP_SETTINGS)
 @click.option("-v", "--verbose", count=True, help="Log more (-v INFO, -vv DEBUG).")
 def main(verbose: int) -> None:
     """Patient vital-signs ETL: Kafka -> Polars/Pandera -> Redis list liste-patients.
@@ -104,7 +104,7 @@ RUN_OPTION_NAMES: Final = {
 }
 
 
-@main.command(cls=_JsonFailureCommand)
+@main.command(cls=_JsonFailureCommand, context_settings=HELP_SETTINGS)
 @click.option("--topic", help="Kafka topic (default: VITALS_KAFKA_TOPIC).")
 @click.option(
     "--chunk-size",
@@ -226,7 +226,7 @@ def _failure(error: BaseException, code: int) -> dict[str, Any]:
     }
 
 
-@main.command()
+@main.command(context_settings=HELP_SETTINGS)
 @click.option(
     "--count",
     type=click.IntRange(min=0),
@@ -294,7 +294,7 @@ def generate(
     )
 
 
-@main.command()
+@main.command(context_settings=HELP_SETTINGS)
 @click.option(
     "--start",
     type=int,
@@ -336,13 +336,13 @@ def show(start: int, stop: int, key: str | None) -> None:
         click.echo(f'{index}) "{text}"')
 
 
-@main.command("settings")
+@main.command("settings", context_settings=HELP_SETTINGS)
 def show_settings() -> None:
     """Print the effective settings, secrets masked."""
     click.echo(json.dumps(settings_or_exit().redacted(), indent=2))
 
 
-@main.group()
+@main.group(context_settings=HELP_SETTINGS)
 def services() -> None:
     """Start or stop the local Kafka-protocol broker and Redis (127.0.0.1)."""
 
@@ -367,7 +367,7 @@ STATE_DIR_OPTION: Final = click.option(
 )
 
 
-@services.command("start")
+@services.command("start", context_settings=HELP_SETTINGS)
 @STATE_DIR_OPTION
 @click.option(
     "--kafka-port",
@@ -452,7 +452,7 @@ def services_start(
         click.echo(f"export {name}={value}")
 
 
-@services.command("stop")
+@services.command("stop", context_settings=HELP_SETTINGS)
 @STATE_DIR_OPTION
 def services_stop(state_dir: Path) -> None:
     """Stop the services started by 'etl services start'."""
@@ -462,7 +462,7 @@ def services_stop(state_dir: Path) -> None:
     click.echo(f"stopped: {', '.join(stopped) if stopped else 'nothing was running'}")
 
 
-@services.command("status")
+@services.command("status", context_settings=HELP_SETTINGS)
 @STATE_DIR_OPTION
 def services_status(state_dir: Path) -> None:
     """Show which local services run, with their ports; exit 3 when one is stopped."""

@@ -14,7 +14,12 @@ from typing import TYPE_CHECKING, BinaryIO, Final
 import click
 from rich.table import Table
 
-from etl.cli_options import PARTITIONS_OPTION, rate_option, redis_integer
+from etl.cli_options import (
+    HELP_SETTINGS,
+    PARTITIONS_OPTION,
+    rate_option,
+    redis_integer,
+)
 from etl.config import Settings
 from etl.exit_codes import EXIT_FAILED
 from etl.terminal import (
@@ -42,7 +47,7 @@ def _load_settings() -> Settings:
 # etl contracts
 
 
-@click.group()
+@click.group(context_settings=HELP_SETTINGS)
 def contracts() -> None:
     """Export the data contracts as files, or check the committed files for drift."""
 
@@ -55,7 +60,7 @@ DIRECTORY_OPTION: Final = click.option(
 )
 
 
-@contracts.command("export")
+@contracts.command("export", context_settings=HELP_SETTINGS)
 @DIRECTORY_OPTION
 def contracts_export(directory: Path | None) -> None:
     """Write the message JSON Schema and the Pandera YAML of both models."""
@@ -74,7 +79,7 @@ def contracts_export(directory: Path | None) -> None:
         click.echo(f"wrote {path}")
 
 
-@contracts.command("check")
+@contracts.command("check", context_settings=HELP_SETTINGS)
 @DIRECTORY_OPTION
 def contracts_check(directory: Path | None) -> None:
     """Exit 1 and print a diff when a committed artefact differs from a fresh export."""
@@ -106,7 +111,7 @@ def contracts_check(directory: Path | None) -> None:
 # etl validate-feed
 
 
-@click.command("validate-feed")
+@click.command("validate-feed", context_settings=HELP_SETTINGS)
 @click.argument("feed", type=click.File("rb"))
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option(
@@ -136,7 +141,7 @@ def validate_feed(feed: BinaryIO, as_json: bool, limit: int) -> None:
 # etl publish
 
 
-@click.command("publish")
+@click.command("publish", context_settings=HELP_SETTINGS)
 @click.argument("feed", type=click.File("rb"))
 @click.option(
     "--key-field",
@@ -281,7 +286,7 @@ def _print_feed_result(result: FeedResult, *, limit: int) -> None:
 # etl reports
 
 
-@click.command("reports")
+@click.command("reports", context_settings=HELP_SETTINGS)
 @click.option(
     "--last",
     type=click.IntRange(min=1),

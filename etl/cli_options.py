@@ -10,6 +10,13 @@ import click
 
 _Command = TypeVar("_Command", bound=Callable[..., Any])
 
+#: Context settings of every ``etl`` command: ``-h`` as well as ``--help``.
+#: Each command sets them, because a subcommand inherits them from its group
+#: only until Click builds its help option. Click 8.1.8 and later keep that
+#: option on the command, so one invocation of the command alone would drop
+#: ``-h`` for good.
+HELP_SETTINGS: Final = {"help_option_names": ["-h", "--help"]}
+
 
 def finite_number(
     _context: click.Context, _parameter: click.Parameter, value: float | None

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import click
 
+from etl.cli_options import HELP_SETTINGS
 from etl.reasons import Reason
 from etl.terminal import counted
 
@@ -304,7 +305,7 @@ def _produce(settings: Settings, batch: list[tuple[str, bytes, bytes | None]]) -
         raise ReplayError(msg)
 
 
-@click.command("replay-rejects")
+@click.command("replay-rejects", context_settings=HELP_SETTINGS)
 @click.option(
     "--reason",
     "reasons",

@@ -26,6 +26,26 @@ def command_paths(
 COMMANDS = [(), *command_paths(main)]
 
 
+def command_at(path: tuple[str, ...]) -> click.Command:
+    command: click.Command = main
+    for name in path:
+        assert isinstance(command, click.Group)
+        command = command.commands[name]
+    return command
+
+
+@pytest.mark.parametrize("path", COMMANDS[1:], ids=" ".join)
+def test_short_help_after_invocation_alone(path: tuple[str, ...]) -> None:
+    """Click keeps a command's help option once built, so order must not matter."""
+    runner = CliRunner()
+
+    alone = runner.invoke(command_at(path), ["-h"])
+    in_group = runner.invoke(main, [*path, "-h"])
+
+    assert alone.exit_code == 0, alone.output
+    assert in_group.exit_code == 0, in_group.output
+
+
 @pytest.mark.parametrize("path", COMMANDS, ids=lambda path: " ".join(path) or "etl")
 def test_short_help_option_matches_long(path: tuple[str, ...]) -> None:
     runner = CliRunner()
