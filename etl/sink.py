@@ -409,6 +409,9 @@ class RedisSink:
                     pipe.execute()
         except redis.WatchError:
             logger.info("Another batch stored offsets of topic %s meanwhile", topic)
+        except redis.exceptions.OutOfMemoryError as exc:
+            kept = f"The batch wrote nothing, and the offsets of topic {topic} are as before"
+            raise redis_full(exc, self._settings.redis_url_redacted, kept=kept) from exc
         except redis.RedisError as exc:
             msg = f"cannot store offsets in Redis at {self._settings.redis_url_redacted}: {exc}"
             raise SinkError(msg) from exc
@@ -778,22 +781,29 @@ def missing_database(
     return ConfigurationError(msg)
 
 
-def redis_full(error: redis.exceptions.OutOfMemoryError, url: str) -> RedisFull:
-    """Return the error for Redis's OOM reply to a chunk's transaction, with the fix.
+def redis_full(
+    error: redis.exceptions.OutOfMemoryError,
+    url: str,
+    *,
+    kept: str = (
+        "Nothing of the rejected chunk was written, and the chunks written "
+        "before it stay in Redis with their offsets, so the next batch resumes "
+        "after them"
+    ),
+) -> RedisFull:
+    """Return the error for Redis's OOM reply to a transaction, with the fix.
 
     While its used memory is above ``maxmemory``, Redis rejects each write
     command, and then discards the whole transaction (the sink tests check
     this on Redis 7.0.15). ``url`` is the URL to show, with its password
-    masked.
+    masked, and ``kept`` says what Redis still holds.
     """
     reply = str(error).rstrip(".")
     msg = (
         f"Redis at {url} is full and rejected the write ({reply}). Raise its "
         "maxmemory (CONFIG SET maxmemory, and in its configuration file), or "
         "free memory, for example by archiving then trimming the lists, then "
-        "rerun. Nothing of the rejected chunk was written, and the chunks "
-        "written before it stay in Redis with their offsets, so the next batch "
-        "resumes after them"
+        f"rerun. {kept}"
     )
     return RedisFull(msg)
 

@@ -22,6 +22,7 @@ from etl.sink import (
     RedisSink,
     SinkError,
     _exec_transaction,
+    topic_id_field,
 )
 from tests.conftest import Broker, make_settings
 
@@ -285,6 +286,31 @@ def test_write_chunk_redis_full_names_fix(
     assert rows == 100
     assert offset == b"100"
     assert written == b"100"
+
+
+def test_adopt_topic_redis_full_names_fix(
+    broker: Broker, noeviction_redis: Service
+) -> None:
+    """Above maxmemory, the offsets of a recreated topic stay those of the old one."""
+    url = f"redis://127.0.0.1:{noeviction_redis.port}/0"
+    settings = make_settings(broker.bootstrap, url)
+    client = redis.Redis.from_url(url)
+    sink = RedisSink(settings)
+    try:
+        client.hset(settings.redis_offsets_key, topic_id_field(TOPIC), "old-id")
+        sink.set_topic_id(TOPIC, "new-id")
+        client.config_set("maxmemory", 1)
+        with pytest.raises(RedisFull) as failure:
+            sink.adopt_topic(TOPIC, {0: 0, 1: 0}, replaced="old-id")
+        stored = client.hgetall(settings.redis_offsets_key)
+    finally:
+        sink.close()
+        client.close()
+
+    message = str(failure.value)
+    assert "Raise its maxmemory" in message
+    assert f"the offsets of topic {TOPIC} are as before" in message
+    assert stored == {topic_id_field(TOPIC).encode(): b"old-id"}
 
 
 def test_write_chunk_cancel_stops_retries(settings: Settings) -> None:
