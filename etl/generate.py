@@ -175,9 +175,9 @@ def ensure_topic(settings: Settings, *, partitions: int = 3) -> None:
     if existing is not None and existing.error is None:
         if len(existing.partitions) != partitions:
             logger.warning(
-                "Keeping topic %s with its %d partitions, although %d were requested",
+                "Keeping topic %s with its %s instead of the %d requested",
                 topic,
-                len(existing.partitions),
+                counted(len(existing.partitions), "partition"),
                 partitions,
             )
         return
@@ -196,7 +196,7 @@ def ensure_topic(settings: Settings, *, partitions: int = 3) -> None:
     except TimeoutError as exc:
         msg = f"creating topic {topic!r} on Kafka at {servers} timed out after {timeout_s} s"
         raise RuntimeError(msg) from exc
-    logger.info("Created topic %s with %d partitions", topic, partitions)
+    logger.info("Created topic %s with %s", topic, counted(partitions, "partition"))
 
 
 def _unreachable_message(servers: str, error: object) -> str:

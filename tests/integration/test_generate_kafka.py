@@ -145,7 +145,7 @@ def test_ensure_topic_keeps_existing_topic(
     with caplog.at_level(logging.WARNING, logger="etl.generate"):
         ensure_topic(settings, partitions=2)
     assert _partition_count(settings) == 4
-    assert "with its 4 partitions, although 2 were requested" in caplog.text
+    assert "with its 4 partitions instead of the 2 requested" in caplog.text
 
 
 @pytest.mark.parametrize(
