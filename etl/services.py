@@ -100,11 +100,17 @@ class Service:
 
 
 def _spawn(name: str, argv: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+    """Start ``argv`` in the folder of ``log_path``, which identifies it later.
+
+    :func:`_running_from` takes a process for this folder's service only when
+    it runs in this folder.
+    """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as log:
         # A new session keeps Ctrl-C in the caller's terminal from reaching it.
         return subprocess.Popen(
             argv,
+            cwd=log_path.parent,
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -491,10 +497,11 @@ def _running_from(pid_file: Path) -> int | None:
     """Return the pid in ``pid_file`` if that process is alive and is ours.
 
     A stale pid file may name a process that reused the pid, or another
-    Redis or broker on the same host. So the process counts as ours only when
-    it is a broker listening on the recorded port, or a redis-server whose
-    working folder is the state folder (Redis changes to its ``--dir`` at
-    start).
+    Redis or broker on the same host, and a copied state folder names the
+    services of the original. So the process counts as ours only when it
+    runs in the state folder (the broker is started there, and Redis changes
+    to its ``--dir``), and is a broker listening on the recorded port for
+    ``kafka.pid`` or a redis-server for ``redis.pid``.
     """
     try:
         pid = int(pid_file.read_text().split()[0])
@@ -504,13 +511,14 @@ def _running_from(pid_file: Path) -> int | None:
         return None
     proc = Path(f"/proc/{pid}")
     try:
+        if (proc / "cwd").readlink() != pid_file.parent.resolve():
+            return None
         command = (proc / "cmdline").read_bytes().split(b"\0")
-        if b"redis-server" in command[0]:
-            ours = (proc / "cwd").readlink() == pid_file.parent.resolve()
-        else:
-            port = _recorded_port(pid_file)
-            listener = f"tcp://{HOST}:{port}".encode()
-            ours = b"tansu" in command[0] and listener in command
     except OSError:
         return None
+    if pid_file.stem == "redis":
+        ours = b"redis-server" in command[0]
+    else:
+        listener = f"tcp://{HOST}:{_recorded_port(pid_file)}".encode()
+        ours = listener in command
     return pid if ours else None

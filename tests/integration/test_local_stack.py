@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import socket
 import subprocess
 import sys
@@ -366,3 +367,21 @@ def test_pid_file_naming_other_service_ignored(tmp_path: Path, name: str) -> Non
     assert status[name] is None
     assert stopped == []
     assert still_listening
+
+
+def test_copied_state_folder_stops_nothing(tmp_path: Path) -> None:
+    """The pid files of a copy name the original's services, which run elsewhere."""
+    original, copy = tmp_path / "original", tmp_path / "copy"
+    kafka_port, redis_port = free_port(), free_port()
+    try:
+        start(original, kafka_port, redis_port)
+        shutil.copytree(original, copy, ignore=shutil.ignore_patterns("*.aof*"))
+        copy_status = local_stack_status(copy)
+        stopped = stop_local_stack(copy)
+        original_status = local_stack_status(original)
+    finally:
+        stop_local_stack(original)
+
+    assert copy_status == {"kafka": None, "redis": None}
+    assert stopped == []
+    assert None not in original_status.values()
