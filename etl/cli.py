@@ -108,7 +108,7 @@ RUN_OPTION_NAMES: Final = {
 @click.option("--topic", help="Kafka topic (default: VITALS_KAFKA_TOPIC).")
 @click.option(
     "--chunk-size",
-    type=click.IntRange(min=1),
+    type=click.IntRange(1, 1_000_000),
     help="Records per chunk and Redis transaction.",
 )
 @click.option(
@@ -189,7 +189,7 @@ def run(
     for reason, amount in sorted(report.rejected_by_reason.items()):
         table.add_row(f"  {reason}", str(amount))
     table.add_row("duplicates skipped", str(report.duplicates + report.skipped))
-    table.add_row("alerts (NEWS2 medium/high)", str(report.alerts))
+    table.add_row("alerts (NEWS2 5 or more)", str(report.alerts))
     table.add_row("chunks", str(report.chunks))
     table.add_row("ended by", report.stop_reason)
     table.add_row("duration", f"{report.duration_s:.2f} s")
