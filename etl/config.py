@@ -141,7 +141,8 @@ def kafka_client(
         text = error.str() if isinstance(error, KafkaError) else str(error)
         msg = (
             f"invalid Kafka client settings: {text}. Check the VITALS_KAFKA_* "
-            "variables: security protocol, SASL, SSL and VITALS_KAFKA_EXTRA"
+            "variables: security protocol, SASL, SSL and VITALS_KAFKA_EXTRA (under "
+            "Airflow, the extra of the connection kafka_default when it is defined)"
         )
         if "sasl.mechanism" not in config and "SASL mechanism GSSAPI" in text:
             msg += (

@@ -194,7 +194,10 @@ class RedisSink:
         try:
             self.client.ping()
         except redis.AuthenticationError as exc:
-            msg = f"Redis at {url} rejected the user or password of VITALS_REDIS_URL: {exc}"
+            msg = (
+                f"Redis at {url} rejected the user or password of VITALS_REDIS_URL "
+                f"(under Airflow, of the connection redis_default when it is defined): {exc}"
+            )
             raise SinkError(msg) from exc
         except redis.ResponseError as exc:
             missing = missing_database(exc, url, self._settings.redis_database)
@@ -775,8 +778,9 @@ def missing_database(
         return None
     msg = (
         f"Redis at {url} has no database {database}: the database number in "
-        "VITALS_REDIS_URL must be below the server's 'databases' setting "
-        "(16 by default)"
+        "VITALS_REDIS_URL (under Airflow, the 'db' extra of the connection "
+        "redis_default when it is defined) must be below the server's "
+        "'databases' setting (16 by default)"
     )
     return ConfigurationError(msg)
 
