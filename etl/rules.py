@@ -314,8 +314,8 @@ def _news2_risk(total: int, *, has_red_score: bool) -> str:
 _RED_SCORE_WEIGHT: Final = NEWS2_MAX_SCORE + 1
 _NEWS2_PARAMETER_COUNT: Final = 7
 # A missing parameter adds this weight to the sum instead of a code. It is above
-# every sum of codes (at most 20 + 21 x 7 = 167), so the sum also holds the number
-# of missing parameters and the codes of the recorded ones.
+# every sum of codes (at most 20 + 21 x 7 = 167), so the sum also contains the
+# number of missing parameters and the codes of the recorded ones.
 _MISSING_WEIGHT: Final = 1000
 _NEWS2_RISK_BY_CODE: Final = {
     total + _RED_SCORE_WEIGHT * red_count: _news2_risk(

@@ -413,8 +413,10 @@ class RedisSink:
         except redis.WatchError:
             logger.info("Another batch stored offsets of topic %s meanwhile", topic)
         except redis.exceptions.OutOfMemoryError as exc:
-            kept = f"The batch wrote nothing, and the offsets of topic {topic} are as before"
-            raise redis_full(exc, self._settings.redis_url_redacted, kept=kept) from exc
+            unchanged = f"The batch wrote nothing, and the offsets of topic {topic} are as before"
+            raise redis_full(
+                exc, self._settings.redis_url_redacted, still_stored=unchanged
+            ) from exc
         except redis.RedisError as exc:
             msg = f"cannot store offsets in Redis at {self._settings.redis_url_redacted}: {exc}"
             raise SinkError(msg) from exc
@@ -789,7 +791,7 @@ def redis_full(
     error: redis.exceptions.OutOfMemoryError,
     url: str,
     *,
-    kept: str = (
+    still_stored: str = (
         "Nothing of the rejected chunk was written, and the chunks written "
         "before it stay in Redis with their offsets, so the next batch resumes "
         "after them"
@@ -800,14 +802,14 @@ def redis_full(
     While its used memory is above ``maxmemory``, Redis rejects each write
     command, and then discards the whole transaction (the sink tests check
     this on Redis 7.0.15). ``url`` is the URL to show, with its password
-    masked, and ``kept`` says what Redis still holds.
+    masked, and ``still_stored`` is the sentence on what Redis still contains.
     """
     reply = str(error).rstrip(".")
     msg = (
         f"Redis at {url} is full and rejected the write ({reply}). Raise its "
         "maxmemory (CONFIG SET maxmemory, and in its configuration file), or "
         "free memory, for example by archiving then trimming the lists, then "
-        f"rerun. {kept}"
+        f"rerun. {still_stored}"
     )
     return RedisFull(msg)
 

@@ -201,7 +201,7 @@ class KafkaSource:
             )
         except KafkaException as exc:
             # A broker that is stopped (SIGSTOP) or hung accepts connections but
-            # never answers, which librdkafka reports as a transport failure too.
+            # never replies, which librdkafka reports as a transport failure too.
             msg = (
                 f"Kafka broker at {servers} is unreachable or did not answer within "
                 f"{self._settings.kafka_timeout_s:g} s (VITALS_KAFKA_TIMEOUT_S): "
