@@ -6,6 +6,7 @@ import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from unittest import mock
 
@@ -14,7 +15,7 @@ import pytest
 import redis
 
 from etl.config import ConfigurationError, Settings
-from etl.services import Service, free_port, start_redis
+from etl.services import free_port, start_redis
 from etl.sink import (
     VALUES_PER_COMMAND,
     Chunk,
@@ -243,69 +244,71 @@ def test_check_without_info_permission_warns(
     assert "allow +info" in caplog.text
 
 
+@dataclass
+class FillableRedis:
+    """A sink on a redis-server of the test's own, with a client to fill it."""
+
+    url: str
+    settings: Settings
+    client: redis.Redis
+    sink: RedisSink
+
+
 @pytest.fixture
-def noeviction_redis(tmp_path: Path) -> Iterator[Service]:
+def noeviction_redis(broker: Broker, tmp_path: Path) -> Iterator[FillableRedis]:
     """A redis-server of the test's own that rejects writes once full."""
     service = start_redis(
         port=free_port(),
         state_dir=tmp_path / "redis",
         extra_args=("--maxmemory-policy", "noeviction"),
     )
-    try:
-        yield service
-    finally:
-        service.stop()
-
-
-def test_write_chunk_redis_full_names_fix(
-    broker: Broker, noeviction_redis: Service
-) -> None:
-    """Above maxmemory, the rejected chunk writes nothing and the chunk before stays."""
-    url = f"redis://127.0.0.1:{noeviction_redis.port}/0"
+    url = f"redis://127.0.0.1:{service.port}/0"
     settings = make_settings(broker.bootstrap, url)
     client = redis.Redis.from_url(url)
     sink = RedisSink(settings)
     try:
-        sink.write_chunk(TOPIC, rows_chunk(range(0, 100)))
-        # One byte, far below the used memory, so Redis rejects every write.
-        client.config_set("maxmemory", 1)
-        with pytest.raises(RedisFull) as failure:
-            sink.write_chunk(TOPIC, rows_chunk(range(100, 200), expected=100))
-        rows = client.llen(settings.redis_list_key)
-        offset = client.hget(settings.redis_offsets_key, f"{TOPIC}:0")
-        written = client.hget(settings.redis_stats_key, "written")
+        yield FillableRedis(url, settings, client, sink)
     finally:
         sink.close()
         client.close()
+        service.stop()
+
+
+def test_write_chunk_redis_full_names_fix(noeviction_redis: FillableRedis) -> None:
+    """Above maxmemory, the rejected chunk writes nothing and the chunk before stays."""
+    settings = noeviction_redis.settings
+    client = noeviction_redis.client
+    sink = noeviction_redis.sink
+    sink.write_chunk(TOPIC, rows_chunk(range(0, 100)))
+    # One byte, far below the used memory, so Redis rejects every write.
+    client.config_set("maxmemory", 1)
+    with pytest.raises(RedisFull) as failure:
+        sink.write_chunk(TOPIC, rows_chunk(range(100, 200), expected=100))
+    rows = client.llen(settings.redis_list_key)
+    offset = client.hget(settings.redis_offsets_key, f"{TOPIC}:0")
+    written = client.hget(settings.redis_stats_key, "written")
 
     message = str(failure.value)
     assert "command not allowed when used memory > 'maxmemory'" in message
     assert "Raise its maxmemory" in message
     assert "free memory" in message
-    assert url in message
+    assert noeviction_redis.url in message
     assert rows == 100
     assert offset == b"100"
     assert written == b"100"
 
 
-def test_adopt_topic_redis_full_names_fix(
-    broker: Broker, noeviction_redis: Service
-) -> None:
+def test_adopt_topic_redis_full_names_fix(noeviction_redis: FillableRedis) -> None:
     """Above maxmemory, the offsets of a recreated topic stay those of the old one."""
-    url = f"redis://127.0.0.1:{noeviction_redis.port}/0"
-    settings = make_settings(broker.bootstrap, url)
-    client = redis.Redis.from_url(url)
-    sink = RedisSink(settings)
-    try:
-        client.hset(settings.redis_offsets_key, topic_id_field(TOPIC), "old-id")
-        sink.set_topic_id(TOPIC, "new-id")
-        client.config_set("maxmemory", 1)
-        with pytest.raises(RedisFull) as failure:
-            sink.adopt_topic(TOPIC, {0: 0, 1: 0}, replaced="old-id")
-        stored = client.hgetall(settings.redis_offsets_key)
-    finally:
-        sink.close()
-        client.close()
+    settings = noeviction_redis.settings
+    client = noeviction_redis.client
+    sink = noeviction_redis.sink
+    client.hset(settings.redis_offsets_key, topic_id_field(TOPIC), "old-id")
+    sink.set_topic_id(TOPIC, "new-id")
+    client.config_set("maxmemory", 1)
+    with pytest.raises(RedisFull) as failure:
+        sink.adopt_topic(TOPIC, {0: 0, 1: 0}, replaced="old-id")
+    stored = client.hgetall(settings.redis_offsets_key)
 
     message = str(failure.value)
     assert "Raise its maxmemory" in message
