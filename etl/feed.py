@@ -150,7 +150,7 @@ class PublishResult:
 
     With a key field, ``without_field`` counts the messages sent without a key
     because they are not a JSON object with that field, and ``unusable_key``
-    those whose field is blank or not a string.
+    those whose field is blank or neither a string nor an integer.
     """
 
     lines: int = 0
@@ -163,11 +163,12 @@ class PublishResult:
 def find_message_key(value: bytes, key_field: str | None) -> tuple[bytes | None, bool]:
     """Return the Kafka key for ``value`` and whether ``key_field`` is in ``value``.
 
-    The key is the stripped ``key_field`` string in UTF-8. A value that is not
-    a JSON object, or whose ``key_field`` is missing or not a string, gets no
-    key, and librdkafka's default partitioner then spreads such messages over
-    the partitions at random. The field counts as found when ``value`` is a
-    JSON object with a member of that name at the top level, whatever its value.
+    The key is the stripped ``key_field`` string in UTF-8, or the decimal
+    digits of a JSON integer. A value that is not a JSON object, or whose
+    ``key_field`` is missing, blank or of another type, gets no key, and
+    librdkafka's default partitioner then spreads such messages over the
+    partitions at random. The field counts as found when ``value`` is a JSON
+    object with a member of that name at the top level, whatever its value.
     """
     if not key_field:
         return None, False
@@ -186,6 +187,9 @@ def find_message_key(value: bytes, key_field: str | None) -> tuple[bytes | None,
             key = json.loads(value, object_pairs_hook=_first_member(key_field))
         except (ValueError, RecursionError):
             return None, True
+    if isinstance(key, int) and not isinstance(key, bool):
+        # The batch stores a JSON integer as its decimal digits.
+        return str(key).encode(), True
     if not isinstance(key, str):
         return None, True
     # The batch strips the value, so the key is the patient_id of the row.

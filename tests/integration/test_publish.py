@@ -134,7 +134,7 @@ def test_readings_are_keyed_by_patient(settings: Settings) -> None:
     ("value", "key_field", "key"),
     [
         pytest.param(b'{"patient_id": "PT-7"}', "patient_id", b"PT-7", id="string"),
-        pytest.param(b'{"patient_id": 7}', "patient_id", None, id="number"),
+        pytest.param(b'{"patient_id": 7}', "patient_id", b"7", id="integer"),
         pytest.param(b'{"device_id": "D-1"}', "device_id", b"D-1", id="other-field"),
         pytest.param(b'{"patient_id": "PT-7"}', "", None, id="no-key"),
         pytest.param(b"[1, 2]", "patient_id", None, id="array"),
@@ -166,7 +166,7 @@ def test_publish_counts_lines_without_key(settings: Settings) -> None:
         b"\n".join(
             [
                 b'{"patient_id": "PT-1"}',
-                b'{"patient_id": 7}',
+                b'{"patient_id": 7.5}',
                 b'{"device_id": "D-1"}',
                 b"[1]",
                 b'{"patient_id": "  "}',
@@ -202,7 +202,7 @@ def test_publish_unknown_key_field_warns(settings: Settings, tmp_path: Path) -> 
 
 def test_publish_some_unkeyed_no_warning(settings: Settings, tmp_path: Path) -> None:
     feed = tmp_path / "feed.ndjson"
-    lines = [reading(patient_id="PT-1"), reading(patient_id=7), {"x": 1}]
+    lines = [reading(patient_id="PT-1"), reading(patient_id=7.5), {"x": 1}]
     feed.write_bytes(b"\n".join(encode(line) for line in lines) + b"\n")
 
     result = CliRunner().invoke(main, ["publish", str(feed)], env=env_of(settings))
@@ -211,7 +211,8 @@ def test_publish_some_unkeyed_no_warning(settings: Settings, tmp_path: Path) -> 
     assert result.exit_code == 0, result.output
     assert (
         "2 sent without a key (1 not a JSON object with the field 'patient_id', "
-        "1 with a blank or non-string 'patient_id')" in summary
+        "1 with a 'patient_id' that is blank or neither a string nor an integer)"
+        in summary
     )
     assert "warning" not in result.stderr
 

@@ -9,6 +9,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 from click.testing import CliRunner
+from hypothesis import given
+from hypothesis import strategies as st
 
 from etl.cli import main
 from etl.config import load_settings
@@ -253,7 +255,9 @@ def test_feed_cli_limit_shortens_table() -> None:
         pytest.param(
             b'{"patient_id": "PT-7"}', "patient_id", (b"PT-7", True), id="key"
         ),
-        pytest.param(b'{"patient_id": 7}', "patient_id", (None, True), id="number"),
+        pytest.param(b'{"patient_id": 7}', "patient_id", (b"7", True), id="integer"),
+        pytest.param(b'{"patient_id": 7.5}', "patient_id", (None, True), id="fraction"),
+        pytest.param(b'{"patient_id": true}', "patient_id", (None, True), id="boolean"),
         pytest.param(b'{"patient_id": null}', "patient_id", (None, True), id="null"),
         pytest.param(b'{"patient_id": " "}', "patient_id", (None, True), id="blank"),
         pytest.param(b'{"device_id": "D-1"}', "patient_id", (None, False), id="absent"),
@@ -275,3 +279,18 @@ def test_find_message_key_reports_field(
     value: bytes, key_field: str, expected: tuple[bytes | None, bool]
 ) -> None:
     assert find_message_key(value, key_field) == expected
+
+
+@given(st.integers(min_value=-(2**63), max_value=2**64 - 1))
+def test_integer_key_is_stored_patient_id(number: int) -> None:
+    """A whole-number patient_id keys its message by the id the batch stores."""
+    value = encode(reading(patient_id=number))
+    raw = pl.DataFrame(
+        {"partition": [0], "offset": [0], "key": [None], "value": [value]},
+        schema=RAW_SCHEMA,
+    )
+
+    chunk, _ = process_chunk(raw, SETTINGS, topic="t", now=NOW, expected={0: None})
+
+    stored = json.loads(chunk.rows["payload"][0])["patient_id"]
+    assert find_message_key(value, "patient_id") == (stored.encode(), True)
