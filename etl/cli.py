@@ -465,17 +465,25 @@ def services_stop(state_dir: Path) -> None:
 @services.command("status", context_settings=HELP_SETTINGS)
 @STATE_DIR_OPTION
 def services_status(state_dir: Path) -> None:
-    """Show which local services run, with their ports; exit 3 when one is stopped."""
-    from etl.services import local_stack_ports, local_stack_status
+    """Show which local services run, with their ports; exit 3 when one does not."""
+    from etl.services import is_suspended, local_stack_ports, local_stack_status
 
     ports = local_stack_ports(state_dir)
     statuses = local_stack_status(state_dir)
+    usable = True
     for name, pid in statuses.items():
-        if pid:
-            click.echo(f"{name}: running (pid {pid}, port {ports[name]})")
-        else:
+        if pid is None:
+            usable = False
             click.echo(f"{name}: stopped (state folder {state_dir.resolve()})")
-    if not all(statuses.values()):
+        elif is_suspended(pid):
+            usable = False
+            click.echo(
+                f"{name}: suspended (pid {pid}, port {ports[name]}); it handles no "
+                f"request until 'kill -CONT {pid}'"
+            )
+        else:
+            click.echo(f"{name}: running (pid {pid}, port {ports[name]})")
+    if not usable:
         sys.exit(EXIT_INFRASTRUCTURE)
 
 

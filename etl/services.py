@@ -474,6 +474,23 @@ def local_stack_status(state_dir: Path) -> dict[str, int | None]:
     }
 
 
+def is_suspended(pid: int) -> bool:
+    """Tell whether process ``pid`` is stopped by a signal such as SIGSTOP.
+
+    Such a process keeps its ports open but handles no request until it
+    gets SIGCONT. The state letter is read from ``/proc/PID/stat`` (T, or
+    t under a debugger), as proc(5) describes it.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    # The command name in brackets may contain spaces, so the state follows
+    # the last closing bracket.
+    fields = stat[stat.rfind(")") + 1 :].split()
+    return bool(fields) and fields[0] in ("T", "t")
+
+
 def local_stack_ports(state_dir: Path) -> dict[str, int | None]:
     """Return the port recorded for each local service at its last start."""
     return {

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +19,7 @@ from click.testing import CliRunner, Result
 from etl.cli import main
 from etl.services import (
     free_port,
+    is_suspended,
     local_stack_ports,
     local_stack_status,
     port_in_use,
@@ -294,6 +298,31 @@ def test_status_shows_ports_and_exits_3_when_stopped(tmp_path: Path) -> None:
     assert f"port {redis_port})" in running.stdout
     assert stopped.exit_code == 3
     assert "kafka: stopped" in stopped.stdout
+
+
+@pytest.mark.parametrize("name", ["kafka", "redis"])
+def test_status_names_suspended_service(tmp_path: Path, name: str) -> None:
+    start(tmp_path, free_port(), free_port())
+    pid = local_stack_status(tmp_path)[name]
+    assert pid is not None
+    try:
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            # Every thread of the process must stop before its state is T.
+            deadline = time.monotonic() + 5
+            while not is_suspended(pid) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            result = CliRunner().invoke(
+                main, ["services", "status", "--state-dir", str(tmp_path)]
+            )
+        finally:
+            os.kill(pid, signal.SIGCONT)
+    finally:
+        stop_local_stack(tmp_path)
+
+    assert result.exit_code == 3
+    assert f"{name}: suspended (pid {pid}," in result.stdout
+    assert f"'kill -CONT {pid}'" in result.stdout
 
 
 def test_broker_wait_prints_no_librdkafka_lines() -> None:
