@@ -140,6 +140,9 @@ PRODUCER_TUNING: Final[dict[str, Any]] = {
 _FLUSH_TIMEOUT_S: Final = 35.0
 #: Maximum wait between two checks of a stop request.
 _STOP_CHECK_S: Final = 0.2
+#: confluent-kafka rounds poll()'s timeout down to whole milliseconds, so
+#: poll(0.0009) returns at once (measured with confluent-kafka 2.16.1).
+_POLL_RESOLUTION_S: Final = 0.001
 #: How long a stopped producer waits for the messages it was handed.
 _STOP_FLUSH_S: Final = 5.0
 _POLL_EVERY: Final = 1_000
@@ -459,8 +462,13 @@ def _wait_until(producer: Producer, deadline: float, stop: StopRequest) -> None:
     """Serve delivery reports until the monotonic clock reaches ``deadline`` or ``stop`` is set."""
     delay = deadline - time.monotonic()
     while delay > 0 and not stop.is_set():
-        # poll() may return early once it has served an event, hence the loop.
-        producer.poll(min(delay, _STOP_CHECK_S))
+        step = min(delay, _STOP_CHECK_S)
+        if step < _POLL_RESOLUTION_S:
+            # poll() would not wait at all, so the loop would spin until the deadline.
+            time.sleep(step)
+        else:
+            # poll() may return early once it has served an event, hence the loop.
+            producer.poll(step)
         delay = deadline - time.monotonic()
 
 

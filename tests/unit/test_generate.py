@@ -7,6 +7,8 @@ import math
 import random
 import re
 import statistics
+import threading
+import time
 from collections import defaultdict
 from datetime import datetime
 from typing import Any
@@ -29,6 +31,7 @@ from etl.config import load_settings
 from etl.generate import (
     WINDOW_S,
     _delivered_text,
+    _wait_until,
     ensure_topic,
     iter_readings,
     produce_readings,
@@ -593,3 +596,24 @@ def test_delivered_text_singular_and_plural(
     sent: int, delivered: int, text: str
 ) -> None:
     assert _delivered_text(sent, delivered) == text
+
+
+class _NonBlockingProducer:
+    """A producer whose poll() returns at once, as confluent-kafka's does under 1 ms."""
+
+    def __init__(self) -> None:
+        self.polls = 0
+
+    def poll(self, timeout: float) -> int:
+        self.polls += 1
+        return 0
+
+
+def test_rate_wait_does_not_spin() -> None:
+    """Waits shorter than poll()'s resolution sleep instead of polling in a loop."""
+    producer = _NonBlockingProducer()
+
+    for _ in range(20):
+        _wait_until(producer, time.monotonic() + 0.0008, threading.Event())  # type: ignore[arg-type]
+
+    assert producer.polls < 100
