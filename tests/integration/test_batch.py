@@ -6,8 +6,11 @@ import contextlib
 import json
 import logging
 import re
+import shutil
+import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -154,6 +157,48 @@ def rebuild_from_offset_zero(
         settings.redis_offsets_key, mapping={f"{topic}:{p}": 0 for p in range(3)}
     )
     return settings.model_copy(update={"kafka_group_id": f"{topic}-rebuilt"})
+
+
+OPERATIONS_DOC = Path(__file__).resolve().parents[2] / "docs" / "operations.md"
+
+
+def documented_offset_query() -> str:
+    """Return the shell command of docs/operations.md that finds a partition's next offset."""
+    text = OPERATIONS_DOC.read_text(encoding="utf-8")
+    [block] = [
+        block
+        for block in re.findall(r"```bash\n(.*?)```", text, flags=re.DOTALL)
+        if "max_by(.source.offset)" in block
+    ]
+    return block.replace("\\\n", " ")
+
+
+@pytest.mark.skipif(shutil.which("jq") is None, reason="needs jq")
+def test_documented_offset_query_counts_rejects(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    """The query finds the stored offset when a partition's last records are rejects."""
+    create_topic(settings, partitions=3)
+    produce(
+        settings, [encode(reading()) for _ in range(5)] + [b"{", b"[]"], partition=2
+    )
+    run_batch(settings)
+    port = redis_client.connection_pool.connection_kwargs["port"]
+    command = (
+        documented_offset_query()
+        .replace("-p 6380", f"-p {port}")
+        .replace("liste-patients:rejects", settings.redis_rejects_key)
+        .replace("liste-patients ", f"{settings.redis_list_key} ")
+        .replace('"vitals"', json.dumps(settings.kafka_topic))
+    )
+
+    found = subprocess.run(
+        ["bash", "-c", command], capture_output=True, text=True, check=True
+    )
+
+    stored = redis_client.hget(settings.redis_offsets_key, f"{settings.kafka_topic}:2")
+    assert stored == b"7"
+    assert found.stdout.strip() == "7"
 
 
 def test_rebuild_keeping_topic_id_reads_once(
