@@ -458,8 +458,20 @@ def services_stop(state_dir: Path) -> None:
     """Stop the services started by 'etl services start'."""
     from etl.services import stop_local_stack
 
+    recorded = [
+        name for name in ("kafka", "redis") if (state_dir / f"{name}.pid").exists()
+    ]
     stopped = stop_local_stack(state_dir)
-    click.echo(f"stopped: {', '.join(stopped) if stopped else 'nothing was running'}")
+    if stopped:
+        click.echo(f"stopped: {', '.join(stopped)}")
+    elif recorded:
+        click.echo("stopped: nothing was running")
+    else:
+        click.echo(
+            f"stopped: nothing, because {state_dir.resolve()} holds no pid file of "
+            "'etl services start'; pass the --state-dir that the services were "
+            "started with"
+        )
 
 
 @services.command("status", context_settings=HELP_SETTINGS)

@@ -300,6 +300,16 @@ def test_status_shows_ports_and_exits_3_when_stopped(tmp_path: Path) -> None:
     assert "kafka: stopped" in stopped.stdout
 
 
+def test_stop_in_unknown_folder_names_it(tmp_path: Path) -> None:
+    """A mistyped --state-dir says that it holds no services, not that they stopped."""
+    folder = tmp_path / "nonexistent"
+
+    result = CliRunner().invoke(main, ["services", "stop", "--state-dir", str(folder)])
+
+    assert result.exit_code == 0, result.output
+    assert f"{folder.resolve()} holds no pid file" in " ".join(result.stdout.split())
+
+
 @pytest.mark.parametrize("name", ["kafka", "redis"])
 def test_status_names_suspended_service(tmp_path: Path, name: str) -> None:
     start(tmp_path, free_port(), free_port())
