@@ -786,6 +786,13 @@ def _local_time(field: str, typed: frozenset[str]) -> pl.Expr:
     return local.fill_null(False)
 
 
+def _iso_form(field: str, typed: frozenset[str]) -> pl.Expr:
+    """Tell whether ``field`` has the form of :data:`ISO_8601_PATTERN`, whatever its values."""
+    if field in typed:
+        return pl.lit(False)
+    return _text(field).str.contains(ISO_8601_PATTERN).fill_null(False)
+
+
 def _without_seconds(field: str, typed: frozenset[str], *, offset: bool) -> pl.Expr:
     """Tell whether ``field`` is a valid ISO-8601 date and time to the minute.
 
@@ -924,6 +931,13 @@ def _read_checks(
             "ISO-8601 without seconds or an offset: write the time as HH:MM:SS, "
             "then Z for UTC or the offset such as +02:00",
             _without_seconds("timestamp", typed, offset=False) & seconds.is_null(),
+        ),
+        (
+            "timestamp",
+            Reason.TIMESTAMP_INVALID,
+            "ISO-8601 naming a date, time or offset that does not exist, such as "
+            "2023-02-29, 24:00:00 or +25:00",
+            _iso_form("timestamp", typed) & seconds.is_null(),
         ),
         (
             "timestamp",

@@ -958,6 +958,23 @@ def test_local_time_detail_asks_for_offset(text: str) -> None:
 @pytest.mark.parametrize(
     "text",
     [
+        "2023-02-29T06:13:20Z",
+        "2024-13-10T06:13:20Z",
+        "2024-06-10T24:00:00Z",
+        "2024-06-10T06:60:00+02:00",
+        "2024-06-10 06:13:20+25:00",
+    ],
+)
+def test_impossible_iso_detail_names_it(text: str) -> None:
+    (reject,) = rejects_of([encode(reading(timestamp=text))])
+
+    assert reject["reason"] == "timestamp_invalid"
+    assert reject["detail"].startswith("ISO-8601 naming a date, time or offset that")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
         "yesterday",
         "2024-06-10",
         "2024-06-10T25",
