@@ -360,14 +360,14 @@ def replay_rejects_command(
     click.echo(json.dumps({"topic": settings.kafka_topic, **asdict(report)}, indent=2))
     skipped = report.skipped_already_replayed
     if skipped:
-        rejects = (
-            "1 reject was not sent because its source is"
+        rejects, pronoun = (
+            ("1 reject was not sent because its source is", "it")
             if skipped == 1
-            else f"{skipped} rejects were not sent because their sources are"
+            else (f"{skipped} rejects were not sent because their sources are", "them")
         )
         print_error(
             "warning:",
             f"{rejects} in "
             f"{settings.redis_rejects_key}{REPLAYED_SUFFIX}; pass --force to send "
-            "them again",
+            f"{pronoun} again",
         )

@@ -203,7 +203,7 @@ def test_replay_command_warns_of_replayed_sources(settings: Settings) -> None:
     assert again.exit_code == 0, again.output
     assert json.loads(again.stdout)["skipped_already_replayed"] == 1
     assert "1 reject was not sent because its source is in" in again.stderr
-    assert "pass --force to send them again" in again.stderr
+    assert "pass --force to send it again" in again.stderr
 
 
 def test_reject_value_decodes_base64() -> None:
