@@ -692,6 +692,13 @@ class KafkaSource:
         fatal = [e for e in self._errors if e.fatal() or e.code() in FATAL_CODES]
         if fatal:
             msg = f"Kafka broker at {self._settings.kafka_bootstrap_servers} failed: {fatal[0].str()}"
+            if fatal[0].code() == KafkaError._ALL_BROKERS_DOWN:
+                # librdkafka counts a broker that stops responding as down too,
+                # as a SIGSTOP of the broker mid-drain shows.
+                msg += (
+                    " (the broker stopped, or runs but stopped responding: "
+                    "frozen or overloaded)"
+                )
             raise SourceError(msg)
         stalled_for = time.monotonic() - last_progress
         if stalled_for > self._settings.kafka_timeout_s:

@@ -24,6 +24,7 @@ from unittest import mock
 import pytest
 import redis
 from click.testing import CliRunner
+from confluent_kafka import KafkaError
 from pydantic import SecretStr
 from redis.connection import AbstractConnection, parse_url
 
@@ -1027,6 +1028,24 @@ def reset_after_wrong_hset(
     produced += produce_tracked(settings, mixed_values(90))
     assert run_batch(settings).read == 90
     return str(failure.value), stored, after_reset, produced
+
+
+def test_down_error_mentions_frozen_broker(settings: Settings) -> None:
+    """librdkafka reports a frozen broker as down, so the message adds that it may run."""
+    create_topic(settings)
+    source = KafkaSource(settings)
+    # The error that librdkafka's error callback receives once its requests time out.
+    source._errors.append(
+        KafkaError(KafkaError._ALL_BROKERS_DOWN, "1/1 brokers are down")
+    )
+    try:
+        with pytest.raises(SourceError) as failure:
+            source._check_stall(time.monotonic())
+    finally:
+        source.close()
+
+    assert "failed: 1/1 brokers are down" in str(failure.value)
+    assert "runs but stopped responding" in str(failure.value)
 
 
 def test_one_bad_partition_reset_keeps_the_others(
