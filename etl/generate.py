@@ -205,8 +205,9 @@ def ensure_topic(settings: Settings, *, partitions: int = 3) -> None:
 def _unreachable_message(servers: str, error: object) -> str:
     return (
         f"Kafka broker at {servers} is unreachable or did not answer ({error}). "
-        f"Start the broker, or set {ENV_PREFIX}KAFKA_BOOTSTRAP_SERVERS; a broker "
-        "that runs but does not answer is hung and needs a restart"
+        f"Start the broker, or set {ENV_PREFIX}KAFKA_BOOTSTRAP_SERVERS to its "
+        "address. When a process listens there, it is either not a Kafka broker "
+        "(check the port) or a broker that hangs and needs a restart"
     )
 
 

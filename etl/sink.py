@@ -205,6 +205,14 @@ class RedisSink:
                 raise missing from exc
             msg = f"Redis at {url} replied with an error on connecting: {exc}"
             raise SinkError(msg) from exc
+        except redis.TimeoutError as exc:
+            msg = (
+                f"Redis at {url} is unreachable: {exc}. Nothing replied within "
+                f"{self._settings.redis_timeout_s:g} s (VITALS_REDIS_TIMEOUT_S): "
+                "check the address and port, because the process listening there "
+                "may hang or be another service than Redis"
+            )
+            raise SinkError(msg) from exc
         except redis.RedisError as exc:
             msg = f"Redis at {url} is unreachable: {exc}"
             raise SinkError(msg) from exc

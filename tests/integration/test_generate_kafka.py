@@ -26,7 +26,7 @@ from confluent_kafka.admin import AdminClient
 from etl.cli import main
 from etl.config import Settings, load_settings
 from etl.generate import WINDOW_S, ensure_topic, iter_readings, produce_readings
-from etl.services import free_port
+from etl.services import Service, free_port
 from tests.conftest import Broker
 
 pytestmark = pytest.mark.integration
@@ -228,6 +228,18 @@ def test_unreachable_broker_fails() -> None:
         RuntimeError, match=rf"Kafka broker at {servers} is unreachable"
     ):
         produce_readings(settings, count=10)
+
+
+def test_other_service_on_port_named(own_redis: Service) -> None:
+    """A port where another server listens gets a hint to check the port."""
+    servers = f"127.0.0.1:{own_redis.port}"
+    settings = load_settings(kafka_bootstrap_servers=servers, kafka_timeout_s=1.0)
+
+    with pytest.raises(RuntimeError) as caught:
+        produce_readings(settings, count=10)
+
+    assert f"Kafka broker at {servers} is unreachable" in str(caught.value)
+    assert "not a Kafka broker (check the port)" in str(caught.value)
 
 
 def test_delivery_failure_raises(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -161,6 +161,22 @@ def test_write_chunk_wrong_type_key_writes_nothing(
     assert redis_client.get(key) == b"not ours"
 
 
+def test_check_on_broker_port_names_other_service(broker: Broker) -> None:
+    """A Kafka broker accepts the connection but never replies to the PING."""
+    url = f"redis://{broker.bootstrap}/0"
+    settings = make_settings(broker.bootstrap, url, redis_timeout_s=1.0)
+    sink = RedisSink(settings)
+    try:
+        with pytest.raises(SinkError) as failure:
+            sink.check()
+    finally:
+        sink.close()
+
+    assert f"Redis at {url} is unreachable" in str(failure.value)
+    assert "Nothing replied within 1 s (VITALS_REDIS_TIMEOUT_S)" in str(failure.value)
+    assert "another service than Redis" in str(failure.value)
+
+
 @pytest.mark.parametrize(("kind", "wanted"), KEY_TYPES)
 def test_check_wrong_type_key_is_settings_error(
     settings: Settings, redis_client: redis.Redis, kind: str, wanted: str
