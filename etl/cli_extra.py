@@ -147,8 +147,8 @@ def validate_feed(feed: BinaryIO, as_json: bool, limit: int) -> None:
     "--key-field",
     default="patient_id",
     show_default=True,
-    help="JSON field whose string or integer value becomes the message key; '' "
-    "sends no key.",
+    help="JSON field whose string or whole-number value becomes the message key; "
+    "'' sends no key.",
 )
 @PARTITIONS_OPTION
 @rate_option("messages")
@@ -236,7 +236,7 @@ def _unkeyed_summary(result: PublishResult, key_field: str) -> str:
     if result.unusable_key:
         reasons.append(
             f"{result.unusable_key} with a {key_field!r} that is blank or neither "
-            "a string nor an integer"
+            "a string nor a whole number"
         )
     if not reasons:
         return ""

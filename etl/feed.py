@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import codecs
 import json
+import math
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 import polars as pl
@@ -150,7 +151,7 @@ class PublishResult:
 
     With a key field, ``without_field`` counts the messages sent without a key
     because they are not a JSON object with that field, and ``unusable_key``
-    those whose field is blank or neither a string nor an integer.
+    those whose field is blank or neither a string nor a whole number.
     """
 
     lines: int = 0
@@ -160,12 +161,19 @@ class PublishResult:
     unusable_key: int = 0
 
 
+#: A float holds every whole number below 2**53 exactly, so its digits are
+#: known. Above it, Polars and Python may print different digits.
+_EXACT_FLOAT_LIMIT: Final = 2**53
+
+
 def find_message_key(value: bytes, key_field: str | None) -> tuple[bytes | None, bool]:
     """Return the Kafka key for ``value`` and whether ``key_field`` is in ``value``.
 
     The key is the stripped ``key_field`` string in UTF-8, or the decimal
-    digits of a JSON integer. A value that is not a JSON object, or whose
-    ``key_field`` is missing, blank or of another type, gets no key, and
+    digits of a whole number (``7``, ``7.0`` or ``7e0``; written with a
+    fraction or an exponent, below 2**53 only), which is the id the batch
+    stores. A value that is not a JSON object, or whose ``key_field`` is
+    missing, blank or of another type, gets no key, and
     librdkafka's default partitioner then spreads such messages over the
     partitions at random. The field counts as found when ``value`` is a JSON
     object with a member of that name at the top level, whatever its value.
@@ -190,6 +198,11 @@ def find_message_key(value: bytes, key_field: str | None) -> tuple[bytes | None,
     if isinstance(key, int) and not isinstance(key, bool):
         # The batch stores a JSON integer as its decimal digits.
         return str(key).encode(), True
+    if isinstance(key, float) and key.is_integer() and abs(key) < _EXACT_FLOAT_LIMIT:
+        # Polars prints a whole number written as 7.0 or 1e3 as its digits,
+        # and -0.0 as "-0".
+        digits = "-0" if key == 0 and math.copysign(1.0, key) < 0 else str(int(key))
+        return digits.encode(), True
     if not isinstance(key, str):
         return None, True
     # The batch strips the value, so the key is the patient_id of the row.

@@ -211,7 +211,7 @@ def test_publish_some_unkeyed_no_warning(settings: Settings, tmp_path: Path) -> 
     assert result.exit_code == 0, result.output
     assert (
         "2 sent without a key (1 not a JSON object with the field 'patient_id', "
-        "1 with a 'patient_id' that is blank or neither a string nor an integer)"
+        "1 with a 'patient_id' that is blank or neither a string nor a whole number)"
         in summary
     )
     assert "warning" not in result.stderr

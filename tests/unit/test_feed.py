@@ -257,6 +257,18 @@ def test_feed_cli_limit_shortens_table() -> None:
         ),
         pytest.param(b'{"patient_id": 7}', "patient_id", (b"7", True), id="integer"),
         pytest.param(b'{"patient_id": 7.5}', "patient_id", (None, True), id="fraction"),
+        pytest.param(
+            b'{"patient_id": 7.0}', "patient_id", (b"7", True), id="whole-float"
+        ),
+        pytest.param(
+            b'{"patient_id": 1e3}', "patient_id", (b"1000", True), id="exponent"
+        ),
+        pytest.param(
+            b'{"patient_id": -0.0}', "patient_id", (b"-0", True), id="minus-zero"
+        ),
+        pytest.param(
+            b'{"patient_id": 1e16}', "patient_id", (None, True), id="past-exact-floats"
+        ),
         pytest.param(b'{"patient_id": true}', "patient_id", (None, True), id="boolean"),
         pytest.param(b'{"patient_id": null}', "patient_id", (None, True), id="null"),
         pytest.param(b'{"patient_id": " "}', "patient_id", (None, True), id="blank"),
@@ -281,8 +293,13 @@ def test_find_message_key_reports_field(
     assert find_message_key(value, key_field) == expected
 
 
-@given(st.integers(min_value=-(2**63), max_value=2**64 - 1))
-def test_integer_key_is_stored_patient_id(number: int) -> None:
+@given(
+    st.one_of(
+        st.integers(min_value=-(2**63), max_value=2**64 - 1),
+        st.integers(min_value=1 - 2**53, max_value=2**53 - 1).map(float),
+    )
+)
+def test_whole_number_key_is_stored_patient_id(number: int | float) -> None:
     """A whole-number patient_id keys its message by the id the batch stores."""
     value = encode(reading(patient_id=number))
     raw = pl.DataFrame(
