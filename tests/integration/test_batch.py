@@ -195,10 +195,19 @@ def test_documented_offset_query_counts_rejects(
     found = subprocess.run(
         ["bash", "-c", command], capture_output=True, text=True, check=True
     )
+    empty = subprocess.run(
+        ["bash", "-c", command.replace("partition == 2", "partition == 1")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
 
     stored = redis_client.hget(settings.redis_offsets_key, f"{settings.kafka_topic}:2")
     assert stored == b"7"
     assert found.stdout.strip() == "7"
+    assert empty.returncode == 5
+    assert empty.stdout == ""
+    assert "no entry of this partition" in empty.stderr
 
 
 def test_rebuild_keeping_topic_id_reads_once(
