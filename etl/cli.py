@@ -458,9 +458,7 @@ def services_stop(state_dir: Path) -> None:
     """Stop the services started by 'etl services start'."""
     from etl.services import stop_local_stack
 
-    recorded = [
-        name for name in ("kafka", "redis") if (state_dir / f"{name}.pid").exists()
-    ]
+    recorded = any((state_dir / f"{name}.pid").exists() for name in ("kafka", "redis"))
     stopped = stop_local_stack(state_dir)
     if stopped:
         click.echo(f"stopped: {', '.join(stopped)}")
@@ -483,6 +481,7 @@ def services_status(state_dir: Path) -> None:
     ports = local_stack_ports(state_dir)
     statuses = local_stack_status(state_dir)
     usable = True
+    recorded = any((state_dir / f"{name}.pid").exists() for name in statuses)
     for name, pid in statuses.items():
         if pid is None:
             usable = False
@@ -495,6 +494,11 @@ def services_status(state_dir: Path) -> None:
             )
         else:
             click.echo(f"{name}: running (pid {pid}, port {ports[name]})")
+    if not recorded:
+        click.echo(
+            f"{state_dir.resolve()} holds no pid file of 'etl services start'; pass "
+            "the --state-dir that the services were started with"
+        )
     if not usable:
         sys.exit(EXIT_INFRASTRUCTURE)
 

@@ -254,10 +254,13 @@ def wait_for_redis(
 def terminate(pid: int, *, timeout: float = 10.0) -> bool:
     """Send SIGTERM to ``pid``, then SIGKILL if it still runs after ``timeout`` s.
 
+    A process stopped by SIGSTOP also gets SIGCONT, so that it handles the
+    SIGTERM (Redis then saves its append-only file) instead of being killed.
     Returns False when no such process existed.
     """
     try:
         os.kill(pid, signal.SIGTERM)
+        os.kill(pid, signal.SIGCONT)
     except ProcessLookupError:
         return False
     deadline = time.monotonic() + timeout

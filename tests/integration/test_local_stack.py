@@ -300,14 +300,28 @@ def test_status_shows_ports_and_exits_3_when_stopped(tmp_path: Path) -> None:
     assert "kafka: stopped" in stopped.stdout
 
 
-def test_stop_in_unknown_folder_names_it(tmp_path: Path) -> None:
-    """A mistyped --state-dir says that it holds no services, not that they stopped."""
+@pytest.mark.parametrize(("command", "exit_code"), [("stop", 0), ("status", 3)])
+def test_unknown_folder_named(tmp_path: Path, command: str, exit_code: int) -> None:
+    """A mistyped --state-dir is named as holding no pid file, not only as stopped."""
     folder = tmp_path / "nonexistent"
 
-    result = CliRunner().invoke(main, ["services", "stop", "--state-dir", str(folder)])
+    result = CliRunner().invoke(main, ["services", command, "--state-dir", str(folder)])
 
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == exit_code, result.output
     assert f"{folder.resolve()} holds no pid file" in " ".join(result.stdout.split())
+
+
+def test_stop_resumes_suspended_redis(tmp_path: Path) -> None:
+    """A frozen Redis gets SIGCONT, so it shuts down cleanly instead of being killed."""
+    start(tmp_path, free_port(), free_port())
+    pid = local_stack_status(tmp_path)["redis"]
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+
+    stop_local_stack(tmp_path)
+
+    log = next(tmp_path.rglob("redis*.log")).read_text()
+    assert "ready to exit, bye bye" in log
 
 
 @pytest.mark.parametrize("name", ["kafka", "redis"])
