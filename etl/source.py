@@ -205,7 +205,8 @@ class KafkaSource:
             msg = (
                 f"Kafka broker at {servers} is unreachable or did not answer within "
                 f"{self._settings.kafka_timeout_s:g} s (VITALS_KAFKA_TIMEOUT_S): "
-                f"{exc.args[0]}"
+                f"{exc.args[0]}. Check the address and port: a process listening "
+                "there may hang or be another service than Kafka"
             )
             raise SourceError(msg) from exc
         topic = metadata.topics.get(self._topic)

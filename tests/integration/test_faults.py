@@ -903,6 +903,18 @@ def test_staged_load_detects_offsets_lost_after_last_write(
 # 6. The broker is down or dies during the drain.
 
 
+def test_run_on_redis_port_names_other_service(redis_service: str) -> None:
+    """A bootstrap address where Redis listens gets a hint to check the port."""
+    port = parse_url(redis_service)["port"]
+    settings = make_settings(f"127.0.0.1:{port}", redis_service, kafka_timeout_s=1.0)
+
+    with pytest.raises(SourceError) as failure:
+        run_batch(settings)
+
+    assert f"Kafka broker at 127.0.0.1:{port} is unreachable" in str(failure.value)
+    assert "another service than Kafka" in str(failure.value)
+
+
 def test_run_broker_unreachable_fails_fast(redis_service: str, tmp_path: Path) -> None:
     """Nothing listens on the bootstrap port: exit 3 with a clear message, in bounded time."""
     port = free_port()
