@@ -39,7 +39,9 @@ def redis_read_failed(
     error: Exception, settings: Settings, name: str, kind: str = "list"
 ) -> NoReturn:
     """Print why ``name`` could not be read from Redis, then exit 2 for a settings error, else 3."""
-    from etl.sink import missing_database
+    import redis
+
+    from etl.sink import missing_database, no_reply_advice
 
     url = settings.redis_url_redacted
     missing = missing_database(error, url, settings.redis_database)
@@ -51,6 +53,11 @@ def redis_read_failed(
             "error:", f"the key {name!r} at {url} is not a {kind}; check the key name"
         )
         sys.exit(EXIT_CONFIG)
+    if isinstance(error, redis.TimeoutError):
+        print_error(
+            f"cannot read {name} from {url}:", f"{error}. {no_reply_advice(settings)}"
+        )
+        sys.exit(EXIT_INFRASTRUCTURE)
     print_error(f"cannot read {name} from {url}:", error)
     sys.exit(EXIT_INFRASTRUCTURE)
 

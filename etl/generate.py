@@ -207,7 +207,8 @@ def _unreachable_message(servers: str, error: object) -> str:
         f"Kafka broker at {servers} is unreachable or did not answer ({error}). "
         f"Start the broker, or set {ENV_PREFIX}KAFKA_BOOTSTRAP_SERVERS to its "
         "address. When a process listens there, it is either not a Kafka broker "
-        "(check the port) or a broker that hangs and needs a restart"
+        "(check the port) or a broker that hangs: resume one stopped by SIGSTOP "
+        "with 'kill -CONT PID', and restart any other"
     )
 
 

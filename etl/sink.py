@@ -206,12 +206,7 @@ class RedisSink:
             msg = f"Redis at {url} replied with an error on connecting: {exc}"
             raise SinkError(msg) from exc
         except redis.TimeoutError as exc:
-            msg = (
-                f"Redis at {url} is unreachable: {exc}. Nothing replied within "
-                f"{self._settings.redis_timeout_s:g} s (VITALS_REDIS_TIMEOUT_S): "
-                "check the address and port, because the process listening there "
-                "may hang or be another service than Redis"
-            )
+            msg = f"Redis at {url} is unreachable: {exc}. {no_reply_advice(self._settings)}"
             raise SinkError(msg) from exc
         except redis.RedisError as exc:
             msg = f"Redis at {url} is unreachable: {exc}"
@@ -726,6 +721,16 @@ class RedisSink:
             self.client.close()
         except redis.RedisError:
             logger.warning("Closing the Redis client failed", exc_info=True)
+
+
+def no_reply_advice(settings: Settings) -> str:
+    """Return what to check when Redis sent no reply within the settings' timeout."""
+    return (
+        f"Nothing replied within {settings.redis_timeout_s:g} s "
+        "(VITALS_REDIS_TIMEOUT_S): check the address and port. The host may "
+        "drop the connection, or the process listening there may hang or be "
+        "another service than Redis"
+    )
 
 
 def redis_cli_command(settings: Settings, *arguments: str) -> str:

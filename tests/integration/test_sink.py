@@ -13,7 +13,9 @@ from unittest import mock
 import polars as pl
 import pytest
 import redis
+from click.testing import CliRunner
 
+from etl.cli import main
 from etl.config import ConfigurationError, Settings
 from etl.services import free_port, start_redis
 from etl.sink import (
@@ -175,6 +177,26 @@ def test_check_on_broker_port_names_other_service(broker: Broker) -> None:
     assert f"Redis at {url} is unreachable" in str(failure.value)
     assert "Nothing replied within 1 s (VITALS_REDIS_TIMEOUT_S)" in str(failure.value)
     assert "another service than Redis" in str(failure.value)
+
+
+@pytest.mark.parametrize("command", ["show", "reports"])
+def test_reader_on_broker_port_names_other_service(
+    broker: Broker, command: str
+) -> None:
+    """The readers give the same advice as the batch when Redis does not reply."""
+    url = f"redis://{broker.bootstrap}/0"
+    settings = make_settings(broker.bootstrap, url, redis_timeout_s=1.0)
+    env = {
+        "VITALS_REDIS_URL": url,
+        "VITALS_REDIS_TIMEOUT_S": "1",
+        "VITALS_REDIS_LIST_KEY": settings.redis_list_key,
+        "VITALS_REDIS_REPORTS_KEY": settings.redis_reports_key,
+    }
+
+    result = CliRunner().invoke(main, [command], env=env)
+
+    assert result.exit_code == 3, result.output
+    assert "Nothing replied within 1 s" in " ".join(result.stderr.split())
 
 
 @pytest.mark.parametrize(("kind", "wanted"), KEY_TYPES)
