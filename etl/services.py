@@ -260,9 +260,10 @@ def terminate(pid: int, *, timeout: float = 10.0) -> bool:
     """
     try:
         os.kill(pid, signal.SIGTERM)
-        os.kill(pid, signal.SIGCONT)
     except ProcessLookupError:
         return False
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGCONT)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not _alive(pid):
