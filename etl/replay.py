@@ -126,7 +126,7 @@ def _read_reject(raw: str | bytes, where: str) -> dict[str, Any]:
     try:
         reject: dict[str, Any] = json.loads(raw)
     except json.JSONDecodeError as exc:
-        problem = exc.msg
+        problem = f"invalid JSON, {exc.msg.lower()} at column {exc.colno}"
     except UnicodeDecodeError as exc:
         problem = str(exc).partition(":")[0]
     except ValueError:
