@@ -53,12 +53,10 @@ def redis_read_failed(
             "error:", f"the key {name!r} at {url} is not a {kind}; check the key name"
         )
         sys.exit(EXIT_CONFIG)
+    detail = str(error)
     if isinstance(error, redis.TimeoutError):
-        print_error(
-            f"cannot read {name} from {url}:", f"{error}. {no_reply_advice(settings)}"
-        )
-        sys.exit(EXIT_INFRASTRUCTURE)
-    print_error(f"cannot read {name} from {url}:", error)
+        detail += f". {no_reply_advice(settings)}"
+    print_error(f"cannot read {name} from {url}:", detail)
     sys.exit(EXIT_INFRASTRUCTURE)
 
 
@@ -463,32 +461,32 @@ def services_start(
 @STATE_DIR_OPTION
 def services_stop(state_dir: Path) -> None:
     """Stop the services started by 'etl services start'."""
-    from etl.services import stop_local_stack
+    from etl.services import has_pid_files, stop_local_stack
 
-    recorded = any((state_dir / f"{name}.pid").exists() for name in ("kafka", "redis"))
+    recorded = has_pid_files(state_dir)
     stopped = stop_local_stack(state_dir)
     if stopped:
         click.echo(f"stopped: {', '.join(stopped)}")
     elif recorded:
         click.echo("stopped: nothing was running")
     else:
-        click.echo(
-            f"stopped: nothing, because {state_dir.resolve()} holds no pid file of "
-            "'etl services start'; pass the --state-dir that the services were "
-            "started with"
-        )
+        click.echo(f"stopped: nothing, because {_no_pid_file(state_dir)}")
 
 
 @services.command("status", context_settings=HELP_SETTINGS)
 @STATE_DIR_OPTION
 def services_status(state_dir: Path) -> None:
     """Show which local services run, with their ports; exit 3 when one does not."""
-    from etl.services import is_suspended, local_stack_ports, local_stack_status
+    from etl.services import (
+        has_pid_files,
+        is_suspended,
+        local_stack_ports,
+        local_stack_status,
+    )
 
     ports = local_stack_ports(state_dir)
     statuses = local_stack_status(state_dir)
     usable = True
-    recorded = any((state_dir / f"{name}.pid").exists() for name in statuses)
     for name, pid in statuses.items():
         if pid is None:
             usable = False
@@ -501,13 +499,17 @@ def services_status(state_dir: Path) -> None:
             )
         else:
             click.echo(f"{name}: running (pid {pid}, port {ports[name]})")
-    if not recorded:
-        click.echo(
-            f"{state_dir.resolve()} holds no pid file of 'etl services start'; pass "
-            "the --state-dir that the services were started with"
-        )
+    if not has_pid_files(state_dir):
+        click.echo(_no_pid_file(state_dir))
     if not usable:
         sys.exit(EXIT_INFRASTRUCTURE)
+
+
+def _no_pid_file(state_dir: Path) -> str:
+    return (
+        f"{state_dir.resolve()} holds no pid file of 'etl services start'; pass "
+        "the --state-dir that the services were started with"
+    )
 
 
 from etl.cli_extra import contracts, publish, reports, validate_feed  # noqa: E402

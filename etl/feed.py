@@ -161,8 +161,8 @@ class PublishResult:
     unusable_key: int = 0
 
 
-#: A float holds every whole number below 2**53 exactly, so its digits are
-#: known. Above it, Polars and Python may print different digits.
+#: A float represents every whole number below 2**53 exactly, so its digits
+#: are certain. Above it, Polars and Python may print different digits.
 _EXACT_FLOAT_LIMIT: Final = 2**53
 
 
@@ -170,11 +170,10 @@ def find_message_key(value: bytes, key_field: str | None) -> tuple[bytes | None,
     """Return the Kafka key for ``value`` and whether ``key_field`` is in ``value``.
 
     The key is the stripped ``key_field`` string in UTF-8, or the decimal
-    digits of a whole number (``7``, ``7.0`` or ``7e0``; written with a
-    fraction or an exponent, below 2**53 only), which is the id the batch
-    stores. A value that is not a JSON object, or whose ``key_field`` is
-    missing, blank or of another type, gets no key, and
-    librdkafka's default partitioner then spreads such messages over the
+    digits of a whole number, which is the id the batch stores: ``7`` up to 64
+    bits, ``7.0`` or ``7e0`` below 2**53. A value that is not a JSON object,
+    or whose ``key_field`` is missing, blank or of another type, gets no key,
+    and librdkafka's default partitioner then spreads such messages over the
     partitions at random. The field counts as found when ``value`` is a JSON
     object with a member of that name at the top level, whatever its value.
     """

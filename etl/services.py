@@ -286,11 +286,23 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     # A zombie still accepts signal 0, so its /proc state decides.
-    with contextlib.suppress(OSError):
+    return _process_state(pid) != "Z"
+
+
+def _process_state(pid: int) -> str | None:
+    """Return the state letter of process ``pid`` (proc(5): R, S, T, Z...), or None.
+
+    It is the field after "State:" in ``/proc/PID/status``.
+    """
+    try:
         status = Path(f"/proc/{pid}/status").read_text()
-        if "\nState:\tZ" in status:
-            return False
-    return True
+    except OSError:
+        return None
+    for line in status.splitlines():
+        fields = line.split()
+        if len(fields) > 1 and fields[0] == "State:":
+            return fields[1]
+    return None
 
 
 # The local stack: pid files under a state folder, so that "start" and "stop"
@@ -448,7 +460,7 @@ def forget_offsets(redis_url: str, offsets_key: str, topic: str) -> int:
 def stop_local_stack(state_dir: Path) -> list[str]:
     """Stop the services whose pid files are in ``state_dir``; return their names."""
     stopped = []
-    for name in ("kafka", "redis"):
+    for name in _SERVICE_NAMES:
         pid_file = state_dir / f"{name}.pid"
         running = _running_from(pid_file)
         if running is not None:
@@ -473,35 +485,30 @@ def stop_local_stack(state_dir: Path) -> list[str]:
 
 def local_stack_status(state_dir: Path) -> dict[str, int | None]:
     """Return the pid of each local service, or None when it is not running."""
-    return {
-        name: _running_from(state_dir / f"{name}.pid") for name in ("kafka", "redis")
-    }
+    return {name: _running_from(state_dir / f"{name}.pid") for name in _SERVICE_NAMES}
 
 
 def is_suspended(pid: int) -> bool:
     """Tell whether process ``pid`` is stopped by a signal such as SIGSTOP.
 
     Such a process keeps its ports open but handles no request until it
-    gets SIGCONT. The state letter is read from ``/proc/PID/stat`` (T, or
-    t under a debugger), as proc(5) describes it.
+    gets SIGCONT. Its state is T, or t under a debugger.
     """
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    # The command name in brackets may contain spaces, so the state follows
-    # the last closing bracket.
-    fields = stat[stat.rfind(")") + 1 :].split()
-    return bool(fields) and fields[0] in ("T", "t")
+    return _process_state(pid) in ("T", "t")
+
+
+def has_pid_files(state_dir: Path) -> bool:
+    """Tell whether ``state_dir`` contains a pid file of a local service."""
+    return any((state_dir / f"{name}.pid").exists() for name in _SERVICE_NAMES)
 
 
 def local_stack_ports(state_dir: Path) -> dict[str, int | None]:
     """Return the port recorded for each local service at its last start."""
-    return {
-        name: _recorded_port(state_dir / f"{name}.pid") for name in ("kafka", "redis")
-    }
+    return {name: _recorded_port(state_dir / f"{name}.pid") for name in _SERVICE_NAMES}
 
 
+#: The local services, each with its pid file ``<name>.pid`` in the state folder.
+_SERVICE_NAMES: Final = ("kafka", "redis")
 #: Written in place of the pid once a service is stopped.
 _NO_PID: Final = "-"
 

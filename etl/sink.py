@@ -205,11 +205,10 @@ class RedisSink:
                 raise missing from exc
             msg = f"Redis at {url} replied with an error on connecting: {exc}"
             raise SinkError(msg) from exc
-        except redis.TimeoutError as exc:
-            msg = f"Redis at {url} is unreachable: {exc}. {no_reply_advice(self._settings)}"
-            raise SinkError(msg) from exc
         except redis.RedisError as exc:
             msg = f"Redis at {url} is unreachable: {exc}"
+            if isinstance(exc, redis.TimeoutError):
+                msg += f". {no_reply_advice(self._settings)}"
             raise SinkError(msg) from exc
         try:
             self._check_key_types()
