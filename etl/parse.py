@@ -787,7 +787,7 @@ def _local_time(field: str, typed: frozenset[str]) -> pl.Expr:
 
 
 def _iso_form(field: str, typed: frozenset[str]) -> pl.Expr:
-    """Tell whether ``field`` has the form of :data:`ISO_8601_PATTERN`, whatever its values."""
+    """Tell whether ``field`` has the form of :data:`ISO_8601_PATTERN`, valid or not."""
     if field in typed:
         return pl.lit(False)
     return _text(field).str.contains(ISO_8601_PATTERN).fill_null(False)

@@ -32,6 +32,8 @@ settings.load_profile("untimed")
 #: Inputs that broke pipelines like this one in public bug reports (Kafka
 #: clients, Polars, Pandera, redis-py, Airflow, name parsers); invented patients.
 CASES = Path(__file__).parent / "data" / "cases.jsonl"
+#: The operations guide, whose commands some tests run as written.
+OPERATIONS_DOC = Path(__file__).resolve().parents[1] / "docs" / "operations.md"
 
 
 @dataclass

@@ -10,7 +10,6 @@ import shutil
 import subprocess
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -28,6 +27,7 @@ from etl.sink import (
 )
 from etl.source import KafkaSource, OffsetsOutOfRange, SourceError
 from tests.conftest import (
+    OPERATIONS_DOC,
     case_value,
     create_topic,
     encode,
@@ -157,9 +157,6 @@ def rebuild_from_offset_zero(
         settings.redis_offsets_key, mapping={f"{topic}:{p}": 0 for p in range(3)}
     )
     return settings.model_copy(update={"kafka_group_id": f"{topic}-rebuilt"})
-
-
-OPERATIONS_DOC = Path(__file__).resolve().parents[2] / "docs" / "operations.md"
 
 
 def documented_offset_query() -> str:

@@ -903,7 +903,7 @@ def test_staged_load_detects_offsets_lost_after_last_write(
 # 6. The broker is down or dies during the drain.
 
 
-def test_run_on_redis_port_names_other_service(redis_service: str) -> None:
+def test_run_on_redis_port(redis_service: str) -> None:
     """A bootstrap address where Redis listens gets a hint to check the port."""
     port = parse_url(redis_service)["port"]
     settings = make_settings(f"127.0.0.1:{port}", redis_service, kafka_timeout_s=1.0)

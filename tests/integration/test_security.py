@@ -28,7 +28,14 @@ from etl.pipeline import (
 from etl.services import Service, free_port, start_redis
 from etl.sink import RedisSink, SinkError
 from etl.source import KafkaSource
-from tests.conftest import Broker, create_topic, encode, make_settings, reading
+from tests.conftest import (
+    OPERATIONS_DOC,
+    Broker,
+    create_topic,
+    encode,
+    make_settings,
+    reading,
+)
 from tests.integration.accounting import assert_accounted, produce_tracked
 from tests.integration.faultpoints import etl_argv, run_child, settings_env
 
@@ -66,7 +73,6 @@ ETL_COMMANDS: Final = (
 #: SISMEMBER and SADD, and the loaders of ``etl.explore`` PING, LLEN, LRANGE,
 #: XRANGE and XREVRANGE.
 READER_COMMANDS: Final = ("xrevrange", "xrange", "llen", "sismember", "sadd")
-OPERATIONS_DOC: Final = Path(__file__).resolve().parents[2] / "docs" / "operations.md"
 
 
 @pytest.fixture

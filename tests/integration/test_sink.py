@@ -163,7 +163,7 @@ def test_write_chunk_wrong_type_key_writes_nothing(
     assert redis_client.get(key) == b"not ours"
 
 
-def test_check_on_broker_port_names_other_service(broker: Broker) -> None:
+def test_sink_check_on_broker_port(broker: Broker) -> None:
     """A Kafka broker accepts the connection but never replies to the PING."""
     url = f"redis://{broker.bootstrap}/0"
     settings = make_settings(broker.bootstrap, url, redis_timeout_s=1.0)
@@ -180,9 +180,7 @@ def test_check_on_broker_port_names_other_service(broker: Broker) -> None:
 
 
 @pytest.mark.parametrize("command", ["show", "reports"])
-def test_reader_on_broker_port_names_other_service(
-    broker: Broker, command: str
-) -> None:
+def test_readers_on_broker_port(broker: Broker, command: str) -> None:
     """The readers give the same advice as the batch when Redis does not reply."""
     url = f"redis://{broker.bootstrap}/0"
     settings = make_settings(broker.bootstrap, url, redis_timeout_s=1.0)

@@ -299,7 +299,7 @@ def test_find_message_key_reports_field(
         st.integers(min_value=1 - 2**53, max_value=2**53 - 1).map(float),
     )
 )
-def test_whole_number_key_is_stored_patient_id(number: int | float) -> None:
+def test_whole_number_key_matches_stored_id(number: int | float) -> None:
     """A whole-number patient_id keys its message by the id the batch stores."""
     value = encode(reading(patient_id=number))
     raw = pl.DataFrame(
