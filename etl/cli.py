@@ -39,9 +39,7 @@ def redis_read_failed(
     error: Exception, settings: Settings, name: str, kind: str = "list"
 ) -> NoReturn:
     """Print why ``name`` could not be read from Redis, then exit 2 for a settings error, else 3."""
-    import redis
-
-    from etl.sink import missing_database, no_reply_advice
+    from etl.sink import connection_advice, missing_database
 
     url = settings.redis_url_redacted
     missing = missing_database(error, url, settings.redis_database)
@@ -54,8 +52,9 @@ def redis_read_failed(
         )
         sys.exit(EXIT_CONFIG)
     detail = str(error)
-    if isinstance(error, redis.TimeoutError):
-        detail += f". {no_reply_advice(settings)}"
+    advice = connection_advice(error, settings)
+    if advice is not None:
+        detail += f". {advice}"
     print_error(f"cannot read {name} from {url}:", detail)
     sys.exit(EXIT_INFRASTRUCTURE)
 

@@ -207,8 +207,9 @@ class RedisSink:
             raise SinkError(msg) from exc
         except redis.RedisError as exc:
             msg = f"Redis at {url} is unreachable: {exc}"
-            if isinstance(exc, redis.TimeoutError):
-                msg += f". {no_reply_advice(self._settings)}"
+            advice = connection_advice(exc, self._settings)
+            if advice is not None:
+                msg += f". {advice}"
             raise SinkError(msg) from exc
         try:
             self._check_key_types()
@@ -722,14 +723,25 @@ class RedisSink:
             logger.warning("Closing the Redis client failed", exc_info=True)
 
 
-def no_reply_advice(settings: Settings) -> str:
-    """Return what to check when Redis sent no reply within the settings' timeout."""
-    return (
-        f"Nothing replied within {settings.redis_timeout_s:g} s "
-        "(VITALS_REDIS_TIMEOUT_S): check the address and port. The host may "
-        "drop the connection, or the process listening there may hang or be "
-        "another service than Redis"
-    )
+def connection_advice(error: Exception, settings: Settings) -> str | None:
+    """Return what to check when ``error`` shows that no Redis replied, else None.
+
+    Nothing may reply within the settings' timeout, or another service
+    (an HTTP server, a Kafka broker) may reply with bytes that are not RESP.
+    """
+    if isinstance(error, redis.TimeoutError):
+        return (
+            f"Nothing replied within {settings.redis_timeout_s:g} s "
+            "(VITALS_REDIS_TIMEOUT_S): check the address and port. The host may "
+            "drop the connection, or the process listening there may hang or be "
+            "another service than Redis"
+        )
+    if isinstance(error, redis.exceptions.InvalidResponse):
+        return (
+            "The reply is not in the Redis protocol: another service than Redis "
+            "listens there. Check the address and port of VITALS_REDIS_URL"
+        )
+    return None
 
 
 def redis_cli_command(settings: Settings, *arguments: str) -> str:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from unittest import mock
 
@@ -195,6 +197,41 @@ def test_readers_on_broker_port(broker: Broker, command: str) -> None:
 
     assert result.exit_code == 3, result.output
     assert "Nothing replied within 1 s" in " ".join(result.stderr.split())
+
+
+@pytest.fixture
+def http_url() -> Iterator[str]:
+    """A Redis URL at the port of an HTTP server, which replies with an HTTP error."""
+    server = HTTPServer(("127.0.0.1", 0), BaseHTTPRequestHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"redis://127.0.0.1:{server.server_address[1]}/0"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_sink_check_on_http_port(broker: Broker, http_url: str) -> None:
+    """A reply in another protocol than RESP gets the advice to check the port."""
+    sink = RedisSink(make_settings(broker.bootstrap, http_url, redis_timeout_s=5.0))
+    try:
+        with pytest.raises(SinkError) as failure:
+            sink.check()
+    finally:
+        sink.close()
+
+    assert "The reply is not in the Redis protocol" in str(failure.value)
+    assert "address and port of VITALS_REDIS_URL" in str(failure.value)
+
+
+def test_reader_on_http_port(http_url: str) -> None:
+    env = {"VITALS_REDIS_URL": http_url, "VITALS_REDIS_TIMEOUT_S": "5"}
+
+    result = CliRunner().invoke(main, ["show"], env=env)
+
+    assert result.exit_code == 3, result.output
+    assert "not in the Redis protocol" in " ".join(result.stderr.split())
 
 
 @pytest.mark.parametrize(("kind", "wanted"), KEY_TYPES)
