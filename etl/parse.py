@@ -657,16 +657,13 @@ def _number(field: str, typed: frozenset[str]) -> pl.Expr:
     return _text(field).cast(pl.Float64, strict=False)
 
 
-#: Optional number and boolean fields, where a blank string counts as absent, as
-#: it does in every text field.
-_BLANK_IS_ABSENT: Final = frozenset(
-    {"spo2", "respiratory_rate", "on_oxygen", "spo2_scale"}
-)
-
-
 def _present(field: str, typed: frozenset[str]) -> pl.Expr:
-    """Return whether ``field`` carries a value (a blank optional value does not)."""
-    if field in typed or field not in _BLANK_IS_ABSENT:
+    """Return whether ``field`` carries a value.
+
+    A blank string does not, in any field: the contract then rejects a
+    required field as missing, and an optional one counts as absent.
+    """
+    if field in typed:
         return pl.col(field).is_not_null()
     return _text(field).str.len_bytes() > 0
 
@@ -898,8 +895,7 @@ def _read_checks(
             "blood_pressure",
             Reason.WRONG_TYPE,
             "expected a string 'SYS/DIA' in whole mmHg",
-            pl.col("blood_pressure").is_not_null()
-            & bp.struct.field("systolic").is_null(),
+            _present("blood_pressure", typed) & bp.struct.field("systolic").is_null(),
         ),
         (
             "heart_rate",
@@ -943,7 +939,7 @@ def _read_checks(
             "timestamp",
             Reason.TIMESTAMP_INVALID,
             "expected epoch seconds, epoch milliseconds or ISO-8601 with an offset",
-            pl.col("timestamp").is_not_null() & seconds.is_null(),
+            _present("timestamp", typed) & seconds.is_null(),
         ),
         (
             "timestamp",

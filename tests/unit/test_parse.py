@@ -874,12 +874,26 @@ def test_parse_blank_optional_field_is_absent(
     assert row["news2_risk"] == risk
 
 
-@pytest.mark.parametrize("field", ["age", "heart_rate", "temperature"])
-def test_parse_blank_required_number_rejected(field: str) -> None:
-    (reject,) = rejects_of([encode(reading(**{field: ""}))])
+@pytest.mark.parametrize(
+    "field",
+    [
+        "patient_id",
+        "name",
+        "age",
+        "blood_pressure",
+        "heart_rate",
+        "temperature",
+        "timestamp",
+    ],
+)
+@pytest.mark.parametrize("blank", ["", "  ", "\u00a0"])
+def test_parse_blank_required_field_is_missing(field: str, blank: str) -> None:
+    """A blank value counts as absent in every field, as the contract's detail says."""
+    (reject,) = rejects_of([encode(reading(**{field: blank}))])
 
-    assert reject["reason"] == Reason.WRONG_TYPE.value
+    assert reject["reason"] == Reason.MISSING_FIELD.value
     assert reject["field"] == field
+    assert reject["detail"] == "required field is null, blank or absent"
 
 
 @pytest.mark.parametrize("malformed_rate", [0.1, 0.6])
