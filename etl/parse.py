@@ -758,8 +758,30 @@ def _epoch_seconds(typed: frozenset[str]) -> pl.Expr:
     # chrono skips whitespace where the format has none ("06:13:20 Z"), so the
     # text must match the pattern first.
     iso = pl.when(text.str.contains(ISO_8601_PATTERN)).then(text)
-    from_iso = _iso_datetime(iso).dt.epoch("us") / 1e6
+    moment = _iso_datetime(iso)
+    from_iso = (
+        pl.when(_misplaced_leap_second(iso, moment))
+        .then(None)
+        .otherwise(moment.dt.epoch("us") / 1e6)
+    )
     return pl.coalesce(from_number, from_iso)
+
+
+def _misplaced_leap_second(iso: pl.Expr, moment: pl.Expr) -> pl.Expr:
+    """Tell whether the ISO-8601 text ``iso`` has second 60 anywhere but before a month.
+
+    RFC 3339 (section 5.7) allows second 60 only for a leap second, which
+    ends a UTC month (23:59:60Z, so 00:59:60+01:00 too). chrono reads it as
+    second 0 of the next minute, so ``moment``, in UTC, is then the first
+    second of a month.
+    """
+    month_start = (
+        (moment.dt.day() == 1)
+        & (moment.dt.hour() == 0)
+        & (moment.dt.minute() == 0)
+        & (moment.dt.second() == 0)
+    )
+    return (iso.str.slice(17, 2) == "60") & ~month_start
 
 
 def _iso_datetime(date_time: pl.Expr, *suffix: pl.Expr) -> pl.Expr:

@@ -338,6 +338,11 @@ def test_json_schema_agrees_with_batch(fields: dict[str, Any], accepted: bool) -
         pytest.param({"timestamp": "2024-13-10T06:13:20Z"}, id="month-13"),
         pytest.param({"timestamp": "2023-02-29T06:13:20Z"}, id="february-29-2023"),
         pytest.param({"timestamp": "2024-06-10T24:00:00Z"}, id="hour-24"),
+        pytest.param({"timestamp": "2024-06-10T06:13:60Z"}, id="second-60"),
+        # Nor the earliest accepted time, for epoch milliseconds.
+        pytest.param({"timestamp": 100_000_000_001}, id="epoch-ms-before-2000"),
+        # Nor the size limit of VITALS_MAX_MESSAGE_BYTES.
+        pytest.param({"note": "x" * 70_000}, id="larger-than-64-kib"),
         # A lone surrogate escape is valid JSON text but no Unicode character.
         pytest.param({"name": "Anna \ud800"}, id="lone-surrogate-in-name"),
         pytest.param({"ward": {"bed": "\udc00"}}, id="lone-surrogate-nested"),

@@ -977,6 +977,9 @@ def test_local_time_detail_asks_for_offset(text: str) -> None:
         "2024-06-10T24:00:00Z",
         "2024-06-10T06:60:00+02:00",
         "2024-06-10 06:13:20+25:00",
+        "2024-06-10T06:13:60Z",
+        "2024-06-30T23:58:60.5Z",
+        "2024-06-30T23:59:60+02:00",
     ],
 )
 def test_impossible_iso_detail_names_it(text: str) -> None:
@@ -984,6 +987,21 @@ def test_impossible_iso_detail_names_it(text: str) -> None:
 
     assert reject["reason"] == "timestamp_invalid"
     assert reject["detail"].startswith("ISO-8601 naming a date, time or offset that")
+
+
+@pytest.mark.parametrize(
+    ("text", "stored"),
+    [
+        ("2016-12-31T23:59:60Z", "2017-01-01T00:00:00.000+00:00"),
+        ("2017-01-01T00:59:60+01:00", "2017-01-01T00:00:00.000+00:00"),
+        ("2015-06-30t23:59:60.250z", "2015-07-01T00:00:00.250+00:00"),
+    ],
+)
+def test_leap_second_read_as_next_second(text: str, stored: str) -> None:
+    """RFC 3339 allows second 60 at the end of a UTC month, for a leap second."""
+    (row,) = rows_of([encode(reading(timestamp=text))])
+
+    assert row["timestamp"] == stored
 
 
 @pytest.mark.parametrize(
