@@ -218,6 +218,7 @@ class _DeliveryReports:
     def __init__(self) -> None:
         self.delivered = 0
         self.failed = 0
+        self.timed_out = 0
         self.first_error: KafkaError | None = None
 
     def __call__(self, error: KafkaError | None, message: Message) -> None:
@@ -225,6 +226,8 @@ class _DeliveryReports:
             self.delivered += 1
             return
         self.failed += 1
+        if error.code() == KafkaError._MSG_TIMED_OUT:
+            self.timed_out += 1
         if self.first_error is None:
             self.first_error = error
 
@@ -235,6 +238,14 @@ class _DeliveryReports:
                 f"{self.failed} message(s), first error: {self.first_error}. Check that "
                 "the broker is running and accepts writes to the topic"
             )
+            if self.timed_out:
+                # librdkafka reports a message sent but not acknowledged within
+                # message.timeout.ms as timed out, whether the broker wrote it or not.
+                msg += (
+                    f". {self.timed_out} of them timed out, and a broker may have "
+                    "written those all the same: count the topic's records before "
+                    "sending them again, or their readings may be stored twice"
+                )
             raise RuntimeError(msg)
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 import polars as pl
 import pytest
+from confluent_kafka import KafkaError
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -31,6 +32,7 @@ from etl.config import load_settings
 from etl.generate import (
     WINDOW_S,
     _delivered_text,
+    _DeliveryReports,
     _wait_until,
     ensure_topic,
     iter_readings,
@@ -617,3 +619,28 @@ def test_rate_wait_does_not_spin() -> None:
         _wait_until(producer, time.monotonic() + 0.0008, threading.Event())  # type: ignore[arg-type]
 
     assert producer.polls < 100
+
+
+def test_timed_out_delivery_warns_of_duplicates() -> None:
+    """A timed-out message may be in the topic, so sending it again may store it twice."""
+    reports = _DeliveryReports()
+    reports(None, None)  # type: ignore[arg-type]
+    reports(KafkaError(KafkaError._MSG_TIMED_OUT), None)  # type: ignore[arg-type]
+    reports(KafkaError(KafkaError._MSG_TIMED_OUT), None)  # type: ignore[arg-type]
+
+    with pytest.raises(RuntimeError) as failure:
+        reports.raise_if_failed("127.0.0.1:9", "vitals")
+
+    assert "failed for 2 message(s)" in str(failure.value)
+    assert "2 of them timed out" in str(failure.value)
+    assert "count the topic's records before sending them again" in str(failure.value)
+
+
+def test_other_delivery_error_has_no_warning() -> None:
+    reports = _DeliveryReports()
+    reports(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE), None)  # type: ignore[arg-type]
+
+    with pytest.raises(RuntimeError) as failure:
+        reports.raise_if_failed("127.0.0.1:9", "vitals")
+
+    assert "timed out" not in str(failure.value)
