@@ -712,6 +712,18 @@ def test_parse_escaped_backslash_is_no_surrogate() -> None:
     assert rows[0]["last_name"] == "\\ud800 Lee"
 
 
+@pytest.mark.parametrize(("levels", "accepted"), [(1024, True), (1025, False)])
+def test_nesting_limit_in_unknown_field(levels: int, accepted: bool) -> None:
+    """The README's limit: 1,024 levels, the message's own object included."""
+    nested = "[" * (levels - 1) + "]" * (levels - 1)
+    value = f'{{"x": {nested}, '.encode() + encode(reading())[1:]
+
+    rows, rejects = run_chunk([value])
+
+    assert rows.height == int(accepted)
+    assert rejects["reason"].to_list() == ([] if accepted else ["invalid_json"])
+
+
 def test_parse_deep_nesting_with_escape_accounted() -> None:
     """A lone surrogate after an unknown field nested 900 deep: no crash, a reject."""
     nested = "[" * 900 + "]" * 900
