@@ -737,9 +737,15 @@ def _blood_pressure() -> pl.Expr:
 
 
 def _collapse_whitespace(text: pl.Expr) -> pl.Expr:
-    """Replace runs of whitespace by one space; the regex runs only where needed."""
-    irregular = pl.when(text.str.contains(r"\s\s|[^\S ]")).then(text)
-    return pl.coalesce(irregular.str.replace_all(r"\s+", " "), text)
+    """Replace runs of whitespace by one space; the regex runs only where needed.
+
+    A zero width space (U+200B) counts as whitespace here: it marks a word
+    boundary without showing one, and would otherwise stick to a word of
+    the first or last name.
+    """
+    irregular = pl.when(text.str.contains(r"\s\s|[^\S ]|\x{200B}")).then(text)
+    collapsed = irregular.str.replace_all(r"[\s\x{200B}]+", " ").str.strip_chars(" ")
+    return pl.coalesce(collapsed, text)
 
 
 def _epoch_seconds(typed: frozenset[str]) -> pl.Expr:

@@ -712,6 +712,28 @@ def test_parse_escaped_backslash_is_no_surrogate() -> None:
     assert rows[0]["last_name"] == "\\ud800 Lee"
 
 
+@pytest.mark.parametrize(
+    ("name", "first", "last"),
+    [
+        ("Anna \u200bBerg", "Anna", "Berg"),
+        ("Anna\u200bBerg", "Anna", "Berg"),
+        ("\u200bAnna\u200b \u200bBerg\u200b", "Anna", "Berg"),
+    ],
+)
+def test_zero_width_space_in_name_is_space(name: str, first: str, last: str) -> None:
+    (row,) = rows_of([encode(reading(name=name))])
+
+    assert row["first_name"] == first
+    assert row["last_name"] == last
+
+
+def test_zero_width_space_only_name_is_missing() -> None:
+    (reject,) = rejects_of([encode(reading(name="\u200b \u200b"))])
+
+    assert reject["reason"] == Reason.MISSING_FIELD.value
+    assert reject["field"] == "name"
+
+
 @pytest.mark.parametrize(("levels", "accepted"), [(1024, True), (1025, False)])
 def test_nesting_limit_in_unknown_field(levels: int, accepted: bool) -> None:
     """The README's limit: 1,024 levels, the message's own object included."""
