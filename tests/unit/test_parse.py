@@ -14,6 +14,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from etl.cohort import REQUIRED_FIELDS
 from etl.config import load_settings
 from etl.generate import iter_readings
 from etl.parse import RAW_SCHEMA, _utc_text, decode, to_typed
@@ -908,18 +909,7 @@ def test_parse_blank_optional_field_is_absent(
     assert row["news2_risk"] == risk
 
 
-@pytest.mark.parametrize(
-    "field",
-    [
-        "patient_id",
-        "name",
-        "age",
-        "blood_pressure",
-        "heart_rate",
-        "temperature",
-        "timestamp",
-    ],
-)
+@pytest.mark.parametrize("field", REQUIRED_FIELDS)
 @pytest.mark.parametrize("blank", ["", "  ", "\u00a0"])
 def test_parse_blank_required_field_is_missing(field: str, blank: str) -> None:
     """A blank value counts as absent in every field, as the contract's detail says."""
