@@ -32,6 +32,7 @@ import orjson
 import polars as pl
 
 from etl.reasons import Reason
+from etl.transform import collapse_whitespace
 
 logger = logging.getLogger(__name__)
 
@@ -736,18 +737,6 @@ def _blood_pressure() -> pl.Expr:
     return _text("blood_pressure").str.extract_groups(BLOOD_PRESSURE_PATTERN)
 
 
-def _collapse_whitespace(text: pl.Expr) -> pl.Expr:
-    """Replace runs of whitespace by one space; the regex runs only where needed.
-
-    A zero width space (U+200B) counts as whitespace here: it marks a word
-    boundary without showing one, and would otherwise stick to a word of
-    the first or last name.
-    """
-    irregular = pl.when(text.str.contains(r"\s\s|[^\S ]|\x{200B}")).then(text)
-    collapsed = irregular.str.replace_all(r"[\s\x{200B}]+", " ").str.strip_chars(" ")
-    return pl.coalesce(collapsed, text)
-
-
 def _epoch_seconds(typed: frozenset[str]) -> pl.Expr:
     """Read the timestamp as epoch seconds, epoch milliseconds or ISO-8601 with an offset."""
     number = _number("timestamp", typed)
@@ -774,7 +763,7 @@ def _epoch_seconds(typed: frozenset[str]) -> pl.Expr:
 
 
 def _misplaced_leap_second(iso: pl.Expr, moment: pl.Expr) -> pl.Expr:
-    """Tell whether the ISO-8601 text ``iso`` has second 60 anywhere but before a month.
+    """Tell whether the ISO-8601 text ``iso`` has second 60 other than at a month's end.
 
     RFC 3339 (section 5.7) allows second 60 only for a leap second, which
     ends a UTC month (23:59:60Z, so 00:59:60+01:00 too). chrono reads it as
@@ -807,7 +796,11 @@ def _local_time(field: str, typed: frozenset[str]) -> pl.Expr:
         return pl.lit(False)
     text = _text(field)
     in_utc = _iso_datetime(text, pl.lit("Z"))
-    local = text.str.contains(ISO_8601_LOCAL_PATTERN) & in_utc.is_not_null()
+    local = (
+        text.str.contains(ISO_8601_LOCAL_PATTERN)
+        & in_utc.is_not_null()
+        & ~_misplaced_leap_second(text, in_utc)
+    )
     return local.fill_null(False)
 
 
@@ -1088,7 +1081,7 @@ def to_typed(
         "offset",
         "value",
         _text("patient_id").alias("patient_id"),
-        _collapse_whitespace(_text("name")).alias("name"),
+        collapse_whitespace(_text("name")).alias("name"),
         _whole_number("age", typed_fields).alias("age"),
         pl.col("_bp").struct.field("systolic").cast(pl.Int64).alias("systolic"),
         pl.col("_bp").struct.field("diastolic").cast(pl.Int64).alias("diastolic"),

@@ -238,7 +238,11 @@ def replay_rejects(
 
 
 def _redis_failed(settings: Settings, error: Exception) -> str:
-    return f"Redis at {settings.redis_url_redacted} failed during the replay: {error}"
+    from etl.sink import connection_advice
+
+    msg = f"Redis at {settings.redis_url_redacted} failed during the replay: {error}"
+    advice = connection_advice(error, settings)
+    return msg if advice is None else f"{msg}. {advice}"
 
 
 def _produce(settings: Settings, batch: list[tuple[str, bytes, bytes | None]]) -> None:

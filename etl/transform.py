@@ -268,6 +268,18 @@ def _rewrite_rows(
     return text.clone().scatter(rows, rewrite(text.gather(rows)))
 
 
+def collapse_whitespace(text: pl.Expr) -> pl.Expr:
+    """Replace runs of whitespace by one space; the regex runs only where needed.
+
+    A zero width space (U+200B) counts as whitespace here: it marks a word
+    boundary without showing one, and would otherwise stick to a word of
+    the first or last name.
+    """
+    irregular = pl.when(text.str.contains(r"\s\s|[^\S ]|\x{200B}")).then(text)
+    collapsed = irregular.str.replace_all(r"[\s\x{200B}]+", " ").str.strip_chars(" ")
+    return pl.coalesce(collapsed, text)
+
+
 def split_name(name: pl.Expr, *, normalised: bool = False) -> tuple[pl.Expr, pl.Expr]:
     """Split a full name into first and last name.
 
@@ -293,7 +305,8 @@ def split_name(name: pl.Expr, *, normalised: bool = False) -> tuple[pl.Expr, pl.
     name.
 
     The patterns read composed letters. With ``normalised=False`` the name is
-    stripped, whitespace runs are collapsed to one space, and the text is put
+    stripped, whitespace runs are collapsed to one space
+    (:func:`collapse_whitespace`), and the text is put
     in Unicode Normalization Form C, so a decomposed accent ("E" then U+0301)
     reads as the composed letter ("É"). Unlike :func:`compose_marks`, this
     also maps singletons such as U+212B ANGSTROM SIGN. With
@@ -312,7 +325,7 @@ def split_name(name: pl.Expr, *, normalised: bool = False) -> tuple[pl.Expr, pl.
     if normalised:
         clean = name
     else:
-        clean = name.str.strip_chars().str.replace_all(r"\s+", " ").str.normalize("NFC")
+        clean = collapse_whitespace(name.str.strip_chars()).str.normalize("NFC")
     clean = clean.str.strip_chars(EDGE_COMMA_CHARACTERS)
     credentials = credential_groups(clean)
     base = pl.coalesce(credentials.struct.field("name"), clean)

@@ -225,10 +225,11 @@ def test_sink_check_on_http_port(broker: Broker, http_url: str) -> None:
     assert "address and port of VITALS_REDIS_URL" in str(failure.value)
 
 
-def test_reader_on_http_port(http_url: str) -> None:
+@pytest.mark.parametrize("command", ["show", "replay-rejects"])
+def test_reader_on_http_port(http_url: str, command: str) -> None:
     env = {"VITALS_REDIS_URL": http_url, "VITALS_REDIS_TIMEOUT_S": "5"}
 
-    result = CliRunner().invoke(main, ["show"], env=env)
+    result = CliRunner().invoke(main, [command], env=env)
 
     assert result.exit_code == 3, result.output
     assert "not in the Redis protocol" in " ".join(result.stderr.split())

@@ -343,6 +343,8 @@ def test_json_schema_agrees_with_batch(fields: dict[str, Any], accepted: bool) -
         pytest.param({"timestamp": 100_000_000_001}, id="epoch-ms-before-2000"),
         # Nor the size limit of VITALS_MAX_MESSAGE_BYTES.
         pytest.param({"note": "x" * 70_000}, id="larger-than-64-kib"),
+        # Nor a zero width space, which the batch reads as a space.
+        pytest.param({"name": "\u200b \u200b"}, id="zero-width-spaces-as-name"),
         # A lone surrogate escape is valid JSON text but no Unicode character.
         pytest.param({"name": "Anna \ud800"}, id="lone-surrogate-in-name"),
         pytest.param({"ward": {"bed": "\udc00"}}, id="lone-surrogate-nested"),
@@ -354,6 +356,14 @@ def test_json_schema_leaves_checks_to_batch(fields: dict[str, Any]) -> None:
 
     assert schema_accepts(message)
     assert not batch_accepts(json.dumps(message).encode())
+
+
+def test_number_beyond_float_left_to_batch() -> None:
+    """Valid JSON and an unknown field for the schema; Polars' reader rejects 1e400."""
+    value = b'{"note": 1e400, ' + json.dumps(reading()).encode()[1:]
+
+    assert schema_accepts(json.loads(value))
+    assert batch_reason(value) == "invalid_json"
 
 
 @pytest.mark.parametrize(
@@ -389,6 +399,9 @@ def test_lone_surrogate_rejected_as_invalid_json(
         pytest.param({"on_oxygen": "true"}, id="boolean-as-string"),
         pytest.param({"heart_rate": "7.2e1"}, id="exponent-string"),
         pytest.param({"timestamp": "2024-06-10t06:13:20z"}, id="lower-case-t-z"),
+        pytest.param(
+            {"name": "A" * 150 + " " * 60 + "B" * 10}, id="name-long-before-collapse"
+        ),
     ],
 )
 def test_json_schema_stricter_than_batch(fields: dict[str, Any]) -> None:

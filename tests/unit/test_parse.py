@@ -984,7 +984,13 @@ def test_unreadable_value_detail_uses_json_terms(value: bytes, detail: str) -> N
 
 @pytest.mark.parametrize(
     "text",
-    ["2024-06-10T06:13:20", "2024-06-10 06:13:20", "2024-06-10T06:13:20.250"],
+    [
+        "2024-06-10T06:13:20",
+        "2024-06-10 06:13:20",
+        "2024-06-10T06:13:20.250",
+        # A leap second once the offset is Z.
+        "2016-12-31T23:59:60",
+    ],
 )
 def test_local_time_detail_asks_for_offset(text: str) -> None:
     (reject,) = rejects_of([encode(reading(timestamp=text))])
@@ -1039,6 +1045,7 @@ def test_leap_second_read_as_next_second(text: str, stored: str) -> None:
         "2026-02-30T10:00:00",
         "2026-02-30T10:00Z",
         "2024-06-10T24:13",
+        "2024-06-10T06:13:60",
     ],
 )
 def test_other_timestamp_text_keeps_generic_detail(text: str) -> None:

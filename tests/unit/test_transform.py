@@ -17,6 +17,7 @@ from etl import rules
 from etl.transform import (
     _first_and_last_names,
     _split_names,
+    collapse_whitespace,
     compose_marks,
     format_timestamp,
     split_name,
@@ -33,7 +34,7 @@ def split(names: list[str]) -> list[tuple[str | None, str | None]]:
 def split_in_batch(names: list[str]) -> list[tuple[str | None, str | None]]:
     """Split ``names`` with transform(), after the whitespace clean-up of etl.parse.to_typed."""
     readings = readings_named(names).with_columns(
-        pl.col("name").str.strip_chars().str.replace_all(r"\s+", " ")
+        collapse_whitespace(pl.col("name").str.strip_chars())
     )
     derived = transform(
         readings, topic="vitals", rule_set="acc_aha_2017", time_zone="UTC"
@@ -571,6 +572,10 @@ def readings_named(names: list[str]) -> pl.DataFrame:
         pytest.param(
             "Smith, Mary Ann", ("Mary Ann", "Smith"), id="second-given-name-comma"
         ),
+        pytest.param("Anna\u200bBerg", ("Anna", "Berg"), id="zero-width-space"),
+        pytest.param(
+            "Berg,\u200bAnna", ("Anna", "Berg"), id="zero-width-space-after-comma"
+        ),
     ],
 )
 def test_split_name_cases(name: str, expected: tuple[str, str | None]) -> None:
@@ -592,7 +597,9 @@ def test_split_name_never_loses_words(name: str) -> None:
     ((first, last),) = split([name])
     # split_name composes the name to NFC, which may join a mark to a letter,
     # and drops commas at the start and the end.
-    name = " ".join(unicodedata.normalize("NFC", name).split()).strip(", ")
+    # A zero width space counts as a space.
+    name = unicodedata.normalize("NFC", name).replace("\u200b", " ")
+    name = " ".join(name.split()).strip(", ")
     words = name.split()
     if not words:
         assert first in (None, "")
