@@ -222,6 +222,13 @@ def replay_rejects(
         else:
             report.produced = len(batch)
     except redis_lib.ResponseError as exc:
+        from etl.sink import missing_database
+
+        missing = missing_database(
+            exc, settings.redis_url_redacted, settings.redis_database
+        )
+        if missing is not None:
+            raise missing from exc
         if not str(exc).startswith("WRONGTYPE"):
             raise ReplayError(_redis_failed(settings, exc)) from exc
         msg = (

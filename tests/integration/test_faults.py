@@ -248,7 +248,7 @@ def test_run_missing_database_exits_2(settings: Settings, tmp_path: Path) -> Non
     assert "Traceback" not in child.stderr
 
 
-@pytest.mark.parametrize("command", ["show", "reports"])
+@pytest.mark.parametrize("command", ["show", "reports", "replay-rejects"])
 def test_read_commands_missing_database_exit_2(
     settings: Settings, command: str
 ) -> None:
