@@ -39,7 +39,7 @@ def redis_read_failed(
     error: Exception, settings: Settings, name: str, kind: str = "list"
 ) -> NoReturn:
     """Print why ``name`` could not be read from Redis, then exit 2 for a settings error, else 3."""
-    from etl.sink import connection_advice, missing_database
+    from etl.sink import missing_database, with_connection_advice
 
     url = settings.redis_url_redacted
     missing = missing_database(error, url, settings.redis_database)
@@ -51,10 +51,7 @@ def redis_read_failed(
             "error:", f"the key {name!r} at {url} is not a {kind}; check the key name"
         )
         sys.exit(EXIT_CONFIG)
-    detail = str(error)
-    advice = connection_advice(error, settings)
-    if advice is not None:
-        detail += f". {advice}"
+    detail = with_connection_advice(str(error), error, settings)
     print_error(f"cannot read {name} from {url}:", detail)
     sys.exit(EXIT_INFRASTRUCTURE)
 

@@ -245,11 +245,10 @@ def replay_rejects(
 
 
 def _redis_failed(settings: Settings, error: Exception) -> str:
-    from etl.sink import connection_advice
+    from etl.sink import with_connection_advice
 
     msg = f"Redis at {settings.redis_url_redacted} failed during the replay: {error}"
-    advice = connection_advice(error, settings)
-    return msg if advice is None else f"{msg}. {advice}"
+    return with_connection_advice(msg, error, settings)
 
 
 def _produce(settings: Settings, batch: list[tuple[str, bytes, bytes | None]]) -> None:

@@ -207,10 +207,7 @@ class RedisSink:
             raise SinkError(msg) from exc
         except redis.RedisError as exc:
             msg = f"Redis at {url} is unreachable: {exc}"
-            advice = connection_advice(exc, self._settings)
-            if advice is not None:
-                msg += f". {advice}"
-            raise SinkError(msg) from exc
+            raise SinkError(with_connection_advice(msg, exc, self._settings)) from exc
         try:
             self._check_key_types()
         except redis.RedisError as exc:
@@ -723,25 +720,26 @@ class RedisSink:
             logger.warning("Closing the Redis client failed", exc_info=True)
 
 
-def connection_advice(error: Exception, settings: Settings) -> str | None:
-    """Return what to check when ``error`` shows that no Redis replied, else None.
+def with_connection_advice(message: str, error: Exception, settings: Settings) -> str:
+    """Return ``message`` with what to check added when ``error`` shows that no Redis replied.
 
     Nothing may reply within the settings' timeout, or another service
     (an HTTP server, a Kafka broker) may reply with bytes that are not RESP.
+    Other errors leave ``message`` as it is.
     """
     if isinstance(error, redis.TimeoutError):
         return (
-            f"Nothing replied within {settings.redis_timeout_s:g} s "
+            f"{message}. Nothing replied within {settings.redis_timeout_s:g} s "
             "(VITALS_REDIS_TIMEOUT_S): check the address and port. The host may "
             "drop the connection, or the process listening there may hang or be "
             "another service than Redis"
         )
     if isinstance(error, redis.exceptions.InvalidResponse):
         return (
-            "The reply is not in the Redis protocol: another service than Redis "
-            "listens there. Check the address and port of VITALS_REDIS_URL"
+            f"{message}. The reply is not in the Redis protocol: another service "
+            "than Redis listens there. Check the address and port of VITALS_REDIS_URL"
         )
-    return None
+    return message
 
 
 def redis_cli_command(settings: Settings, *arguments: str) -> str:
