@@ -165,20 +165,26 @@ def test_write_chunk_wrong_type_key_writes_nothing(
     assert redis_client.get(key) == b"not ours"
 
 
-def test_sink_check_on_broker_port(broker: Broker) -> None:
-    """A Kafka broker accepts the connection but never replies to the PING."""
-    url = f"redis://{broker.bootstrap}/0"
-    settings = make_settings(broker.bootstrap, url, redis_timeout_s=1.0)
+def sink_check_error(settings: Settings) -> str:
+    """Return the message of the SinkError that ``RedisSink.check`` raises."""
     sink = RedisSink(settings)
     try:
         with pytest.raises(SinkError) as failure:
             sink.check()
     finally:
         sink.close()
+    return str(failure.value)
 
-    assert f"Redis at {url} is unreachable" in str(failure.value)
-    assert "Nothing replied within 1 s (VITALS_REDIS_TIMEOUT_S)" in str(failure.value)
-    assert "another service than Redis" in str(failure.value)
+
+def test_sink_check_on_broker_port(broker: Broker) -> None:
+    """A Kafka broker accepts the connection but never replies to the PING."""
+    url = f"redis://{broker.bootstrap}/0"
+
+    error = sink_check_error(make_settings(broker.bootstrap, url, redis_timeout_s=1.0))
+
+    assert f"Redis at {url} is unreachable" in error
+    assert "Nothing replied within 1 s (VITALS_REDIS_TIMEOUT_S)" in error
+    assert "another service than Redis" in error
 
 
 @pytest.mark.parametrize("command", ["show", "reports"])
@@ -214,15 +220,12 @@ def http_url() -> Iterator[str]:
 
 def test_sink_check_on_http_port(broker: Broker, http_url: str) -> None:
     """A reply in another protocol than RESP gets the advice to check the port."""
-    sink = RedisSink(make_settings(broker.bootstrap, http_url, redis_timeout_s=5.0))
-    try:
-        with pytest.raises(SinkError) as failure:
-            sink.check()
-    finally:
-        sink.close()
+    settings = make_settings(broker.bootstrap, http_url, redis_timeout_s=5.0)
 
-    assert "The reply is not in the Redis protocol" in str(failure.value)
-    assert "address and port of VITALS_REDIS_URL" in str(failure.value)
+    error = sink_check_error(settings)
+
+    assert "The reply is not in the Redis protocol" in error
+    assert "address and port of VITALS_REDIS_URL" in error
 
 
 @pytest.mark.parametrize("command", ["show", "replay-rejects"])
