@@ -269,11 +269,11 @@ def _rewrite_rows(
 
 
 def collapse_whitespace(text: pl.Expr) -> pl.Expr:
-    """Replace runs of whitespace by one space; the regex runs only where needed.
+    """Replace each run of whitespace by one space, with the regex run only where needed.
 
-    A zero width space (U+200B) counts as whitespace here: it marks a word
-    boundary without showing one, and would otherwise stick to a word of
-    the first or last name.
+    A zero width space (U+200B) counts as whitespace, because it marks a word
+    boundary without showing one. Left in, it would stick to a word of the
+    first or last name.
     """
     irregular = pl.when(text.str.contains(r"\s\s|[^\S ]|\x{200B}")).then(text)
     collapsed = irregular.str.replace_all(r"[\s\x{200B}]+", " ").str.strip_chars(" ")

@@ -359,7 +359,7 @@ def test_json_schema_leaves_checks_to_batch(fields: dict[str, Any]) -> None:
 
 
 def test_number_beyond_float_left_to_batch() -> None:
-    """Valid JSON and an unknown field for the schema; Polars' reader rejects 1e400."""
+    """The schema accepts 1e400 in an unknown field, but Polars' reader rejects it."""
     value = b'{"note": 1e400, ' + json.dumps(reading()).encode()[1:]
 
     assert schema_accepts(json.loads(value))

@@ -912,7 +912,7 @@ def test_parse_blank_optional_field_is_absent(
 @pytest.mark.parametrize("field", REQUIRED_FIELDS)
 @pytest.mark.parametrize("blank", ["", "  ", "\u00a0"])
 def test_parse_blank_required_field_is_missing(field: str, blank: str) -> None:
-    """A blank value counts as absent in every field, as the contract's detail says."""
+    """A blank value counts as absent in every field, as the contract's detail states."""
     (reject,) = rejects_of([encode(reading(**{field: blank}))])
 
     assert reject["reason"] == Reason.MISSING_FIELD.value
