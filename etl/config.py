@@ -224,12 +224,17 @@ class Settings(BaseSettings):
     max_records: int = Field(2_000_000, ge=1)
     deadline_s: float = Field(180.0, gt=0, allow_inf_nan=False)
     max_message_bytes: int = Field(65_536, ge=256)
-    max_future_skew_s: float = Field(3600.0, ge=0, allow_inf_nan=False)
-    #: Up to 9999-12-31T23:59:59Z, the last second Python's datetime can show.
-    #: An epoch in milliseconds by mistake (1.7e12) is beyond it.
+    #: At most 366 days, so that the latest accepted time stays far below
+    #: year 10000, which the output's timestamp cannot show in any time zone.
+    max_future_skew_s: float = Field(3600.0, ge=0, le=31_622_400, allow_inf_nan=False)
+    #: From 1972-01-08T00:00:00Z: before it, Africa/Monrovia's offset was
+    #: -00:44:30 (tz database), which the output's ``+HH:MM`` offset cannot
+    #: show, and since then every zone's offset is whole minutes. Up to
+    #: 9999-12-31T23:59:59Z, the last second Python's datetime can show. An
+    #: epoch in milliseconds by mistake (1.7e12) is beyond it.
     min_timestamp: float = Field(
         946_684_800.0,
-        ge=0,
+        ge=63_676_800,
         le=253_402_300_799,
         allow_inf_nan=False,
         description="2000-01-01T00:00:00Z",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -47,14 +48,16 @@ def test_replay_after_rule_change_writes_rows_once(
 ) -> None:
     """Readings rejected for a future timestamp (clock skew) become rows after a replay."""
     create_topic(settings)
-    skewed = [encode(reading(patient_id=f"PT-{i}", timestamp=2e9)) for i in range(5)]
+    # Two hours ahead: past the default VITALS_MAX_FUTURE_SKEW_S of one hour.
+    ahead = time.time() + 7_200
+    skewed = [encode(reading(patient_id=f"PT-{i}", timestamp=ahead)) for i in range(5)]
     produce_tracked(settings, [*skewed, encode(reading()), None])
     first = run_batch(settings)
     assert first.rejected_by_reason == {"timestamp_invalid": 5, "tombstone": 1}
 
     report = replay_rejects(settings, reasons=["timestamp_invalid"])
     again = replay_rejects(settings, reasons=["timestamp_invalid"])
-    tolerant = settings.model_copy(update={"max_future_skew_s": 1e10})
+    tolerant = settings.model_copy(update={"max_future_skew_s": 86_400.0})
     second = run_batch(tolerant)
 
     assert (report.selected, report.produced) == (5, 5)

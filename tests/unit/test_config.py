@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+from datetime import datetime, timedelta
+from zoneinfo import ZoneInfo
 
 import polars as pl
 import pytest
@@ -606,10 +608,26 @@ def test_rejected_sasl_mechanism_names_kafka_settings(
     assert "KafkaError{" not in result.stderr
 
 
-@pytest.mark.parametrize("value", ["-1", "1.7e12", "nan"])
-def test_min_timestamp_outside_datetime_range_rejected(value: str) -> None:
+@pytest.mark.parametrize("value", ["-1", "0", "63676799", "1.7e12", "nan"])
+def test_min_timestamp_outside_range_rejected(value: str) -> None:
     with pytest.raises(ConfigurationError, match="VITALS_MIN_TIMESTAMP"):
         load_settings(min_timestamp=value)
+
+
+def test_min_timestamp_first_whole_minute_offsets() -> None:
+    """Africa/Monrovia, the last zone with offset seconds, has whole minutes from then on."""
+    first = load_settings(min_timestamp="63676800").min_timestamp
+    monrovia = datetime.fromtimestamp(first, ZoneInfo("Africa/Monrovia"))
+
+    assert monrovia.utcoffset() == timedelta(0)
+    earlier = datetime.fromtimestamp(first - 86_400 * 2, ZoneInfo("Africa/Monrovia"))
+    assert earlier.utcoffset() == -timedelta(minutes=44, seconds=30)
+
+
+@pytest.mark.parametrize("value", ["-1", "31622401", "1e12", "inf"])
+def test_max_future_skew_outside_range_rejected(value: str) -> None:
+    with pytest.raises(ConfigurationError, match="VITALS_MAX_FUTURE_SKEW_S"):
+        load_settings(max_future_skew_s=value)
 
 
 @pytest.mark.parametrize(
