@@ -218,7 +218,9 @@ class KafkaSource:
                     f"{servers}: check the topic name (VITALS_KAFKA_TOPIC, or "
                     "--topic of etl run), or create the topic before the batch "
                     "runs ('etl generate --count 0' creates it empty, with 3 "
-                    "partitions)"
+                    "partitions). A broker without storage, as the local one "
+                    "started by 'etl services start', loses its topics when it "
+                    "restarts"
                 )
                 raise SourceError(msg)
             msg = f"cannot read metadata of topic {self._topic!r} from {servers}: {topic.error if topic else 'no metadata'}"
@@ -692,13 +694,18 @@ class KafkaSource:
             return
         fatal = [e for e in self._errors if e.fatal() or e.code() in FATAL_CODES]
         if fatal:
-            msg = f"Kafka broker at {self._settings.kafka_bootstrap_servers} failed: {fatal[0].str()}"
+            address = self._settings.kafka_bootstrap_servers
+            error = fatal[0].str()
+            msg = f"Kafka broker at {address} failed: {error}"
             if fatal[0].code() == KafkaError._ALL_BROKERS_DOWN:
                 # librdkafka counts a broker that stops responding as down too,
-                # as a SIGSTOP of the broker mid-drain shows.
-                msg += (
-                    " (the broker stopped, or runs but stopped responding: "
-                    "frozen or overloaded)"
+                # as a SIGSTOP of the broker mid-drain shows. Its count can
+                # read "0/1 brokers are down" while it reconnects, so the
+                # message states the fact in its own words.
+                msg = (
+                    f"Kafka broker at {address} failed: the client lost every "
+                    "broker connection, because the broker stopped, or runs but "
+                    f"stopped responding: frozen or overloaded (librdkafka: {error})"
                 )
             raise SourceError(msg)
         stalled_for = time.monotonic() - last_progress

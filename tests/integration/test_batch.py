@@ -118,6 +118,7 @@ def test_batch_missing_topic_fails_with_advice(
     assert f"topic {settings.kafka_topic!r} does not exist" in message
     assert "check the topic name (VITALS_KAFKA_TOPIC" in message
     assert "'etl generate --count 0' creates it empty" in message
+    assert "loses its topics when it restarts" in message
     assert redis_client.exists(settings.redis_reports_key) == 0
 
 
