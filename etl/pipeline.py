@@ -41,6 +41,7 @@ from etl.sink import (
     OffsetConflict,
     RedisSink,
     WriteResult,
+    offset_field,
     reset_offsets_command,
     topic_id_field,
 )
@@ -348,6 +349,8 @@ def _start_offsets(
     """
     partitions = source.partitions()
     stored = sink.stored_offsets(source.topic)
+    if partitions and not stored:
+        _check_offsets_kept(source, sink, partitions)
     replaced = _check_same_topic(source, sink, stored) if partitions else None
     if replaced is not None:
         stored = _adopt_new_topic(source, sink, partitions, replaced)
@@ -355,6 +358,57 @@ def _start_offsets(
     committed = source.committed(missing) if missing else {}
     start = {p: stored.get(p, committed.get(p, OFFSET_BEGINNING)) for p in partitions}
     return start, stored
+
+
+def _check_offsets_kept(
+    source: KafkaSource, sink: RedisSink, partitions: list[int]
+) -> None:
+    """Fail when Redis stores nothing of the topic but the group's commits would skip records.
+
+    A Redis restarted without persistence, a FLUSHDB or an eviction deletes
+    the offsets hash with the rows, while Kafka keeps the group's commits.
+    Starting from those commits would leave every reading before them out of
+    Redis, with no error. The topic id field distinguishes this from a topic
+    whose offsets ``etl services start`` or a reset command deleted, because
+    both keep that field. A commit at or below the earliest retained offset skips
+    nothing and passes.
+    """
+    topic = source.topic
+    if sink.stored_topic_id(topic) is not None:
+        return
+    committed = source.committed(partitions)
+    if not committed:
+        return
+    earliest = source.earliest_offsets(partitions)
+    skipped = {p: o for p, o in sorted(committed.items()) if o > earliest[p]}
+    if not skipped:
+        return
+    positions = ", ".join(
+        f"partition {p} at {offset} (earliest {earliest[p]})"
+        for p, offset in skipped.items()
+    )
+    again = [
+        item for p in partitions for item in (offset_field(topic, p), str(earliest[p]))
+    ]
+    resume = [
+        item
+        for p in partitions
+        for item in (offset_field(topic, p), str(committed.get(p, earliest[p])))
+    ]
+    msg = (
+        f"Redis stores no offsets of topic {topic}, but consumer group "
+        f"{sink.settings.kafka_group_id!r} committed offsets past the earliest "
+        f"records the broker keeps: {positions}. Redis probably lost its data (a "
+        "restart without persistence, a FLUSHDB, an eviction), or VITALS_REDIS_URL "
+        "or a VITALS_REDIS_*_KEY name changed. Starting from the commits would "
+        "leave the readings before them out of this Redis. To read again what the "
+        f"topic keeps, run {sink.cli_command('HSET', sink.offsets_key, *again)} "
+        "and rerun; rows still in the list are then appended a second time. To go "
+        "on from the commits, run "
+        f"{sink.cli_command('HSET', sink.offsets_key, *resume)} and rerun (see "
+        "docs/operations.md, The delivery guarantee)"
+    )
+    raise OffsetsOutOfRange(msg)
 
 
 def _adopt_new_topic(

@@ -900,6 +900,100 @@ def test_staged_load_detects_offsets_lost_after_last_write(
     assert kafka_committed(chunked, PARTITIONS) == {}
 
 
+@pytest.fixture
+def lost_redis_settings(broker: Broker, own_redis: Service) -> Settings:
+    """Settings on a Redis of the test's own, which the test may flush."""
+    return make_settings(broker.bootstrap, f"redis://127.0.0.1:{own_redis.port}/0")
+
+
+def load_then_flush(settings: Settings) -> list[Position]:
+    """Load 60 records, then delete every key of the database as a lost Redis would.
+
+    Returns the records produced.
+    """
+    create_topic(settings, PARTITIONS)
+    produced = produce_tracked(settings, mixed_values(60))
+    run_batch(settings)
+    assert kafka_committed(settings, PARTITIONS)
+    client = redis.Redis.from_url(settings.redis_url.get_secret_value())
+    try:
+        client.flushdb()
+    finally:
+        client.close()
+    return produced
+
+
+@pytest.mark.parametrize(
+    ("choice", "read_again"),
+    [pytest.param(0, True, id="read-again"), pytest.param(1, False, id="resume")],
+)
+def test_redis_lost_with_commits_stops_batch(
+    lost_redis_settings: Settings, choice: int, read_again: bool
+) -> None:
+    """After a FLUSHDB, the group's commits would skip records: exit 3 and both commands."""
+    settings = lost_redis_settings
+    first = load_then_flush(settings)
+    second = produce_tracked(settings, mixed_values(30))
+
+    with pytest.raises(OffsetsOutOfRange, match="Redis stores no offsets") as failure:
+        run_batch(settings)
+    client = redis.Redis.from_url(settings.redis_url.get_secret_value())
+    try:
+        assert client.dbsize() == 0
+        commands = re.findall(PRINTED_COMMAND, str(failure.value))
+        assert len(commands) == 2, failure.value
+        run_printed_command(settings, commands[choice])
+        report = run_batch(settings)
+
+        assert report.read == (90 if read_again else 30)
+        assert_accounted(client, settings, first + second if read_again else second)
+    finally:
+        client.close()
+
+
+def test_redis_lost_with_commits_at_earliest_reads_all(
+    lost_redis_settings: Settings,
+) -> None:
+    """Commits reset to the earliest offsets, as the rebuild steps do, skip nothing."""
+    settings = lost_redis_settings
+    produced = load_then_flush(settings)
+    source = KafkaSource(settings)
+    try:
+        source.commit(dict.fromkeys(range(PARTITIONS), 0))
+    finally:
+        source.close()
+
+    report = run_batch(settings)
+
+    assert report.read == 60
+    client = redis.Redis.from_url(settings.redis_url.get_secret_value())
+    try:
+        assert_accounted(client, settings, produced)
+    finally:
+        client.close()
+
+
+def test_offsets_deleted_keeping_topic_id_resume(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    """Partition fields deleted with the topic id kept: the batch resumes at the commits."""
+    create_topic(settings, PARTITIONS)
+    produce_tracked(settings, mixed_values(60))
+    run_batch(settings)
+    forget_offsets(
+        settings.redis_url.get_secret_value(),
+        settings.redis_offsets_key,
+        settings.kafka_topic,
+    )
+    second = produce_tracked(settings, mixed_values(30))
+
+    report = run_batch(settings)
+
+    assert report.read == 30
+    found = redis_positions(redis_client, settings)
+    assert set(second) <= set(found)
+
+
 # 6. The broker is down or dies during the drain.
 
 
@@ -969,23 +1063,28 @@ def run_printed_reset(settings: Settings, error: BaseException) -> None:
     text = str(error)
     commands = re.findall(PRINTED_COMMAND, text[: text.index("rerun") + 5])
     assert commands, error
-    password = parse_url(settings.redis_url.get_secret_value()).get("password", "")
     for command in commands:
-        assert password == "" or password not in command
-        # redis-cli --askpass, printed when the URL has a password, reads it from stdin.
-        done = subprocess.run(
-            shlex.split(command),
-            input=password,
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
-        assert done.returncode == 0, done.stderr
-        # HDEL counts the deleted fields; HSET counts new fields, 0 for a change.
-        assert "ERR" not in done.stdout, done.stdout
-        if command.split()[command.split().index("-n") + 2] == "HDEL":
-            assert int(done.stdout.split()[-1]) > 0, done.stdout
+        run_printed_command(settings, command)
+
+
+def run_printed_command(settings: Settings, command: str) -> None:
+    """Run one redis-cli command printed in an error and check that Redis applied it."""
+    password = parse_url(settings.redis_url.get_secret_value()).get("password", "")
+    assert password == "" or password not in command
+    # redis-cli --askpass, printed when the URL has a password, reads it from stdin.
+    done = subprocess.run(
+        shlex.split(command),
+        input=password,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    # HDEL counts the deleted fields; HSET counts new fields, 0 for a change.
+    assert "ERR" not in done.stdout, done.stdout
+    if command.split()[command.split().index("-n") + 2] == "HDEL":
+        assert int(done.stdout.split()[-1]) > 0, done.stdout
 
 
 def test_offset_past_end_printed_reset_reads_on(
@@ -1058,6 +1157,7 @@ def test_down_error_mentions_frozen_broker(settings: Settings) -> None:
 
     assert "failed: the client lost every broker connection" in str(failure.value)
     assert "runs but stopped responding" in str(failure.value)
+    assert "(librdkafka: 1/1 brokers are down)" in str(failure.value)
 
 
 def test_one_bad_partition_reset_keeps_the_others(
@@ -1157,7 +1257,6 @@ def test_stale_commit_after_broker_restart_ignored(
 
     A batch that ran while the broker restarted commits on the restarted
     broker, after 'etl services start' removed the topic's offsets from Redis.
-    assert "(librdkafka: 1/1 brokers are down)" in str(failure.value)
     """
     settings = make_settings(storeless_broker.bootstrap, redis_service)
     restart_with_late_commit(settings, storeless_broker, forget=True)
