@@ -306,6 +306,7 @@ def test_json_schema_requires_non_nullable_fields() -> None:
         pytest.param({"blood_pressure": [120, 80]}, False, id="pressure-as-array"),
         pytest.param({"timestamp": "2024-06-10T06:13:20"}, False, id="iso-no-offset"),
         pytest.param({"timestamp": 86400}, False, id="timestamp-before-2000"),
+        pytest.param({"on_oxygen": "1.0"}, False, id="boolean-as-decimal-string"),
         pytest.param({"name": "   "}, False, id="blank-name"),
         pytest.param({"name": 42}, False, id="number-as-name"),
         pytest.param({"consciousness": "X"}, False, id="unknown-consciousness"),
@@ -339,8 +340,12 @@ def test_json_schema_agrees_with_batch(fields: dict[str, Any], accepted: bool) -
         pytest.param({"timestamp": "2023-02-29T06:13:20Z"}, id="february-29-2023"),
         pytest.param({"timestamp": "2024-06-10T24:00:00Z"}, id="hour-24"),
         pytest.param({"timestamp": "2024-06-10T06:13:60Z"}, id="second-60"),
-        # Nor the earliest accepted time, for epoch milliseconds.
+        # Nor the earliest accepted time, for epoch milliseconds or a date.
         pytest.param({"timestamp": 100_000_000_001}, id="epoch-ms-before-2000"),
+        pytest.param({"timestamp": "1999-12-31T23:00:00Z"}, id="iso-before-2000"),
+        pytest.param(
+            {"timestamp": "2000-01-01T00:00:00+00:01"}, id="iso-offset-before-2000"
+        ),
         # Nor the size limit of VITALS_MAX_MESSAGE_BYTES.
         pytest.param({"note": "x" * 70_000}, id="larger-than-64-kib"),
         # Nor a zero width space, which the batch reads as a space.
@@ -396,12 +401,27 @@ def test_lone_surrogate_rejected_as_invalid_json(
         # Forms the batch reads but the message format does not promise.
         pytest.param({"patient_id": 123}, id="number-as-patient-id"),
         pytest.param({"consciousness": "a", "sex": "f"}, id="lower-case-codes"),
+        pytest.param({"consciousness": " A "}, id="padded-consciousness"),
+        pytest.param({"sex": " F "}, id="padded-sex"),
         pytest.param({"on_oxygen": "true"}, id="boolean-as-string"),
+        pytest.param({"on_oxygen": "TRUE"}, id="boolean-upper-case"),
+        pytest.param({"on_oxygen": 1.0}, id="boolean-as-float-one"),
+        pytest.param({"on_oxygen": 0.0}, id="boolean-as-float-zero"),
         pytest.param({"heart_rate": "7.2e1"}, id="exponent-string"),
+        # Numeric strings outside the schema's pattern that Polars' float cast reads.
+        pytest.param({"heart_rate": "+90"}, id="leading-plus"),
+        pytest.param({"heart_rate": "90."}, id="trailing-point"),
+        pytest.param({"heart_rate": ".5"}, id="leading-point"),
+        pytest.param({"age": "+42"}, id="age-leading-plus"),
+        pytest.param({"age": "42."}, id="age-trailing-point"),
+        pytest.param({"timestamp": "1718000000."}, id="epoch-trailing-point"),
         pytest.param({"timestamp": "2024-06-10t06:13:20z"}, id="lower-case-t-z"),
         pytest.param(
             {"name": "A" * 150 + " " * 60 + "B" * 10}, id="name-long-before-collapse"
         ),
+        pytest.param({"patient_id": "P" * 64 + " "}, id="patient-id-long-before-strip"),
+        pytest.param({"device_id": "X" * 128 + " "}, id="device-id-long-before-strip"),
+        pytest.param({"device_id": " " * 129}, id="device-id-long-blank"),
     ],
 )
 def test_json_schema_stricter_than_batch(fields: dict[str, Any]) -> None:
