@@ -31,6 +31,7 @@ from typing import Any, Final
 import orjson
 import polars as pl
 
+from contracts.models import CONSCIOUSNESS_LEVELS, SEXES
 from etl.reasons import Reason
 from etl.transform import collapse_whitespace
 
@@ -881,6 +882,13 @@ def _read_checks(
         "max_future_skew_s": max_future_skew_s,
         "min_timestamp": min_timestamp,
     }
+    # In a frame read with TYPED_SCHEMA the timestamp is a Float64 column, so
+    # only a frame read as text can contain a JSON boolean, array or object there.
+    timestamp_token = (
+        pl.lit(False)
+        if "timestamp" in typed
+        else _json_token_for("timestamp", numbers_allowed=True)
+    )
     return [
         (
             "patient_id",
@@ -929,6 +937,13 @@ def _read_checks(
             Reason.WRONG_TYPE,
             "expected a number",
             _unreadable_number("temperature", typed),
+        ),
+        (
+            "timestamp",
+            Reason.WRONG_TYPE,
+            "expected a number or a string: epoch seconds, epoch milliseconds or "
+            "ISO-8601 with an offset",
+            timestamp_token,
         ),
         (
             "timestamp",
@@ -999,10 +1014,22 @@ def _read_checks(
             _unreadable_number("respiratory_rate", typed),
         ),
         (
+            "consciousness",
+            Reason.WRONG_TYPE,
+            f"expected a string, one of {', '.join(CONSCIOUSNESS_LEVELS)}",
+            _json_token_for("consciousness", numbers_allowed=False),
+        ),
+        (
             "on_oxygen",
             Reason.WRONG_TYPE,
             "expected true or false",
             _unreadable_boolean("on_oxygen", typed),
+        ),
+        (
+            "sex",
+            Reason.WRONG_TYPE,
+            f"expected a string, one of {', '.join(SEXES)}",
+            _json_token_for("sex", numbers_allowed=False),
         ),
         (
             "spo2_scale",

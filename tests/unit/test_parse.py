@@ -17,7 +17,14 @@ from hypothesis import strategies as st
 from etl.cohort import REQUIRED_FIELDS
 from etl.config import load_settings
 from etl.generate import iter_readings
-from etl.parse import RAW_SCHEMA, _utc_text, decode, to_typed
+from etl.parse import (
+    RAW_SCHEMA,
+    _typed_where_possible,
+    _utc_text,
+    decode,
+    parse,
+    to_typed,
+)
 from etl.pipeline import process_chunk
 from etl.reasons import Reason
 from tests.conftest import case_value, encode, load_cases, reading
@@ -354,6 +361,46 @@ def escaped_key(fields: dict[str, Any], key: str, written: str) -> bytes:
             "consciousness",
             id="acvpu-unknown",
         ),
+        # A code sent as a number or a boolean has the wrong JSON type, and
+        # so does a boolean timestamp.
+        pytest.param(
+            encode(reading(consciousness=1)),
+            Reason.WRONG_TYPE,
+            "consciousness",
+            id="acvpu-number",
+        ),
+        pytest.param(
+            encode(reading(consciousness=True)),
+            Reason.WRONG_TYPE,
+            "consciousness",
+            id="acvpu-boolean",
+        ),
+        pytest.param(encode(reading(sex=1)), Reason.WRONG_TYPE, "sex", id="sex-number"),
+        pytest.param(
+            encode(reading(sex=False)), Reason.WRONG_TYPE, "sex", id="sex-boolean"
+        ),
+        pytest.param(
+            encode(reading(timestamp=True)),
+            Reason.WRONG_TYPE,
+            "timestamp",
+            id="ts-boolean",
+        ),
+        # The same text in a JSON string is read as text.
+        pytest.param(
+            encode(reading(consciousness="1")),
+            Reason.OUT_OF_RANGE,
+            "consciousness",
+            id="acvpu-numeric-string",
+        ),
+        pytest.param(
+            encode(reading(sex="true")), Reason.OUT_OF_RANGE, "sex", id="sex-text-true"
+        ),
+        pytest.param(
+            encode(reading(timestamp="true")),
+            Reason.TIMESTAMP_INVALID,
+            "timestamp",
+            id="ts-text-true",
+        ),
         pytest.param(
             encode(reading(blood_pressure="80/120")),
             Reason.DIASTOLIC_NOT_BELOW_SYSTOLIC,
@@ -504,6 +551,80 @@ def test_decode_counts_every_value() -> None:
     text, rejects = decode(raw_frame(values), max_bytes=65_536)
     assert text.height + rejects.height == len(values)
     assert sorted(rejects["offset"].to_list()) == [1, 2, 3, 4, 5]
+
+
+ACVPU_TYPE_DETAIL = "expected a string, one of A, C, V, P, U"
+SEX_TYPE_DETAIL = "expected a string, one of F, M"
+TIMESTAMP_TYPE_DETAIL = (
+    "expected a number or a string: epoch seconds, epoch milliseconds or "
+    "ISO-8601 with an offset"
+)
+
+
+@pytest.mark.parametrize(
+    ("fields", "field", "detail"),
+    [
+        pytest.param(
+            {"consciousness": 1}, "consciousness", ACVPU_TYPE_DETAIL, id="acvpu-integer"
+        ),
+        pytest.param(
+            {"consciousness": -0.5},
+            "consciousness",
+            ACVPU_TYPE_DETAIL,
+            id="acvpu-float",
+        ),
+        pytest.param(
+            {"consciousness": True}, "consciousness", ACVPU_TYPE_DETAIL, id="acvpu-true"
+        ),
+        pytest.param(
+            {"consciousness": ["A"]},
+            "consciousness",
+            ACVPU_TYPE_DETAIL,
+            id="acvpu-array",
+        ),
+        pytest.param({"sex": 0}, "sex", SEX_TYPE_DETAIL, id="sex-integer"),
+        pytest.param({"sex": 1e3}, "sex", SEX_TYPE_DETAIL, id="sex-exponent"),
+        pytest.param({"sex": False}, "sex", SEX_TYPE_DETAIL, id="sex-false"),
+        pytest.param({"sex": {"code": "F"}}, "sex", SEX_TYPE_DETAIL, id="sex-object"),
+        pytest.param(
+            {"timestamp": True}, "timestamp", TIMESTAMP_TYPE_DETAIL, id="ts-true"
+        ),
+        pytest.param(
+            {"timestamp": False}, "timestamp", TIMESTAMP_TYPE_DETAIL, id="ts-false"
+        ),
+        pytest.param(
+            {"timestamp": [1718000000]},
+            "timestamp",
+            TIMESTAMP_TYPE_DETAIL,
+            id="ts-array",
+        ),
+    ],
+)
+def test_wrong_json_type_detail_on_both_paths(
+    fields: dict[str, Any], field: str, detail: str
+) -> None:
+    """parse (typed read where it can) and the text read give the same wrong_type reject."""
+    values: list[bytes | None] = [
+        encode(reading(patient_id="PT-GOOD")),
+        encode(reading(**fields)),
+    ]
+    with mock.patch(
+        "etl.parse._typed_where_possible", wraps=_typed_where_possible
+    ) as retype:
+        _, fast_rejects = parse(raw_frame(values), max_bytes=65_536, now=NOW)
+    text, decode_rejects = decode(raw_frame(values), max_bytes=65_536)
+    _, text_rejects = to_typed(text, now=NOW)
+
+    # consciousness and sex are String columns in both schemas, so the chunk
+    # keeps the typed read. A timestamp that is no number or string sends it
+    # to the text read.
+    assert retype.called is (field == "timestamp")
+    assert decode_rejects.is_empty()
+    for rejects in (fast_rejects, text_rejects):
+        assert rejects["offset"].to_list() == [1]
+        assert rejects["reason"].to_list() == [Reason.WRONG_TYPE.value]
+        assert rejects["field"].to_list() == [field]
+        assert rejects["detail"].to_list() == [detail]
 
 
 def test_to_typed_reports_first_failing_field() -> None:
