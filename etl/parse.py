@@ -698,11 +698,10 @@ def _json_token_for(field: str, *, numbers_allowed: bool) -> pl.Expr:
     nested key of the same name cannot cause a false match on its own.
     """
     tokens = r"[\[{]|true\b|false\b" + ("" if numbers_allowed else r"|-?\d")
-    looks_like = pl.col(field).str.contains(r"^(?:[\[{]|true$|false$)")
-    if not numbers_allowed:
-        looks_like = looks_like | pl.col(field).str.contains(
-            r"^-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?$"
-        )
+    # One regex per field: with a second str.contains for numbers, the check
+    # cost about 1.5 times as much on fields of one to twenty characters.
+    number = "" if numbers_allowed else r"|-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?$"
+    looks_like = pl.col(field).str.contains(rf"^(?:[\[{{]|true$|false${number})")
     # The message is searched only where the text looks like a JSON token:
     # other rows are null here, and the regex skips nulls.
     suspect = pl.when(pl.col(field).is_not_null() & looks_like).then(pl.col("value"))
