@@ -61,15 +61,8 @@ UPPER_CASE_FAMILY_NAME: Final = (
 #: Every name that matches :data:`UPPER_CASE_FAMILY_NAME` ends like this. The
 #: test needs no capture groups, so it runs several times faster.
 UPPER_CASE_LAST_WORD: Final = rf"\s{_UPPER_CASE_WORD}(?:\s{_PARENTHESISED})*$"
-#: Generational suffixes, which end a family name ("John Smith III"). V and X
-#: are left out because single capitals are also initials ("Smith, John V").
-GENERATIONAL_SUFFIXES: Final = (
-    "II", "III", "IV", "VI", "VII", "VIII", "IX", "JR", "SR",
-)  # fmt: skip
-#: Generational suffixes that also match in lower or mixed case after a comma
-#: ("Smith, John, Jr."). VI to IX match in capitals only, because "Vi" is also
-#: a given name ("Nguyen, Vi").
-ANY_CASE_SUFFIXES: Final = ("II", "III", "IV", "JR", "SR")
+#: Generational suffixes, which end a family name ("John Smith III").
+GENERATIONAL_SUFFIXES: Final = ("II", "III", "IV", "JR", "SR")
 #: A leading run of upper-case words before a capitalised word is the family
 #: name ("DUBOIS Marie Claire", "LE GALL Anne"), the order of French
 #: administrative records, and so is one after particles ("de GAULLE Charles").
@@ -85,25 +78,19 @@ LEADING_UPPER_CASE_FAMILY_NAME: Final = (
 )
 #: Every name that matches :data:`LEADING_UPPER_CASE_FAMILY_NAME` starts like this.
 LEADING_UPPER_CASE_WORD: Final = rf"^{_PARTICLE_RUN}*{_UPPER_CASE_WORD}\s"
-_CAPITALS_ONLY_SUFFIXES: Final = tuple(
-    suffix for suffix in GENERATIONAL_SUFFIXES if suffix not in ANY_CASE_SUFFIXES
-)
-#: A generational suffix after a comma, in any case where
-#: :data:`ANY_CASE_SUFFIXES` allows it, with an optional full stop ("Jr.").
-_SUFFIX_AFTER_COMMA: Final = (
-    rf"(?:(?i:{'|'.join(ANY_CASE_SUFFIXES)})|{'|'.join(_CAPITALS_ONLY_SUFFIXES)})\.?"
-)
+#: A generational suffix in any case, with an optional full stop ("Jr.").
+_ANY_CASE_SUFFIX: Final = rf"(?i:{'|'.join(GENERATIONAL_SUFFIXES)})\.?"
 #: "FAMILY, Given" with one comma, the order of many admission exports
 #: ("DUPONT, Jean", "Smith, John III"). A generational suffix after the given
 #: names, after a space or a second comma, ends the family name ("Smith,
 #: John, Jr.").
 COMMA_SEPARATED_NAME: Final = (
     rf"^(?<last>[^,]+?)\s*,\s*(?<first>[^,\s][^,]*?)"
-    rf"(?:[\s,]+(?<suffix>{_SUFFIX_AFTER_COMMA}))?$"
+    rf"(?:[\s,]+(?<suffix>{_ANY_CASE_SUFFIX}))?$"
 )
 #: A generational suffix alone. After the comma, it is no given name, so the
 #: name is not in "family, given" order ("Martin Luther King, Jr.").
-SUFFIX_ONLY: Final = rf"^{_SUFFIX_AFTER_COMMA}$"
+SUFFIX_ONLY: Final = rf"^{_ANY_CASE_SUFFIX}$"
 #: Post-nominal letters of degrees, fellowships and health and legal
 #: professions, which may end a name after a comma or a space ("Jane Doe,
 #: PhD", "John Smith MD"). They are matched as written here or in capitals,
@@ -299,12 +286,11 @@ def split_name(name: pl.Expr, *, normalised: bool = False) -> tuple[pl.Expr, pl.
     A name with one comma is "family name, given names" ("DUPONT, Jean"),
     unless only a generational suffix follows the comma ("King, Jr."). A
     second comma may set off a generational suffix ("Smith, John, Jr.").
-    A generational suffix at the end (:data:`GENERATIONAL_SUFFIXES`: II to IV,
-    VI to IX, JR and SR) is set aside and ends the last name. In the rest, a
-    trailing run of upper-case words is the last name with the particles
-    before it ("Marie Claire DUBOIS", "Charles de GAULLE", "Seán Ó BRIAIN"),
-    and so is a leading run of upper-case words before a capitalised word
-    ("DUBOIS Marie Claire", "de GAULLE Charles").
+    A generational suffix at the end (II, III, IV, JR, SR) is set aside and
+    ends the last name. In the rest, a trailing run of upper-case words is the
+    last name with the particles before it ("Marie Claire DUBOIS", "Charles de
+    GAULLE", "Seán Ó BRIAIN"), and so is a leading run of upper-case words
+    before a capitalised word ("DUBOIS Marie Claire", "de GAULLE Charles").
     Credentials at the end (:data:`CREDENTIALS`) are set aside first and
     end the last name ("Jane Doe, PhD" -> "Jane" / "Doe, PhD"). Titles at
     the start (:data:`TITLES`) are set aside next and open the first name

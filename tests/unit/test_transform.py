@@ -119,21 +119,6 @@ def readings_named(names: list[str]) -> pl.DataFrame:
             id="suffix-after-upper-case-first",
         ),
         pytest.param("John III", ("John", "III"), id="suffix-only"),
-        # Suffixes after IV are no upper-case family name either.
-        pytest.param("John Smith VI", ("John", "Smith VI"), id="suffix-vi"),
-        pytest.param("John Smith VIII", ("John", "Smith VIII"), id="suffix-viii"),
-        pytest.param(
-            "DUBOIS Marie Claire IX",
-            ("Marie Claire", "DUBOIS IX"),
-            id="suffix-ix-after-upper-case-first",
-        ),
-        pytest.param(
-            "John Smith VII MD", ("John", "Smith VII MD"), id="suffix-vii-credential"
-        ),
-        # V and X are also initials, so only the split at the first word
-        # puts them in the last name.
-        pytest.param("John Smith V", ("John", "Smith V"), id="suffix-v"),
-        pytest.param("John Smith X", ("John", "Smith X"), id="suffix-x"),
         pytest.param("  Ana   Lima  ", ("Ana", "Lima"), id="extra-whitespace"),
         pytest.param("Ana\tLima", ("Ana", "Lima"), id="tab"),
         pytest.param("O'Brien Seán", ("O'Brien", "Seán"), id="apostrophe-first"),
@@ -149,14 +134,6 @@ def readings_named(names: list[str]) -> pl.DataFrame:
         pytest.param("DUPONT, Jean", ("Jean", "DUPONT"), id="comma-upper-case"),
         pytest.param("Dupont,Jean Paul", ("Jean Paul", "Dupont"), id="comma-no-space"),
         pytest.param("Smith, John III", ("John", "Smith III"), id="comma-suffix"),
-        pytest.param("Smith, John VII", ("John", "Smith VII"), id="comma-suffix-vii"),
-        pytest.param(
-            "SMITH, JOHN, VI", ("JOHN", "SMITH VI"), id="two-commas-suffix-vi"
-        ),
-        pytest.param("Smith, John V", ("John V", "Smith"), id="comma-initial-v"),
-        # VI to IX are suffixes only in capitals, because "Vi" is a given name.
-        pytest.param("Nguyen, Vi", ("Vi", "Nguyen"), id="comma-given-name-vi"),
-        pytest.param("Nguyen, Thi Vi", ("Thi Vi", "Nguyen"), id="comma-given-names-vi"),
         pytest.param("A, B, C", ("A,", "B, C"), id="two-commas-split-at-space"),
         pytest.param("Smith, John Jr.", ("John", "Smith Jr."), id="comma-suffix-dot"),
         pytest.param(
@@ -670,7 +647,7 @@ NAME_WORDS = (
     "Jane", "DOE", "de", "Ó", "MD", "Ph.D.", "RN,", ",", "JR", "Dr", "M.", "MRS",
     "CNM", "MSc", "MARTIN", "épouse", "ép.", "née", "Jr.", "med.", "Sister",
     "van", "Merwe", "Van", "A.", "K", "Madame", "Vve", "PA-C", "(Jo)", "(JP)",
-    "(Jo", "K)", "(A. B)", "VI", "Vi",
+    "(Jo", "K)", "(A. B)",
 )  # fmt: skip
 NAMES = st.text(
     alphabet=st.sampled_from(
