@@ -134,6 +134,9 @@ def readings_named(names: list[str]) -> pl.DataFrame:
         pytest.param("DUPONT, Jean", ("Jean", "DUPONT"), id="comma-upper-case"),
         pytest.param("Dupont,Jean Paul", ("Jean Paul", "Dupont"), id="comma-no-space"),
         pytest.param("Smith, John III", ("John", "Smith III"), id="comma-suffix"),
+        # VI is a Vietnamese given and family name, not a generational suffix.
+        pytest.param("NGUYEN, VI", ("VI", "NGUYEN"), id="comma-given-name-vi"),
+        pytest.param("Nguyen Thi VI", ("Nguyen Thi", "VI"), id="family-name-vi"),
         pytest.param("A, B, C", ("A,", "B, C"), id="two-commas-split-at-space"),
         pytest.param("Smith, John Jr.", ("John", "Smith Jr."), id="comma-suffix-dot"),
         pytest.param(
