@@ -368,13 +368,14 @@ def _check_offsets_kept(
     A Redis restarted without persistence, a FLUSHDB or an eviction deletes
     the offsets hash with the rows, while Kafka keeps the group's commits.
     Starting from those commits would leave every reading before them out of
-    Redis, with no error. The topic id field distinguishes this from a topic
-    whose offsets ``etl services start`` or a reset command deleted, because
-    both keep that field. A commit at or below the earliest retained offset skips
-    nothing and passes.
+    Redis, with no error. The topic id and last write id fields distinguish
+    this from a topic whose offsets ``etl services start`` or a documented
+    ``HDEL`` deleted, because each keeps one of them (the last write id on a
+    broker that gives no topic id). A commit at or below the earliest
+    retained offset skips nothing and passes.
     """
     topic = source.topic
-    if sink.stored_topic_id(topic) is not None:
+    if sink.stored_topic_id(topic) is not None or sink.last_write_id(topic):
         return
     committed = source.committed(partitions)
     if not committed:
@@ -393,14 +394,19 @@ def _check_offsets_kept(
     resume = [
         item
         for p in partitions
-        for item in (offset_field(topic, p), str(committed.get(p, earliest[p])))
+        for item in (
+            offset_field(topic, p),
+            str(max(committed.get(p, earliest[p]), earliest[p])),
+        )
     ]
+    # A commit below the earliest offset points at records that retention
+    # deleted, so the batch would fail there.
     msg = (
         f"Redis stores no offsets of topic {topic}, but consumer group "
         f"{sink.settings.kafka_group_id!r} committed offsets past the earliest "
         f"records the broker keeps: {positions}. Redis probably lost its data (a "
         "restart without persistence, a FLUSHDB, an eviction), or VITALS_REDIS_URL "
-        "or a VITALS_REDIS_*_KEY name changed. Starting from the commits would "
+        "or VITALS_REDIS_OFFSETS_KEY changed. Starting from the commits would "
         "leave the readings before them out of this Redis. To read again what the "
         f"topic keeps, run {sink.cli_command('HSET', sink.offsets_key, *again)} "
         "and rerun; rows still in the list are then appended a second time. To go "

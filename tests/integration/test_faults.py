@@ -996,6 +996,31 @@ def test_offsets_deleted_keeping_topic_id_resume(
 
 # 6. The broker is down or dies during the drain.
 
+def test_hdel_all_partitions_without_topic_ids_resumes(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    """On a broker that gives no topic id, the last write id shows Redis kept the topic."""
+    topic = settings.kafka_topic
+    with mock.patch.object(KafkaSource, "topic_id", return_value=None):
+        create_topic(settings, PARTITIONS)
+        produce_tracked(settings, mixed_values(60))
+        run_batch(settings)
+        assert (
+            redis_client.hget(settings.redis_offsets_key, f"{topic}:topic_id") is None
+        )
+        # "Resetting offsets" in docs/operations.md: HDEL starts each partition
+        # at the group's commit.
+        redis_client.hdel(
+            settings.redis_offsets_key, *(f"{topic}:{p}" for p in range(PARTITIONS))
+        )
+        second = produce_tracked(settings, mixed_values(30))
+
+        report = run_batch(settings)
+
+    assert report.read == 30
+    assert set(second) <= set(redis_positions(redis_client, settings))
+
+
 
 def test_run_on_redis_port(redis_service: str) -> None:
     """A bootstrap address where Redis listens gets a hint to check the port."""
