@@ -328,6 +328,12 @@ def reports(last: int, as_json: bool) -> None:
         )
         return
     print_table(_reports_table(entries, key=settings.redis_reports_key))
+    for entry in entries:
+        if entry.error is not None:
+            time = entry.time.strftime("%Y-%m-%d %H:%M:%S")
+            console.print(
+                f"{time} {_printable(entry.status)}: {_printable(entry.error)}"
+            )
 
 
 def _printable(text: str) -> str:

@@ -34,12 +34,14 @@ import polars as pl
 from confluent_kafka import OFFSET_BEGINNING
 
 from contracts.models import OUTPUT_KEYS, InputReading, OutputRow
+from etl.config import ConfigurationError
 from etl.parse import parse
 from etl.reasons import Reason
 from etl.sink import (
     Chunk,
     OffsetConflict,
     RedisSink,
+    SinkError,
     WriteResult,
     offset_field,
     reset_offsets_command,
@@ -96,6 +98,9 @@ class BatchReport:
     news2_risk: dict[str, int] = field(default_factory=dict)
     offsets: dict[str, list[int]] = field(default_factory=dict)
     duration_s: float = 0.0
+    #: The error that ended a batch of status ``failed``, ``offset_conflict``
+    #: or ``stopped``; None when the batch ended on its own.
+    error: str | None = None
 
     @property
     def rate_per_s(self) -> float:
@@ -391,6 +396,8 @@ def _check_offsets_kept(
     again = [
         item for p in partitions for item in (offset_field(topic, p), str(earliest[p]))
     ]
+    # A commit below the earliest offset points at records that retention
+    # deleted, so the batch would fail there.
     resume = [
         item
         for p in partitions
@@ -399,8 +406,6 @@ def _check_offsets_kept(
             str(max(committed.get(p, earliest[p]), earliest[p])),
         )
     ]
-    # A commit below the earliest offset points at records that retention
-    # deleted, so the batch would fail there.
     msg = (
         f"Redis stores no offsets of topic {topic}, but consumer group "
         f"{sink.settings.kafka_group_id!r} committed offsets past the earliest "
@@ -494,7 +499,9 @@ def run_batch(settings: Settings, *, now: float | None = None) -> BatchReport:
     """Drain the topic once and load every chunk into Redis exactly once.
 
     Raises ``SourceError`` or ``SinkError`` on infrastructure failure; what was
-    written before stays consistent with the stored offsets.
+    written before stays consistent with the stored offsets. A batch that ends
+    on an error other than a Redis or settings error still appends its report
+    (:func:`_report_failure`).
     """
     started = time.monotonic()
     now = time.time() if now is None else now
@@ -506,6 +513,7 @@ def run_batch(settings: Settings, *, now: float | None = None) -> BatchReport:
     source: KafkaSource | None = None
     chunks: Prefetcher | None = None
     writer: _WriteBehind | None = None
+    failure: BaseException | None = None
     try:
         sink.check()
         source = KafkaSource(settings, last_written=sink.last_written)
@@ -550,8 +558,8 @@ def run_batch(settings: Settings, *, now: float | None = None) -> BatchReport:
             source.stats.stop_reason if report.status == "ok" else report.status
         )
         return _finish(report, sink, started)
-    except OffsetConflict:
-        report.status = "offset_conflict"
+    except BaseException as error:
+        failure = error
         raise
     finally:
         if writer is not None:
@@ -560,7 +568,39 @@ def run_batch(settings: Settings, *, now: float | None = None) -> BatchReport:
             chunks.close()
         if source is not None:
             source.close()
+        # After the writer closed, so that the report counts its last chunk.
+        if failure is not None:
+            _report_failure(report, sink, started, failure)
         sink.close()
+
+
+def _report_failure(
+    report: BatchReport, sink: RedisSink, started: float, error: BaseException
+) -> None:
+    """Append the report of a batch that ``error`` ended, unless Redis itself failed.
+
+    The status is ``offset_conflict`` for stored offsets that moved back or
+    vanished, ``stopped`` for a signal or Ctrl-C, and ``failed`` otherwise.
+    After a Redis failure another write would only wait for another timeout,
+    and a settings error is no batch: neither gets a report.
+    """
+    if isinstance(error, OffsetConflict):
+        report.status = "offset_conflict"
+    elif isinstance(error, Exception):
+        report.status = "failed"
+    else:
+        report.status = "stopped"
+    report.stop_reason = report.status
+    report.error = str(error)
+    report.duration_s = time.monotonic() - started
+    if isinstance(error, SinkError | ConfigurationError):
+        return
+    try:
+        sink.write_report(report.to_dict(), report.stream_fields())
+    except Exception:
+        logger.warning(
+            "Writing the report of the failed batch to Redis failed", exc_info=True
+        )
 
 
 def _process_ahead(

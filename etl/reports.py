@@ -64,6 +64,12 @@ class ReportEntry:
         return topic if isinstance(topic, str) else None
 
     @property
+    def error(self) -> str | None:
+        """Error that ended the batch, read from the ``report`` field, or None."""
+        error = self.report.get("error")
+        return error if isinstance(error, str) else None
+
+    @property
     def rejected_by_reason(self) -> dict[str, int]:
         counts = self.report.get("rejected_by_reason") or {}
         return {str(reason): int(amount) for reason, amount in counts.items()}

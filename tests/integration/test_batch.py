@@ -119,7 +119,9 @@ def test_batch_missing_topic_fails_with_advice(
     assert "check the topic name (VITALS_KAFKA_TOPIC" in message
     assert "'etl generate --count 0' creates it empty" in message
     assert "loses its topics when it restarts" in message
-    assert redis_client.exists(settings.redis_reports_key) == 0
+    [(_, fields)] = redis_client.xrange(settings.redis_reports_key)
+    assert fields[b"status"] == b"failed"
+    assert fields[b"read"] == b"0"
 
 
 def test_batch_second_run_writes_nothing(

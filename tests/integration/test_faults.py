@@ -939,7 +939,9 @@ def test_redis_lost_with_commits_stops_batch(
         run_batch(settings)
     client = redis.Redis.from_url(settings.redis_url.get_secret_value())
     try:
-        assert client.dbsize() == 0
+        assert client.exists(settings.redis_list_key, settings.redis_offsets_key) == 0
+        [(_, report)] = client.xrange(settings.redis_reports_key)
+        assert report[b"status"] == b"failed"
         commands = re.findall(PRINTED_COMMAND, str(failure.value))
         assert len(commands) == 2, failure.value
         run_printed_command(settings, commands[choice])
@@ -994,8 +996,6 @@ def test_offsets_deleted_keeping_topic_id_resume(
     assert set(second) <= set(found)
 
 
-# 6. The broker is down or dies during the drain.
-
 def test_hdel_all_partitions_without_topic_ids_resumes(
     settings: Settings, redis_client: redis.Redis
 ) -> None:
@@ -1020,6 +1020,8 @@ def test_hdel_all_partitions_without_topic_ids_resumes(
     assert report.read == 30
     assert set(second) <= set(redis_positions(redis_client, settings))
 
+
+# 6. The broker is down or dies during the drain.
 
 
 def test_run_on_redis_port(redis_service: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from typing import Any
+from unittest import mock
 
 import pytest
 import redis
@@ -16,6 +17,8 @@ from etl.explore import load_reports, reject_reasons_by_run, settings_env
 from etl.pipeline import BatchReport, run_batch
 from etl.reports import parse_entry, read_reports
 from etl.services import free_port
+from etl.sink import OffsetConflict, RedisSink, SinkError
+from etl.source import KafkaSource, SourceError
 from tests.conftest import create_topic, encode, produce, reading
 
 
@@ -221,6 +224,80 @@ def test_reports_cli_json(settings: Settings) -> None:
         "out_of_range": 1,
         "tombstone": 1,
     }
+
+
+@pytest.mark.integration
+def test_failed_batch_reported_with_error(settings: Settings) -> None:
+    """A batch that Kafka fails (here a missing topic) still appends its report."""
+    with pytest.raises(SourceError, match="does not exist"):
+        run_batch(settings)
+    client = redis.Redis.from_url(settings.redis_url.get_secret_value())
+    try:
+        [entry] = read_reports(client, settings.redis_reports_key)
+    finally:
+        client.close()
+
+    assert entry.status == "failed"
+    assert entry.report["stop_reason"] == "failed"
+    assert entry.error is not None
+    assert f"topic {settings.kafka_topic!r} does not exist" in entry.error
+
+
+@pytest.mark.integration
+def test_reports_cli_prints_batch_errors(settings: Settings) -> None:
+    two_batches(settings)
+    settings = settings.model_copy(update={"kafka_topic": "vitals-missing"})
+    with pytest.raises(SourceError):
+        run_batch(settings)
+    env = {**settings_env(settings), "COLUMNS": "160"}
+
+    result = CliRunner().invoke(main, ["reports"], env=env)
+
+    assert result.exit_code == 0, result.output
+    assert " failed " in result.output
+    [error_line] = [line for line in result.output.splitlines() if "failed:" in line]
+    assert "failed: topic 'vitals-missing' does not exist" in error_line
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("error", "status"),
+    [
+        pytest.param(OffsetConflict("stored offset moved back"), "offset_conflict"),
+        pytest.param(KeyboardInterrupt(), "stopped", id="ctrl-c"),
+    ],
+)
+def test_ended_batch_status_reported(
+    settings: Settings, error: BaseException, status: str
+) -> None:
+    create_topic(settings, partitions=1)
+    with (
+        mock.patch.object(KafkaSource, "assign", side_effect=error),
+        pytest.raises(type(error)),
+    ):
+        run_batch(settings)
+    client = redis.Redis.from_url(settings.redis_url.get_secret_value())
+    try:
+        [entry] = read_reports(client, settings.redis_reports_key)
+    finally:
+        client.close()
+
+    assert entry.status == status
+    assert entry.error == str(error)
+
+
+@pytest.mark.integration
+def test_redis_failure_appends_no_report(settings: Settings) -> None:
+    """After a Redis failure the batch tries no report, which would wait again."""
+    create_topic(settings, partitions=1)
+    with (
+        mock.patch.object(KafkaSource, "assign", side_effect=SinkError("lost")),
+        mock.patch.object(RedisSink, "write_report") as write_report,
+        pytest.raises(SinkError),
+    ):
+        run_batch(settings)
+
+    write_report.assert_not_called()
 
 
 @pytest.mark.integration
