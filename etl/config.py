@@ -565,6 +565,23 @@ def redact_invalid_url(url: str) -> str:
     return f"{scheme}{separator}{_redact_after_scheme(rest)}"
 
 
+#: Pydantic's error types for a value outside a ``Field`` bound.
+_RANGE_ERRORS: Final = frozenset(
+    {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}
+)
+#: Why a setting's bounds are where they are, added to a range error.
+_RANGE_REASONS: Final = {
+    "min_timestamp": (
+        "63676800 is 1972-01-08T00:00:00Z, from when every time zone's offset "
+        "is whole minutes, as the output's +HH:MM offset needs, and "
+        "253402300799 is 9999-12-31T23:59:59Z"
+    ),
+    "max_future_skew_s": (
+        "366 days at most, so that accepted timestamps stay far below year 10000"
+    ),
+}
+
+
 def load_settings(
     *, option_names: Mapping[str, str] | None = None, **overrides: Any
 ) -> Settings:
@@ -610,6 +627,8 @@ def load_settings(
             if option_names and field in overrides and field in option_names:
                 source = option_names[field]
             shown = _shown_input(field, error.get("input"))
+            if error["type"] in _RANGE_ERRORS and field in _RANGE_REASONS:
+                message += f" ({_RANGE_REASONS[field]})"
             problems.append(f"{source}={shown!r}: {message}")
         msg = "invalid settings: " + "; ".join(problems)
         raise ConfigurationError(msg) from None

@@ -631,6 +631,22 @@ def test_max_future_skew_outside_range_rejected(value: str) -> None:
 
 
 @pytest.mark.parametrize(
+    ("setting", "value", "reason"),
+    [
+        ("min_timestamp", "0", "every time zone's offset is whole minutes"),
+        ("max_future_skew_s", "31622401", "366 days at most"),
+    ],
+)
+def test_timestamp_bound_error_gives_reason(
+    setting: str, value: str, reason: str
+) -> None:
+    with pytest.raises(ConfigurationError) as raised:
+        load_settings(**{setting: value})
+
+    assert reason in str(raised.value)
+
+
+@pytest.mark.parametrize(
     ("arguments", "detail"),
     [
         (["generate", "--malformed-rate", "nan"], "nan is not a finite number"),
