@@ -569,7 +569,7 @@ def redact_invalid_url(url: str) -> str:
 _RANGE_ERRORS: Final = frozenset(
     {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}
 )
-#: Why a setting's bounds are where they are, added to a range error.
+#: The reason for each setting's bounds, added to its range errors.
 _RANGE_REASONS: Final = {
     "min_timestamp": (
         "63676800 is 1972-01-08T00:00:00Z, from when every time zone's offset "
