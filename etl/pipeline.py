@@ -98,8 +98,8 @@ class BatchReport:
     news2_risk: dict[str, int] = field(default_factory=dict)
     offsets: dict[str, list[int]] = field(default_factory=dict)
     duration_s: float = 0.0
-    #: The error that ended a batch of status ``failed``, ``offset_conflict``
-    #: or ``stopped``; None when the batch ended on its own.
+    #: The message of the error that ended a batch of status ``failed`` or
+    #: ``offset_conflict``; None when the batch ended on its own.
     error: str | None = None
 
     @property
@@ -513,7 +513,7 @@ def run_batch(settings: Settings, *, now: float | None = None) -> BatchReport:
     source: KafkaSource | None = None
     chunks: Prefetcher | None = None
     writer: _WriteBehind | None = None
-    failure: BaseException | None = None
+    failure: Exception | None = None
     try:
         sink.check()
         source = KafkaSource(settings, last_written=sink.last_written)
@@ -558,7 +558,9 @@ def run_batch(settings: Settings, *, now: float | None = None) -> BatchReport:
             source.stats.stop_reason if report.status == "ok" else report.status
         )
         return _finish(report, sink, started)
-    except BaseException as error:
+    except Exception as error:
+        # Not on SIGTERM or Ctrl-C (BaseException), which must end the batch
+        # at once, even while Redis hangs.
         failure = error
         raise
     finally:
@@ -569,29 +571,27 @@ def run_batch(settings: Settings, *, now: float | None = None) -> BatchReport:
         if source is not None:
             source.close()
         # After the writer closed, so that the report counts its last chunk.
-        if failure is not None:
+        # A write that failed in Redis while the batch failed on another
+        # error means Redis may hang too.
+        redis_failed = writer is not None and isinstance(writer.unraised, SinkError)
+        if failure is not None and not redis_failed:
             _report_failure(report, sink, started, failure)
         sink.close()
 
 
 def _report_failure(
-    report: BatchReport, sink: RedisSink, started: float, error: BaseException
+    report: BatchReport, sink: RedisSink, started: float, error: Exception
 ) -> None:
     """Append the report of a batch that ``error`` ended, unless Redis itself failed.
 
     The status is ``offset_conflict`` for stored offsets that moved back or
-    vanished, ``stopped`` for a signal or Ctrl-C, and ``failed`` otherwise.
-    After a Redis failure another write would only wait for another timeout,
-    and a settings error is no batch: neither gets a report.
+    vanished, and ``failed`` otherwise. After a Redis failure another write
+    would only wait for another timeout, and a settings error is no batch:
+    neither gets a report.
     """
-    if isinstance(error, OffsetConflict):
-        report.status = "offset_conflict"
-    elif isinstance(error, Exception):
-        report.status = "failed"
-    else:
-        report.status = "stopped"
+    report.status = "offset_conflict" if isinstance(error, OffsetConflict) else "failed"
     report.stop_reason = report.status
-    report.error = str(error)
+    report.error = str(error) or type(error).__name__
     report.duration_s = time.monotonic() - started
     if isinstance(error, SinkError | ConfigurationError):
         return
@@ -680,6 +680,8 @@ class _WriteBehind:
         )
         self._done = threading.Event()
         self._error: BaseException | None = None
+        #: The thread's error that :meth:`close` logged instead of raising.
+        self.unraised: BaseException | None = None
         #: The next offset per partition after the chunks this batch wrote.
         self.written: dict[int, int] = {}
         self._thread = threading.Thread(
@@ -766,7 +768,7 @@ class _WriteBehind:
                     "Writing to Redis failed while the batch stopped: %s",
                     str(self._error) or type(self._error).__name__,
                 )
-            self._error = None
+            self.unraised, self._error = self._error, None
 
     def _raise_error(self) -> None:
         if self._error is not None:

@@ -11,6 +11,7 @@ import pytest
 import redis
 from click.testing import CliRunner
 
+from etl import pipeline
 from etl.cli import main
 from etl.config import Settings
 from etl.explore import load_reports, reject_reasons_by_run, settings_env
@@ -264,11 +265,11 @@ def test_reports_cli_prints_batch_errors(settings: Settings) -> None:
     ("error", "status"),
     [
         pytest.param(OffsetConflict("stored offset moved back"), "offset_conflict"),
-        pytest.param(KeyboardInterrupt(), "stopped", id="ctrl-c"),
+        pytest.param(RuntimeError("unexpected"), "failed", id="other-error"),
     ],
 )
 def test_ended_batch_status_reported(
-    settings: Settings, error: BaseException, status: str
+    settings: Settings, error: Exception, status: str
 ) -> None:
     create_topic(settings, partitions=1)
     with (
@@ -287,6 +288,42 @@ def test_ended_batch_status_reported(
 
 
 @pytest.mark.integration
+def test_error_without_message_reported_by_type(settings: Settings) -> None:
+    create_topic(settings, partitions=1)
+    with (
+        mock.patch.object(KafkaSource, "assign", side_effect=AssertionError()),
+        pytest.raises(AssertionError),
+    ):
+        run_batch(settings)
+    client = redis.Redis.from_url(settings.redis_url.get_secret_value())
+    try:
+        [entry] = read_reports(client, settings.redis_reports_key)
+    finally:
+        client.close()
+
+    assert entry.error == "AssertionError"
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    "stop", [pytest.param(KeyboardInterrupt(), id="ctrl-c"), SystemExit(143)]
+)
+def test_stopped_batch_appends_no_report(
+    settings: Settings, stop: BaseException
+) -> None:
+    """A stop ends the batch at once, so it writes no report, which could wait on Redis."""
+    create_topic(settings, partitions=1)
+    with (
+        mock.patch.object(KafkaSource, "assign", side_effect=stop),
+        mock.patch.object(RedisSink, "write_report") as write_report,
+        pytest.raises(type(stop)),
+    ):
+        run_batch(settings)
+
+    write_report.assert_not_called()
+
+
+@pytest.mark.integration
 def test_redis_failure_appends_no_report(settings: Settings) -> None:
     """After a Redis failure the batch tries no report, which would wait again."""
     create_topic(settings, partitions=1)
@@ -294,6 +331,30 @@ def test_redis_failure_appends_no_report(settings: Settings) -> None:
         mock.patch.object(KafkaSource, "assign", side_effect=SinkError("lost")),
         mock.patch.object(RedisSink, "write_report") as write_report,
         pytest.raises(SinkError),
+    ):
+        run_batch(settings)
+
+    write_report.assert_not_called()
+
+
+@pytest.mark.integration
+def test_failed_write_while_kafka_fails_appends_no_report(settings: Settings) -> None:
+    """The writer's Redis error, logged at close, means Redis may hang: no report."""
+    create_topic(settings, partitions=1)
+    produce(settings, [encode(reading())])
+    close = pipeline._WriteBehind.close
+
+    def close_after_failed_write(writer: pipeline._WriteBehind) -> None:
+        close(writer)
+        writer.unraised = SinkError("Redis timed out")
+
+    with (
+        mock.patch.object(
+            pipeline, "_process_ahead", side_effect=SourceError("broker lost")
+        ),
+        mock.patch.object(pipeline._WriteBehind, "close", close_after_failed_write),
+        mock.patch.object(RedisSink, "write_report") as write_report,
+        pytest.raises(SourceError),
     ):
         run_batch(settings)
 
