@@ -16,7 +16,7 @@ from etl.cli import main
 from etl.config import Settings
 from etl.explore import load_reports, reject_reasons_by_run, settings_env
 from etl.pipeline import BatchReport, run_batch
-from etl.reports import parse_entry, read_reports
+from etl.reports import ReportEntry, parse_entry, read_reports
 from etl.services import free_port
 from etl.sink import OffsetConflict, RedisSink, SinkError
 from etl.source import KafkaSource, SourceError
@@ -227,16 +227,23 @@ def test_reports_cli_json(settings: Settings) -> None:
     }
 
 
-@pytest.mark.integration
-def test_failed_batch_reported_with_error(settings: Settings) -> None:
-    """A batch that Kafka fails (here a missing topic) still appends its report."""
-    with pytest.raises(SourceError, match="does not exist"):
-        run_batch(settings)
+def only_report(settings: Settings) -> ReportEntry:
+    """Return the one report in the test's stream."""
     client = redis.Redis.from_url(settings.redis_url.get_secret_value())
     try:
         [entry] = read_reports(client, settings.redis_reports_key)
     finally:
         client.close()
+    return entry
+
+
+@pytest.mark.integration
+def test_failed_batch_reported_with_error(settings: Settings) -> None:
+    """A batch that Kafka fails (here a missing topic) still appends its report."""
+    with pytest.raises(SourceError, match="does not exist"):
+        run_batch(settings)
+
+    entry = only_report(settings)
 
     assert entry.status == "failed"
     assert entry.report["stop_reason"] == "failed"
@@ -262,14 +269,19 @@ def test_reports_cli_prints_batch_errors(settings: Settings) -> None:
 
 @pytest.mark.integration
 @pytest.mark.parametrize(
-    ("error", "status"),
+    ("error", "status", "message"),
     [
-        pytest.param(OffsetConflict("stored offset moved back"), "offset_conflict"),
-        pytest.param(RuntimeError("unexpected"), "failed", id="other-error"),
+        pytest.param(
+            OffsetConflict("stored offset moved back"),
+            "offset_conflict",
+            "stored offset moved back",
+        ),
+        pytest.param(RuntimeError("unexpected"), "failed", "unexpected", id="other"),
+        pytest.param(AssertionError(), "failed", "AssertionError", id="no-message"),
     ],
 )
 def test_ended_batch_status_reported(
-    settings: Settings, error: Exception, status: str
+    settings: Settings, error: Exception, status: str, message: str
 ) -> None:
     create_topic(settings, partitions=1)
     with (
@@ -277,60 +289,31 @@ def test_ended_batch_status_reported(
         pytest.raises(type(error)),
     ):
         run_batch(settings)
-    client = redis.Redis.from_url(settings.redis_url.get_secret_value())
-    try:
-        [entry] = read_reports(client, settings.redis_reports_key)
-    finally:
-        client.close()
+
+    entry = only_report(settings)
 
     assert entry.status == status
-    assert entry.error == str(error)
-
-
-@pytest.mark.integration
-def test_error_without_message_reported_by_type(settings: Settings) -> None:
-    create_topic(settings, partitions=1)
-    with (
-        mock.patch.object(KafkaSource, "assign", side_effect=AssertionError()),
-        pytest.raises(AssertionError),
-    ):
-        run_batch(settings)
-    client = redis.Redis.from_url(settings.redis_url.get_secret_value())
-    try:
-        [entry] = read_reports(client, settings.redis_reports_key)
-    finally:
-        client.close()
-
-    assert entry.error == "AssertionError"
+    assert entry.error == message
 
 
 @pytest.mark.integration
 @pytest.mark.parametrize(
-    "stop", [pytest.param(KeyboardInterrupt(), id="ctrl-c"), SystemExit(143)]
+    "error",
+    [
+        pytest.param(KeyboardInterrupt(), id="ctrl-c"),
+        pytest.param(SystemExit(143), id="exit"),
+        pytest.param(SinkError("lost"), id="redis-error"),
+    ],
 )
-def test_stopped_batch_appends_no_report(
-    settings: Settings, stop: BaseException
+def test_stop_or_redis_error_appends_no_report(
+    settings: Settings, error: BaseException
 ) -> None:
-    """A stop ends the batch at once, so it writes no report, which could wait on Redis."""
+    """A stop must end the batch at once, and after a Redis error a write would wait again."""
     create_topic(settings, partitions=1)
     with (
-        mock.patch.object(KafkaSource, "assign", side_effect=stop),
+        mock.patch.object(KafkaSource, "assign", side_effect=error),
         mock.patch.object(RedisSink, "write_report") as write_report,
-        pytest.raises(type(stop)),
-    ):
-        run_batch(settings)
-
-    write_report.assert_not_called()
-
-
-@pytest.mark.integration
-def test_redis_failure_appends_no_report(settings: Settings) -> None:
-    """After a Redis failure the batch tries no report, which would wait again."""
-    create_topic(settings, partitions=1)
-    with (
-        mock.patch.object(KafkaSource, "assign", side_effect=SinkError("lost")),
-        mock.patch.object(RedisSink, "write_report") as write_report,
-        pytest.raises(SinkError),
+        pytest.raises(type(error)),
     ):
         run_batch(settings)
 
