@@ -163,7 +163,7 @@ def run(
         code = 128 + signal.Signals[name].value
         if as_json:
             stop = StopRequested(f"{name} received")
-            click.echo(json.dumps(_failure(stop, code), indent=2))
+            click.echo(json.dumps(_failure(stop, code, status="stopped"), indent=2))
         sys.exit(code)
     except ConfigurationError as exc:
         print_error("error:", exc)
@@ -215,14 +215,16 @@ def _exit_with_json(as_json: bool, error: Exception, code: int) -> NoReturn:
     sys.exit(code)
 
 
-def _failure(error: BaseException, code: int) -> dict[str, Any]:
+def _failure(
+    error: BaseException, code: int, *, status: str = "failed"
+) -> dict[str, Any]:
     message = (
         error.format_message()
         if isinstance(error, click.ClickException)
         else str(error)
     )
     return {
-        "status": "failed",
+        "status": status,
         "error": type(error).__name__,
         "message": message,
         "exit_code": code,
