@@ -353,8 +353,14 @@ def _start_offsets(
     produced before the group existed are read on the first run.
     """
     partitions = source.partitions()
-    stored = sink.stored_offsets(source.topic)
-    if partitions and not stored:
+    topic = source.topic
+    stored = sink.stored_offsets(topic)
+    known = (
+        sink.stored_topic_id(topic) is not None or sink.last_write_id(topic) is not None
+    )
+    if known:
+        sink.expect_known(topic)
+    elif partitions and not stored:
         _check_offsets_kept(source, sink, partitions)
     replaced = _check_same_topic(source, sink, stored) if partitions else None
     if replaced is not None:
@@ -370,18 +376,17 @@ def _check_offsets_kept(
 ) -> None:
     """Fail when Redis stores nothing of the topic but the group's commits would skip records.
 
-    A Redis restarted without persistence, a FLUSHDB or an eviction deletes
-    the offsets hash with the rows, while Kafka keeps the group's commits.
-    Starting from those commits would leave every reading before them out of
-    Redis, with no error. The topic id and last write id fields distinguish
-    this from a topic whose offsets ``etl services start`` or a documented
-    ``HDEL`` deleted, because each keeps one of them (the last write id on a
-    broker that gives no topic id). A commit at or below the earliest
-    retained offset skips nothing and passes.
+    Called when Redis holds no offset, topic id or last write id of the
+    topic. A Redis restarted without persistence, a FLUSHDB or an eviction
+    deletes the offsets hash with the rows, while Kafka keeps the group's
+    commits. Starting from those commits would leave every reading before
+    them out of Redis, with no error. A topic whose offsets
+    ``etl services start`` or a documented ``HDEL`` deleted keeps its topic
+    id or last write id (the latter on a broker that gives no topic id), so
+    it does not get here. A commit at or below the earliest retained offset
+    skips nothing and passes.
     """
     topic = source.topic
-    if sink.stored_topic_id(topic) is not None or sink.last_write_id(topic):
-        return
     committed = source.committed(partitions)
     if not committed:
         return
@@ -844,6 +849,8 @@ def drain_to_staging(
             "start_offsets": {str(p): o for p, o in start.items()},
             "stored_offsets": {str(p): o for p, o in stored.items()},
             "topic_id": sink.topic_id(settings.kafka_topic),
+            # The load fails if Redis loses this topic's fields in between.
+            "redis_knew_topic": sink.expects_known(settings.kafka_topic),
             "raw_files": files,
             "read": source.stats.read,
             "stop_reason": source.stats.stop_reason,
@@ -935,6 +942,10 @@ def load_staging(settings: Settings, staging: Path) -> BatchReport:
     drained_id = manifest.get("topic_id")
     if drained_id:
         sink.set_topic_id(manifest["topic"], drained_id)
+    # A manifest of an older release lacks the field: the load then cannot
+    # tell a FLUSHDB since the drain for partitions without a stored offset.
+    if manifest.get("redis_knew_topic"):
+        sink.expect_known(manifest["topic"])
     source: KafkaSource | None = None
     try:
         sink.check()

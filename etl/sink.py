@@ -164,6 +164,8 @@ class RedisSink:
         # every later write checks that Redis still has at least that much.
         self._stored_by_us: dict[str, dict[int, int]] = {}
         self._topic_ids: dict[str, str] = {}
+        #: Topics whose id or last write id Redis held when the batch started.
+        self._known_topics: set[str] = set()
 
     @property
     def settings(self) -> Settings:
@@ -422,6 +424,19 @@ class RedisSink:
             raise SinkError(msg) from exc
         return self.stored_offsets(topic)
 
+    def expect_known(self, topic: str) -> None:
+        """Fail the writes to ``topic`` if Redis loses its topic id and last write id.
+
+        For a batch that started when Redis held one of them: a partition
+        without a stored offset then has no offset whose loss a write could
+        see, so a FLUSHDB before the batch's first write would go unnoticed.
+        """
+        self._known_topics.add(topic)
+
+    def expects_known(self, topic: str) -> bool:
+        """Return whether :meth:`expect_known` was called for ``topic``."""
+        return topic in self._known_topics
+
     def set_topic_id(self, topic: str, topic_id: str) -> None:
         """Record ``topic_id`` with the offsets of every later write to ``topic``."""
         self._topic_ids[topic] = topic_id
@@ -620,6 +635,16 @@ class RedisSink:
                 self._check_still_stored(topic, partition, offset, found[partition])
             stored = {p: found[p] for p in chunk.next_offsets}
             floors, concurrent = self._floors(topic, chunk, stored)
+            # After the checks of each stored offset, which name the partition.
+            if topic in self._known_topics and stored_id is None and last_write is None:
+                msg = (
+                    f"the topic id and last write id of topic {topic} vanished from "
+                    "Redis since the batch started (FLUSHDB, a restart without "
+                    "persistence, eviction), and the rows written before may be gone "
+                    "too; Kafka's committed offsets follow Redis, so read "
+                    "docs/operations.md (The delivery guarantee) before rerunning"
+                )
+                raise OffsetConflict(msg)
 
             rows = _after(chunk.rows, floors)
             rejects = _after(chunk.rejects, floors)

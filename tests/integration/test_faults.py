@@ -975,6 +975,75 @@ def test_redis_lost_with_commits_at_earliest_reads_all(
         client.close()
 
 
+def reset_then_produce(settings: Settings) -> None:
+    """Load 60 records, HDEL every partition field as "Resetting offsets" shows, add 30."""
+    create_topic(settings, PARTITIONS)
+    produce_tracked(settings, mixed_values(60))
+    run_batch(settings)
+    client = redis.Redis.from_url(settings.redis_url.get_secret_value())
+    try:
+        fields = [f"{settings.kafka_topic}:{p}" for p in range(PARTITIONS)]
+        assert client.hdel(settings.redis_offsets_key, *fields) == PARTITIONS
+    finally:
+        client.close()
+    produce_tracked(settings, mixed_values(30))
+
+
+def flush(settings: Settings) -> None:
+    client = redis.Redis.from_url(settings.redis_url.get_secret_value())
+    try:
+        client.flushdb()
+    finally:
+        client.close()
+
+
+def test_redis_lost_before_first_write_stops_batch(
+    lost_redis_settings: Settings,
+) -> None:
+    """No partition has a stored offset to lose, so the topic's fields tell the loss."""
+    settings = lost_redis_settings
+    reset_then_produce(settings)
+    original = RedisSink.write_chunk
+
+    def flush_then_write(
+        self: RedisSink, topic: str, chunk: Any, **options: Any
+    ) -> Any:
+        flush(settings)
+        return original(self, topic, chunk, **options)
+
+    with (
+        mock.patch.object(RedisSink, "write_chunk", flush_then_write),
+        pytest.raises(OffsetConflict, match="vanished from Redis since the batch"),
+    ):
+        run_batch(settings)
+
+    client = redis.Redis.from_url(settings.redis_url.get_secret_value())
+    try:
+        assert client.exists(settings.redis_list_key) == 0
+    finally:
+        client.close()
+
+
+def test_redis_lost_between_staged_drain_and_load(
+    lost_redis_settings: Settings, tmp_path: Path
+) -> None:
+    """A FLUSHDB between the DAG's drain and load fails the load, then stops the next drain."""
+    settings = lost_redis_settings
+    reset_then_produce(settings)
+    committed = kafka_committed(settings, PARTITIONS)
+    manifest = drain_to_staging(settings, tmp_path)
+    flush(settings)
+    transform_staging(settings, tmp_path)
+
+    with pytest.raises(OffsetConflict, match="vanished from Redis since the batch"):
+        load_staging(settings, tmp_path)
+
+    assert manifest["redis_knew_topic"] is True
+    assert kafka_committed(settings, PARTITIONS) == committed
+    with pytest.raises(OffsetsOutOfRange, match="Redis stores no offsets"):
+        drain_to_staging(settings, tmp_path / "next")
+
+
 def test_offsets_deleted_keeping_topic_id_resume(
     settings: Settings, redis_client: redis.Redis
 ) -> None:
