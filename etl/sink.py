@@ -640,8 +640,9 @@ class RedisSink:
                 msg = (
                     f"the topic id and last write id of topic {topic} vanished from "
                     "Redis since the batch started (FLUSHDB, a restart without "
-                    "persistence, eviction), and the rows written before may be gone "
-                    "too; Kafka's committed offsets follow Redis, so read "
+                    "persistence, eviction, or deleted fields of the offsets hash), "
+                    "and the rows written before may be gone too; Kafka's committed "
+                    "offsets follow Redis, so read "
                     "docs/operations.md (The delivery guarantee) before rerunning"
                 )
                 raise OffsetConflict(msg)
