@@ -355,14 +355,12 @@ def _start_offsets(
     partitions = source.partitions()
     topic = source.topic
     stored = sink.stored_offsets(topic)
-    known = (
-        sink.stored_topic_id(topic) is not None or sink.last_write_id(topic) is not None
-    )
-    if known:
+    recorded = sink.stored_topic_id(topic)
+    if recorded is not None or sink.last_write_id(topic) is not None:
         sink.expect_known(topic)
     elif partitions and not stored:
         _check_offsets_kept(source, sink, partitions)
-    replaced = _check_same_topic(source, sink, stored) if partitions else None
+    replaced = _check_same_topic(source, sink, stored, recorded) if partitions else None
     if replaced is not None:
         stored = _adopt_new_topic(source, sink, partitions, replaced)
     missing = [p for p in partitions if p not in stored]
@@ -454,9 +452,11 @@ def _adopt_new_topic(
 
 
 def _check_same_topic(
-    source: KafkaSource, sink: RedisSink, stored: dict[int, int]
+    source: KafkaSource, sink: RedisSink, stored: dict[int, int], recorded: str | None
 ) -> str | None:
     """Fail when the stored offsets were written for another topic of the same name.
+
+    ``recorded`` is the topic id that Redis stores with the offsets, if any.
 
     A deleted and recreated topic, or one of a broker that lost its data,
     starts again at offset 0 under a new topic id. Stored offsets below the
@@ -475,7 +475,6 @@ def _check_same_topic(
     if current is None:
         return None
     topic = source.topic
-    recorded = sink.stored_topic_id(topic)
     reset_command = reset_offsets_command(sink.settings, topic, stored)
     if stored and recorded not in (None, current):
         msg = (

@@ -696,7 +696,6 @@ class KafkaSource:
         if fatal:
             address = self._settings.kafka_bootstrap_servers
             error = fatal[0].str()
-            msg = f"Kafka broker at {address} failed: {error}"
             if fatal[0].code() == KafkaError._ALL_BROKERS_DOWN:
                 # librdkafka counts a broker that stops responding as down too,
                 # as a SIGSTOP of the broker mid-drain shows. Its count can
@@ -707,6 +706,8 @@ class KafkaSource:
                     "broker connection, because the broker stopped, or runs but "
                     f"stopped responding: frozen or overloaded (librdkafka: {error})"
                 )
+            else:
+                msg = f"Kafka broker at {address} failed: {error}"
             raise SourceError(msg)
         stalled_for = time.monotonic() - last_progress
         if stalled_for > self._settings.kafka_timeout_s:

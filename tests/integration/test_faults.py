@@ -906,6 +906,15 @@ def lost_redis_settings(broker: Broker, own_redis: Service) -> Settings:
     return make_settings(broker.bootstrap, f"redis://127.0.0.1:{own_redis.port}/0")
 
 
+def flush(settings: Settings) -> None:
+    """Delete every key of the test's Redis database, as a lost Redis would."""
+    client = redis.Redis.from_url(settings.redis_url.get_secret_value())
+    try:
+        client.flushdb()
+    finally:
+        client.close()
+
+
 def load_then_flush(settings: Settings) -> list[Position]:
     """Load 60 records, then delete every key of the database as a lost Redis would.
 
@@ -915,11 +924,7 @@ def load_then_flush(settings: Settings) -> list[Position]:
     produced = produce_tracked(settings, mixed_values(60))
     run_batch(settings)
     assert kafka_committed(settings, PARTITIONS)
-    client = redis.Redis.from_url(settings.redis_url.get_secret_value())
-    try:
-        client.flushdb()
-    finally:
-        client.close()
+    flush(settings)
     return produced
 
 
@@ -987,14 +992,6 @@ def reset_then_produce(settings: Settings) -> None:
     finally:
         client.close()
     produce_tracked(settings, mixed_values(30))
-
-
-def flush(settings: Settings) -> None:
-    client = redis.Redis.from_url(settings.redis_url.get_secret_value())
-    try:
-        client.flushdb()
-    finally:
-        client.close()
 
 
 def test_redis_lost_before_first_write_stops_batch(

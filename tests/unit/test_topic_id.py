@@ -32,13 +32,9 @@ class FakeSource:
 class FakeSink:
     offsets_key = "liste-patients:offsets"
 
-    def __init__(self, recorded: str | None) -> None:
-        self.recorded = recorded
+    def __init__(self) -> None:
         self.to_record: str | None = None
         self.replaced: str | None = None
-
-    def stored_topic_id(self, topic: str) -> str | None:
-        return self.recorded
 
     def set_topic_id(self, topic: str, topic_id: str) -> None:
         self.to_record = topic_id
@@ -55,9 +51,9 @@ def check(
     stored: dict[int, int],
     committed: dict[int, int] | None = None,
 ) -> Any:
-    sink = FakeSink(recorded)
+    sink = FakeSink()
     source = FakeSource(current, stored if committed is None else committed)
-    sink.replaced = _check_same_topic(source, sink, stored)  # type: ignore[arg-type]
+    sink.replaced = _check_same_topic(source, sink, stored, recorded)  # type: ignore[arg-type]
     return sink
 
 
