@@ -99,7 +99,7 @@ class BatchReport:
     offsets: dict[str, list[int]] = field(default_factory=dict)
     duration_s: float = 0.0
     #: The message of the error that ended a batch of status ``failed`` or
-    #: ``offset_conflict``; None when the batch ended on its own.
+    #: ``offset_conflict``. None when the batch ended on its own.
     error: str | None = None
 
     @property
@@ -374,7 +374,7 @@ def _check_offsets_kept(
 ) -> None:
     """Fail when Redis stores nothing of the topic but the group's commits would skip records.
 
-    Called when Redis holds no offset, topic id or last write id of the
+    Called when Redis stores no offset, topic id or last write id of the
     topic. A Redis restarted without persistence, a FLUSHDB or an eviction
     deletes the offsets hash with the rows, while Kafka keeps the group's
     commits. Starting from those commits would leave every reading before
@@ -941,8 +941,9 @@ def load_staging(settings: Settings, staging: Path) -> BatchReport:
     drained_id = manifest.get("topic_id")
     if drained_id:
         sink.set_topic_id(manifest["topic"], drained_id)
-    # A manifest of an older release lacks the field: the load then cannot
-    # tell a FLUSHDB since the drain for partitions without a stored offset.
+    # NOTE: a manifest of an older release lacks the field, so its load
+    # cannot detect a FLUSHDB since the drain in a partition without a stored
+    # offset.
     if manifest.get("redis_knew_topic"):
         sink.expect_known(manifest["topic"])
     source: KafkaSource | None = None

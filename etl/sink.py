@@ -164,7 +164,7 @@ class RedisSink:
         # every later write checks that Redis still has at least that much.
         self._stored_by_us: dict[str, dict[int, int]] = {}
         self._topic_ids: dict[str, str] = {}
-        #: Topics whose id or last write id Redis held when the batch started.
+        #: Topics whose id or last write id Redis contained when the batch started.
         self._known_topics: set[str] = set()
 
     @property
@@ -427,7 +427,7 @@ class RedisSink:
     def expect_known(self, topic: str) -> None:
         """Fail the writes to ``topic`` if Redis loses its topic id and last write id.
 
-        For a batch that started when Redis held one of them: a partition
+        For a batch that started when Redis contained one of them: a partition
         without a stored offset then has no offset whose loss a write could
         see, so a FLUSHDB before the batch's first write would go unnoticed.
         """

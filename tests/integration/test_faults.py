@@ -932,7 +932,7 @@ def load_then_flush(settings: Settings) -> list[Position]:
     ("choice", "read_again"),
     [pytest.param(0, True, id="read-again"), pytest.param(1, False, id="resume")],
 )
-def test_redis_lost_with_commits_stops_batch(
+def test_lost_redis_commits_stop_batch(
     lost_redis_settings: Settings, choice: int, read_again: bool
 ) -> None:
     """After a FLUSHDB, the group's commits would skip records: exit 3 and both commands."""
@@ -958,7 +958,7 @@ def test_redis_lost_with_commits_stops_batch(
         client.close()
 
 
-def test_redis_lost_with_commits_at_earliest_reads_all(
+def test_lost_redis_earliest_commits_read_all(
     lost_redis_settings: Settings,
 ) -> None:
     """Commits reset to the earliest offsets, as the rebuild steps do, skip nothing."""
@@ -994,7 +994,7 @@ def reset_then_produce(settings: Settings) -> None:
     produce_tracked(settings, mixed_values(30))
 
 
-def test_redis_lost_before_first_write_stops_batch(
+def test_lost_redis_before_write_stops(
     lost_redis_settings: Settings,
 ) -> None:
     """No partition has a stored offset to lose, so the topic's fields tell the loss."""
@@ -1021,7 +1021,7 @@ def test_redis_lost_before_first_write_stops_batch(
         client.close()
 
 
-def test_redis_lost_between_staged_drain_and_load(
+def test_lost_redis_between_drain_load(
     lost_redis_settings: Settings, tmp_path: Path
 ) -> None:
     """A FLUSHDB between the DAG's drain and load fails the load, then stops the next drain."""
@@ -1062,7 +1062,7 @@ def test_offsets_deleted_keeping_topic_id_resume(
     assert set(second) <= set(found)
 
 
-def test_hdel_all_partitions_without_topic_ids_resumes(
+def test_hdel_without_topic_ids_resumes(
     settings: Settings, redis_client: redis.Redis
 ) -> None:
     """On a broker that gives no topic id, the last write id shows Redis kept the topic."""

@@ -305,7 +305,7 @@ def test_ended_batch_status_reported(
         pytest.param(SinkError("lost"), id="redis-error"),
     ],
 )
-def test_stop_or_redis_error_appends_no_report(
+def test_stop_or_redis_error_unreported(
     settings: Settings, error: BaseException
 ) -> None:
     """A stop must end the batch at once, and after a Redis error a write would wait again."""
@@ -321,7 +321,7 @@ def test_stop_or_redis_error_appends_no_report(
 
 
 @pytest.mark.integration
-def test_failed_write_while_kafka_fails_appends_no_report(settings: Settings) -> None:
+def test_failed_write_skips_failure_report(settings: Settings) -> None:
     """The writer's Redis error, logged at close, means Redis may hang: no report."""
     create_topic(settings, partitions=1)
     produce(settings, [encode(reading())])
