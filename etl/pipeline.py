@@ -177,10 +177,12 @@ def process_chunk(
     topic: str,
     now: float,
     expected: dict[int, int | None],
+    topic_id: str | None = None,
 ) -> tuple[Chunk, int]:
     """Turn one raw chunk into rows and rejects; return the chunk and its duplicate count.
 
     A record delivered twice in the chunk (same partition and offset) is kept once.
+    ``topic_id``, when the broker gives one, goes into the source of each reject.
     """
     # Offsets rise within each partition unless Kafka delivered records again.
     # That check costs about a seventh of the hash-based unique.
@@ -259,7 +261,7 @@ def process_chunk(
     row_frame = _encode_rows(rows)
     chunk = Chunk(
         rows=row_frame,
-        rejects=_encode_rejects(rejects, topic=topic),
+        rejects=_encode_rejects(rejects, topic=topic, topic_id=topic_id),
         alerts=row_frame.filter("news2_alert"),
         expected={p: expected.get(p) for p in next_offsets},
         next_offsets=next_offsets,
@@ -284,23 +286,35 @@ def _encode_rows(rows: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def _encode_rejects(rejects: pl.DataFrame, *, topic: str) -> pl.DataFrame:
+def _encode_rejects(
+    rejects: pl.DataFrame, *, topic: str, topic_id: str | None = None
+) -> pl.DataFrame:
     """Serialise each reject with its source, Kafka key and raw value, bounded in size.
 
     A value that is valid UTF-8 is kept as text; any other is kept as base64,
     so the list stays valid JSON and the bytes can be replayed. The Kafka key,
-    when not null, is kept the same way and flagged ``key_truncated``.
+    when not null, is kept the same way and flagged ``key_truncated``. The
+    source contains the topic id when there is one: a recreated topic numbers
+    its records from 0 again, and the replay uses the id to keep the rejects
+    of the old and the new topic apart.
     """
     payloads = []
     columns = ("partition", "offset", "reason", "field", "detail", "key", "value")
     for partition, offset, reason, field_name, detail, key, value in rejects.select(
         columns
     ).iter_rows():
+        source: dict[str, Any] = {
+            "topic": topic,
+            "partition": partition,
+            "offset": offset,
+        }
+        if topic_id is not None:
+            source["topic_id"] = topic_id
         document: dict[str, Any] = {
             "reason": reason,
             "field": field_name,
             "detail": detail,
-            "source": {"topic": topic, "partition": partition, "offset": offset},
+            "source": source,
         }
         if key is not None:
             document.update(_reject_bytes(key, "key"))
@@ -540,7 +554,12 @@ def run_batch(settings: Settings, *, now: float | None = None) -> BatchReport:
         # Chunk n is written while the next chunks are processed.
         writer = _WriteBehind(sink, source, report)
         processed = _process_ahead(
-            chunks, settings, topic=source.topic, now=now, expected=expected
+            chunks,
+            settings,
+            topic=source.topic,
+            now=now,
+            expected=expected,
+            topic_id=sink.topic_id(source.topic),
         )
         try:
             for chunk, read, duplicates in processed:
@@ -614,6 +633,7 @@ def _process_ahead(
     topic: str,
     now: float,
     expected: dict[int, int | None],
+    topic_id: str | None = None,
 ) -> Generator[tuple[Chunk, int, int], None, None]:
     """Process up to :data:`_WORKERS` chunks at once and yield them in drain order.
 
@@ -635,6 +655,7 @@ def _process_ahead(
                     topic=topic,
                     now=now,
                     expected=continued_from,
+                    topic_id=topic_id,
                 )
                 pending.append((raw.height, future))
                 if len(pending) == _WORKERS:
@@ -883,6 +904,7 @@ def transform_staging(settings: Settings, staging: Path) -> dict[str, Any]:
         topic=manifest["topic"],
         now=manifest["now"],
         expected=expected,
+        topic_id=manifest.get("topic_id"),
     )
     try:
         for name, (chunk, read, duplicates) in zip(names, chunks, strict=True):

@@ -7,9 +7,10 @@ keys, read from Redis or from a file of reject JSON lines that an operator
 has corrected. The next batch then reads them as new
 records, with new offsets; the old rejects stay in place as the audit trail.
 
-Each replayed reject's source (``topic:partition:offset``) goes into the set
-``<rejects key>:replayed``, and later replays skip it unless forced. A
-truncated value, or a tombstone, cannot be replayed and is counted apart.
+Each replayed reject's source (``topic:partition:offset``, then ``:topic id``
+when the reject contains one) goes into the set ``<rejects key>:replayed``,
+and later replays skip it unless forced. A truncated value, or a tombstone,
+cannot be replayed and is counted apart.
 """
 
 from __future__ import annotations
@@ -87,9 +88,17 @@ def reject_key(reject: dict[str, Any]) -> bytes | None:
 
 
 def source_marker(reject: dict[str, Any]) -> str:
-    """Return ``topic:partition:offset`` of the record a reject came from."""
+    """Return ``topic:partition:offset`` of the record a reject came from.
+
+    The topic id follows as ``:topic id`` when the reject contains one. A
+    topic deleted and created again numbers its records from 0 again, so its
+    new rejects share offsets with the old topic's but not the id. Topic
+    names contain no colon, so the parts of the marker stay apart.
+    """
     source = reject["source"]
-    return f"{source['topic']}:{source['partition']}:{source['offset']}"
+    marker = f"{source['topic']}:{source['partition']}:{source['offset']}"
+    topic_id = source.get("topic_id")
+    return marker if topic_id is None else f"{marker}:{topic_id}"
 
 
 def rejects_from_redis(client: redis.Redis, key: str) -> Iterator[dict[str, Any]]:
@@ -149,6 +158,8 @@ def _reject_problem(reject: Any) -> str | None:
         source
     ):
         return "'source' needs 'topic', 'partition' and 'offset'"
+    if not isinstance(source.get("topic_id", ""), str | None):
+        return "'source.topic_id' must be a string or null"
     for field in ("payload_base64", "key_base64"):
         if reject.get(field) is not None:
             try:

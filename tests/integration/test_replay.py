@@ -22,6 +22,7 @@ from etl.replay import (
     rejects_from_file,
     replay_rejects,
     replay_rejects_command,
+    source_marker,
 )
 from etl.services import free_port
 from tests.conftest import create_topic, encode, reading
@@ -225,6 +226,14 @@ def test_reject_key_decodes_text_and_base64() -> None:
     assert reject_key({"key": None}) is None
 
 
+def test_source_marker_names_topic_id_when_known() -> None:
+    source = {"topic": "vitals", "partition": 2, "offset": 17}
+    assert source_marker({"source": source}) == "vitals:2:17"
+    assert source_marker({"source": {**source, "topic_id": None}}) == "vitals:2:17"
+    marked = source_marker({"source": {**source, "topic_id": "AAAAAAAAAAAAAAAAAAAAAQ"}})
+    assert marked == "vitals:2:17:AAAAAAAAAAAAAAAAAAAAAQ"
+
+
 @pytest.mark.parametrize(
     ("line", "problem"),
     [
@@ -251,6 +260,11 @@ def test_reject_key_decodes_text_and_base64() -> None:
             '{"source": {"topic": "t", "partition": 0, "offset": 1}, '
             '"payload": "{}", "key": "A", "key_base64": "Qg=="}',
             "cannot both be set",
+        ),
+        (
+            '{"source": {"topic": "t", "partition": 0, "offset": 1, '
+            '"topic_id": 7}, "payload": "{}"}',
+            "'source.topic_id' must be a string or null",
         ),
     ],
 )
@@ -406,3 +420,29 @@ def test_replay_skips_rejects_of_other_topics(
     assert counts["skipped_other_topic"] == 1
     assert every.would_produce == 2
     assert every.skipped_other_topic == 0
+
+
+def test_replay_tells_recreated_topic_rejects_apart(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    """A recreated topic numbers its records from 0 again; its rejects are still replayed."""
+    from confluent_kafka.admin import AdminClient
+
+    create_topic(settings, partitions=1)
+    produce_tracked(settings, [encode(reading(temperature=98.6))])
+    run_batch(settings)
+    assert replay_rejects(settings).produced == 1
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
+    admin.delete_topics([settings.kafka_topic])[settings.kafka_topic].result(10)
+    create_topic(settings, partitions=1)
+    # As the printed reset of a recreated topic does: forget the old offsets.
+    redis_client.delete(settings.redis_offsets_key)
+    produce_tracked(settings, [encode(reading(patient_id="PT-2", temperature=98.7))])
+    run_batch(settings)
+
+    report = replay_rejects(settings, dry_run=True)
+
+    old, new = rejects(redis_client, settings)
+    assert (old["source"]["offset"], new["source"]["offset"]) == (0, 0)
+    assert old["source"]["topic_id"] != new["source"]["topic_id"]
+    assert (report.would_produce, report.skipped_already_replayed) == (1, 1)
