@@ -698,13 +698,14 @@ class KafkaSource:
             error = fatal[0].str()
             if fatal[0].code() == KafkaError._ALL_BROKERS_DOWN:
                 # librdkafka counts a broker that stops responding as down too,
-                # as a SIGSTOP of the broker mid-drain shows. Its count can
-                # read "0/1 brokers are down" while it reconnects, so the
-                # message states the fact in its own words.
+                # as a SIGSTOP of the broker mid-drain shows. Its text can read
+                # "0/1 brokers are down" while it reconnects, so the message
+                # states the fact in its own words and names only the code.
                 msg = (
                     f"Kafka broker at {address} failed: the client lost every "
                     "broker connection, because the broker stopped, or runs but "
-                    f"stopped responding: frozen or overloaded (librdkafka: {error})"
+                    "stopped responding: frozen or overloaded (librdkafka error "
+                    f"{fatal[0].name()})"
                 )
             else:
                 msg = f"Kafka broker at {address} failed: {error}"
