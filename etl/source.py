@@ -312,7 +312,8 @@ class KafkaSource:
         timeout_s = self._settings.kafka_timeout_s
         if self._settings.deadline_s < 2 * timeout_s:
             logger.warning(
-                "VITALS_DEADLINE_S (%s s) is shorter than twice VITALS_KAFKA_TIMEOUT_S "
+                "The deadline (VITALS_DEADLINE_S, or --deadline of etl run: %s s) "
+                "is shorter than twice VITALS_KAFKA_TIMEOUT_S "
                 "(%s s): a partition that sends nothing ends the drain at the "
                 "deadline with a warning instead of failing the batch",
                 self._settings.deadline_s,

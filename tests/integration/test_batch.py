@@ -492,7 +492,7 @@ def test_deadline_before_silence_check_warns(
     assert report.stop_reason == "deadline"
     assert "Partitions [0] of topic" in caplog.text
     assert "before the deadline" in caplog.text
-    assert "VITALS_DEADLINE_S (1.0 s) is shorter than twice" in caplog.text
+    assert "--deadline of etl run: 1.0 s) is shorter than twice" in caplog.text
 
 
 def test_long_deadline_gives_no_warning(
