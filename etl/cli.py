@@ -15,6 +15,8 @@ from rich.table import Table
 from etl.cli_options import (
     HELP_SETTINGS,
     PARTITIONS_OPTION,
+    TOPIC_OPTION,
+    TOPIC_OPTION_NAME,
     finite_number,
     rate_option,
     redis_integer,
@@ -57,9 +59,16 @@ def redis_read_failed(
 
 
 def settings_or_exit(**overrides: Any) -> Settings:
-    """Build the settings, or print the error and exit with code 2."""
+    """Build the settings, or print the error and exit with code 2.
+
+    ``overrides`` that are None are left out. A ``kafka_topic`` override
+    comes from ``--topic``, so the error of an invalid name shows that option.
+    """
     try:
-        return load_settings(**{k: v for k, v in overrides.items() if v is not None})
+        return load_settings(
+            option_names=TOPIC_OPTION_NAME,
+            **{k: v for k, v in overrides.items() if v is not None},
+        )
     except ConfigurationError as exc:
         print_error("error:", exc)
         sys.exit(EXIT_CONFIG)
@@ -106,7 +115,7 @@ RUN_OPTION_NAMES: Final = {
 
 
 @main.command(cls=_JsonFailureCommand, context_settings=HELP_SETTINGS)
-@click.option("--topic", help="Kafka topic (default: VITALS_KAFKA_TOPIC).")
+@TOPIC_OPTION
 @click.option(
     "--chunk-size",
     type=click.IntRange(1, 1_000_000),
@@ -257,6 +266,7 @@ def _failure(
 )
 @PARTITIONS_OPTION
 @click.option("--seed", type=int, help="Seed for reproducible readings.")
+@TOPIC_OPTION
 def generate(
     count: int,
     rate: float | None,
@@ -264,11 +274,12 @@ def generate(
     cohort_size: int,
     partitions: int,
     seed: int | None,
+    topic: str | None,
 ) -> None:
     """Produce realistic synthetic readings to the Kafka topic."""
     from etl.generate import ProduceStopped, produce_readings
 
-    settings = settings_or_exit()
+    settings = settings_or_exit(kafka_topic=topic)
     try:
         with stop_on_signals() as stop:
             try:

@@ -17,6 +17,7 @@ from rich.table import Table
 from etl.cli_options import (
     HELP_SETTINGS,
     PARTITIONS_OPTION,
+    TOPIC_OPTION,
     rate_option,
     redis_integer,
 )
@@ -37,11 +38,11 @@ if TYPE_CHECKING:
     from etl.reports import ReportEntry
 
 
-def _load_settings() -> Settings:
+def _load_settings(topic: str | None = None) -> Settings:
     # etl.cli registers this module's commands at its end, so import it late.
     from etl.cli import settings_or_exit
 
-    return settings_or_exit()
+    return settings_or_exit(kafka_topic=topic)
 
 
 # etl contracts
@@ -159,8 +160,14 @@ def validate_feed(feed: BinaryIO, as_json: bool, limit: int) -> None:
     show_default=True,
     help="First line to send, to go on after a failure.",
 )
+@TOPIC_OPTION
 def publish(
-    feed: BinaryIO, key_field: str, partitions: int, rate: float | None, from_line: int
+    feed: BinaryIO,
+    key_field: str,
+    partitions: int,
+    rate: float | None,
+    from_line: int,
+    topic: str | None,
 ) -> None:
     """Produce each line of FEED (NDJSON; '-' for stdin) to the topic, unchanged.
 
@@ -173,7 +180,7 @@ def publish(
     from etl.feed import PublishError, publish_feed
     from etl.generate import ProduceStopped
 
-    settings = _load_settings()
+    settings = _load_settings(topic)
     try:
         with stop_on_signals() as stop:
             try:

@@ -50,6 +50,13 @@ def redis_integer(
     return value
 
 
+#: ``--topic`` of the commands that read or write one topic.
+TOPIC_OPTION: Final = click.option(
+    "--topic", help="Kafka topic (default: VITALS_KAFKA_TOPIC)."
+)
+#: The setting that ``--topic`` overrides, so that errors show the option.
+TOPIC_OPTION_NAME: Final = {"kafka_topic": "--topic"}
+
 #: ``--partitions`` of the commands that create the topic.
 PARTITIONS_OPTION: Final = click.option(
     "--partitions",

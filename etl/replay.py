@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import click
 
-from etl.cli_options import HELP_SETTINGS
+from etl.cli_options import HELP_SETTINGS, TOPIC_OPTION
 from etl.reasons import Reason
 from etl.terminal import counted
 
@@ -347,14 +347,16 @@ def _produce(settings: Settings, batch: list[tuple[str, bytes, bytes | None]]) -
 @click.option(
     "--all-topics",
     is_flag=True,
-    help="Also replay rejects read from other topics (default: VITALS_KAFKA_TOPIC only).",
+    help="Also replay rejects read from other topics (default: the topic only).",
 )
+@TOPIC_OPTION
 def replay_rejects_command(
     reasons: tuple[str, ...],
     path: Path | None,
     dry_run: bool,
     force: bool,
     all_topics: bool,
+    topic: str | None,
 ) -> None:
     """Produce rejected values to the topic again, for the next batch to read."""
     from etl.cli import settings_or_exit
@@ -362,7 +364,7 @@ def replay_rejects_command(
     from etl.exit_codes import EXIT_CONFIG, EXIT_INFRASTRUCTURE
     from etl.terminal import print_error
 
-    settings = settings_or_exit()
+    settings = settings_or_exit(kafka_topic=topic)
     try:
         report = replay_rejects(
             settings,

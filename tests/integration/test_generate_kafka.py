@@ -167,6 +167,22 @@ def test_generate_summary_counts_readings(
     assert result.stdout.startswith(f"{summary} {settings.kafka_topic}")
 
 
+def test_generate_topic_option_overrides_variable(_own_broker: str) -> None:
+    settings = _settings(_own_broker)
+    env = {
+        "VITALS_KAFKA_BOOTSTRAP_SERVERS": _own_broker,
+        "VITALS_KAFKA_TOPIC": "another-ward",
+    }
+    arguments = ["generate", "--count", "5", "--partitions", "1"]
+
+    result = CliRunner().invoke(
+        main, [*arguments, "--topic", settings.kafka_topic], env=env
+    )
+
+    assert result.exit_code == 0, result.output
+    assert len(_consume_all(settings, partitions=1)) == 5
+
+
 def test_rate_cap_paces_messages(_own_broker: str) -> None:
     settings = _settings(_own_broker)
     started = time.monotonic()

@@ -70,6 +70,23 @@ def test_published_feed_becomes_rows_and_rejects(
     assert sorted(row["patient_id"] for row in rows) == ["PT-1", "PT-2"]
 
 
+def test_publish_topic_option_overrides_variable(
+    settings: Settings, tmp_path: Path
+) -> None:
+    feed = tmp_path / "feed.ndjson"
+    feed.write_bytes(encode(reading(patient_id="PT-1")) + b"\n")
+    env = {**env_of(settings), "VITALS_KAFKA_TOPIC": "another-ward"}
+
+    result = CliRunner().invoke(
+        main, ["publish", str(feed), "--topic", settings.kafka_topic], env=env
+    )
+    report = run_batch(settings)
+
+    assert result.exit_code == 0, result.output
+    assert f"to topic {settings.kafka_topic}" in result.output
+    assert report.written == 1
+
+
 def test_bom_not_sent_with_first_line(settings: Settings, tmp_path: Path) -> None:
     """A feed saved with a UTF-8 BOM: line 1 arrives without it, keyed and valid."""
     feed = tmp_path / "notepad.ndjson"

@@ -422,6 +422,28 @@ def test_replay_skips_rejects_of_other_topics(
     assert every.skipped_other_topic == 0
 
 
+def test_replay_topic_option_picks_rejects(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    create_topic(settings)
+    produce_tracked(settings, [encode(reading(temperature=98.6))])
+    run_batch(settings)
+    env = {
+        "VITALS_KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
+        "VITALS_KAFKA_TOPIC": "another-ward",
+        "VITALS_REDIS_URL": settings.redis_url.get_secret_value(),
+        "VITALS_REDIS_REJECTS_KEY": settings.redis_rejects_key,
+    }
+    arguments = ["--dry-run", "--topic", settings.kafka_topic]
+
+    result = CliRunner().invoke(replay_rejects_command, arguments, env=env)
+
+    assert result.exit_code == 0, result.output
+    counts = json.loads(result.stdout)
+    assert counts["topic"] == settings.kafka_topic
+    assert counts["would_produce"] == 1
+
+
 def test_replay_tells_recreated_topic_rejects_apart(
     settings: Settings, redis_client: redis.Redis
 ) -> None:

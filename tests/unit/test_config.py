@@ -358,6 +358,17 @@ def test_run_invalid_option_named_as_typed(arguments: list[str], shown: str) -> 
     assert "VITALS_" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    "command", [["generate"], ["publish", "-"], ["replay-rejects", "--dry-run"]]
+)
+def test_topic_option_error_names_option(command: list[str]) -> None:
+    result = CliRunner().invoke(main, [*command, "--topic", "bad topic"], input="")
+
+    assert result.exit_code == 2
+    assert "error: invalid settings: --topic='bad topic': " in result.stderr
+    assert "VITALS_" not in result.stderr
+
+
 def test_run_chunk_size_range_in_option() -> None:
     """The option checks the settings' range itself, and its help shows it."""
     result = CliRunner().invoke(main, ["run", "--chunk-size", "2000000"])
