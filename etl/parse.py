@@ -922,7 +922,7 @@ def _read_checks(
         (
             "blood_pressure",
             Reason.WRONG_TYPE,
-            "expected a string 'SYS/DIA' in whole mmHg",
+            "expected a string 'SYS/DIA' of two whole numbers in mmHg, such as '120/80'",
             _present("blood_pressure", typed) & bp.struct.field("systolic").is_null(),
         ),
         (

@@ -1248,3 +1248,12 @@ def test_early_timestamp_detail_names_earliest_time() -> None:
 )
 def test_utc_text_keeps_fraction(seconds: float, text: str) -> None:
     assert _utc_text(seconds) == text
+
+
+@pytest.mark.parametrize("text", ["130.5/85", "/80", "130/", "130-85", "130 / 85 mmHg"])
+def test_blood_pressure_text_detail_shows_form(text: str) -> None:
+    (reject,) = rejects_of([encode(reading(blood_pressure=text))])
+
+    assert reject["reason"] == "wrong_type"
+    assert reject["field"] == "blood_pressure"
+    assert "two whole numbers in mmHg, such as '120/80'" in reject["detail"]
