@@ -44,6 +44,16 @@ def rejects(client: redis.Redis, settings: Settings) -> list[dict[str, object]]:
     return [json.loads(v) for v in client.lrange(settings.redis_rejects_key, 0, -1)]
 
 
+def cli_env(settings: Settings, *, topic: str | None = None) -> dict[str, str]:
+    """Return the variables that point the replay command at the test's servers and keys."""
+    return {
+        "VITALS_KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
+        "VITALS_KAFKA_TOPIC": topic or settings.kafka_topic,
+        "VITALS_REDIS_URL": settings.redis_url.get_secret_value(),
+        "VITALS_REDIS_REJECTS_KEY": settings.redis_rejects_key,
+    }
+
+
 def test_replay_after_rule_change_writes_rows_once(
     settings: Settings, redis_client: redis.Redis
 ) -> None:
@@ -193,12 +203,7 @@ def test_replay_command_warns_of_replayed_sources(settings: Settings) -> None:
     create_topic(settings)
     produce_tracked(settings, [encode(reading(timestamp=2e9))])
     run_batch(settings)
-    env = {
-        "VITALS_KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
-        "VITALS_KAFKA_TOPIC": settings.kafka_topic,
-        "VITALS_REDIS_URL": settings.redis_url.get_secret_value(),
-        "VITALS_REDIS_REJECTS_KEY": settings.redis_rejects_key,
-    }
+    env = cli_env(settings)
     first = CliRunner().invoke(replay_rejects_command, [], env=env)
     again = CliRunner().invoke(replay_rejects_command, [], env=env)
 
@@ -324,12 +329,7 @@ def test_replay_command_unknown_reason_is_usage_error() -> None:
 def test_replay_command_prints_counts(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for name, value in {
-        "VITALS_KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
-        "VITALS_KAFKA_TOPIC": settings.kafka_topic,
-        "VITALS_REDIS_URL": settings.redis_url.get_secret_value(),
-        "VITALS_REDIS_REJECTS_KEY": settings.redis_rejects_key,
-    }.items():
+    for name, value in cli_env(settings).items():
         monkeypatch.setenv(name, value)
     result = CliRunner().invoke(replay_rejects_command, ["--dry-run"])
     assert result.exit_code == 0, result.output
@@ -403,12 +403,7 @@ def test_replay_skips_rejects_of_other_topics(
         "payload_truncated": False,
     }
     redis_client.rpush(settings.redis_rejects_key, json.dumps(other))
-    env = {
-        "VITALS_KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
-        "VITALS_KAFKA_TOPIC": settings.kafka_topic,
-        "VITALS_REDIS_URL": settings.redis_url.get_secret_value(),
-        "VITALS_REDIS_REJECTS_KEY": settings.redis_rejects_key,
-    }
+    env = cli_env(settings)
 
     own = CliRunner().invoke(replay_rejects_command, ["--dry-run"], env=env)
     every = replay_rejects(settings, dry_run=True, all_topics=True)
@@ -428,12 +423,7 @@ def test_replay_topic_option_picks_rejects(
     create_topic(settings)
     produce_tracked(settings, [encode(reading(temperature=98.6))])
     run_batch(settings)
-    env = {
-        "VITALS_KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
-        "VITALS_KAFKA_TOPIC": "another-ward",
-        "VITALS_REDIS_URL": settings.redis_url.get_secret_value(),
-        "VITALS_REDIS_REJECTS_KEY": settings.redis_rejects_key,
-    }
+    env = cli_env(settings, topic="another-ward")
     arguments = ["--dry-run", "--topic", settings.kafka_topic]
 
     result = CliRunner().invoke(replay_rejects_command, arguments, env=env)
