@@ -922,7 +922,8 @@ def _read_checks(
         (
             "blood_pressure",
             Reason.WRONG_TYPE,
-            "expected a string 'SYS/DIA' of two whole numbers in mmHg, such as '120/80'",
+            "expected a string 'SYS/DIA' of two whole numbers of 1 to 3 digits in mmHg, "
+            "such as '120/80'",
             _present("blood_pressure", typed) & bp.struct.field("systolic").is_null(),
         ),
         (

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import click
 
-from etl.cli_options import HELP_SETTINGS, TOPIC_OPTION
+from etl.cli_options import HELP_SETTINGS
 from etl.reasons import Reason
 from etl.terminal import counted
 
@@ -92,13 +92,29 @@ def source_marker(reject: dict[str, Any]) -> str:
 
     The topic id follows as ``:topic id`` when the reject contains one. A
     topic deleted and created again numbers its records from 0 again, so its
-    new rejects share offsets with the old topic's but not the id. Topic
-    names contain no colon, so the parts of the marker stay apart.
+    new rejects share offsets with the old topic's but not the id. Kafka
+    topic names contain no colon, so the parts of a marker stay apart.
     """
     source = reject["source"]
     marker = f"{source['topic']}:{source['partition']}:{source['offset']}"
     topic_id = source.get("topic_id")
     return marker if topic_id is None else f"{marker}:{topic_id}"
+
+
+def _replayed_before(client: redis.Redis, key: str, reject: dict[str, Any]) -> bool:
+    """Return whether the set ``key`` marks the source of ``reject`` as replayed.
+
+    A marker without the topic id counts too, because earlier releases
+    wrote only that form, so a record read again after an upgrade is not
+    replayed twice.
+    """
+    marker = source_marker(reject)
+    if client.sismember(key, marker):
+        return True
+    plain = source_marker({"source": {**reject["source"], "topic_id": None}})
+    # NOTE: such a marker may also come from a deleted topic of the same name.
+    # The reject is then skipped, and the warning about skipped rejects names --force.
+    return plain != marker and bool(client.sismember(key, plain))
 
 
 def rejects_from_redis(client: redis.Redis, key: str) -> Iterator[dict[str, Any]]:
@@ -158,8 +174,9 @@ def _reject_problem(reject: Any) -> str | None:
         source
     ):
         return "'source' needs 'topic', 'partition' and 'offset'"
-    if not isinstance(source.get("topic_id", ""), str | None):
-        return "'source.topic_id' must be a string or null"
+    topic_id = source.get("topic_id")
+    if topic_id is not None and not (isinstance(topic_id, str) and topic_id):
+        return "'source.topic_id' must be a non-empty string or null"
     for field in ("payload_base64", "key_base64"):
         if reject.get(field) is not None:
             try:
@@ -221,7 +238,7 @@ def replay_rejects(
             if value is None:
                 report.skipped_tombstone += 1
                 continue
-            if not force and client.sismember(replayed_key, marker):
+            if not force and _replayed_before(client, replayed_key, reject):
                 report.skipped_already_replayed += 1
                 continue
             batch.append((marker, value, reject_key(reject)))
@@ -276,6 +293,7 @@ def _produce(settings: Settings, batch: list[tuple[str, bytes, bytes | None]]) -
         KafkaError._ALL_BROKERS_DOWN,
     }
     producer = kafka_client(Producer, settings.kafka_config())
+    _require_topic(producer, settings)
     failures: list[str] = []
     unreached = 0
 
@@ -326,6 +344,35 @@ def _produce(settings: Settings, batch: list[tuple[str, bytes, bytes | None]]) -
         raise ReplayError(msg)
 
 
+def _require_topic(producer: Any, settings: Settings) -> None:
+    """Raise :class:`ReplayError` unless the broker has the topic to replay to.
+
+    A broker that creates topics on first use (``auto.create.topics.enable``)
+    would otherwise take a misspelt ``--topic`` as a new topic. The request
+    names no topic, because a request for one can create it on such a broker.
+    """
+    from confluent_kafka import KafkaException
+
+    servers = settings.kafka_bootstrap_servers
+    try:
+        metadata = producer.list_topics(timeout=settings.kafka_timeout_s)
+    except KafkaException as exc:
+        msg = (
+            f"Kafka broker at {servers} is unreachable or did not answer within "
+            f"{settings.kafka_timeout_s:g} s (VITALS_KAFKA_TIMEOUT_S): {exc.args[0]}. "
+            "Check that the broker runs and responds, and that "
+            "VITALS_KAFKA_BOOTSTRAP_SERVERS points at it. Nothing was marked as replayed"
+        )
+        raise ReplayError(msg) from exc
+    if settings.kafka_topic not in metadata.topics:
+        msg = (
+            f"topic {settings.kafka_topic!r} does not exist on the Kafka broker at "
+            f"{servers}: check the topic name (VITALS_KAFKA_TOPIC, or --topic). "
+            "Nothing was produced or marked as replayed"
+        )
+        raise ReplayError(msg)
+
+
 @click.command("replay-rejects", context_settings=HELP_SETTINGS)
 @click.option(
     "--reason",
@@ -349,7 +396,11 @@ def _produce(settings: Settings, batch: list[tuple[str, bytes, bytes | None]]) -
     is_flag=True,
     help="Also replay rejects read from other topics (default: the topic only).",
 )
-@TOPIC_OPTION
+@click.option(
+    "--topic",
+    help="Topic whose rejects are replayed, and that receives them "
+    "(default: VITALS_KAFKA_TOPIC). It must exist.",
+)
 def replay_rejects_command(
     reasons: tuple[str, ...],
     path: Path | None,

@@ -11,8 +11,14 @@ import pytest
 import redis
 from click.testing import CliRunner
 
+from etl import replay
 from etl.config import Settings
-from etl.pipeline import run_batch
+from etl.pipeline import (
+    drain_to_staging,
+    load_staging,
+    run_batch,
+    transform_staging,
+)
 from etl.replay import (
     REPLAYED_SUFFIX,
     InvalidReject,
@@ -141,10 +147,12 @@ def test_replay_dry_run_and_unreplayable(
 def test_replay_without_broker_names_it(
     settings: Settings,
     redis_client: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
     update: dict[str, object],
     problem: str,
 ) -> None:
-    """Nothing listens at the bootstrap address: the error points at the broker."""
+    """The broker goes away after the topic check: the error points at the broker."""
+    monkeypatch.setattr(replay, "_require_topic", lambda producer, settings: None)
     create_topic(settings)
     produce_tracked(settings, [encode(reading(timestamp=2e9))])
     run_batch(settings)
@@ -160,6 +168,69 @@ def test_replay_without_broker_names_it(
     assert "VITALS_KAFKA_BOOTSTRAP_SERVERS" in message
     assert "Nothing was marked as replayed" in message
     assert redis_client.exists(settings.redis_rejects_key + REPLAYED_SUFFIX) == 0
+
+
+def test_replay_unreachable_broker_fails_topic_check(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    create_topic(settings)
+    produce_tracked(settings, [encode(reading(timestamp=2e9))])
+    run_batch(settings)
+    unreachable = settings.model_copy(
+        update={
+            "kafka_bootstrap_servers": f"127.0.0.1:{free_port()}",
+            "kafka_timeout_s": 0.5,
+        }
+    )
+
+    with pytest.raises(ReplayError) as failure:
+        replay_rejects(unreachable)
+
+    message = str(failure.value)
+    assert "is unreachable or did not answer within 0.5 s" in message
+    assert "VITALS_KAFKA_BOOTSTRAP_SERVERS" in message
+    assert "Nothing was marked as replayed" in message
+    assert redis_client.exists(settings.redis_rejects_key + REPLAYED_SUFFIX) == 0
+
+
+def test_replay_to_missing_topic_fails(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    """A misspelt --topic is no new topic, even on a broker that creates topics."""
+    from confluent_kafka.admin import AdminClient
+
+    create_topic(settings)
+    produce_tracked(settings, [encode(reading(timestamp=2e9))])
+    run_batch(settings)
+    misspelt = f"{settings.kafka_topic}-x"
+    arguments = ["--all-topics", "--topic", misspelt]
+
+    result = CliRunner().invoke(
+        replay_rejects_command, arguments, env=cli_env(settings)
+    )
+
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
+    assert result.exit_code == 3
+    assert f"topic '{misspelt}' does not exist" in result.stderr
+    assert misspelt not in admin.list_topics(timeout=10).topics
+    assert redis_client.exists(settings.redis_rejects_key + REPLAYED_SUFFIX) == 0
+
+
+def test_replay_counts_marker_of_earlier_release(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    """A marker without the topic id, as earlier releases wrote, still counts."""
+    create_topic(settings, partitions=1)
+    produce_tracked(settings, [encode(reading(timestamp=2e9))])
+    run_batch(settings)
+    replayed_key = settings.redis_rejects_key + REPLAYED_SUFFIX
+    redis_client.sadd(replayed_key, f"{settings.kafka_topic}:0:0")
+
+    report = replay_rejects(settings, dry_run=True)
+
+    (reject,) = rejects(redis_client, settings)
+    assert reject["source"]["topic_id"]
+    assert (report.would_produce, report.skipped_already_replayed) == (0, 1)
 
 
 @pytest.mark.parametrize(
@@ -269,7 +340,12 @@ def test_source_marker_names_topic_id_when_known() -> None:
         (
             '{"source": {"topic": "t", "partition": 0, "offset": 1, '
             '"topic_id": 7}, "payload": "{}"}',
-            "'source.topic_id' must be a string or null",
+            "'source.topic_id' must be a non-empty string or null",
+        ),
+        (
+            '{"source": {"topic": "t", "partition": 0, "offset": 1, '
+            '"topic_id": ""}, "payload": "{}"}',
+            "'source.topic_id' must be a non-empty string or null",
         ),
     ],
 )
@@ -458,3 +534,19 @@ def test_replay_tells_recreated_topic_rejects_apart(
     assert (old["source"]["offset"], new["source"]["offset"]) == (0, 0)
     assert old["source"]["topic_id"] != new["source"]["topic_id"]
     assert (report.would_produce, report.skipped_already_replayed) == (1, 1)
+
+
+def test_staged_rejects_carry_topic_id(
+    settings: Settings, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    """The DAG's staged tasks write the drained topic's id into each reject."""
+    create_topic(settings, partitions=1)
+    produce_tracked(settings, [encode(reading(temperature=98.6))])
+
+    manifest = drain_to_staging(settings, tmp_path)
+    transform_staging(settings, tmp_path)
+    load_staging(settings, tmp_path)
+
+    (reject,) = rejects(redis_client, settings)
+    assert manifest["topic_id"]
+    assert reject["source"]["topic_id"] == manifest["topic_id"]

@@ -1250,10 +1250,12 @@ def test_utc_text_keeps_fraction(seconds: float, text: str) -> None:
     assert _utc_text(seconds) == text
 
 
-@pytest.mark.parametrize("text", ["130.5/85", "/80", "130/", "130-85", "130 / 85 mmHg"])
+@pytest.mark.parametrize(
+    "text", ["130.5/85", "/80", "130/", "130-85", "130 / 85 mmHg", "1200/80", "-120/80"]
+)
 def test_blood_pressure_text_detail_shows_form(text: str) -> None:
     (reject,) = rejects_of([encode(reading(blood_pressure=text))])
 
     assert reject["reason"] == "wrong_type"
     assert reject["field"] == "blood_pressure"
-    assert "two whole numbers in mmHg, such as '120/80'" in reject["detail"]
+    assert "two whole numbers of 1 to 3 digits in mmHg" in reject["detail"]
