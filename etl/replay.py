@@ -63,6 +63,9 @@ class ReplayReport:
     skipped_truncated: int = 0
     skipped_tombstone: int = 0
     skipped_already_replayed: int = 0
+    #: Rejects whose source came earlier in the same replay, as after a
+    #: partition was read again. Only the first of them is sent.
+    skipped_repeated_source: int = 0
     #: Rejects read from another topic than the one the replay produces to.
     skipped_other_topic: int = 0
 
@@ -111,10 +114,42 @@ def _replayed_before(client: redis.Redis, key: str, reject: dict[str, Any]) -> b
     marker = source_marker(reject)
     if client.sismember(key, marker):
         return True
-    plain = source_marker({"source": {**reject["source"], "topic_id": None}})
+    plain = _plain_marker(reject)
     # NOTE: such a marker may also come from a deleted topic of the same name.
     # The reject is then skipped, and the warning about skipped rejects names --force.
     return plain != marker and bool(client.sismember(key, plain))
+
+
+class _Sources:
+    """The sources of the rejects chosen so far in one replay.
+
+    A source with a topic id matches the same source, or that source
+    without an id, as :func:`_replayed_before` does. A source without an id
+    matches the same source with any id or none.
+    """
+
+    def __init__(self) -> None:
+        self._markers: set[str] = set()
+        self._without_id: set[str] = set()
+        self._plain: set[str] = set()
+
+    def seen(self, reject: dict[str, Any]) -> bool:
+        plain = _plain_marker(reject)
+        if reject["source"].get("topic_id") is None:
+            return plain in self._plain
+        return source_marker(reject) in self._markers or plain in self._without_id
+
+    def add(self, reject: dict[str, Any]) -> None:
+        plain = _plain_marker(reject)
+        self._markers.add(source_marker(reject))
+        self._plain.add(plain)
+        if reject["source"].get("topic_id") is None:
+            self._without_id.add(plain)
+
+
+def _plain_marker(reject: dict[str, Any]) -> str:
+    """Return the marker of ``reject`` without its topic id."""
+    return source_marker({"source": {**reject["source"], "topic_id": None}})
 
 
 def rejects_from_redis(client: redis.Redis, key: str) -> Iterator[dict[str, Any]]:
@@ -175,8 +210,12 @@ def _reject_problem(reject: Any) -> str | None:
     ):
         return "'source' needs 'topic', 'partition' and 'offset'"
     topic_id = source.get("topic_id")
-    if topic_id is not None and not (isinstance(topic_id, str) and topic_id):
-        return "'source.topic_id' must be a non-empty string or null"
+    if topic_id is not None and not (
+        isinstance(topic_id, str)
+        and topic_id.isprintable()
+        and topic_id.split() == [topic_id]
+    ):
+        return "'source.topic_id' must be a string without spaces, or null"
     for field in ("payload_base64", "key_base64"):
         if reject.get(field) is not None:
             try:
@@ -204,7 +243,8 @@ def replay_rejects(
     ``reasons`` limits the replay to these reason codes (all when empty);
     ``path`` reads the rejects from a file instead of Redis. Only rejects read
     from ``settings.kafka_topic`` are replayed, unless ``all_topics``. With
-    ``dry_run`` nothing is produced or recorded.
+    ``dry_run`` nothing is produced or recorded. Whether or not anything is
+    to be sent, the topic must exist on the broker (:func:`_require_topic`).
     """
     import redis as redis_lib
 
@@ -221,6 +261,7 @@ def replay_rejects(
             else rejects_from_redis(client, settings.redis_rejects_key)
         )
         batch: list[tuple[str, bytes, bytes | None]] = []
+        chosen = _Sources()
         for reject in source:
             if selected_reasons and reject.get("reason") not in selected_reasons:
                 continue
@@ -238,10 +279,15 @@ def replay_rejects(
             if value is None:
                 report.skipped_tombstone += 1
                 continue
+            if chosen.seen(reject):
+                report.skipped_repeated_source += 1
+                continue
             if not force and _replayed_before(client, replayed_key, reject):
                 report.skipped_already_replayed += 1
                 continue
+            chosen.add(reject)
             batch.append((marker, value, reject_key(reject)))
+        _require_topic(settings)
         if batch and not dry_run:
             _produce(settings, batch)
             client.sadd(replayed_key, *(marker for marker, _, _ in batch))
@@ -293,7 +339,6 @@ def _produce(settings: Settings, batch: list[tuple[str, bytes, bytes | None]]) -
         KafkaError._ALL_BROKERS_DOWN,
     }
     producer = kafka_client(Producer, settings.kafka_config())
-    _require_topic(producer, settings)
     failures: list[str] = []
     unreached = 0
 
@@ -344,16 +389,21 @@ def _produce(settings: Settings, batch: list[tuple[str, bytes, bytes | None]]) -
         raise ReplayError(msg)
 
 
-def _require_topic(producer: Any, settings: Settings) -> None:
+def _require_topic(settings: Settings) -> None:
     """Raise :class:`ReplayError` unless the broker has the topic to replay to.
 
     A broker that creates topics on first use (``auto.create.topics.enable``)
-    would otherwise take a misspelt ``--topic`` as a new topic. The request
-    names no topic, because a request for one can create it on such a broker.
+    would otherwise take a misspelt ``--topic`` as a new topic. A misspelt
+    topic without ``--all-topics`` would select no reject and end with exit
+    code 0. The request names no topic, because a request for one can create
+    it on such a broker.
     """
-    from confluent_kafka import KafkaException
+    from confluent_kafka import KafkaException, Producer
+
+    from etl.config import kafka_client
 
     servers = settings.kafka_bootstrap_servers
+    producer = kafka_client(Producer, settings.kafka_config())
     try:
         metadata = producer.list_topics(timeout=settings.kafka_timeout_s)
     except KafkaException as exc:
@@ -361,7 +411,8 @@ def _require_topic(producer: Any, settings: Settings) -> None:
             f"Kafka broker at {servers} is unreachable or did not answer within "
             f"{settings.kafka_timeout_s:g} s (VITALS_KAFKA_TIMEOUT_S): {exc.args[0]}. "
             "Check that the broker runs and responds, and that "
-            "VITALS_KAFKA_BOOTSTRAP_SERVERS points at it. Nothing was marked as replayed"
+            "VITALS_KAFKA_BOOTSTRAP_SERVERS points at it. Nothing was produced or "
+            "marked as replayed"
         )
         raise ReplayError(msg) from exc
     if settings.kafka_topic not in metadata.topics:

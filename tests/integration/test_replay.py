@@ -152,7 +152,7 @@ def test_replay_without_broker_names_it(
     problem: str,
 ) -> None:
     """The broker goes away after the topic check: the error points at the broker."""
-    monkeypatch.setattr(replay, "_require_topic", lambda producer, settings: None)
+    monkeypatch.setattr(replay, "_require_topic", lambda settings: None)
     create_topic(settings)
     produce_tracked(settings, [encode(reading(timestamp=2e9))])
     run_batch(settings)
@@ -189,12 +189,17 @@ def test_replay_unreachable_broker_fails_topic_check(
     message = str(failure.value)
     assert "is unreachable or did not answer within 0.5 s" in message
     assert "VITALS_KAFKA_BOOTSTRAP_SERVERS" in message
-    assert "Nothing was marked as replayed" in message
+    assert "Nothing was produced or marked as replayed" in message
     assert redis_client.exists(settings.redis_rejects_key + REPLAYED_SUFFIX) == 0
 
 
+@pytest.mark.parametrize(
+    "options",
+    [["--all-topics"], ["--all-topics", "--dry-run"], []],
+    ids=["all-topics", "dry-run", "own-topic"],
+)
 def test_replay_to_missing_topic_fails(
-    settings: Settings, redis_client: redis.Redis
+    settings: Settings, redis_client: redis.Redis, options: list[str]
 ) -> None:
     """A misspelt --topic is no new topic, even on a broker that creates topics."""
     from confluent_kafka.admin import AdminClient
@@ -203,7 +208,7 @@ def test_replay_to_missing_topic_fails(
     produce_tracked(settings, [encode(reading(timestamp=2e9))])
     run_batch(settings)
     misspelt = f"{settings.kafka_topic}-x"
-    arguments = ["--all-topics", "--topic", misspelt]
+    arguments = [*options, "--topic", misspelt]
 
     result = CliRunner().invoke(
         replay_rejects_command, arguments, env=cli_env(settings)
@@ -340,12 +345,17 @@ def test_source_marker_names_topic_id_when_known() -> None:
         (
             '{"source": {"topic": "t", "partition": 0, "offset": 1, '
             '"topic_id": 7}, "payload": "{}"}',
-            "'source.topic_id' must be a non-empty string or null",
+            "'source.topic_id' must be a string without spaces, or null",
         ),
         (
             '{"source": {"topic": "t", "partition": 0, "offset": 1, '
             '"topic_id": ""}, "payload": "{}"}',
-            "'source.topic_id' must be a non-empty string or null",
+            "'source.topic_id' must be a string without spaces, or null",
+        ),
+        (
+            '{"source": {"topic": "t", "partition": 0, "offset": 1, '
+            '"topic_id": " "}, "payload": "{}"}',
+            "'source.topic_id' must be a string without spaces, or null",
         ),
     ],
 )
@@ -405,6 +415,7 @@ def test_replay_command_unknown_reason_is_usage_error() -> None:
 def test_replay_command_prints_counts(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    create_topic(settings)
     for name, value in cli_env(settings).items():
         monkeypatch.setenv(name, value)
     result = CliRunner().invoke(replay_rejects_command, ["--dry-run"])
@@ -550,3 +561,37 @@ def test_staged_rejects_carry_topic_id(
     (reject,) = rejects(redis_client, settings)
     assert manifest["topic_id"]
     assert reject["source"]["topic_id"] == manifest["topic_id"]
+
+
+def test_replay_sends_repeated_source_once(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    """A partition read again gives two rejects of one record: one value goes out."""
+    create_topic(settings, partitions=1)
+    produce_tracked(settings, [encode(reading(timestamp=2e9))])
+    run_batch(settings)
+    redis_client.hset(settings.redis_offsets_key, f"{settings.kafka_topic}:0", 0)
+    run_batch(settings)
+    assert len(rejects(redis_client, settings)) == 2
+
+    report = replay_rejects(settings)
+
+    assert (report.produced, report.skipped_repeated_source) == (1, 1)
+    assert redis_client.scard(settings.redis_rejects_key + REPLAYED_SUFFIX) == 1
+
+
+def test_replay_file_repeats_source_without_id(
+    settings: Settings, tmp_path: Path
+) -> None:
+    create_topic(settings, partitions=1)
+    source = {"topic": settings.kafka_topic, "partition": 0, "offset": 3}
+    lines = [
+        {"source": {**source, "topic_id": "AAAAAAAAAAAAAAAAAAAAAQ"}, "payload": "{}"},
+        {"source": source, "payload": "{}"},
+    ]
+    corrected = tmp_path / "corrected.jsonl"
+    corrected.write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+    report = replay_rejects(settings, path=corrected, dry_run=True)
+
+    assert (report.would_produce, report.skipped_repeated_source) == (1, 1)
