@@ -43,8 +43,8 @@ from etl.sink import (
     RedisSink,
     SinkError,
     WriteResult,
-    offset_field,
     reset_offsets_command,
+    set_offsets_command,
     topic_id_field,
 )
 from etl.source import KafkaSource, OffsetsOutOfRange, Prefetcher
@@ -410,30 +410,26 @@ def _check_offsets_kept(
         f"partition {p} at {offset} (earliest {earliest[p]})"
         for p, offset in skipped.items()
     )
-    again = [
-        item for p in partitions for item in (offset_field(topic, p), str(earliest[p]))
-    ]
+    settings = sink.settings
+    again = set_offsets_command(settings, topic, {p: earliest[p] for p in partitions})
     # A commit below the earliest offset points at records that retention
     # deleted, so the batch would fail there.
-    resume = [
-        item
-        for p in partitions
-        for item in (
-            offset_field(topic, p),
-            str(max(committed.get(p, earliest[p]), earliest[p])),
-        )
-    ]
+    resume = set_offsets_command(
+        settings,
+        topic,
+        {p: max(committed.get(p, earliest[p]), earliest[p]) for p in partitions},
+    )
     msg = (
         f"Redis stores no offsets of topic {topic}, but consumer group "
-        f"{sink.settings.kafka_group_id!r} committed offsets past the earliest "
+        f"{settings.kafka_group_id!r} committed offsets past the earliest "
         f"records the broker keeps: {positions}. Redis probably lost its data (a "
         "restart without persistence, a FLUSHDB, an eviction), or VITALS_REDIS_URL "
         "or VITALS_REDIS_OFFSETS_KEY changed. Starting from the commits would "
         "leave the readings before them out of this Redis. To read again what the "
-        f"topic keeps, run {sink.cli_command('HSET', sink.offsets_key, *again)} "
+        f"topic keeps, run {again} "
         "and rerun; rows still in the list are then appended a second time. To go "
         "on from the commits, run "
-        f"{sink.cli_command('HSET', sink.offsets_key, *resume)} and rerun (see "
+        f"{resume} and rerun (see "
         "docs/operations.md, The delivery guarantee)"
     )
     raise OffsetsOutOfRange(msg)

@@ -817,6 +817,19 @@ def reset_offsets_command(
     return redis_cli_command(settings, "HDEL", settings.redis_offsets_key, *fields)
 
 
+def set_offsets_command(settings: Settings, topic: str, offsets: dict[int, int]) -> str:
+    """Return the redis-cli HSET that stores ``offsets`` (partition to next offset) of ``topic``.
+
+    The fields follow the order of ``offsets``.
+    """
+    pairs = [
+        item
+        for partition, offset in offsets.items()
+        for item in (offset_field(topic, partition), str(offset))
+    ]
+    return redis_cli_command(settings, "HSET", settings.redis_offsets_key, *pairs)
+
+
 def missing_database(
     error: Exception, url: str, database: int
 ) -> ConfigurationError | None:

@@ -40,7 +40,7 @@ from confluent_kafka.admin import AdminClient
 
 from etl.config import kafka_client
 from etl.parse import RAW_SCHEMA
-from etl.sink import offset_field, redis_cli_command
+from etl.sink import offset_field, redis_cli_command, set_offsets_command
 
 if TYPE_CHECKING:
     from etl.config import Settings
@@ -590,14 +590,9 @@ class KafkaSource:
         reset = [p for p in past_end if p not in doubtful]
         targets = {p: reached[p] for p in reset}
         commands = []
-        hset = [p for p in reset if targets[p] >= 0]
+        hset = {p: targets[p] for p in reset if targets[p] >= 0}
         if hset:
-            pairs = [
-                item
-                for p in hset
-                for item in (offset_field(self._topic, p), str(targets[p]))
-            ]
-            commands.append(redis_cli_command(self._settings, "HSET", key, *pairs))
+            commands.append(set_offsets_command(self._settings, self._topic, hset))
         hdel = [offset_field(self._topic, p) for p in reset if targets[p] < 0]
         if hdel:
             commands.append(redis_cli_command(self._settings, "HDEL", key, *hdel))
@@ -696,7 +691,6 @@ class KafkaSource:
         fatal = [e for e in self._errors if e.fatal() or e.code() in FATAL_CODES]
         if fatal:
             address = self._settings.kafka_bootstrap_servers
-            error = fatal[0].str()
             if fatal[0].code() == KafkaError._ALL_BROKERS_DOWN:
                 # librdkafka counts a broker that stops responding as down too,
                 # as a SIGSTOP of the broker mid-drain shows. Its text can read
@@ -709,7 +703,7 @@ class KafkaSource:
                     f"{fatal[0].name()})"
                 )
             else:
-                msg = f"Kafka broker at {address} failed: {error}"
+                msg = f"Kafka broker at {address} failed: {fatal[0].str()}"
             raise SourceError(msg)
         stalled_for = time.monotonic() - last_progress
         if stalled_for > self._settings.kafka_timeout_s:
