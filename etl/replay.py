@@ -129,22 +129,20 @@ class _Sources:
     """
 
     def __init__(self) -> None:
+        #: The marker of each source, which has no id part when it has no id.
         self._markers: set[str] = set()
-        self._without_id: set[str] = set()
+        #: The marker of each source without its id.
         self._plain: set[str] = set()
 
     def seen(self, reject: dict[str, Any]) -> bool:
         plain = _plain_marker(reject)
         if reject["source"].get("topic_id") is None:
             return plain in self._plain
-        return source_marker(reject) in self._markers or plain in self._without_id
+        return source_marker(reject) in self._markers or plain in self._markers
 
     def add(self, reject: dict[str, Any]) -> None:
-        plain = _plain_marker(reject)
         self._markers.add(source_marker(reject))
-        self._plain.add(plain)
-        if reject["source"].get("topic_id") is None:
-            self._without_id.add(plain)
+        self._plain.add(_plain_marker(reject))
 
 
 def _plain_marker(reject: dict[str, Any]) -> str:
@@ -210,10 +208,12 @@ def _reject_problem(reject: Any) -> str | None:
     ):
         return "'source' needs 'topic', 'partition' and 'offset'"
     topic_id = source.get("topic_id")
+    # Python's isprintable() is false for every whitespace but the space.
     if topic_id is not None and not (
         isinstance(topic_id, str)
+        and topic_id
         and topic_id.isprintable()
-        and topic_id.split() == [topic_id]
+        and " " not in topic_id
     ):
         return "'source.topic_id' must be a string without spaces, or null"
     for field in ("payload_base64", "key_base64"):
