@@ -129,7 +129,7 @@ class _Sources:
     """
 
     def __init__(self) -> None:
-        #: The marker of each source, which has no id part when it has no id.
+        #: The marker of each source, with its topic id when it has one.
         self._markers: set[str] = set()
         #: The marker of each source without its id.
         self._plain: set[str] = set()

@@ -201,7 +201,7 @@ def test_replay_unreachable_broker_fails_topic_check(
 def test_replay_to_missing_topic_fails(
     settings: Settings, redis_client: redis.Redis, options: list[str]
 ) -> None:
-    """A misspelt --topic is no new topic, even on a broker that creates topics."""
+    """A misspelt --topic creates no topic, even on a broker that creates topics on use."""
     from confluent_kafka.admin import AdminClient
 
     create_topic(settings)
@@ -307,7 +307,7 @@ def test_reject_key_decodes_text_and_base64() -> None:
     assert reject_key({"key": None}) is None
 
 
-def test_source_marker_names_topic_id_when_known() -> None:
+def test_source_marker_adds_topic_id() -> None:
     source = {"topic": "vitals", "partition": 2, "offset": 17}
     assert source_marker({"source": source}) == "vitals:2:17"
     assert source_marker({"source": {**source, "topic_id": None}}) == "vitals:2:17"
@@ -524,7 +524,7 @@ def test_replay_topic_option_picks_rejects(
 def test_replay_tells_recreated_topic_rejects_apart(
     settings: Settings, redis_client: redis.Redis
 ) -> None:
-    """A recreated topic numbers its records from 0 again; its rejects are still replayed."""
+    """A recreated topic numbers its records from 0 again, and its rejects are still replayed."""
     from confluent_kafka.admin import AdminClient
 
     create_topic(settings, partitions=1)
