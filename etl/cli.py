@@ -395,14 +395,20 @@ STATE_DIR_OPTION: Final = click.option(
     type=PORT,
     help="Redis port (default: the port of its last start, else 6380).",
 )
+@TOPIC_OPTION
 def services_start(
-    state_dir: Path, kafka_port: int | None, redis_port: int | None
+    state_dir: Path,
+    kafka_port: int | None,
+    redis_port: int | None,
+    topic: str | None,
 ) -> None:
     """Start both services unless they run; print the variables that point at them.
 
     A service that already runs stays as it is, and its port is printed.
     When it runs on another port than --kafka-port or --redis-port requests,
-    nothing starts and the command exits 3.
+    nothing starts and the command exits 3. After the broker starts again,
+    the command removes the stored offsets of --topic from Redis, because
+    the broker starts without topics.
     """
     from redis import RedisError
 
@@ -410,7 +416,7 @@ def services_start(
     from etl.sink import missing_database
 
     # Settings first, so that an invalid one stops the command before anything starts.
-    settings = settings_or_exit()
+    settings = settings_or_exit(kafka_topic=topic)
     try:
         # The local Redis gets the database of VITALS_REDIS_URL, where batches keep offsets.
         env = start_local_stack(

@@ -33,7 +33,13 @@ from etl.services import (
 pytestmark = pytest.mark.integration
 
 
-def invoke(state_dir: Path, kafka_port: int, redis_port: int, **env: str) -> Result:
+def invoke(
+    state_dir: Path,
+    kafka_port: int,
+    redis_port: int,
+    *options: str,
+    **env: str,
+) -> Result:
     return CliRunner().invoke(
         main,
         [
@@ -45,14 +51,17 @@ def invoke(state_dir: Path, kafka_port: int, redis_port: int, **env: str) -> Res
             str(kafka_port),
             "--redis-port",
             str(redis_port),
+            *options,
         ],
         env={"VITALS_KAFKA_TOPIC": "vitals", **env},
     )
 
 
-def start(state_dir: Path, kafka_port: int, redis_port: int, **env: str) -> Result:
+def start(
+    state_dir: Path, kafka_port: int, redis_port: int, *options: str, **env: str
+) -> Result:
     """Run 'etl services start', which must succeed."""
-    result = invoke(state_dir, kafka_port, redis_port, **env)
+    result = invoke(state_dir, kafka_port, redis_port, *options, **env)
     assert result.exit_code == 0, result.output
     return result
 
@@ -90,6 +99,38 @@ def test_broker_restart_forgets_stored_offsets(tmp_path: Path, database: int) ->
     # The old topic's id stays, so the next batch does not read Kafka's commits.
     assert offsets == {"other:0": "7", "vitals:topic_id": "old-id"}
     assert rows == 1
+
+
+def test_restart_forgets_topic_option_offsets(tmp_path: Path) -> None:
+    """The offsets removed are those of --topic, not of VITALS_KAFKA_TOPIC."""
+    kafka_port, redis_port = free_port(), free_port()
+    client = redis.Redis(port=redis_port, decode_responses=True)
+    try:
+        start(tmp_path, kafka_port, redis_port)
+        client.hset(
+            "liste-patients:offsets",
+            mapping={"vitals:0": 12, "ward-7:0": 7, "ward-7:topic_id": "old-id"},
+        )
+        kafka_pid = local_stack_status(tmp_path)["kafka"]
+        assert kafka_pid is not None
+        terminate(kafka_pid)
+        message = start(tmp_path, kafka_port, redis_port, "--topic", "ward-7").stderr
+
+        offsets = client.hgetall("liste-patients:offsets")
+    finally:
+        client.close()
+        stop_local_stack(tmp_path)
+
+    assert "offsets of topic ward-7" in " ".join(message.split())
+    assert offsets == {"vitals:0": "12", "ward-7:topic_id": "old-id"}
+
+
+def test_invalid_topic_option_starts_nothing(tmp_path: Path) -> None:
+    result = invoke(tmp_path, free_port(), free_port(), "--topic", "no spaces")
+
+    assert result.exit_code == 2
+    assert "--topic" in result.stderr
+    assert local_stack_status(tmp_path) == {"kafka": None, "redis": None}
 
 
 def test_invalid_setting_starts_nothing(tmp_path: Path) -> None:
