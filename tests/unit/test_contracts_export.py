@@ -374,6 +374,64 @@ def test_number_beyond_float_left_to_batch() -> None:
     assert batch_reason(value) == "invalid_json"
 
 
+def first_values(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """Keep the first value of each key, as the example of docs/contracts.md does."""
+    found: dict[str, Any] = {}
+    for key, value in pairs:
+        found.setdefault(key, value)
+    return found
+
+
+def reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def load_strict(value: bytes) -> Any:
+    return json.loads(
+        value, object_pairs_hook=first_values, parse_constant=reject_constant
+    )
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+def test_non_json_constant_left_to_batch(constant: str) -> None:
+    """json.loads reads NaN and Infinity, which the batch rejects as invalid JSON."""
+    value = f'{{"note": {constant}, '.encode() + json.dumps(reading()).encode()[1:]
+
+    assert schema_accepts(json.loads(value))
+    assert batch_reason(value) == "invalid_json"
+    with pytest.raises(ValueError, match="is not JSON"):
+        load_strict(value)
+
+
+def test_nan_passes_schema_bounds() -> None:
+    value = json.dumps(reading())[:-1].encode() + b', "heart_rate": NaN}'
+
+    assert schema_accepts(json.loads(value))
+    assert batch_reason(value) == "invalid_json"
+
+
+@pytest.mark.parametrize(
+    ("value", "accepted"),
+    [
+        pytest.param(
+            b'{"age": "x", ' + json.dumps(reading()).encode()[1:],
+            False,
+            id="bad-value-first",
+        ),
+        pytest.param(
+            json.dumps(reading()).encode()[:-1] + b', "age": "x"}',
+            True,
+            id="bad-value-last",
+        ),
+    ],
+)
+def test_repeated_key_keeps_first_value(value: bytes, accepted: bool) -> None:
+    """The batch reads the first value of a repeated key, json.loads the last."""
+    assert batch_accepts(value) is accepted
+    assert schema_accepts(json.loads(value)) is not accepted
+    assert schema_accepts(load_strict(value)) is accepted
+
+
 @pytest.mark.parametrize(
     ("fields", "field"),
     [
