@@ -154,7 +154,9 @@ def run(
     }
     # A stop request (SIGTERM from a scheduler, or Ctrl-C) ends the batch through
     # its cleanup, which lets a transaction in flight finish.
-    signal.signal(signal.SIGTERM, _raise_stop_request)
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _raise_stop_request)}
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, _raise_stop_request)
     try:
         settings = load_settings(
             option_names=RUN_OPTION_NAMES,
@@ -188,6 +190,11 @@ def run(
                 "offsets, so the next batch resumes after them."
             )
         _exit_with_json(as_json, exc, EXIT_INFRASTRUCTURE)
+    finally:
+        # After a stop request, later signals stay ignored until the exit.
+        for number, handler in previous.items():
+            if signal.getsignal(number) is _raise_stop_request:
+                signal.signal(number, handler)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
         return
@@ -214,7 +221,21 @@ class StopRequested(BaseException):
 
 
 def _raise_stop_request(signal_number: int, _frame: Any) -> None:
+    """Raise the first SIGTERM or SIGINT as a stop request, and ignore later ones.
+
+    A second signal would interrupt the cleanup of the batch, even inside a C
+    call such as closing the Kafka consumer, and end it with a traceback.
+    """
+    for number in (signal.SIGTERM, signal.SIGINT):
+        if signal.getsignal(number) is _raise_stop_request:
+            signal.signal(number, _ignore_stop_request)
+    if signal_number == signal.SIGINT:
+        raise KeyboardInterrupt
     raise StopRequested(signal.Signals(signal_number).name)
+
+
+def _ignore_stop_request(_signal_number: int, _frame: Any) -> None:
+    """Ignore a SIGTERM or SIGINT that arrives after the first one."""
 
 
 def _exit_with_json(as_json: bool, error: Exception, code: int) -> NoReturn:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import time
 from unittest import mock
 
 import pytest
@@ -27,3 +30,44 @@ def test_run_json_stopped_status(stop: BaseException, code: int, message: str) -
     assert document["status"] == "stopped"
     assert document["message"] == message
     assert document["exit_code"] == code
+
+
+@pytest.mark.parametrize(
+    ("number", "code"),
+    [
+        pytest.param(signal.SIGTERM, 143, id="sigterm"),
+        pytest.param(signal.SIGINT, 130, id="sigint"),
+    ],
+)
+def test_run_second_signal_leaves_cleanup(number: int, code: int) -> None:
+    """A signal repeated while the batch cleans up does not interrupt the cleanup."""
+    cleaned: list[bool] = []
+
+    def batch(_settings: object) -> None:
+        try:
+            os.kill(os.getpid(), number)
+            time.sleep(5)
+        finally:
+            os.kill(os.getpid(), number)
+            cleaned.append(True)
+
+    before = {n: signal.getsignal(n) for n in (signal.SIGTERM, signal.SIGINT)}
+    with mock.patch("etl.pipeline.run_batch", side_effect=batch):
+        result = CliRunner().invoke(main, ["run", "--json"])
+    after = {n: signal.getsignal(n) for n in (signal.SIGTERM, signal.SIGINT)}
+    for n, handler in before.items():
+        signal.signal(n, handler)
+
+    assert result.exit_code == code, result.output
+    assert cleaned == [True]
+    assert json.loads(result.stdout)["status"] == "stopped"
+    # Later signals stay ignored until the process exits.
+    assert after[number] is not before[number]
+
+
+def test_run_restores_signal_handlers() -> None:
+    before = {n: signal.getsignal(n) for n in (signal.SIGTERM, signal.SIGINT)}
+    with mock.patch("etl.pipeline.run_batch", side_effect=StopRequested("SIGTERM")):
+        CliRunner().invoke(main, ["run", "--json"])
+
+    assert {n: signal.getsignal(n) for n in before} == before
