@@ -32,7 +32,7 @@ from redis.connection import SSLConnection, parse_url
 from etl.config import ENV_PREFIX, ConfigurationError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable
+    from collections.abc import Callable, Iterable, Mapping
 
     from etl.config import Settings
 
@@ -528,17 +528,29 @@ class RedisSink:
     def check_offsets_kept(self, topic: str) -> dict[int, int]:
         """Return the stored offsets, raising OffsetConflict if one this sink wrote is gone."""
         stored = self.stored_offsets(topic)
-        for partition, offset in self._stored_by_us.get(topic, {}).items():
-            self._check_still_stored(topic, partition, offset, stored.get(partition))
+        self._check_still_stored(topic, self._stored_by_us.get(topic, {}), stored)
         return stored
 
     def _check_still_stored(
-        self, topic: str, partition: int, offset: int, stored: int | None
+        self, topic: str, kept: dict[int, int], stored: Mapping[int, int | None]
     ) -> None:
-        """Raise OffsetConflict when Redis lost an offset that this batch relies on."""
-        if stored is None:
+        """Raise OffsetConflict when Redis lost offsets that this batch relies on.
+
+        ``kept`` maps each partition to the offset that the batch stored or
+        found, and ``stored`` to what Redis stores now. The message names every
+        partition whose offset vanished or, when none did, moved back.
+        """
+        kept = dict(sorted(kept.items()))
+        vanished = {p: offset for p, offset in kept.items() if stored.get(p) is None}
+        if vanished:
+            positions = _and_list([f"{p} ({offset})" for p, offset in vanished.items()])
+            subject = (
+                f"offset of partition {positions}"
+                if len(vanished) == 1
+                else f"offsets of partitions {positions}"
+            )
             msg = (
-                f"the stored offset of partition {partition} ({offset}) vanished from "
+                f"the stored {subject} vanished from "
                 "Redis during the batch (FLUSHDB, a restart without persistence, "
                 "eviction, a deleted field, or 'etl services start' after the local "
                 "broker restarted without its topics), and the rows written before "
@@ -547,18 +559,40 @@ class RedisSink:
                 "(The delivery guarantee) before rerunning"
             )
             raise OffsetConflict(msg)
-        if stored < offset:
-            restore = self.cli_command(
-                "HSET", self.offsets_key, offset_field(topic, partition), str(offset)
-            )
+        moved = {p: offset for p, offset in kept.items() if (stored[p] or 0) < offset}
+        if not moved:
+            return
+        restore = set_offsets_command(self._settings, topic, moved)
+        if len(moved) == 1:
+            ((partition, offset),) = moved.items()
+            now = stored[partition]
             msg = (
                 f"stored offset of partition {partition} moved back from {offset} "
-                f"to {stored} during the batch (offsets reset?). The next batch reads "
-                f"the partition from {stored}, so it writes the readings from "
-                f"{stored} to {offset - 1} again. If the reset was a mistake, put "
+                f"to {now} during the batch (offsets reset?). The next batch reads "
+                f"the partition from {now}, so it writes the readings from "
+                f"{now} to {offset - 1} again. If the reset was a mistake, put "
                 f"the offset back with {restore}; then rerun the batch"
             )
             raise OffsetConflict(msg)
+        moves = _and_list(
+            [
+                f"partition {p} from {offset} to {stored[p]}"
+                for p, offset in moved.items()
+            ]
+        )
+        again = _and_list(
+            [
+                f"{stored[p]} to {offset - 1} of partition {p}"
+                for p, offset in moved.items()
+            ]
+        )
+        msg = (
+            f"stored offsets moved back during the batch (offsets reset?): {moves}. "
+            "The next batch reads each partition from its stored offset, so it "
+            f"writes the readings from {again} again. If the reset was a mistake, "
+            f"put the offsets back with {restore}; then rerun the batch"
+        )
+        raise OffsetConflict(msg)
 
     def _check_key_types(self) -> None:
         """Raise ConfigurationError if a key that the batch writes has another type.
@@ -631,8 +665,8 @@ class RedisSink:
                 p: (int(value) if value is not None else None)
                 for p, value in zip(partitions, raw, strict=True)
             }
-            for partition, offset in earlier.items():
-                self._check_still_stored(topic, partition, offset, found[partition])
+            expected = {p: e for p, e in chunk.expected.items() if e is not None}
+            self._check_still_stored(topic, {**earlier, **expected}, found)
             stored = {p: found[p] for p in chunk.next_offsets}
             floors, concurrent = self._floors(topic, chunk, stored)
             # After the checks of each stored offset, which name the partition.
@@ -706,13 +740,14 @@ class RedisSink:
     def _floors(
         self, topic: str, chunk: Chunk, stored: dict[int, int | None]
     ) -> tuple[dict[int, int], bool]:
-        """Return the lowest offset still to write per partition, and whether another batch wrote."""
+        """Return the lowest offset still to write per partition, and whether another batch wrote.
+
+        The stored offsets must have passed :meth:`_check_still_stored`.
+        """
         floors: dict[int, int] = {}
         concurrent = False
         for partition, expected in chunk.expected.items():
             now = stored.get(partition)
-            if expected is not None:
-                self._check_still_stored(topic, partition, expected, now)
             if now is None:
                 floors[partition] = 0
             elif now == expected:
@@ -992,6 +1027,13 @@ def _after(frame: pl.DataFrame, floors: dict[int, int]) -> pl.DataFrame:
         return frame
     floor = pl.col("partition").replace_strict(floors, default=0, return_dtype=pl.Int64)
     return frame.filter(pl.col("offset") >= floor)
+
+
+def _and_list(items: list[str]) -> str:
+    """Join ``items`` as an English list: "a", "a and b", "a, b and c"."""
+    if len(items) < 2:
+        return "".join(items)
+    return f"{', '.join(items[:-1])} and {items[-1]}"
 
 
 def _pairs(mapping: dict[str, int | str]) -> list[str | int]:

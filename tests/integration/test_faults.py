@@ -869,6 +869,45 @@ def test_offset_moved_back_mid_batch_gives_restore(
     assert_accounted(redis_client, settings, produced)
 
 
+def test_offsets_moved_back_in_partitions_give_one_restore(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    """Every partition reset during the batch is named, and one HSET puts all back."""
+    create_topic(settings, PARTITIONS)
+    produced = produce_tracked(settings, mixed_values(300))
+    original = RedisSink.write_chunk
+    reached: dict[str, str] = {}
+
+    def write_then_reset(
+        self: RedisSink, topic: str, chunk: Any, **options: Any
+    ) -> Any:
+        result = original(self, topic, chunk, **options)
+        if not reached:
+            stored = redis_client.hgetall(settings.redis_offsets_key)
+            reached.update({k.decode(): v.decode() for k, v in stored.items()})
+            fields = {f"{topic}:{p}": 0 for p in range(PARTITIONS)}
+            redis_client.hset(settings.redis_offsets_key, mapping=fields)
+        return result
+
+    with (
+        mock.patch.object(RedisSink, "write_chunk", write_then_reset),
+        pytest.raises(OffsetConflict) as raised,
+    ):
+        run_batch(settings)
+    message = " ".join(str(raised.value).split())
+    restore = shlex.split(message.split(" with ", 1)[1].split(";", 1)[0])
+    fields = restore[-2 * PARTITIONS :]
+    pairs = dict(zip(fields[::2], fields[1::2], strict=True))
+    redis_client.hset(settings.redis_offsets_key, mapping=pairs)
+    run_batch(settings)
+
+    for partition in range(PARTITIONS):
+        field = f"{settings.kafka_topic}:{partition}"
+        assert f"partition {partition} from {reached[field]} to 0" in message
+        assert pairs[field] == reached[field]
+    assert_accounted(redis_client, settings, produced)
+
+
 def test_staged_load_detects_offsets_lost_after_last_write(
     settings: Settings, redis_client: redis.Redis, tmp_path: Path
 ) -> None:
