@@ -10,7 +10,8 @@ records, with new offsets; the old rejects stay in place as the audit trail.
 Each replayed reject's source (``topic:partition:offset``, then ``:topic id``
 when the reject contains one) goes into the set ``<rejects key>:replayed``,
 and later replays skip it unless forced. A truncated value, or a tombstone,
-cannot be replayed and is counted apart.
+cannot be replayed and is counted apart. One replay of a rejects list runs
+at a time: it holds the lock ``<rejects key>:replaying``.
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 REPLAYED_SUFFIX: Final = ":replayed"
+#: Suffix of the lock key that lets one replay of a rejects list run at a time.
+LOCK_SUFFIX: Final = ":replaying"
+#: Seconds after which the lock of a replay that died without releasing it expires.
+LOCK_TIMEOUT_S: Final = 900
 #: Kafka header that names the record a replayed value was first read from.
 REPLAY_HEADER: Final = "vitals-replayed-from"
 _PAGE: Final = 1000
@@ -74,9 +79,9 @@ def reject_value(reject: dict[str, Any]) -> bytes | None:
     """Return the raw Kafka value kept in a reject, or None when it cannot be replayed."""
     if reject.get("payload_truncated"):
         return None
-    if "payload" in reject:
+    if reject.get("payload") is not None:
         return str(reject["payload"]).encode("utf-8")
-    if "payload_base64" in reject:
+    if reject.get("payload_base64") is not None:
         return base64.b64decode(reject["payload_base64"], validate=True)
     return None
 
@@ -207,6 +212,13 @@ def _reject_problem(reject: Any) -> str | None:
         source
     ):
         return "'source' needs 'topic', 'partition' and 'offset'"
+    if not isinstance(source["topic"], str) or not source["topic"]:
+        return "'source.topic' must be a topic name"
+    for field in ("partition", "offset"):
+        number = source[field]
+        # bool is a subclass of int, so true would pass for 1.
+        if not isinstance(number, int) or isinstance(number, bool) or number < 0:
+            return f"'source.{field}' must be a whole number of 0 or more"
     topic_id = source.get("topic_id")
     # Python's isprintable() is false for every whitespace but the space.
     if topic_id is not None and not (
@@ -216,6 +228,15 @@ def _reject_problem(reject: Any) -> str | None:
         and " " not in topic_id
     ):
         return "'source.topic_id' must be a string without spaces, or null"
+    if reject.get("payload") is not None and not isinstance(reject["payload"], str):
+        return "'payload' must be a string"
+    has_value = reject.get("payload") is not None or (
+        reject.get("payload_base64") is not None
+    )
+    if not has_value and reject.get("reason") != Reason.TOMBSTONE.value:
+        return (
+            "'payload' or 'payload_base64' is missing, and only a tombstone has neither"
+        )
     for field in ("payload_base64", "key_base64"):
         if reject.get(field) is not None:
             try:
@@ -254,7 +275,10 @@ def replay_rejects(
     )
     replayed_key = settings.redis_rejects_key + REPLAYED_SUFFIX
     report = ReplayReport()
+    lock = None
     try:
+        if not dry_run:
+            lock = _lock_replay(client, settings)
         source = (
             rejects_from_file(path)
             if path
@@ -313,9 +337,54 @@ def replay_rejects(
     except redis_lib.RedisError as exc:
         raise ReplayError(_redis_failed(settings, exc)) from exc
     finally:
+        if lock is not None:
+            _unlock_replay(lock)
         client.close()
     logger.info("Replay of rejects done: %s", asdict(report))
     return report
+
+
+def _lock_replay(client: redis.Redis, settings: Settings) -> Any:
+    """Take the lock of the rejects list, or raise ReplayError when another replay holds it.
+
+    Two replays at once would both send the rejects that neither had marked
+    as replayed yet.
+    """
+    from etl.sink import redis_cli_command
+
+    key = settings.redis_rejects_key + LOCK_SUFFIX
+    lock = client.lock(key, timeout=LOCK_TIMEOUT_S, blocking=False)
+    if lock.acquire():
+        return lock
+    remaining = client.ttl(key)
+    msg = (
+        f"another replay of {settings.redis_rejects_key} is running, as the lock "
+        f"{key} shows (it expires in {remaining} s). Wait for it to end and run "
+        "the replay again. If no replay runs, the lock is left by one that "
+        f"was killed: remove it with {redis_cli_command(settings, 'DEL', key)}"
+    )
+    raise ReplayError(msg)
+
+
+def _unlock_replay(lock: Any) -> None:
+    """Release the replay's lock; log a warning when it expired or cannot be released."""
+    import redis as redis_lib
+
+    try:
+        lock.release()
+    except redis_lib.exceptions.LockError:
+        logger.warning(
+            "The replay lock %s expired before the replay ended (after %s s)",
+            lock.name,
+            LOCK_TIMEOUT_S,
+        )
+    except redis_lib.RedisError:
+        logger.warning(
+            "Releasing the replay lock %s failed; it expires within %s s",
+            lock.name,
+            LOCK_TIMEOUT_S,
+            exc_info=True,
+        )
 
 
 def _redis_failed(settings: Settings, error: Exception) -> str:

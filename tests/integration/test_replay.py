@@ -20,6 +20,7 @@ from etl.pipeline import (
     transform_staging,
 )
 from etl.replay import (
+    LOCK_SUFFIX,
     REPLAYED_SUFFIX,
     InvalidReject,
     ReplayError,
@@ -357,6 +358,43 @@ def test_source_marker_adds_topic_id() -> None:
             '"topic_id": " "}, "payload": "{}"}',
             "'source.topic_id' must be a string without spaces, or null",
         ),
+        (
+            '{"source": {"topic": "t", "partition": "zero", "offset": 1}, '
+            '"payload": "{}"}',
+            "'source.partition' must be a whole number of 0 or more",
+        ),
+        (
+            '{"source": {"topic": "t", "partition": 0, "offset": -5}, "payload": "{}"}',
+            "'source.offset' must be a whole number of 0 or more",
+        ),
+        (
+            '{"source": {"topic": "t", "partition": null, "offset": null}, '
+            '"payload": "{}"}',
+            "'source.partition' must be a whole number of 0 or more",
+        ),
+        (
+            '{"source": {"topic": "t", "partition": 0, "offset": true}, '
+            '"payload": "{}"}',
+            "'source.offset' must be a whole number of 0 or more",
+        ),
+        (
+            '{"source": {"topic": 7, "partition": 0, "offset": 1}, "payload": "{}"}',
+            "'source.topic' must be a topic name",
+        ),
+        (
+            '{"source": {"topic": "t", "partition": 0, "offset": 1}, "payload": 42}',
+            "'payload' must be a string",
+        ),
+        (
+            '{"source": {"topic": "t", "partition": 0, "offset": 1}, '
+            '"reason": "wrong_type"}',
+            "'payload' or 'payload_base64' is missing",
+        ),
+        (
+            '{"source": {"topic": "t", "partition": 0, "offset": 1}, '
+            '"reason": "wrong_type", "payload": null}',
+            "'payload' or 'payload_base64' is missing",
+        ),
     ],
 )
 def test_replay_bad_file_line_fails(
@@ -595,3 +633,50 @@ def test_replay_file_repeats_source_without_id(
     report = replay_rejects(settings, path=corrected, dry_run=True)
 
     assert (report.would_produce, report.skipped_repeated_source) == (1, 1)
+
+
+def test_replay_refuses_while_another_runs(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    """A second replay of the same rejects list fails and sends nothing."""
+    create_topic(settings)
+    produce_tracked(settings, [b"not json"])
+    run_batch(settings)
+    running = redis_client.lock(settings.redis_rejects_key + LOCK_SUFFIX, timeout=60)
+    assert running.acquire(blocking=False)
+
+    with pytest.raises(ReplayError, match=r"another replay of .* is running") as raised:
+        replay_rejects(settings)
+    dry = replay_rejects(settings, dry_run=True)
+    running.release()
+    report = replay_rejects(settings)
+
+    assert f"DEL {settings.redis_rejects_key}{LOCK_SUFFIX}" in str(raised.value)
+    assert redis_client.scard(settings.redis_rejects_key + REPLAYED_SUFFIX) == 1
+    assert dry.would_produce == 1
+    assert report.produced == 1
+    assert redis_client.exists(settings.redis_rejects_key + LOCK_SUFFIX) == 0
+
+
+def test_replay_command_locked_exits_3(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    create_topic(settings)
+    redis_client.set(settings.redis_rejects_key + LOCK_SUFFIX, "other", ex=60)
+
+    result = CliRunner().invoke(replay_rejects_command, [], env=cli_env(settings))
+
+    assert result.exit_code == 3
+    assert "another replay" in result.stderr
+
+
+def test_replay_releases_lock_after_failure(
+    settings: Settings, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("[1, 2]\n")
+
+    with pytest.raises(InvalidReject):
+        replay_rejects(settings, path=broken)
+
+    assert redis_client.exists(settings.redis_rejects_key + LOCK_SUFFIX) == 0
