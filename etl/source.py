@@ -747,8 +747,9 @@ class KafkaSource:
             # pending requests.
             self._admin = None
             logger.warning(
-                "Kafka offset commit failed; no more commits in this batch "
-                "(Redis offsets stay authoritative): %s",
+                "Kafka offset commit failed; no more commits after chunks in "
+                "this batch, one more at its end (Redis offsets stay "
+                "authoritative): %s",
                 exc,
             )
 
