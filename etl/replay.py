@@ -276,6 +276,8 @@ def replay_rejects(
     replayed_key = settings.redis_rejects_key + REPLAYED_SUFFIX
     report = ReplayReport()
     lock = None
+    # Sources of the values produced that the set of replayed sources lacks.
+    unmarked: list[str] = []
     try:
         if not dry_run:
             lock = _lock_replay(client, settings)
@@ -314,7 +316,8 @@ def replay_rejects(
         _require_topic(settings)
         if batch and not dry_run:
             _produce(settings, batch)
-            client.sadd(replayed_key, *(marker for marker, _, _ in batch))
+            unmarked = [marker for marker, _, _ in batch]
+            client.sadd(replayed_key, *unmarked)
         if dry_run:
             report.would_produce = len(batch)
         else:
@@ -328,14 +331,14 @@ def replay_rejects(
         if missing is not None:
             raise missing from exc
         if not str(exc).startswith("WRONGTYPE"):
-            raise ReplayError(_redis_failed(settings, exc)) from exc
+            raise ReplayError(_redis_failed(settings, exc, unmarked)) from exc
         msg = (
             f"the key {settings.redis_rejects_key!r} is not a list, or "
             f"{replayed_key!r} is not a set; check VITALS_REDIS_REJECTS_KEY"
         )
         raise InvalidReject(msg) from exc
     except redis_lib.RedisError as exc:
-        raise ReplayError(_redis_failed(settings, exc)) from exc
+        raise ReplayError(_redis_failed(settings, exc, unmarked)) from exc
     finally:
         if lock is not None:
             _unlock_replay(lock)
@@ -387,11 +390,25 @@ def _unlock_replay(lock: Any) -> None:
         )
 
 
-def _redis_failed(settings: Settings, error: Exception) -> str:
-    from etl.sink import with_connection_advice
+def _redis_failed(settings: Settings, error: Exception, unmarked: list[str]) -> str:
+    """Return the message of a Redis failure, with what the replay did before it.
+
+    ``unmarked`` contains the sources of the values produced, which Redis
+    failed to mark as replayed.
+    """
+    from etl.sink import redis_cli_command, with_connection_advice
 
     msg = f"Redis at {settings.redis_url_redacted} failed during the replay: {error}"
-    return with_connection_advice(msg, error, settings)
+    msg = with_connection_advice(msg, error, settings)
+    if not unmarked:
+        return f"{msg}. Nothing was produced or marked as replayed"
+    replayed_key = settings.redis_rejects_key + REPLAYED_SUFFIX
+    mark = redis_cli_command(settings, "SADD", replayed_key, *unmarked)
+    return (
+        f"{msg}. The values of {counted(len(unmarked), 'reject')} were produced, "
+        "but Redis did not mark them as replayed, so a later replay would send "
+        f"them again. Once Redis answers, mark them with {mark}"
+    )
 
 
 def _produce(settings: Settings, batch: list[tuple[str, bytes, bytes | None]]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 import redis
 from click.testing import CliRunner
+from pydantic import SecretStr
 
 from etl import replay
 from etl.config import Settings
@@ -680,3 +682,42 @@ def test_replay_releases_lock_after_failure(
         replay_rejects(settings, path=broken)
 
     assert redis_client.exists(settings.redis_rejects_key + LOCK_SUFFIX) == 0
+
+
+def test_replay_without_redis_sends_nothing(settings: Settings) -> None:
+    create_topic(settings)
+    unreachable = settings.model_copy(
+        update={"redis_url": SecretStr(f"redis://127.0.0.1:{free_port()}/0")}
+    )
+
+    with pytest.raises(ReplayError) as failure:
+        replay_rejects(unreachable)
+
+    message = str(failure.value)
+    assert "failed during the replay" in message
+    assert "Nothing was produced or marked as replayed" in message
+
+
+def test_replay_unmarked_after_redis_failure_gives_sadd(
+    settings: Settings, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis fails once the values are produced: the error prints the SADD that marks them."""
+    create_topic(settings)
+    produce_tracked(settings, [b"not json", b"[1]"])
+    run_batch(settings)
+
+    def lost(*_args: object) -> None:
+        raise redis.ConnectionError("Connection reset by peer")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(redis.Redis, "sadd", lost)
+        with pytest.raises(ReplayError) as failure:
+            replay_rejects(settings)
+    message = " ".join(str(failure.value).split())
+    mark = shlex.split(message.split("mark them with ", 1)[1])
+    redis_client.execute_command(*mark[mark.index("SADD") :])
+    again = replay_rejects(settings)
+
+    assert "The values of 2 rejects were produced" in message
+    assert again.skipped_already_replayed == 2
+    assert again.produced == 0
