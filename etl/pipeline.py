@@ -539,6 +539,7 @@ def run_batch(settings: Settings, *, now: float | None = None) -> BatchReport:
         # them: a stored offset past the end of the log would otherwise become
         # the committed one too, and deleting it from Redis would not reset it.
         source.assign(start)
+        sink.rely_on(source.topic, stored)
         expected: dict[int, int | None] = {p: stored.get(p) for p in start}
         # The next chunk drains while this one is processed and written.
         chunks = Prefetcher(

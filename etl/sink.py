@@ -160,9 +160,10 @@ class RedisSink:
             health_check_interval=30,
         )
         self._cancelled = threading.Event()
-        # Per topic and partition, the offset that this sink's writes stored;
-        # every later write checks that Redis still has at least that much.
-        self._stored_by_us: dict[str, dict[int, int]] = {}
+        # Per topic and partition, the offset that this sink's writes stored,
+        # or that Redis stored when the batch started (rely_on). Every later
+        # write checks that Redis still has at least that much.
+        self._relied_on: dict[str, dict[int, int]] = {}
         self._topic_ids: dict[str, str] = {}
         #: Topics whose id or last write id Redis contained when the batch started.
         self._known_topics: set[str] = set()
@@ -485,7 +486,7 @@ class RedisSink:
                 msg = f"Redis at {self._settings.redis_url_redacted} rejected the write: {exc}"
                 raise SinkError(msg) from exc
             else:
-                ours = self._stored_by_us.setdefault(topic, {})
+                ours = self._relied_on.setdefault(topic, {})
                 for partition, next_offset in chunk.next_offsets.items():
                     ours[partition] = max(next_offset, ours.get(partition, 0))
                 return result
@@ -525,10 +526,20 @@ class RedisSink:
             msg = f"writing to Redis at {url} was cancelled after {attempts}: {failure}"
             raise SinkError(msg) from failure
 
+    def rely_on(self, topic: str, offsets: dict[int, int]) -> None:
+        """Check ``offsets``, stored in Redis when the batch started, at every write.
+
+        A partition whose offset moves back while the batch drains another
+        one is then named by the first check that fails, with the others.
+        """
+        relied_on = self._relied_on.setdefault(topic, {})
+        for partition, offset in offsets.items():
+            relied_on[partition] = max(offset, relied_on.get(partition, 0))
+
     def check_offsets_kept(self, topic: str) -> dict[int, int]:
         """Return the stored offsets, raising OffsetConflict if one this sink wrote is gone."""
         stored = self.stored_offsets(topic)
-        self._check_still_stored(topic, self._stored_by_us.get(topic, {}), stored)
+        self._check_still_stored(topic, self._relied_on.get(topic, {}), stored)
         return stored
 
     def _check_still_stored(
@@ -637,7 +648,7 @@ class RedisSink:
         self._check_key_types()
         earlier = {
             p: offset
-            for p, offset in self._stored_by_us.get(topic, {}).items()
+            for p, offset in self._relied_on.get(topic, {}).items()
             if p not in chunk.next_offsets
         }
         partitions = [*chunk.next_offsets, *earlier]

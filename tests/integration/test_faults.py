@@ -908,6 +908,51 @@ def test_offsets_moved_back_in_partitions_give_one_restore(
     assert_accounted(redis_client, settings, produced)
 
 
+def test_offsets_moved_back_before_partition_drained(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    """Partitions reset before the batch reached them are named with the one it wrote."""
+    create_topic(settings, PARTITIONS)
+    produced = produce_tracked(settings, mixed_values(300))
+    run_batch(settings)
+    produced += produce_tracked(settings, mixed_values(300))
+    chunked = settings.model_copy(update={"chunk_size": 40})
+    original = RedisSink.write_chunk
+    reached: dict[str, str] = {}
+
+    def write_then_reset(
+        self: RedisSink, topic: str, chunk: Any, **options: Any
+    ) -> Any:
+        result = original(self, topic, chunk, **options)
+        if not reached:
+            stored = redis_client.hgetall(settings.redis_offsets_key)
+            fields = {f"{topic}:{p}".encode() for p in range(PARTITIONS)}
+            reached.update(
+                {k.decode(): v.decode() for k, v in stored.items() if k in fields}
+            )
+            lowered = {field: int(offset) - 10 for field, offset in reached.items()}
+            redis_client.hset(settings.redis_offsets_key, mapping=lowered)
+        return result
+
+    with (
+        mock.patch.object(RedisSink, "write_chunk", write_then_reset),
+        pytest.raises(OffsetConflict) as raised,
+    ):
+        run_batch(chunked)
+    message = " ".join(str(raised.value).split())
+    restore = shlex.split(message.split(" with ", 1)[1].split(";", 1)[0])
+    fields = restore[-2 * PARTITIONS :]
+    pairs = dict(zip(fields[::2], fields[1::2], strict=True))
+    redis_client.hset(settings.redis_offsets_key, mapping=pairs)
+    run_batch(chunked)
+
+    assert pairs == reached
+    for field, offset in reached.items():
+        partition = field.rsplit(":", 1)[1]
+        assert f"partition {partition} from {offset} to {int(offset) - 10}" in message
+    assert_accounted(redis_client, settings, produced)
+
+
 def test_staged_load_detects_offsets_lost_after_last_write(
     settings: Settings, redis_client: redis.Redis, tmp_path: Path
 ) -> None:
