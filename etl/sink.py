@@ -543,16 +543,18 @@ class RedisSink:
         return stored
 
     def _check_still_stored(
-        self, topic: str, kept: dict[int, int], stored: Mapping[int, int | None]
+        self, topic: str, relied_on: dict[int, int], stored: Mapping[int, int | None]
     ) -> None:
         """Raise OffsetConflict when Redis lost offsets that this batch relies on.
 
-        ``kept`` maps each partition to the offset that the batch stored or
+        ``relied_on`` maps each partition to the offset that the batch stored or
         found, and ``stored`` to what Redis stores now. The message names every
         partition whose offset vanished or, when none did, moved back.
         """
-        kept = dict(sorted(kept.items()))
-        vanished = {p: offset for p, offset in kept.items() if stored.get(p) is None}
+        relied_on = dict(sorted(relied_on.items()))
+        vanished = {
+            p: offset for p, offset in relied_on.items() if stored.get(p) is None
+        }
         if vanished:
             positions = _and_list([f"{p} ({offset})" for p, offset in vanished.items()])
             subject = (
@@ -570,7 +572,9 @@ class RedisSink:
                 "(The delivery guarantee) before rerunning"
             )
             raise OffsetConflict(msg)
-        moved = {p: offset for p, offset in kept.items() if (stored[p] or 0) < offset}
+        moved = {
+            p: offset for p, offset in relied_on.items() if (stored[p] or 0) < offset
+        }
         if not moved:
             return
         restore = set_offsets_command(self._settings, topic, moved)
