@@ -142,22 +142,25 @@ def run(
     as_json: bool,
 ) -> None:
     """Drain the topic once and append the readings to Redis exactly once."""
-    from etl.pipeline import run_batch
-    from etl.sink import OffsetConflict, RedisFull, SinkError
-    from etl.source import OffsetsOutOfRange, SourceError
-
+    # A stop request (SIGTERM from a scheduler, or Ctrl-C) ends the batch through
+    # its cleanup, which lets a transaction in flight finish. The handlers come
+    # before the imports, which take a noticeable part of a second.
+    handled = [signal.SIGTERM]
+    signal.signal(signal.SIGTERM, _raise_stop_request)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        handled.append(signal.SIGINT)
+        signal.signal(signal.SIGINT, _raise_stop_request)
     overrides = {
         "kafka_topic": topic,
         "chunk_size": chunk_size,
         "max_records": max_records,
         "deadline_s": deadline_s,
     }
-    # A stop request (SIGTERM from a scheduler, or Ctrl-C) ends the batch through
-    # its cleanup, which lets a transaction in flight finish.
-    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _raise_stop_request)}
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-        previous[signal.SIGINT] = signal.signal(signal.SIGINT, _raise_stop_request)
     try:
+        from etl.pipeline import run_batch
+        from etl.sink import OffsetConflict, RedisFull, SinkError
+        from etl.source import OffsetsOutOfRange, SourceError
+
         settings = load_settings(
             option_names=RUN_OPTION_NAMES,
             **{k: v for k, v in overrides.items() if v is not None},
@@ -191,10 +194,10 @@ def run(
             )
         _exit_with_json(as_json, exc, EXIT_INFRASTRUCTURE)
     finally:
-        # After a stop request, later signals stay ignored until the exit.
-        for number, handler in previous.items():
-            if signal.getsignal(number) is _raise_stop_request:
-                signal.signal(number, handler)
+        # Once the batch has ended there is nothing left to stop, so a signal
+        # that comes while the report prints is ignored until the exit.
+        for number in handled:
+            signal.signal(number, signal.SIG_IGN)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
         return
@@ -225,17 +228,15 @@ def _raise_stop_request(signal_number: int, _frame: Any) -> None:
 
     A second signal would interrupt the cleanup of the batch, even inside a C
     call such as closing the Kafka consumer, and end it with a traceback.
+    SIG_IGN, unlike a Python handler, stays in place while the interpreter
+    shuts down.
     """
     for number in (signal.SIGTERM, signal.SIGINT):
         if signal.getsignal(number) is _raise_stop_request:
-            signal.signal(number, _ignore_stop_request)
+            signal.signal(number, signal.SIG_IGN)
     if signal_number == signal.SIGINT:
         raise KeyboardInterrupt
     raise StopRequested(signal.Signals(signal_number).name)
-
-
-def _ignore_stop_request(_signal_number: int, _frame: Any) -> None:
-    """Ignore a SIGTERM or SIGINT that arrives after the first one."""
 
 
 def _exit_with_json(as_json: bool, error: Exception, code: int) -> NoReturn:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,6 +35,17 @@ settings.load_profile("untimed")
 CASES = Path(__file__).parent / "data" / "cases.jsonl"
 #: The operations guide, whose commands some tests run as written.
 OPERATIONS_DOC = Path(__file__).resolve().parents[1] / "docs" / "operations.md"
+
+
+@pytest.fixture(autouse=True)
+def _keep_signal_handlers() -> Iterator[None]:
+    """Restore SIGTERM and SIGINT after each test: 'etl run' ignores both once it ends."""
+    handlers = {
+        number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)
+    }
+    yield
+    for number, handler in handlers.items():
+        signal.signal(number, handler)
 
 
 @dataclass
