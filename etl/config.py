@@ -26,6 +26,7 @@ _MAX_DATABASE: Final = 2**31 - 1
 #: Legal Kafka topic names, as the broker checks them (Apache Kafka's
 #: ``org.apache.kafka.common.internals.Topic``).
 _TOPIC_NAME: Final = re.compile(r"[a-zA-Z0-9._-]{1,249}")
+
 _MAX_PORT: Final = 65_535
 #: One bootstrap server as librdkafka reads it: an optional protocol prefix, a
 #: host name, IPv4 or bracketed IPv6 address, and an optional port (9092).
@@ -73,6 +74,11 @@ _TEXT_URL_OPTIONS: Final = frozenset(
 _Client = TypeVar("_Client")
 
 RuleSet = Literal["acc_aha_2017", "esc_esh_2018", "legacy_age_bands"]
+
+
+def is_topic_name(value: str) -> bool:
+    """Return whether ``value`` is a legal Kafka topic name."""
+    return bool(_TOPIC_NAME.fullmatch(value)) and value not in {".", ".."}
 
 
 class ConfigurationError(ValueError):
@@ -325,7 +331,7 @@ class Settings(BaseSettings):
     @field_validator("kafka_topic")
     @classmethod
     def _legal_topic(cls, value: str) -> str:
-        if not _TOPIC_NAME.fullmatch(value) or value in {".", ".."}:
+        if not is_topic_name(value):
             msg = (
                 "a Kafka topic name has 1 to 249 characters among ASCII letters, "
                 "digits, '.', '_' and '-', and is not '.' or '..'"

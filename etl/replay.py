@@ -20,6 +20,8 @@ import base64
 import io
 import json
 import logging
+import shlex
+import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Final
 import click
 
 from etl.cli_options import HELP_SETTINGS
+from etl.config import is_topic_name
 from etl.reasons import Reason
 from etl.terminal import counted
 
@@ -46,6 +49,8 @@ LOCK_TIMEOUT_S: Final = 900
 #: Kafka header that names the record a replayed value was first read from.
 REPLAY_HEADER: Final = "vitals-replayed-from"
 _PAGE: Final = 1000
+#: Most sources named on the command line of the SADD printed after a failure.
+_MARKERS_INLINE: Final = 500
 
 
 class ReplayError(RuntimeError):
@@ -195,6 +200,8 @@ def _read_reject(raw: str | bytes, where: str) -> dict[str, Any]:
     except ValueError:
         # An integer longer than sys.get_int_max_str_digits() digits.
         problem = "a number too long to read"
+    except RecursionError:
+        problem = "arrays or objects nested too deep to read"
     else:
         problem = _reject_problem(reject)
     if problem:
@@ -212,8 +219,8 @@ def _reject_problem(reject: Any) -> str | None:
         source
     ):
         return "'source' needs 'topic', 'partition' and 'offset'"
-    if not isinstance(source["topic"], str) or not source["topic"]:
-        return "'source.topic' must be a topic name"
+    if not isinstance(source["topic"], str) or not is_topic_name(source["topic"]):
+        return "'source.topic' must be a Kafka topic name"
     for field in ("partition", "offset"):
         number = source[field]
         # bool is a subclass of int, so true would pass for 1.
@@ -288,7 +295,9 @@ def replay_rejects(
         )
         batch: list[tuple[str, bytes, bytes | None]] = []
         chosen = _Sources()
-        for reject in source:
+        for read, reject in enumerate(source, start=1):
+            if lock is not None and read % _PAGE == 0:
+                _renew_lock(lock)
             if selected_reasons and reject.get("reason") not in selected_reasons:
                 continue
             report.selected += 1
@@ -314,6 +323,8 @@ def replay_rejects(
             chosen.add(reject)
             batch.append((marker, value, reject_key(reject)))
         _require_topic(settings)
+        if lock is not None:
+            _renew_lock(lock)
         if batch and not dry_run:
             _produce(settings, batch)
             unmarked = [marker for marker, _, _ in batch]
@@ -330,7 +341,7 @@ def replay_rejects(
         )
         if missing is not None:
             raise missing from exc
-        if not str(exc).startswith("WRONGTYPE"):
+        if unmarked or not str(exc).startswith("WRONGTYPE"):
             raise ReplayError(_redis_failed(settings, exc, unmarked)) from exc
         msg = (
             f"the key {settings.redis_rejects_key!r} is not a list, or "
@@ -369,6 +380,21 @@ def _lock_replay(client: redis.Redis, settings: Settings) -> Any:
     raise ReplayError(msg)
 
 
+def _renew_lock(lock: Any) -> None:
+    """Reset the lock's expiry; raise ReplayError when the lock expired meanwhile."""
+    import redis as redis_lib
+
+    try:
+        lock.reacquire()
+    except redis_lib.exceptions.LockError as exc:
+        msg = (
+            f"the replay lock {lock.name} expired after {LOCK_TIMEOUT_S} s before "
+            "the replay produced anything, so another replay may have started. "
+            "Nothing was produced or marked as replayed; run the replay again"
+        )
+        raise ReplayError(msg) from exc
+
+
 def _unlock_replay(lock: Any) -> None:
     """Release the replay's lock; log a warning when it expired or cannot be released."""
     import redis as redis_lib
@@ -381,12 +407,12 @@ def _unlock_replay(lock: Any) -> None:
             lock.name,
             LOCK_TIMEOUT_S,
         )
-    except redis_lib.RedisError:
+    except redis_lib.RedisError as exc:
         logger.warning(
-            "Releasing the replay lock %s failed; it expires within %s s",
+            "Releasing the replay lock %s failed (%s); it expires within %s s",
             lock.name,
+            exc,
             LOCK_TIMEOUT_S,
-            exc_info=True,
         )
 
 
@@ -396,19 +422,38 @@ def _redis_failed(settings: Settings, error: Exception, unmarked: list[str]) -> 
     ``unmarked`` contains the sources of the values produced, which Redis
     failed to mark as replayed.
     """
-    from etl.sink import redis_cli_command, with_connection_advice
+    from etl.sink import with_connection_advice
 
     msg = f"Redis at {settings.redis_url_redacted} failed during the replay: {error}"
-    msg = with_connection_advice(msg, error, settings)
+    msg = with_connection_advice(msg, error, settings).rstrip(".")
     if not unmarked:
         return f"{msg}. Nothing was produced or marked as replayed"
-    replayed_key = settings.redis_rejects_key + REPLAYED_SUFFIX
-    mark = redis_cli_command(settings, "SADD", replayed_key, *unmarked)
+    mark = _mark_command(settings, unmarked)
     return (
         f"{msg}. The values of {counted(len(unmarked), 'reject')} were produced, "
         "but Redis did not mark them as replayed, so a later replay would send "
-        f"them again. Once Redis answers, mark them with {mark}"
+        f"them again. Once the cause is fixed, mark them with {mark}"
     )
+
+
+def _mark_command(settings: Settings, markers: list[str]) -> str:
+    """Return a shell command that adds ``markers`` to the set of replayed sources.
+
+    Past :data:`_MARKERS_INLINE` markers, which could exceed the length of a
+    command line, the markers go to a file that ``xargs`` reads.
+    """
+    from etl.sink import redis_cli_command
+
+    replayed_key = settings.redis_rejects_key + REPLAYED_SUFFIX
+    if len(markers) <= _MARKERS_INLINE:
+        return redis_cli_command(settings, "SADD", replayed_key, *markers)
+    with tempfile.NamedTemporaryFile(
+        "w", prefix="vitals-replayed-", suffix=".txt", delete=False
+    ) as file:
+        file.write("".join(f"{marker}\n" for marker in markers))
+    command = redis_cli_command(settings, "SADD", replayed_key)
+    # -o gives redis-cli the terminal, for --askpass.
+    return f"xargs -o -n {_MARKERS_INLINE} {command} < {shlex.quote(file.name)}"
 
 
 def _produce(settings: Settings, batch: list[tuple[str, bytes, bytes | None]]) -> None:

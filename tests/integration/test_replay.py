@@ -381,8 +381,14 @@ def test_source_marker_adds_topic_id() -> None:
         ),
         (
             '{"source": {"topic": 7, "partition": 0, "offset": 1}, "payload": "{}"}',
-            "'source.topic' must be a topic name",
+            "'source.topic' must be a Kafka topic name",
         ),
+        (
+            '{"source": {"topic": "bad topic", "partition": 0, "offset": 1}, '
+            '"payload": "{}"}',
+            "'source.topic' must be a Kafka topic name",
+        ),
+        ("[" * 100_000 + "]" * 100_000, "nested too deep"),
         (
             '{"source": {"topic": "t", "partition": 0, "offset": 1}, "payload": 42}',
             "'payload' must be a string",
@@ -721,3 +727,70 @@ def test_replay_unmarked_after_redis_failure_gives_sadd(
     assert "The values of 2 rejects were produced" in message
     assert again.skipped_already_replayed == 2
     assert again.produced == 0
+
+
+def test_replay_wrong_type_after_produce_gives_sadd(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    """With --force the replayed set is read only after the values were produced."""
+    create_topic(settings)
+    produce_tracked(settings, [b"not json"])
+    run_batch(settings)
+    redis_client.set(settings.redis_rejects_key + REPLAYED_SUFFIX, "not a set")
+
+    with pytest.raises(ReplayError) as failure:
+        replay_rejects(settings, force=True)
+
+    message = " ".join(str(failure.value).split())
+    assert "WRONGTYPE" in message
+    assert "The values of 1 reject were produced" in message
+    assert "SADD" in message
+
+
+def test_replay_many_unmarked_go_to_file(
+    settings: Settings, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the inline limit, the sources to mark are in a file that xargs reads."""
+    create_topic(settings)
+    produce_tracked(settings, [b"not json", b"[1]", b"{"])
+    run_batch(settings)
+    monkeypatch.setattr(replay, "_MARKERS_INLINE", 2)
+
+    def lost(*_args: object) -> None:
+        raise redis.ConnectionError("Connection reset by peer")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(redis.Redis, "sadd", lost)
+        with pytest.raises(ReplayError) as failure:
+            replay_rejects(settings)
+    message = " ".join(str(failure.value).split())
+    command = shlex.split(message.split("mark them with ", 1)[1])
+    markers = Path(command[-1]).read_text().split()
+    Path(command[-1]).unlink()
+
+    assert command[:4] == ["xargs", "-o", "-n", "2"]
+    assert command[-2] == "<"
+    assert sorted(markers) == sorted(
+        source_marker(r) for r in rejects(redis_client, settings)
+    )
+
+
+def test_replay_lock_lost_before_produce_sends_nothing(
+    settings: Settings, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    create_topic(settings)
+    produce_tracked(settings, [b"not json"])
+    run_batch(settings)
+    lock_key = settings.redis_rejects_key + LOCK_SUFFIX
+    check = replay._require_topic
+
+    def expire_lock(checked: Settings) -> None:
+        check(checked)
+        redis_client.delete(lock_key)
+
+    monkeypatch.setattr(replay, "_require_topic", expire_lock)
+    with pytest.raises(ReplayError, match="expired") as failure:
+        replay_rejects(settings)
+
+    assert "Nothing was produced" in str(failure.value)
+    assert redis_client.exists(settings.redis_rejects_key + REPLAYED_SUFFIX) == 0
