@@ -869,54 +869,14 @@ def test_offset_moved_back_mid_batch_gives_restore(
     assert_accounted(redis_client, settings, produced)
 
 
-def test_offsets_moved_back_in_partitions_give_one_restore(
-    settings: Settings, redis_client: redis.Redis
-) -> None:
-    """Every partition reset during the batch is named, and one HSET puts all back."""
-    create_topic(settings, PARTITIONS)
-    produced = produce_tracked(settings, mixed_values(300))
-    original = RedisSink.write_chunk
-    reached: dict[str, str] = {}
+def fail_on_reset(
+    settings: Settings, redis_client: redis.Redis, lowered: Callable[[int], int]
+) -> tuple[str, dict[str, str]]:
+    """Run a batch that finds its stored offsets lowered after its first write.
 
-    def write_then_reset(
-        self: RedisSink, topic: str, chunk: Any, **options: Any
-    ) -> Any:
-        result = original(self, topic, chunk, **options)
-        if not reached:
-            stored = redis_client.hgetall(settings.redis_offsets_key)
-            reached.update({k.decode(): v.decode() for k, v in stored.items()})
-            fields = {f"{topic}:{p}": 0 for p in range(PARTITIONS)}
-            redis_client.hset(settings.redis_offsets_key, mapping=fields)
-        return result
-
-    with (
-        mock.patch.object(RedisSink, "write_chunk", write_then_reset),
-        pytest.raises(OffsetConflict) as raised,
-    ):
-        run_batch(settings)
-    message = " ".join(str(raised.value).split())
-    restore = shlex.split(message.split(" with ", 1)[1].split(";", 1)[0])
-    fields = restore[-2 * PARTITIONS :]
-    pairs = dict(zip(fields[::2], fields[1::2], strict=True))
-    redis_client.hset(settings.redis_offsets_key, mapping=pairs)
-    run_batch(settings)
-
-    for partition in range(PARTITIONS):
-        field = f"{settings.kafka_topic}:{partition}"
-        assert f"partition {partition} from {reached[field]} to 0" in message
-        assert pairs[field] == reached[field]
-    assert_accounted(redis_client, settings, produced)
-
-
-def test_offsets_moved_back_before_partition_drained(
-    settings: Settings, redis_client: redis.Redis
-) -> None:
-    """Partitions reset before the batch reached them are named with the one it wrote."""
-    create_topic(settings, PARTITIONS)
-    produced = produce_tracked(settings, mixed_values(300))
-    run_batch(settings)
-    produced += produce_tracked(settings, mixed_values(300))
-    chunked = settings.model_copy(update={"chunk_size": 40})
+    ``lowered`` maps each stored offset to the one set after that write.
+    Returns the error message and the offsets stored before they were lowered.
+    """
     original = RedisSink.write_chunk
     reached: dict[str, str] = {}
 
@@ -930,20 +890,58 @@ def test_offsets_moved_back_before_partition_drained(
             reached.update(
                 {k.decode(): v.decode() for k, v in stored.items() if k in fields}
             )
-            lowered = {field: int(offset) - 10 for field, offset in reached.items()}
-            redis_client.hset(settings.redis_offsets_key, mapping=lowered)
+            reset = {field: lowered(int(offset)) for field, offset in reached.items()}
+            redis_client.hset(settings.redis_offsets_key, mapping=reset)
         return result
 
     with (
         mock.patch.object(RedisSink, "write_chunk", write_then_reset),
         pytest.raises(OffsetConflict) as raised,
     ):
-        run_batch(chunked)
-    message = " ".join(str(raised.value).split())
+        run_batch(settings)
+    return " ".join(str(raised.value).split()), reached
+
+
+def restore_printed_offsets(redis_client: redis.Redis, message: str) -> dict[str, str]:
+    """Run the HSET of a "moved back" message; return the fields it sets."""
     restore = shlex.split(message.split(" with ", 1)[1].split(";", 1)[0])
-    fields = restore[-2 * PARTITIONS :]
+    fields = restore[restore.index("HSET") + 2 :]
     pairs = dict(zip(fields[::2], fields[1::2], strict=True))
-    redis_client.hset(settings.redis_offsets_key, mapping=pairs)
+    redis_client.hset(restore[restore.index("HSET") + 1], mapping=pairs)
+    return pairs
+
+
+def test_offsets_moved_back_in_partitions_give_one_restore(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    """Every partition reset during the batch is named, and one HSET puts all back."""
+    create_topic(settings, PARTITIONS)
+    produced = produce_tracked(settings, mixed_values(300))
+
+    message, reached = fail_on_reset(settings, redis_client, lambda _offset: 0)
+    pairs = restore_printed_offsets(redis_client, message)
+    run_batch(settings)
+
+    assert pairs == reached
+    for field, offset in reached.items():
+        partition = field.rsplit(":", 1)[1]
+        assert f"partition {partition} from {offset} to 0" in message
+    assert len(reached) == PARTITIONS
+    assert_accounted(redis_client, settings, produced)
+
+
+def test_offsets_moved_back_before_partition_drained(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    """Partitions reset before the batch reached them are named with the one it wrote."""
+    create_topic(settings, PARTITIONS)
+    produced = produce_tracked(settings, mixed_values(300))
+    run_batch(settings)
+    produced += produce_tracked(settings, mixed_values(300))
+    chunked = settings.model_copy(update={"chunk_size": 40})
+
+    message, reached = fail_on_reset(chunked, redis_client, lambda offset: offset - 10)
+    pairs = restore_printed_offsets(redis_client, message)
     run_batch(chunked)
 
     assert pairs == reached

@@ -690,6 +690,19 @@ def test_replay_releases_lock_after_failure(
     assert redis_client.exists(settings.redis_rejects_key + LOCK_SUFFIX) == 0
 
 
+def replay_losing_marks(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Replay while Redis fails to store the replayed sources; return the error message."""
+
+    def lost(*_args: object) -> None:
+        raise redis.ConnectionError("Connection reset by peer")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(redis.Redis, "sadd", lost)
+        with pytest.raises(ReplayError) as failure:
+            replay_rejects(settings)
+    return " ".join(str(failure.value).split())
+
+
 def test_replay_without_redis_sends_nothing(settings: Settings) -> None:
     create_topic(settings)
     unreachable = settings.model_copy(
@@ -712,14 +725,7 @@ def test_replay_unmarked_after_redis_failure_gives_sadd(
     produce_tracked(settings, [b"not json", b"[1]"])
     run_batch(settings)
 
-    def lost(*_args: object) -> None:
-        raise redis.ConnectionError("Connection reset by peer")
-
-    with monkeypatch.context() as patched:
-        patched.setattr(redis.Redis, "sadd", lost)
-        with pytest.raises(ReplayError) as failure:
-            replay_rejects(settings)
-    message = " ".join(str(failure.value).split())
+    message = replay_losing_marks(settings, monkeypatch)
     mark = shlex.split(message.split("mark them with ", 1)[1])
     redis_client.execute_command(*mark[mark.index("SADD") :])
     again = replay_rejects(settings)
@@ -756,14 +762,7 @@ def test_replay_many_unmarked_go_to_file(
     run_batch(settings)
     monkeypatch.setattr(replay, "_MARKERS_INLINE", 2)
 
-    def lost(*_args: object) -> None:
-        raise redis.ConnectionError("Connection reset by peer")
-
-    with monkeypatch.context() as patched:
-        patched.setattr(redis.Redis, "sadd", lost)
-        with pytest.raises(ReplayError) as failure:
-            replay_rejects(settings)
-    message = " ".join(str(failure.value).split())
+    message = replay_losing_marks(settings, monkeypatch)
     command = shlex.split(message.split("mark them with ", 1)[1])
     markers = Path(command[-1]).read_text().split()
     Path(command[-1]).unlink()
