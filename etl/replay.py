@@ -370,10 +370,9 @@ def _lock_replay(client: redis.Redis, settings: Settings) -> Any:
     lock = client.lock(key, timeout=LOCK_TIMEOUT_S, blocking=False)
     if lock.acquire():
         return lock
-    remaining = client.ttl(key)
     msg = (
         f"another replay of {settings.redis_rejects_key} is running, as the lock "
-        f"{key} shows (it expires in {remaining} s). Wait for it to end and run "
+        f"{key} shows (it expires within {LOCK_TIMEOUT_S} s). Wait for it to end and run "
         "the replay again. If no replay runs, the lock is left by one that "
         f"was killed: remove it with {redis_cli_command(settings, 'DEL', key)}"
     )
