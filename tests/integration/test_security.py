@@ -70,9 +70,13 @@ ETL_COMMANDS: Final = (
 )
 #: The commands that the readers need on top of ETL_COMMANDS: ``etl reports``
 #: runs XREVRANGE, ``etl show`` LRANGE, ``etl replay-rejects`` LRANGE,
-#: SISMEMBER and SADD, and the loaders of ``etl.explore`` PING, LLEN, LRANGE,
-#: XRANGE and XREVRANGE.
-READER_COMMANDS: Final = ("xrevrange", "xrange", "llen", "sismember", "sadd")
+#: SISMEMBER and SADD, and for its lock (redis-py's Lock) SET, EVALSHA and
+#: SCRIPT LOAD, whose scripts run GET, PEXPIRE and DEL. The loaders of
+#: ``etl.explore`` run PING, LLEN, LRANGE, XRANGE and XREVRANGE.
+READER_COMMANDS: Final = (
+    "xrevrange", "xrange", "llen", "sismember", "sadd",
+    "set", "evalsha", "script|load", "get", "pexpire", "del",
+)  # fmt: skip
 
 
 @pytest.fixture
