@@ -69,3 +69,20 @@ def test_run_ignores_signals_once_batch_ended() -> None:
 
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
     assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+
+
+def test_run_signal_while_failure_prints_is_ignored() -> None:
+    """The batch has failed, so a signal during its message changes nothing."""
+    from etl.sink import SinkError
+
+    def print_then_signal(*args: object) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    with (
+        mock.patch("etl.pipeline.run_batch", side_effect=SinkError("Redis is down")),
+        mock.patch("etl.cli.print_error", side_effect=print_then_signal),
+    ):
+        result = CliRunner().invoke(main, ["run", "--json"])
+
+    assert result.exit_code == 3, result.output
+    assert json.loads(result.stdout)["status"] == "failed"
