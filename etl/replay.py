@@ -451,8 +451,11 @@ def _mark_command(settings: Settings, markers: list[str]) -> str:
     ) as file:
         file.write("".join(f"{marker}\n" for marker in markers))
     command = redis_cli_command(settings, "SADD", replayed_key)
-    # -o gives redis-cli the terminal, for --askpass.
-    return f"xargs -o -n {_MARKERS_INLINE} {command} < {shlex.quote(file.name)}"
+    # -o gives redis-cli the terminal, which --askpass reads the password from.
+    # It fails where no terminal is, so it is only added for --askpass.
+    xargs = "xargs -o" if "--askpass" in shlex.split(command) else "xargs"
+    path = shlex.quote(file.name)
+    return f"{xargs} -n {_MARKERS_INLINE} {command} < {path}, then delete {path}"
 
 
 def _produce(settings: Settings, batch: list[tuple[str, bytes, bytes | None]]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -763,12 +764,20 @@ def test_replay_many_unmarked_go_to_file(
     monkeypatch.setattr(replay, "_MARKERS_INLINE", 2)
 
     message = replay_losing_marks(settings, monkeypatch)
-    command = shlex.split(message.split("mark them with ", 1)[1])
+    command = shlex.split(message.split("mark them with ", 1)[1].split(", then", 1)[0])
     markers = Path(command[-1]).read_text().split()
+    with Path(command[-1]).open() as sources:
+        xargs = subprocess.run(
+            command[:-2], stdin=sources, capture_output=True, check=False
+        )
     Path(command[-1]).unlink()
 
-    assert command[:4] == ["xargs", "-o", "-n", "2"]
+    assert command[:3] == ["xargs", "-n", "2"]
     assert command[-2] == "<"
+    assert xargs.returncode == 0, xargs.stderr
+    assert redis_client.smembers(settings.redis_rejects_key + REPLAYED_SUFFIX) == {
+        marker.encode() for marker in markers
+    }
     assert sorted(markers) == sorted(
         source_marker(r) for r in rejects(redis_client, settings)
     )
