@@ -486,9 +486,7 @@ class RedisSink:
                 msg = f"Redis at {self._settings.redis_url_redacted} rejected the write: {exc}"
                 raise SinkError(msg) from exc
             else:
-                ours = self._relied_on.setdefault(topic, {})
-                for partition, next_offset in chunk.next_offsets.items():
-                    ours[partition] = max(next_offset, ours.get(partition, 0))
+                self.rely_on(topic, chunk.next_offsets)
                 return result
             self._wait_before_retry(attempt, failure, delay)
             delay *= 2
@@ -527,10 +525,12 @@ class RedisSink:
             raise SinkError(msg) from failure
 
     def rely_on(self, topic: str, offsets: dict[int, int]) -> None:
-        """Check ``offsets``, stored in Redis when the batch started, at every write.
+        """Check at every later write that Redis stores at least ``offsets``.
 
-        A partition whose offset moves back while the batch drains another
-        one is then named by the first check that fails, with the others.
+        The batch passes the offsets stored when it started, so a partition
+        whose offset moves back while the batch drains another one is named
+        by the first check that fails, with the others. Each write passes
+        the offsets it stored.
         """
         relied_on = self._relied_on.setdefault(topic, {})
         for partition, offset in offsets.items():
