@@ -148,10 +148,8 @@ def run(
     # machine.
     # NOTE: a signal while Python loads this module (about 0.3 s after the
     # start) still ends the process by its default action, before any read.
-    handled = [signal.SIGTERM]
     signal.signal(signal.SIGTERM, _raise_stop_request)
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-        handled.append(signal.SIGINT)
         signal.signal(signal.SIGINT, _raise_stop_request)
     overrides = {
         "kafka_topic": topic,
@@ -173,8 +171,7 @@ def run(
         finally:
             # Once the batch has ended there is nothing left to stop, so a
             # signal while the outcome prints is ignored until the exit.
-            for number in handled:
-                signal.signal(number, signal.SIG_IGN)
+            _ignore_stop_signals()
     except (StopRequested, KeyboardInterrupt) as exc:
         name = "SIGINT" if isinstance(exc, KeyboardInterrupt) else str(exc)
         print_error(
@@ -235,12 +232,17 @@ def _raise_stop_request(signal_number: int, _frame: Any) -> None:
     SIG_IGN, unlike a Python handler, stays in place while the interpreter
     shuts down.
     """
-    for number in (signal.SIGTERM, signal.SIGINT):
-        if signal.getsignal(number) is _raise_stop_request:
-            signal.signal(number, signal.SIG_IGN)
+    _ignore_stop_signals()
     if signal_number == signal.SIGINT:
         raise KeyboardInterrupt
     raise StopRequested(signal.Signals(signal_number).name)
+
+
+def _ignore_stop_signals() -> None:
+    """Set SIG_IGN for SIGTERM and SIGINT wherever :func:`_raise_stop_request` handles them."""
+    for number in (signal.SIGTERM, signal.SIGINT):
+        if signal.getsignal(number) is _raise_stop_request:
+            signal.signal(number, signal.SIG_IGN)
 
 
 def _exit_with_json(as_json: bool, error: Exception, code: int) -> NoReturn:
