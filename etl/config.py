@@ -26,7 +26,6 @@ _MAX_DATABASE: Final = 2**31 - 1
 #: Legal Kafka topic names, as the broker checks them (Apache Kafka's
 #: ``org.apache.kafka.common.internals.Topic``).
 _TOPIC_NAME: Final = re.compile(r"[a-zA-Z0-9._-]{1,249}")
-
 _MAX_PORT: Final = 65_535
 #: One bootstrap server as librdkafka reads it: an optional protocol prefix, a
 #: host name, IPv4 or bracketed IPv6 address, and an optional port (9092).

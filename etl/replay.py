@@ -235,11 +235,10 @@ def _reject_problem(reject: Any) -> str | None:
         and " " not in topic_id
     ):
         return "'source.topic_id' must be a string without spaces, or null"
-    if reject.get("payload") is not None and not isinstance(reject["payload"], str):
+    payload = reject.get("payload")
+    if payload is not None and not isinstance(payload, str):
         return "'payload' must be a string"
-    has_value = reject.get("payload") is not None or (
-        reject.get("payload_base64") is not None
-    )
+    has_value = payload is not None or reject.get("payload_base64") is not None
     if not has_value and reject.get("reason") != Reason.TOMBSTONE.value:
         return (
             "'payload' or 'payload_base64' is missing, and only a tombstone has neither"
@@ -372,9 +371,9 @@ def _lock_replay(client: redis.Redis, settings: Settings) -> Any:
         return lock
     msg = (
         f"another replay of {settings.redis_rejects_key} is running, as the lock "
-        f"{key} shows (it expires within {LOCK_TIMEOUT_S} s). Wait for it to end and run "
-        "the replay again. If no replay runs, the lock is left by one that "
-        f"was killed: remove it with {redis_cli_command(settings, 'DEL', key)}"
+        f"{key} shows (it expires within {LOCK_TIMEOUT_S} s). Wait for it to end "
+        "and run the replay again. If no replay runs, the lock is left by one "
+        f"that was killed: remove it with {redis_cli_command(settings, 'DEL', key)}"
     )
     raise ReplayError(msg)
 
