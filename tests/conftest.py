@@ -39,7 +39,7 @@ OPERATIONS_DOC = Path(__file__).resolve().parents[1] / "docs" / "operations.md"
 
 @pytest.fixture(autouse=True)
 def _keep_signal_handlers() -> Iterator[None]:
-    """Restore SIGTERM and SIGINT after each test: 'etl run' ignores both once it ends."""
+    """Restore the SIGTERM and SIGINT handlers after each test, because 'etl run' ignores both once its batch ends."""
     handlers = {
         number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)
     }

@@ -903,7 +903,7 @@ def fail_on_reset(
 
 
 def restore_printed_offsets(redis_client: redis.Redis, message: str) -> dict[str, str]:
-    """Run the HSET of a "moved back" message; return the fields it sets."""
+    """Run the HSET of a "moved back" message and return the fields it sets."""
     restore = shlex.split(message.split(" with ", 1)[1].split(";", 1)[0])
     fields = restore[restore.index("HSET") + 2 :]
     pairs = dict(zip(fields[::2], fields[1::2], strict=True))
@@ -911,7 +911,7 @@ def restore_printed_offsets(redis_client: redis.Redis, message: str) -> dict[str
     return pairs
 
 
-def test_offsets_moved_back_in_partitions_give_one_restore(
+def test_reset_partitions_one_restore(
     settings: Settings, redis_client: redis.Redis
 ) -> None:
     """Every partition reset during the batch is named, and one HSET puts all back."""
@@ -930,7 +930,7 @@ def test_offsets_moved_back_in_partitions_give_one_restore(
     assert_accounted(redis_client, settings, produced)
 
 
-def test_offsets_moved_back_before_partition_drained(
+def test_reset_before_partition_drained(
     settings: Settings, redis_client: redis.Redis
 ) -> None:
     """Partitions reset before the batch reached them are named with the one it wrote."""

@@ -644,7 +644,7 @@ def test_replay_file_repeats_source_without_id(
     assert (report.would_produce, report.skipped_repeated_source) == (1, 1)
 
 
-def test_replay_refuses_while_another_runs(
+def test_replay_fails_while_another_runs(
     settings: Settings, redis_client: redis.Redis
 ) -> None:
     """A second replay of the same rejects list fails and sends nothing."""
@@ -692,7 +692,7 @@ def test_replay_releases_lock_after_failure(
 
 
 def replay_losing_marks(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Replay while Redis fails to store the replayed sources; return the error message."""
+    """Replay while Redis fails to store the replayed sources, and return the error message."""
 
     def lost(*_args: object) -> None:
         raise redis.ConnectionError("Connection reset by peer")
@@ -718,7 +718,7 @@ def test_replay_without_redis_sends_nothing(settings: Settings) -> None:
     assert "Nothing was produced or marked as replayed" in message
 
 
-def test_replay_unmarked_after_redis_failure_gives_sadd(
+def test_replay_lost_marks_print_sadd(
     settings: Settings, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Redis fails once the values are produced: the error prints the SADD that marks them."""
@@ -736,7 +736,7 @@ def test_replay_unmarked_after_redis_failure_gives_sadd(
     assert again.produced == 0
 
 
-def test_replay_wrong_type_after_produce_gives_sadd(
+def test_replay_wrong_type_prints_sadd(
     settings: Settings, redis_client: redis.Redis
 ) -> None:
     """With --force the replayed set is read only after the values were produced."""
@@ -783,7 +783,7 @@ def test_replay_many_unmarked_go_to_file(
     )
 
 
-def test_replay_lock_lost_before_produce_sends_nothing(
+def test_replay_expired_lock_sends_nothing(
     settings: Settings, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     create_topic(settings)
