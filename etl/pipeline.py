@@ -965,6 +965,11 @@ def load_staging(settings: Settings, staging: Path) -> BatchReport:
     # offset.
     if manifest.get("redis_knew_topic"):
         sink.expect_known(manifest["topic"])
+    # As in run_batch, each write checks every offset stored when the drain began.
+    sink.rely_on(
+        manifest["topic"],
+        {int(p): offset for p, offset in manifest["stored_offsets"].items()},
+    )
     source: KafkaSource | None = None
     try:
         sink.check()

@@ -870,12 +870,16 @@ def test_offset_moved_back_mid_batch_gives_restore(
 
 
 def fail_on_reset(
-    settings: Settings, redis_client: redis.Redis, lowered: Callable[[int], int]
+    settings: Settings,
+    redis_client: redis.Redis,
+    lowered: Callable[[int], int],
+    batch: Callable[[], object] | None = None,
 ) -> tuple[str, dict[str, str]]:
     """Run a batch that finds its stored offsets lowered after its first write.
 
-    ``lowered`` maps each stored offset to the one set after that write.
-    Returns the error message and the offsets stored before they were lowered.
+    ``lowered`` maps each stored offset to the one set after that write, and
+    ``batch`` runs the batch (``run_batch`` by default). Returns the error
+    message and the offsets stored before they were lowered.
     """
     original = RedisSink.write_chunk
     reached: dict[str, str] = {}
@@ -898,7 +902,10 @@ def fail_on_reset(
         mock.patch.object(RedisSink, "write_chunk", write_then_reset),
         pytest.raises(OffsetConflict) as raised,
     ):
-        run_batch(settings)
+        if batch is None:
+            run_batch(settings)
+        else:
+            batch()
     return " ".join(str(raised.value).split()), reached
 
 
@@ -945,6 +952,35 @@ def test_reset_before_partition_drained(
     run_batch(chunked)
 
     assert pairs == reached
+    for field, offset in reached.items():
+        partition = field.rsplit(":", 1)[1]
+        assert f"partition {partition} from {offset} to {int(offset) - 10}" in message
+    assert_accounted(redis_client, settings, produced)
+
+
+def test_staged_reset_before_partition_loaded(
+    settings: Settings, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    """A staged load names the partitions reset before it wrote them, as a batch does."""
+    create_topic(settings, PARTITIONS)
+    produced = produce_tracked(settings, mixed_values(300))
+    run_batch(settings)
+    produced += produce_tracked(settings, mixed_values(300))
+    chunked = settings.model_copy(update={"chunk_size": 40})
+    drain_to_staging(chunked, tmp_path)
+    transform_staging(chunked, tmp_path)
+
+    message, reached = fail_on_reset(
+        chunked,
+        redis_client,
+        lambda offset: offset - 10,
+        batch=lambda: load_staging(chunked, tmp_path),
+    )
+    pairs = restore_printed_offsets(redis_client, message)
+    load_staging(chunked, tmp_path)
+
+    assert pairs == reached
+    assert len(reached) == PARTITIONS
     for field, offset in reached.items():
         partition = field.rsplit(":", 1)[1]
         assert f"partition {partition} from {offset} to {int(offset) - 10}" in message
