@@ -228,7 +228,10 @@ class Settings(BaseSettings):
     chunk_size: int = Field(50_000, ge=1, le=1_000_000)
     max_records: int = Field(2_000_000, ge=1)
     deadline_s: float = Field(180.0, gt=0, allow_inf_nan=False)
-    max_message_bytes: int = Field(65_536, ge=256)
+    #: At most 1 MiB, about Kafka's default largest record (message.max.bytes):
+    #: a reading is a few hundred bytes, and a larger limit would make the
+    #: batch parse values of many megabytes, a chunk of which fills memory.
+    max_message_bytes: int = Field(65_536, ge=256, le=1_048_576)
     #: At most 366 days, so that the latest accepted time stays far below
     #: year 10000, which the output's timestamp cannot show in any time zone.
     max_future_skew_s: float = Field(3600.0, ge=0, le=31_622_400, allow_inf_nan=False)

@@ -58,6 +58,12 @@ def test_settings_read_prefixed_environment(monkeypatch: pytest.MonkeyPatch) -> 
             "VITALS_TIME_ZONE", "Factory", "unknown time zone", id="zone-factory"
         ),
         pytest.param("VITALS_CHUNK_SIZE", "0", "VITALS_CHUNK_SIZE", id="chunk-zero"),
+        pytest.param(
+            "VITALS_MAX_MESSAGE_BYTES",
+            "1048577",
+            "less than or equal to 1048576",
+            id="message-bytes-above-kafka-default",
+        ),
         pytest.param("VITALS_RULE_SET", "who_1999", "VITALS_RULE_SET", id="rule-set"),
         pytest.param(
             "VITALS_REDIS_URL", "http://x", "VITALS_REDIS_URL", id="redis-scheme"
