@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Run Airflow 3 on this machine without Docker: the API server, the scheduler
 # and the DAG processor as separate processes, on SQLite with LocalExecutor,
-# listening on 127.0.0.1 only. State, pid files and logs go to .local/airflow.
+# listening on 127.0.0.1 only. State, pid files and logs go to AIRFLOW_STATE_DIR.
 #
 # Usage: scripts/airflow-local.sh start|stop|status
 #
 # Environment:
 #   VENV                   virtualenv with apache-airflow installed (default: <repo>/.venv)
 #   AIRFLOW_PORT           port of the API server and UI on 127.0.0.1 (default: 8080)
+#   AIRFLOW_STATE_DIR      AIRFLOW_HOME: database, secrets, pid files and logs (default: <repo>/.local/airflow)
 #   AIRFLOW_DAGS_FOLDER    folder of DAG files (default: <repo>/dags)
 #   AIRFLOW_DAG_ID         DAG that `start` unpauses and runs (default: a_kafka_redis_airflow)
 #   AIRFLOW_START_TIMEOUT  seconds `start` waits for health and for the DAG (default: 180)
@@ -21,10 +22,6 @@ set -euo pipefail
 set +m
 
 REPO_ROOT=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)
-STATE_DIR=$REPO_ROOT/.local/airflow
-PID_DIR=$STATE_DIR/pids
-LOG_DIR=$STATE_DIR/logs
-PASSWORDS_FILE=$STATE_DIR/simple_auth_manager_passwords.json
 COMPONENTS=(api-server scheduler dag-processor)
 AIRFLOW_USER=airflow
 
@@ -35,6 +32,10 @@ absolute_path() {
     esac
 }
 
+STATE_DIR=$(absolute_path "${AIRFLOW_STATE_DIR:-$REPO_ROOT/.local/airflow}")
+PID_DIR=$STATE_DIR/pids
+LOG_DIR=$STATE_DIR/logs
+PASSWORDS_FILE=$STATE_DIR/simple_auth_manager_passwords.json
 VENV=$(absolute_path "${VENV:-$REPO_ROOT/.venv}")
 DAGS_FOLDER=$(absolute_path "${AIRFLOW_DAGS_FOLDER:-$REPO_ROOT/dags}")
 AIRFLOW_PORT=${AIRFLOW_PORT:-8080}

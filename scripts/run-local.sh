@@ -12,8 +12,9 @@
 # and REDIS_PORT, the broker and Redis keep the ports of their last start.
 # When they already run on other ports than KAFKA_PORT or REDIS_PORT, the
 # script stops with an error. SKIP_AIRFLOW=1 stops after the batch.
-# STATE_DIR (default .local) holds the broker's and Redis's files and logs;
-# 'stop' needs the STATE_DIR of the start.
+# STATE_DIR (default .local) is the folder of the broker's and Redis's files
+# and logs; Airflow's go to its subfolder airflow. 'stop' needs the STATE_DIR
+# of the start.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STATE_DIR=${STATE_DIR:-.local}
@@ -33,7 +34,7 @@ if [ "${1:-}" = "stop" ]; then
     exit 2
   fi
   if [ -x "$VENV/bin/airflow" ]; then
-    VENV="$VENV" scripts/airflow-local.sh stop || true
+    VENV="$VENV" AIRFLOW_STATE_DIR="$STATE_DIR/airflow" scripts/airflow-local.sh stop || true
   fi
   "$VENV/bin/etl" services stop --state-dir "$STATE_DIR"
   exit 0
@@ -89,6 +90,6 @@ if [ "${SKIP_AIRFLOW:-0}" = "1" ]; then
   exit 0
 fi
 echo "== Starting Airflow on http://127.0.0.1:${AIRFLOW_PORT:-8080} (user airflow, password airflow)"
-VENV="$VENV" scripts/airflow-local.sh start
+VENV="$VENV" AIRFLOW_STATE_DIR="$STATE_DIR/airflow" scripts/airflow-local.sh start
 echo "The DAG a_kafka_redis_airflow is unpaused and runs every 5 minutes."
 echo "Stop everything with: scripts/run-local.sh stop"

@@ -479,3 +479,26 @@ def test_copied_state_folder_stops_nothing(tmp_path: Path) -> None:
     assert copy_status == {"kafka": None, "redis": None}
     assert stopped == []
     assert None not in original_status.values()
+
+
+def test_airflow_script_uses_its_state_dir(tmp_path: Path) -> None:
+    """scripts/airflow-local.sh looks for Airflow's pid files and logs in AIRFLOW_STATE_DIR."""
+    script = Path(__file__).parents[2] / "scripts" / "airflow-local.sh"
+    state_dir = tmp_path / "airflow"
+    result = subprocess.run(
+        ["bash", str(script), "status"],
+        env={
+            **os.environ,
+            "AIRFLOW_STATE_DIR": str(state_dir),
+            "AIRFLOW_PORT": str(free_port()),
+            "VENV": sys.prefix,
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert result.returncode == 1, result.stderr
+    assert f"logs           {state_dir / 'logs'}\n" in result.stdout
+    assert "scheduler      stopped" in result.stdout
