@@ -937,47 +937,28 @@ def test_reset_partitions_one_restore(
     assert_accounted(redis_client, settings, produced)
 
 
-def test_reset_before_partition_drained(
-    settings: Settings, redis_client: redis.Redis
+@pytest.mark.parametrize("staged", [False, True], ids=["batch", "staged-load"])
+def test_reset_before_partition_written(
+    settings: Settings, redis_client: redis.Redis, tmp_path: Path, staged: bool
 ) -> None:
-    """Partitions reset before the batch reached them are named with the one it wrote."""
+    """Partitions reset before the batch wrote them are named with the one it wrote."""
     create_topic(settings, PARTITIONS)
     produced = produce_tracked(settings, mixed_values(300))
     run_batch(settings)
     produced += produce_tracked(settings, mixed_values(300))
     chunked = settings.model_copy(update={"chunk_size": 40})
+    if staged:
+        drain_to_staging(chunked, tmp_path)
+        transform_staging(chunked, tmp_path)
 
-    message, reached = fail_on_reset(chunked, redis_client, lambda offset: offset - 10)
-    pairs = restore_printed_offsets(redis_client, message)
-    run_batch(chunked)
-
-    assert pairs == reached
-    for field, offset in reached.items():
-        partition = field.rsplit(":", 1)[1]
-        assert f"partition {partition} from {offset} to {int(offset) - 10}" in message
-    assert_accounted(redis_client, settings, produced)
-
-
-def test_staged_reset_before_partition_loaded(
-    settings: Settings, redis_client: redis.Redis, tmp_path: Path
-) -> None:
-    """A staged load names the partitions reset before it wrote them, as a batch does."""
-    create_topic(settings, PARTITIONS)
-    produced = produce_tracked(settings, mixed_values(300))
-    run_batch(settings)
-    produced += produce_tracked(settings, mixed_values(300))
-    chunked = settings.model_copy(update={"chunk_size": 40})
-    drain_to_staging(chunked, tmp_path)
-    transform_staging(chunked, tmp_path)
+    def batch() -> object:
+        return load_staging(chunked, tmp_path) if staged else run_batch(chunked)
 
     message, reached = fail_on_reset(
-        chunked,
-        redis_client,
-        lambda offset: offset - 10,
-        batch=lambda: load_staging(chunked, tmp_path),
+        chunked, redis_client, lambda offset: offset - 10, batch
     )
     pairs = restore_printed_offsets(redis_client, message)
-    load_staging(chunked, tmp_path)
+    batch()
 
     assert pairs == reached
     assert len(reached) == PARTITIONS
