@@ -309,6 +309,9 @@ def _process_state(pid: int) -> str | None:
 # can run as separate commands.
 
 
+#: Seconds that a local service already running has to respond to 'etl services start'.
+_RESPONSE_TIMEOUT_S: Final = 10.0
+
 #: Marks a local broker started since the stored offsets were last forgotten.
 _FRESH_BROKER: Final = "kafka.fresh"
 
@@ -365,6 +368,7 @@ def start_local_stack(
     defaults = {"kafka": DEFAULT_KAFKA_PORT, "redis": DEFAULT_REDIS_PORT}
     ports: dict[str, int] = {}
     mismatches: list[PortMismatch] = []
+    running: dict[str, int] = {}
     to_start = []
     for name in requested:
         pid_file = state_dir / f"{name}.pid"
@@ -377,6 +381,7 @@ def start_local_stack(
             requested_port = requested[name]
             if requested_port is not None and requested_port != ports[name]:
                 mismatches.append(PortMismatch(name, pid, ports[name], requested_port))
+            running[name] = pid
         elif port_in_use(ports[name]):
             msg = (
                 f"port {ports[name]} on {HOST} is already in use by another program, "
@@ -388,6 +393,8 @@ def start_local_stack(
             to_start.append(name)
     if mismatches:
         raise ServiceError(port_mismatch_message(mismatches, state_dir))
+    for name, pid in running.items():
+        _check_responds(name, pid, ports[name], state_dir)
     started: list[Service] = []
     try:
         for name in to_start:
@@ -411,6 +418,35 @@ def start_local_stack(
         "VITALS_KAFKA_BOOTSTRAP_SERVERS": f"{HOST}:{ports['kafka']}",
         "VITALS_REDIS_URL": f"redis://{HOST}:{ports['redis']}/{redis_database}",
     }
+
+
+def _check_responds(name: str, pid: int, port: int, state_dir: Path) -> None:
+    """Resume a suspended local service, then raise ServiceError unless it responds.
+
+    A service stopped by SIGSTOP keeps its port open but handles no request,
+    and one that is shutting down may stop responding, so clients given its
+    address would time out.
+    """
+    if is_suspended(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+        logger.warning(
+            "The local %s (pid %s) was suspended (SIGSTOP); resumed it with SIGCONT",
+            name,
+            pid,
+        )
+    try:
+        if name == "kafka":
+            wait_for_broker(f"{HOST}:{port}", timeout=_RESPONSE_TIMEOUT_S)
+        else:
+            wait_for_redis(port, timeout=_RESPONSE_TIMEOUT_S)
+    except ServiceError as exc:
+        msg = (
+            f"the local {name} runs (pid {pid}) but does not respond: {exc}. Stop "
+            f"the services with 'etl services stop --state-dir {state_dir}', then "
+            "start them again"
+        )
+        raise ServiceError(msg) from exc
 
 
 def forget_stale_offsets(

@@ -365,29 +365,84 @@ def test_stop_resumes_suspended_redis(tmp_path: Path) -> None:
     assert "ready to exit, bye bye" in log
 
 
+def suspend(pid: int) -> None:
+    """Send SIGSTOP to ``pid`` and wait until its state is T, once every thread has stopped."""
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 5
+    while not is_suspended(pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 @pytest.mark.parametrize("name", ["kafka", "redis"])
 def test_status_names_suspended_service(tmp_path: Path, name: str) -> None:
     start(tmp_path, free_port(), free_port())
     pid = local_stack_status(tmp_path)[name]
     assert pid is not None
     try:
-        os.kill(pid, signal.SIGSTOP)
-        try:
-            # Every thread of the process must stop before its state is T.
-            deadline = time.monotonic() + 5
-            while not is_suspended(pid) and time.monotonic() < deadline:
-                time.sleep(0.01)
-            result = CliRunner().invoke(
-                main, ["services", "status", "--state-dir", str(tmp_path)]
-            )
-        finally:
-            os.kill(pid, signal.SIGCONT)
+        suspend(pid)
+        result = CliRunner().invoke(
+            main, ["services", "status", "--state-dir", str(tmp_path)]
+        )
     finally:
+        os.kill(pid, signal.SIGCONT)
         stop_local_stack(tmp_path)
 
     assert result.exit_code == 3
     assert f"{name}: suspended (pid {pid}," in result.stdout
     assert f"'kill -CONT {pid}'" in result.stdout
+
+
+@pytest.mark.parametrize("name", ["kafka", "redis"])
+def test_start_resumes_suspended_service(
+    tmp_path: Path, name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A frozen service is resumed, so the printed address responds."""
+    start(tmp_path, free_port(), free_port())
+    pid = local_stack_status(tmp_path)[name]
+    assert pid is not None
+    try:
+        suspend(pid)
+        result = CliRunner().invoke(
+            main,
+            ["services", "start", "--state-dir", str(tmp_path)],
+            env={"VITALS_KAFKA_TOPIC": "vitals"},
+        )
+        suspended = is_suspended(pid)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        stop_local_stack(tmp_path)
+
+    assert result.exit_code == 0, result.output
+    assert not suspended
+    assert f"The local {name} (pid {pid}) was suspended" in caplog.text
+
+
+def test_start_fails_when_redis_unresponsive(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A running service that does not respond exits 3 and prints the stop command."""
+    start(tmp_path, free_port(), free_port())
+    pid = local_stack_status(tmp_path)["redis"]
+    assert pid is not None
+    # With is_suspended patched, the command takes the frozen Redis for a hung one.
+    monkeypatch.setattr("etl.services.is_suspended", lambda _pid: False)
+    monkeypatch.setattr("etl.services._RESPONSE_TIMEOUT_S", 0.5)
+    try:
+        suspend(pid)
+        result = CliRunner().invoke(
+            main,
+            ["services", "start", "--state-dir", str(tmp_path)],
+            env={"VITALS_KAFKA_TOPIC": "vitals"},
+        )
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        stop_local_stack(tmp_path)
+
+    message = " ".join(result.stderr.split())
+    assert result.exit_code == 3, result.output
+    assert result.stdout == ""
+    assert f"the local redis runs (pid {pid}) but does not respond" in message
+    assert f"'etl services stop --state-dir {tmp_path}'" in message
 
 
 def test_broker_wait_prints_no_librdkafka_lines() -> None:
