@@ -217,10 +217,10 @@ class KafkaSource:
                     f"topic {self._topic!r} does not exist on the Kafka broker at "
                     f"{servers}: check the topic name (VITALS_KAFKA_TOPIC, or "
                     "--topic of etl run), or create the topic before the batch "
-                    "runs ('etl generate --count 0' creates it empty, with 3 "
-                    "partitions). A broker without storage, as the local one "
-                    "started by 'etl services start', loses its topics when it "
-                    "restarts"
+                    f"runs ('etl generate --count 0 --topic {self._topic}' creates "
+                    "it empty, with 3 partitions). A broker without storage, as "
+                    "the local one started by 'etl services start', loses its "
+                    "topics when it restarts"
                 )
                 raise SourceError(msg)
             msg = f"cannot read metadata of topic {self._topic!r} from {servers}: {topic.error if topic else 'no metadata'}"

@@ -117,7 +117,7 @@ def test_batch_missing_topic_fails_with_advice(
     message = str(failure.value)
     assert f"topic {settings.kafka_topic!r} does not exist" in message
     assert "check the topic name (VITALS_KAFKA_TOPIC" in message
-    assert "'etl generate --count 0' creates it empty" in message
+    assert f"'etl generate --count 0 --topic {settings.kafka_topic}' creates" in message
     assert "loses its topics when it restarts" in message
     [(_, fields)] = redis_client.xrange(settings.redis_reports_key)
     assert fields[b"status"] == b"failed"
