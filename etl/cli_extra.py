@@ -352,7 +352,7 @@ def _printable(text: str) -> str:
 
 
 def _reports_table(entries: list[ReportEntry], *, key: str) -> Table:
-    table = Table(title=f"Last {len(entries)} batch reports ({key})")
+    table = Table(title=f"Last {counted(len(entries), 'batch report')} ({key})")
     table.add_column("time (UTC)")
     # Topics and statuses fold where a narrow terminal needs it.
     table.add_column("topic", overflow="fold")

@@ -82,6 +82,18 @@ def test_reports_cli_prints_table(settings: Settings) -> None:
     assert f" {settings.kafka_topic} " in result.output
 
 
+def test_reports_title_single_report(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    add_report(redis_client, settings, "vitals", read=42)
+    env = {**settings_env(settings), "COLUMNS": "160"}
+
+    result = CliRunner().invoke(main, ["reports"], env=env)
+
+    assert result.exit_code == 0, result.output
+    assert "Last 1 batch report (" in result.output
+
+
 def add_report(
     client: redis.Redis, settings: Settings, topic: str, **counts: Any
 ) -> None:
