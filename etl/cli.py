@@ -210,9 +210,7 @@ def run(
     for reason, amount in sorted(report.rejected_by_reason.items()):
         table.add_row(f"  {reason}", str(amount))
     table.add_row("duplicates skipped", str(report.duplicates + report.skipped))
-    table.add_row(
-        "alerts (NEWS2 Medium or High, or incomplete scoring 5+)", str(report.alerts)
-    )
+    table.add_row("alerts", f"{report.alerts} -> {settings.redis_alerts_key}")
     table.add_row("chunks", str(report.chunks))
     table.add_row("ended by", report.stop_reason)
     table.add_row("duration", f"{report.duration_s:.2f} s")

@@ -1,4 +1,4 @@
-"""The ``etl run`` command's output when the batch does not end on its own."""
+"""The ``etl run`` command's output: its summary, and when the batch does not end on its own."""
 
 from __future__ import annotations
 
@@ -12,6 +12,29 @@ import pytest
 from click.testing import CliRunner
 
 from etl.cli import StopRequested, main
+from etl.pipeline import BatchReport
+
+
+def test_run_summary_fits_80_columns() -> None:
+    """Each count names the Redis key it went to, in a table of at most 80 columns."""
+    report = BatchReport(
+        topic="vitals",
+        started_at="2024-06-10T06:13:20+00:00",
+        read=12,
+        written=10,
+        rejected=2,
+        alerts=3,
+    )
+
+    with mock.patch("etl.pipeline.run_batch", return_value=report):
+        result = CliRunner().invoke(main, ["run"], env={"COLUMNS": "80"})
+
+    lines = result.stdout.splitlines()
+    assert result.exit_code == 0, result.output
+    assert max(len(line) for line in lines) <= 80
+    assert any(
+        "alerts" in line and "3 -> liste-patients:alerts" in line for line in lines
+    )
 
 
 @pytest.mark.parametrize(
