@@ -11,6 +11,7 @@ a restart loses them. Redis is the system's ``redis-server``. Both listen on
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import shlex
@@ -19,6 +20,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -40,6 +42,10 @@ REDIS_MISSING: Final = (
 
 class ServiceError(RuntimeError):
     """A local service could not be started, reached or stopped."""
+
+
+class ServiceExited(ServiceError):
+    """A process that a wait watched exited before its service responded."""
 
 
 def tansu_binary() -> Path:
@@ -194,8 +200,12 @@ def wait_for_broker(
     *,
     timeout: float,
     process: subprocess.Popen[bytes] | None = None,
+    pid: int | None = None,
 ) -> None:
-    """Wait until the broker at ``bootstrap`` returns cluster metadata."""
+    """Wait until the broker at ``bootstrap`` returns cluster metadata.
+
+    Raises :class:`ServiceExited` as soon as ``process`` or ``pid`` exits.
+    """
     from confluent_kafka.admin import AdminClient
 
     # With a logger, librdkafka's "Connection refused" lines, expected while the
@@ -211,7 +221,10 @@ def wait_for_broker(
     while True:
         if process is not None and process.poll() is not None:
             msg = f"the broker exited with code {process.returncode} before it answered on {bootstrap}"
-            raise ServiceError(msg)
+            raise ServiceExited(msg)
+        if pid is not None and not _alive(pid):
+            msg = f"the broker (pid {pid}) exited before it answered on {bootstrap}"
+            raise ServiceExited(msg)
         try:
             admin.list_topics(timeout=2)
             return
@@ -228,8 +241,12 @@ def wait_for_redis(
     password: str | None = None,
     timeout: float,
     process: subprocess.Popen[bytes] | None = None,
+    pid: int | None = None,
 ) -> None:
-    """Wait until Redis on ``127.0.0.1:port`` replies to PING."""
+    """Wait until Redis on ``127.0.0.1:port`` replies to PING.
+
+    Raises :class:`ServiceExited` as soon as ``process`` or ``pid`` exits.
+    """
     import redis
 
     client = redis.Redis(host=HOST, port=port, password=password, socket_timeout=1)
@@ -238,7 +255,10 @@ def wait_for_redis(
         while True:
             if process is not None and process.poll() is not None:
                 msg = f"redis-server exited with code {process.returncode}; see its log"
-                raise ServiceError(msg)
+                raise ServiceExited(msg)
+            if pid is not None and not _alive(pid):
+                msg = f"redis-server (pid {pid}) exited before it replied to PING"
+                raise ServiceExited(msg)
             try:
                 client.ping()
                 return
@@ -311,6 +331,10 @@ def _process_state(pid: int) -> str | None:
 
 #: Seconds that a local service already running has to respond to 'etl services start'.
 _RESPONSE_TIMEOUT_S: Final = 10.0
+#: Seconds between resuming a suspended service and checking that it responds.
+_RESUME_SETTLE_S: Final = 0.5
+#: File of the state folder that 'etl services start' and 'stop' lock.
+_LOCK_FILE: Final = "services.lock"
 
 #: Marks a local broker started since the stored offsets were last forgotten.
 _FRESH_BROKER: Final = "kafka.fresh"
@@ -364,6 +388,16 @@ def start_local_stack(
     """
     state_dir.mkdir(parents=True, exist_ok=True)
     redis_server_binary()  # Fail before starting anything when Redis is missing.
+    with _state_lock(state_dir):
+        return _start_local_stack(state_dir, kafka_port, redis_port, redis_database)
+
+
+def _start_local_stack(
+    state_dir: Path,
+    kafka_port: int | None,
+    redis_port: int | None,
+    redis_database: int,
+) -> dict[str, str]:
     requested = {"kafka": kafka_port, "redis": redis_port}
     defaults = {"kafka": DEFAULT_KAFKA_PORT, "redis": DEFAULT_REDIS_PORT}
     ports: dict[str, int] = {}
@@ -394,7 +428,10 @@ def start_local_stack(
     if mismatches:
         raise ServiceError(port_mismatch_message(mismatches, state_dir))
     for name, pid in running.items():
-        _check_responds(name, pid, ports[name], state_dir)
+        if not _responds(name, pid, ports[name], state_dir):
+            # The process exited (it was shutting down), so it starts again on its port.
+            _wait_until_port_free(name, ports[name])
+            to_start.append(name)
     started: list[Service] = []
     try:
         for name in to_start:
@@ -420,12 +457,14 @@ def start_local_stack(
     }
 
 
-def _check_responds(name: str, pid: int, port: int, state_dir: Path) -> None:
-    """Resume a suspended local service, then raise ServiceError unless it responds.
+def _responds(name: str, pid: int, port: int, state_dir: Path) -> bool:
+    """Resume a suspended local service, then wait until it responds.
 
-    A service stopped by SIGSTOP keeps its port open but handles no request,
-    and one that is shutting down may stop responding, so clients given its
-    address would time out.
+    Returns False when the process exits first, as one that was shutting
+    down does, and raises ServiceError when it runs but does not respond
+    within :data:`_RESPONSE_TIMEOUT_S`. A service stopped by SIGSTOP keeps
+    its port open but handles no request, so clients given its address
+    would time out.
     """
     if is_suspended(pid):
         with contextlib.suppress(ProcessLookupError):
@@ -435,18 +474,66 @@ def _check_responds(name: str, pid: int, port: int, state_dir: Path) -> None:
             name,
             pid,
         )
+        # A SIGTERM sent while it was suspended takes effect now. Redis acts
+        # on it in its next serverCron, up to 100 ms later at the default hz
+        # of 10, and replies to requests until then.
+        time.sleep(_RESUME_SETTLE_S)
     try:
         if name == "kafka":
-            wait_for_broker(f"{HOST}:{port}", timeout=_RESPONSE_TIMEOUT_S)
+            wait_for_broker(f"{HOST}:{port}", timeout=_RESPONSE_TIMEOUT_S, pid=pid)
         else:
-            wait_for_redis(port, timeout=_RESPONSE_TIMEOUT_S)
+            wait_for_redis(port, timeout=_RESPONSE_TIMEOUT_S, pid=pid)
+    except ServiceExited:
+        logger.warning(
+            "The local %s (pid %s) exited while it was checked; starting it again",
+            name,
+            pid,
+        )
+        return False
     except ServiceError as exc:
+        stop = f"etl services stop --state-dir {shlex.quote(str(state_dir))}"
         msg = (
-            f"the local {name} runs (pid {pid}) but does not respond: {exc}. Stop "
-            f"the services with 'etl services stop --state-dir {state_dir}', then "
+            f"the local {name} runs (pid {pid}) but does not respond: "
+            f"{str(exc).rstrip('.')}. Stop the services with '{stop}', then "
             "start them again"
         )
         raise ServiceError(msg) from exc
+    return True
+
+
+def _wait_until_port_free(name: str, port: int) -> None:
+    """Wait until no program listens on ``port``, or raise ServiceError."""
+    deadline = time.monotonic() + _RESPONSE_TIMEOUT_S
+    while port_in_use(port):
+        if time.monotonic() > deadline:
+            msg = (
+                f"port {port} on {HOST} is still in use after the local {name} "
+                f"exited, so it cannot start again; stop the program listening "
+                f"there or choose another port (--{name}-port)"
+            )
+            raise ServiceError(msg)
+        time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def _state_lock(state_dir: Path, *, required: bool = True) -> Iterator[None]:
+    """Hold an exclusive lock on the state folder while the block runs.
+
+    So two starts, or a start and a stop, do not both start a service, and
+    none of them writes the pid of a server that lost the port to the
+    other's. Without ``required``, a folder where the lock file cannot be
+    created (missing or read-only) is used without the lock.
+    """
+    try:
+        lock = (state_dir / _LOCK_FILE).open("a")
+    except OSError:
+        if required:
+            raise
+        yield
+        return
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def forget_stale_offsets(
@@ -495,6 +582,11 @@ def forget_offsets(redis_url: str, offsets_key: str, topic: str) -> int:
 
 def stop_local_stack(state_dir: Path) -> list[str]:
     """Stop the services whose pid files are in ``state_dir``; return their names."""
+    with _state_lock(state_dir, required=False):
+        return _stop_local_stack(state_dir)
+
+
+def _stop_local_stack(state_dir: Path) -> list[str]:
     stopped = []
     for name in _SERVICE_NAMES:
         pid_file = state_dir / f"{name}.pid"

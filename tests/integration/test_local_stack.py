@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import redis
 from click.testing import CliRunner, Result
@@ -300,6 +301,70 @@ def test_dead_service_restarts_on_its_port(tmp_path: Path) -> None:
     assert f"VITALS_REDIS_URL=redis://127.0.0.1:{redis_port}/0" in result.stdout
     assert f"VITALS_KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:{kafka_port}" in result.stdout
     assert status["redis"] is not None
+
+
+def redis_servers_in(state_dir: Path) -> list[int]:
+    """Return the pids of the redis-server processes that run in ``state_dir``."""
+    return [
+        process.pid
+        for process in psutil.process_iter(["name", "cwd"])
+        if process.info["name"] == "redis-server"
+        and process.info["cwd"] == str(state_dir.resolve())
+    ]
+
+
+def test_start_restarts_service_shutting_down(tmp_path: Path) -> None:
+    """A Redis that exits while start checks it is started again, not reported as running."""
+    start(tmp_path, free_port(), free_port())
+    old = local_stack_status(tmp_path)["redis"]
+    assert old is not None
+    try:
+        # Suspended, the SIGTERM waits until start resumes it.
+        suspend(old)
+        os.kill(old, signal.SIGTERM)
+        result = CliRunner().invoke(
+            main,
+            ["services", "start", "--state-dir", str(tmp_path)],
+            env={"VITALS_KAFKA_TOPIC": "vitals"},
+        )
+        new = local_stack_status(tmp_path)["redis"]
+        servers = redis_servers_in(tmp_path)
+    finally:
+        stop_local_stack(tmp_path)
+
+    assert result.exit_code == 0, result.output
+    assert new is not None
+    assert new != old
+    assert servers == [new]
+
+
+def test_concurrent_starts_leave_one_redis(tmp_path: Path) -> None:
+    """Starts at once take turns, so the pid file names the one Redis that runs."""
+    start(tmp_path, free_port(), free_port())
+    old = local_stack_status(tmp_path)["redis"]
+    assert old is not None
+    terminate(old)
+    command = [sys.executable, "-m", "etl", "services", "start"]
+    env = {**os.environ, "VITALS_KAFKA_TOPIC": "vitals"}
+    try:
+        starts = [
+            subprocess.Popen(
+                [*command, "--state-dir", str(tmp_path)],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            for _ in range(3)
+        ]
+        codes = [process.wait(timeout=60) for process in starts]
+        running = local_stack_status(tmp_path)["redis"]
+        servers = redis_servers_in(tmp_path)
+    finally:
+        stop_local_stack(tmp_path)
+
+    assert codes == [0, 0, 0]
+    assert running is not None
+    assert servers == [running]
 
 
 def test_start_after_stop_reuses_ports(tmp_path: Path) -> None:
