@@ -25,11 +25,9 @@ REPO_ROOT=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)
 COMPONENTS=(api-server scheduler dag-processor)
 AIRFLOW_USER=airflow
 
+# Absolute and without "." or ".." parts; symbolic links are kept.
 absolute_path() {
-    case $1 in
-        /*) printf '%s\n' "$1" ;;
-        *) printf '%s\n' "$PWD/$1" ;;
-    esac
+    realpath --canonicalize-missing --no-symlinks -- "$1"
 }
 
 STATE_DIR=$(absolute_path "${AIRFLOW_STATE_DIR:-$REPO_ROOT/.local/airflow}")
@@ -388,7 +386,11 @@ start() {
     fetch_token || fail_start "could not log in to the API server"
     wait_for_dag "$parse_start"
     unpause_and_run
-    log "UI: $BASE_URL (user $AIRFLOW_USER, password $AIRFLOW_USER unless changed in $PASSWORDS_FILE); stop with: $0 stop"
+    local stop_command="$0 stop"
+    if [[ -n ${AIRFLOW_STATE_DIR:-} ]]; then
+        stop_command="AIRFLOW_STATE_DIR=$(printf '%q' "$STATE_DIR") $stop_command"
+    fi
+    log "UI: $BASE_URL (user $AIRFLOW_USER, password $AIRFLOW_USER unless changed in $PASSWORDS_FILE); stop with: $stop_command"
 }
 
 # Send SIGTERM to each component's process group, wait, then SIGKILL what is

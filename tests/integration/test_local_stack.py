@@ -602,14 +602,14 @@ def test_copied_state_folder_stops_nothing(tmp_path: Path) -> None:
 
 
 def test_airflow_script_uses_its_state_dir(tmp_path: Path) -> None:
-    """scripts/airflow-local.sh looks for Airflow's pid files and logs in AIRFLOW_STATE_DIR."""
+    """scripts/airflow-local.sh looks for Airflow's pid files and logs in AIRFLOW_STATE_DIR, normalised."""
     script = Path(__file__).parents[2] / "scripts" / "airflow-local.sh"
     state_dir = tmp_path / "airflow"
     result = subprocess.run(
         ["bash", str(script), "status"],
         env={
             **os.environ,
-            "AIRFLOW_STATE_DIR": str(state_dir),
+            "AIRFLOW_STATE_DIR": str(tmp_path / "other" / ".." / "airflow"),
             "AIRFLOW_PORT": str(free_port()),
             "VENV": sys.prefix,
         },
