@@ -602,7 +602,7 @@ def test_copied_state_folder_stops_nothing(tmp_path: Path) -> None:
 
 
 def test_airflow_script_uses_its_state_dir(tmp_path: Path) -> None:
-    """scripts/airflow-local.sh looks for Airflow's pid files and logs in AIRFLOW_STATE_DIR, normalised."""
+    """scripts/airflow-local.sh uses AIRFLOW_STATE_DIR, with '..' resolved."""
     script = Path(__file__).parents[2] / "scripts" / "airflow-local.sh"
     state_dir = tmp_path / "airflow"
     result = subprocess.run(
