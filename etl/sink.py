@@ -584,9 +584,9 @@ class RedisSink:
             msg = (
                 f"stored offset of partition {partition} moved back from {offset} "
                 f"to {now} during the batch (offsets reset?). The next batch reads "
-                f"the partition from {now}, so it writes the readings from "
-                f"{now} to {offset - 1} again. If the reset was a mistake, put "
-                f"the offset back with {restore}; then rerun the batch"
+                f"the partition from {now}, so it writes "
+                f"{_readings_between(now, offset)} again. If the reset was a "
+                f"mistake, put the offset back with {restore}; then rerun the batch"
             )
             raise OffsetConflict(msg)
         moves = _and_list(
@@ -597,15 +597,15 @@ class RedisSink:
         )
         again = _and_list(
             [
-                f"{stored[p]} to {offset - 1} of partition {p}"
+                f"{_readings_between(stored[p], offset)} of partition {p}"
                 for p, offset in moved.items()
             ]
         )
         msg = (
             f"stored offsets moved back during the batch (offsets reset?): {moves}. "
             "The next batch reads each partition from its stored offset, so it "
-            f"writes the readings from {again} again. If the reset was a mistake, "
-            f"put the offsets back with {restore}; then rerun the batch"
+            f"writes {again} again. If the reset was a mistake, put the offsets "
+            f"back with {restore}; then rerun the batch"
         )
         raise OffsetConflict(msg)
 
@@ -1042,6 +1042,14 @@ def _after(frame: pl.DataFrame, floors: dict[int, int]) -> pl.DataFrame:
         return frame
     floor = pl.col("partition").replace_strict(floors, default=0, return_dtype=pl.Int64)
     return frame.filter(pl.col("offset") >= floor)
+
+
+def _readings_between(first: int | None, stop: int) -> str:
+    """Name the readings from offset ``first`` up to ``stop``, which is excluded."""
+    first = first or 0
+    if first == stop - 1:
+        return f"the reading at offset {first}"
+    return f"the readings from {first} to {stop - 1}"
 
 
 def _and_list(items: list[str]) -> str:
