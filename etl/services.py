@@ -175,8 +175,9 @@ def start_redis(
         "",
         "--appendonly",
         "yes" if persistent else "no",
+        # Absolute, because Redis reads it from the state folder it runs in.
         "--dir",
-        str(state_dir),
+        str(state_dir.resolve()),
         *extra_args,
     ]
     if password:

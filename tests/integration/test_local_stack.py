@@ -367,6 +367,23 @@ def test_concurrent_starts_leave_one_redis(tmp_path: Path) -> None:
     assert servers == [running]
 
 
+def test_relative_state_dir_starts_both(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The default --state-dir, .local, is relative to the current folder."""
+    monkeypatch.chdir(tmp_path)
+    state_dir = Path(".local")
+    try:
+        start(state_dir, free_port(), free_port())
+        status = local_stack_status(state_dir)
+    finally:
+        stop_local_stack(state_dir)
+
+    assert status["kafka"] is not None
+    assert status["redis"] is not None
+    assert (tmp_path / ".local" / "redis.pid").exists()
+
+
 def test_start_after_stop_reuses_ports(tmp_path: Path) -> None:
     kafka_port, redis_port = free_port(), free_port()
     try:
