@@ -405,7 +405,7 @@ STATE_DIR_OPTION: Final = click.option(
     callback=_folder_or_new,
     default=Path(".local"),
     show_default=True,
-    help="Folder for pid files and logs, relative to the current folder.",
+    help="Folder for pid files and logs; a relative path starts at the current folder.",
 )
 
 
@@ -432,13 +432,20 @@ def services_start(
 
     A service that already runs stays as it is, and its port is printed.
     When it runs on another port than --kafka-port or --redis-port requests,
-    nothing starts and the command exits 3. After the broker starts again,
-    the command removes the stored offsets of --topic from Redis, because
-    the broker starts without topics.
+    nothing starts and the command exits 3. A service suspended by SIGSTOP
+    is resumed, one that exits while it is checked starts again, and one
+    that does not respond within 10 s makes the command exit 3. After the
+    broker starts again, the command removes the stored offsets of --topic
+    from Redis, because the broker starts without topics.
     """
     from redis import RedisError
 
-    from etl.services import ServiceError, forget_stale_offsets, start_local_stack
+    from etl.services import (
+        ServiceError,
+        check_database,
+        forget_stale_offsets,
+        start_local_stack,
+    )
     from etl.sink import missing_database
 
     # Settings first, so that an invalid one stops the command before anything starts.
@@ -463,12 +470,7 @@ def services_start(
         print_error("error:", exc)
         sys.exit(EXIT_INFRASTRUCTURE)
     try:
-        forgotten = forget_stale_offsets(
-            state_dir,
-            env["VITALS_REDIS_URL"],
-            settings.redis_offsets_key,
-            settings.kafka_topic,
-        )
+        check_database(env["VITALS_REDIS_URL"])
     except RedisError as exc:
         missing = missing_database(
             exc, env["VITALS_REDIS_URL"], settings.redis_database
@@ -476,10 +478,25 @@ def services_start(
         if missing is not None:
             print_error(
                 "error:",
-                f"{missing}. Both services run; fix the URL and "
-                "run 'etl services start' again to remove the topic's offsets",
+                f"{missing}. Both services run; fix the URL, then run "
+                "'etl services start' again",
             )
             sys.exit(EXIT_CONFIG)
+        print_error(
+            "error:",
+            f"the local Redis at {env['VITALS_REDIS_URL']} failed: {exc}. Both "
+            "services run; run 'etl services start' again once it responds",
+        )
+        sys.exit(EXIT_INFRASTRUCTURE)
+    try:
+        forgotten = forget_stale_offsets(
+            state_dir,
+            env["VITALS_REDIS_URL"],
+            settings.redis_offsets_key,
+            settings.kafka_topic,
+        )
+    except RedisError as exc:
+        # The database was checked above.
         print_error(
             "error:",
             f"the local broker started again, but the offsets of "

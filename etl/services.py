@@ -20,7 +20,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -124,8 +124,17 @@ def _spawn(name: str, argv: list[str], log_path: Path) -> subprocess.Popen[bytes
         )
 
 
-def start_broker(*, port: int, state_dir: Path, timeout: float = 30.0) -> Service:
-    """Start Tansu on ``127.0.0.1:port`` and wait until it serves metadata."""
+def start_broker(
+    *,
+    port: int,
+    state_dir: Path,
+    timeout: float = 30.0,
+    on_spawn: Callable[[Service], None] | None = None,
+) -> Service:
+    """Start Tansu on ``127.0.0.1:port`` and wait until it serves metadata.
+
+    ``on_spawn`` gets the service as soon as its process exists, before the wait.
+    """
     url = f"tcp://{HOST}:{port}"
     argv = [
         str(tansu_binary()),
@@ -140,8 +149,13 @@ def start_broker(*, port: int, state_dir: Path, timeout: float = 30.0) -> Servic
     log_path = state_dir / "tansu.log"
     service = Service("kafka", port, _spawn("kafka", argv, log_path), log_path)
     try:
+        if on_spawn is not None:
+            on_spawn(service)
         wait_for_broker(f"{HOST}:{port}", timeout=timeout, process=service.process)
-    except ServiceError:
+    except ServiceExited as exc:
+        service.stop()
+        raise ServiceExited(f"{exc}; see its log, {log_path}") from exc
+    except BaseException:
         service.stop()
         raise
     logger.info(
@@ -158,12 +172,14 @@ def start_redis(
     extra_args: tuple[str, ...] = (),
     persistent: bool = False,
     timeout: float = 15.0,
+    on_spawn: Callable[[Service], None] | None = None,
 ) -> Service:
     """Start ``redis-server`` on ``127.0.0.1:port``.
 
     With ``persistent`` it keeps an append-only file in ``state_dir``, so the
     rows and the offsets survive a restart together; without it (tests) it
-    keeps nothing on disk.
+    keeps nothing on disk. ``on_spawn`` gets the service as soon as its
+    process exists, before the wait.
     """
     argv = [
         str(redis_server_binary()),
@@ -186,10 +202,15 @@ def start_redis(
     log_path = state_dir / f"redis-{port}.log"
     service = Service("redis", port, _spawn("redis", argv, log_path), log_path)
     try:
+        if on_spawn is not None:
+            on_spawn(service)
         wait_for_redis(
             port, password=password, timeout=timeout, process=service.process
         )
-    except ServiceError:
+    except ServiceExited as exc:
+        service.stop()
+        raise ServiceExited(f"{exc}; see its log, {log_path}") from exc
+    except BaseException:
         service.stop()
         raise
     logger.info("redis-server listening on %s:%s (pid %s)", HOST, port, service.pid)
@@ -251,23 +272,32 @@ def wait_for_redis(
     import redis
 
     client = redis.Redis(host=HOST, port=port, password=password, socket_timeout=1)
+    expected = process.pid if process is not None else pid
     deadline = time.monotonic() + timeout
     try:
         while True:
             if process is not None and process.poll() is not None:
-                msg = f"redis-server exited with code {process.returncode}; see its log"
+                msg = f"redis-server exited with code {process.returncode}"
                 raise ServiceExited(msg)
             if pid is not None and not _alive(pid):
                 msg = f"redis-server (pid {pid}) exited before it replied to PING"
                 raise ServiceExited(msg)
+            error: redis.RedisError | None = None
             try:
                 client.ping()
-                return
+                # Another redis-server on the port replies too, for example
+                # while the one started here fails to bind it and exits.
+                answering = client.info("server")["process_id"]
+                if expected is None or answering == expected:
+                    return
+                failure = f"redis-server pid {answering} answers there, not {expected}"
             except redis.RedisError as exc:
-                if time.monotonic() > deadline:
-                    msg = f"Redis on {HOST}:{port} did not answer within {timeout:.0f} s: {exc}"
-                    raise ServiceError(msg) from exc
-                time.sleep(0.1)
+                error = exc
+                failure = str(exc)
+            if time.monotonic() > deadline:
+                msg = f"Redis on {HOST}:{port} did not answer within {timeout:.0f} s: {failure}"
+                raise ServiceError(msg) from error
+            time.sleep(0.1)
     finally:
         client.close()
 
@@ -290,6 +320,11 @@ def terminate(pid: int, *, timeout: float = 10.0) -> bool:
         if not _alive(pid):
             return True
         time.sleep(0.1)
+    logger.warning(
+        "pid %s did not exit within %g s of SIGTERM; killing it with SIGKILL",
+        pid,
+        timeout,
+    )
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
     return True
@@ -433,24 +468,37 @@ def _start_local_stack(
             # The process exited (it was shutting down), so it starts again on its port.
             _wait_until_port_free(name, ports[name])
             to_start.append(name)
-    started: list[Service] = []
+    spawned: list[Service] = []
+
+    def record(service: Service) -> None:
+        # Written before the wait, so that 'etl services stop' finds a service
+        # whose start was killed (SIGKILL, or SIGTERM with no handler).
+        spawned.append(service)
+        (state_dir / f"{service.name}.pid").write_text(
+            f"{service.pid} {service.port}\n"
+        )
+
     try:
         for name in to_start:
             if name == "kafka":
-                service = start_broker(port=ports[name], state_dir=state_dir)
-                started.append(service)
+                # Touched before the spawn: the old broker's topics are gone
+                # whether or not the new one starts.
                 (state_dir / _FRESH_BROKER).touch()
+                start_broker(port=ports[name], state_dir=state_dir, on_spawn=record)
             else:
-                service = start_redis(
-                    port=ports[name], state_dir=state_dir, persistent=True
+                start_redis(
+                    port=ports[name],
+                    state_dir=state_dir,
+                    persistent=True,
+                    on_spawn=record,
                 )
-                started.append(service)
-            (state_dir / f"{name}.pid").write_text(f"{service.pid} {ports[name]}\n")
     except BaseException:
-        # 'etl services stop' finds a service only through its pid file, so one
-        # started without it is stopped here.
-        for service in started:
+        for service in spawned:
             service.stop()
+            with contextlib.suppress(OSError):
+                (state_dir / f"{service.name}.pid").write_text(
+                    f"{_NO_PID} {service.port}\n"
+                )
         raise
     return {
         "VITALS_KAFKA_BOOTSTRAP_SERVERS": f"{HOST}:{ports['kafka']}",
@@ -517,24 +565,48 @@ def _wait_until_port_free(name: str, port: int) -> None:
 
 
 @contextlib.contextmanager
-def _state_lock(state_dir: Path, *, required: bool = True) -> Iterator[None]:
+def _state_lock(state_dir: Path) -> Iterator[None]:
     """Hold an exclusive lock on the state folder while the block runs.
 
     So two starts, or a start and a stop, do not both start a service, and
     none of them writes the pid of a server that lost the port to the
-    other's. Without ``required``, a folder where the lock file cannot be
-    created (missing or read-only) is used without the lock.
+    other's. A folder where the lock file can be neither opened nor created
+    (missing, or read-only without it) is used without the lock. The kernel
+    releases the lock when the process ends, however it ends.
     """
+    path = state_dir / _LOCK_FILE
     try:
-        lock = (state_dir / _LOCK_FILE).open("a")
-    except OSError:
-        if required:
-            raise
+        # Read-only is enough for flock(2), and works in a read-only folder.
+        descriptor = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
+    except FileNotFoundError:
         yield
         return
-    with lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    except OSError:
+        try:
+            descriptor = os.open(path, os.O_RDONLY)
+        except OSError:
+            yield
+            return
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
         yield
+    finally:
+        os.close(descriptor)
+
+
+def check_database(redis_url: str) -> None:
+    """Send PING to the database of ``redis_url``; raise redis.RedisError on failure.
+
+    redis-py selects the database when it connects, so a number that the
+    server lacks fails here instead of in the first batch.
+    """
+    import redis
+
+    client = redis.Redis.from_url(redis_url, socket_timeout=_RESPONSE_TIMEOUT_S)
+    try:
+        client.ping()
+    finally:
+        client.close()
 
 
 def forget_stale_offsets(
@@ -552,7 +624,8 @@ def forget_stale_offsets(
     if not marker.exists():
         return 0
     forgotten = forget_offsets(redis_url, offsets_key, topic)
-    marker.unlink()
+    # A concurrent start may have removed it first.
+    marker.unlink(missing_ok=True)
     return forgotten
 
 
@@ -583,7 +656,7 @@ def forget_offsets(redis_url: str, offsets_key: str, topic: str) -> int:
 
 def stop_local_stack(state_dir: Path) -> list[str]:
     """Stop the services whose pid files are in ``state_dir``; return their names."""
-    with _state_lock(state_dir, required=False):
+    with _state_lock(state_dir):
         return _stop_local_stack(state_dir)
 
 
@@ -591,6 +664,8 @@ def _stop_local_stack(state_dir: Path) -> list[str]:
     stopped = []
     for name in _SERVICE_NAMES:
         pid_file = state_dir / f"{name}.pid"
+        if not pid_file.exists():
+            continue
         running = _running_from(pid_file)
         if running is not None:
             terminate(running)

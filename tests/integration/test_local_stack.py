@@ -34,6 +34,20 @@ from etl.services import (
 pytestmark = pytest.mark.integration
 
 
+def start_arguments(state_dir: Path, kafka_port: int, redis_port: int) -> list[str]:
+    """Return the arguments of 'etl services start' with a folder and both ports."""
+    return [
+        "services",
+        "start",
+        "--state-dir",
+        str(state_dir),
+        "--kafka-port",
+        str(kafka_port),
+        "--redis-port",
+        str(redis_port),
+    ]
+
+
 def invoke(
     state_dir: Path,
     kafka_port: int,
@@ -43,18 +57,17 @@ def invoke(
 ) -> Result:
     return CliRunner().invoke(
         main,
-        [
-            "services",
-            "start",
-            "--state-dir",
-            str(state_dir),
-            "--kafka-port",
-            str(kafka_port),
-            "--redis-port",
-            str(redis_port),
-            *options,
-        ],
+        [*start_arguments(state_dir, kafka_port, redis_port), *options],
         env={"VITALS_KAFKA_TOPIC": "vitals", **env},
+    )
+
+
+def start_without_ports(state_dir: Path) -> Result:
+    """Run 'etl services start' with no port option, which takes the recorded ones."""
+    return CliRunner().invoke(
+        main,
+        ["services", "start", "--state-dir", str(state_dir)],
+        env={"VITALS_KAFKA_TOPIC": "vitals"},
     )
 
 
@@ -156,11 +169,7 @@ def test_running_ports_win_without_options(tmp_path: Path) -> None:
     kafka_port, redis_port = free_port(), free_port()
     try:
         start(tmp_path, kafka_port, redis_port)
-        result = CliRunner().invoke(
-            main,
-            ["services", "start", "--state-dir", str(tmp_path)],
-            env={"VITALS_KAFKA_TOPIC": "vitals"},
-        )
+        result = start_without_ports(tmp_path)
     finally:
         stop_local_stack(tmp_path)
 
@@ -265,12 +274,15 @@ def test_port_after_stop_starts_there(tmp_path: Path) -> None:
     assert f"VITALS_REDIS_URL=redis://127.0.0.1:{other_port}/0" in result.stdout
 
 
-def test_missing_database_is_settings_error(tmp_path: Path) -> None:
+@pytest.mark.parametrize("running", [False, True], ids=["started", "running"])
+def test_missing_database_is_settings_error(tmp_path: Path, running: bool) -> None:
     """The local Redis lacks database 99: exit 2 naming it, with both services running."""
-    redis_port = free_port()
+    kafka_port, redis_port = free_port(), free_port()
     url = f"redis://127.0.0.1:{redis_port}/99"
     try:
-        result = invoke(tmp_path, free_port(), redis_port, VITALS_REDIS_URL=url)
+        if running:
+            start(tmp_path, kafka_port, redis_port)
+        result = invoke(tmp_path, kafka_port, redis_port, VITALS_REDIS_URL=url)
         status = local_stack_status(tmp_path)
     finally:
         stop_local_stack(tmp_path)
@@ -288,11 +300,7 @@ def test_dead_service_restarts_on_its_port(tmp_path: Path) -> None:
         redis_pid = local_stack_status(tmp_path)["redis"]
         assert redis_pid is not None
         terminate(redis_pid)
-        result = CliRunner().invoke(
-            main,
-            ["services", "start", "--state-dir", str(tmp_path)],
-            env={"VITALS_KAFKA_TOPIC": "vitals"},
-        )
+        result = start_without_ports(tmp_path)
         status = local_stack_status(tmp_path)
     finally:
         stop_local_stack(tmp_path)
@@ -303,13 +311,15 @@ def test_dead_service_restarts_on_its_port(tmp_path: Path) -> None:
     assert status["redis"] is not None
 
 
-def redis_servers_in(state_dir: Path) -> list[int]:
-    """Return the pids of the redis-server processes that run in ``state_dir``."""
+def servers_in(
+    state_dir: Path, names: tuple[str, ...] = ("redis", "tansu")
+) -> list[int]:
+    """Return the pids of the processes in ``state_dir`` whose name starts with one of ``names``."""
     return [
         process.pid
         for process in psutil.process_iter(["name", "cwd"])
-        if process.info["name"] == "redis-server"
-        and process.info["cwd"] == str(state_dir.resolve())
+        if process.info["cwd"] == str(state_dir.resolve())
+        and process.info["name"].startswith(names)
     ]
 
 
@@ -322,13 +332,9 @@ def test_start_restarts_service_shutting_down(tmp_path: Path) -> None:
         # Suspended, the SIGTERM waits until start resumes it.
         suspend(old)
         os.kill(old, signal.SIGTERM)
-        result = CliRunner().invoke(
-            main,
-            ["services", "start", "--state-dir", str(tmp_path)],
-            env={"VITALS_KAFKA_TOPIC": "vitals"},
-        )
+        result = start_without_ports(tmp_path)
         new = local_stack_status(tmp_path)["redis"]
-        servers = redis_servers_in(tmp_path)
+        servers = servers_in(tmp_path, ("redis",))
     finally:
         stop_local_stack(tmp_path)
 
@@ -358,7 +364,7 @@ def test_concurrent_starts_leave_one_redis(tmp_path: Path) -> None:
         ]
         codes = [process.wait(timeout=60) for process in starts]
         running = local_stack_status(tmp_path)["redis"]
-        servers = redis_servers_in(tmp_path)
+        servers = servers_in(tmp_path, ("redis",))
     finally:
         stop_local_stack(tmp_path)
 
@@ -384,16 +390,69 @@ def test_relative_state_dir_starts_both(
     assert (tmp_path / ".local" / "redis.pid").exists()
 
 
+def services_start_process(
+    state_dir: Path, kafka_port: int, redis_port: int
+) -> subprocess.Popen[bytes]:
+    """Start 'etl services start' in a process of its own."""
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "etl",
+            *start_arguments(state_dir, kafka_port, redis_port),
+        ],
+        env={**os.environ, "VITALS_KAFKA_TOPIC": "vitals"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def test_killed_start_leaves_pid_file(tmp_path: Path) -> None:
+    """A start killed while the broker starts leaves its pid file, so stop finds it."""
+    starting = services_start_process(tmp_path, free_port(), free_port())
+    pid_file = tmp_path / "kafka.pid"
+    try:
+        deadline = time.monotonic() + 30
+        while not pid_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        starting.kill()
+        starting.wait(timeout=10)
+        servers = servers_in(tmp_path)
+    finally:
+        stopped = stop_local_stack(tmp_path)
+
+    assert len(servers) == 1
+    assert stopped == ["kafka"]
+    assert servers_in(tmp_path) == []
+
+
+def test_two_folders_one_redis_port(tmp_path: Path) -> None:
+    """Of two starts on one Redis port from two folders, the one whose Redis lost fails."""
+    redis_port = free_port()
+    folders = [tmp_path / "a", tmp_path / "b"]
+    try:
+        starts = [
+            services_start_process(folder, free_port(), redis_port)
+            for folder in folders
+        ]
+        codes = [process.wait(timeout=60) for process in starts]
+        statuses = [local_stack_status(folder)["redis"] for folder in folders]
+    finally:
+        for folder in folders:
+            stop_local_stack(folder)
+
+    assert sorted(codes) == [0, 3]
+    winner = codes.index(0)
+    assert statuses[winner] is not None
+    assert statuses[1 - winner] is None
+
+
 def test_start_after_stop_reuses_ports(tmp_path: Path) -> None:
     kafka_port, redis_port = free_port(), free_port()
     try:
         start(tmp_path, kafka_port, redis_port)
         stop_local_stack(tmp_path)
-        result = CliRunner().invoke(
-            main,
-            ["services", "start", "--state-dir", str(tmp_path)],
-            env={"VITALS_KAFKA_TOPIC": "vitals"},
-        )
+        result = start_without_ports(tmp_path)
     finally:
         stop_local_stack(tmp_path)
 
@@ -484,11 +543,7 @@ def test_start_resumes_suspended_service(
     assert pid is not None
     try:
         suspend(pid)
-        result = CliRunner().invoke(
-            main,
-            ["services", "start", "--state-dir", str(tmp_path)],
-            env={"VITALS_KAFKA_TOPIC": "vitals"},
-        )
+        result = start_without_ports(tmp_path)
         suspended = is_suspended(pid)
     finally:
         os.kill(pid, signal.SIGCONT)
@@ -511,11 +566,7 @@ def test_start_fails_when_redis_unresponsive(
     monkeypatch.setattr("etl.services._RESPONSE_TIMEOUT_S", 0.5)
     try:
         suspend(pid)
-        result = CliRunner().invoke(
-            main,
-            ["services", "start", "--state-dir", str(tmp_path)],
-            env={"VITALS_KAFKA_TOPIC": "vitals"},
-        )
+        result = start_without_ports(tmp_path)
     finally:
         os.kill(pid, signal.SIGCONT)
         stop_local_stack(tmp_path)
@@ -525,6 +576,21 @@ def test_start_fails_when_redis_unresponsive(
     assert result.stdout == ""
     assert f"the local redis runs (pid {pid}) but does not respond" in message
     assert f"'etl services stop --state-dir {tmp_path}'" in message
+
+
+def test_terminate_warns_before_sigkill(caplog: pytest.LogCaptureFixture) -> None:
+    """A process that ignores SIGTERM is killed, with a warning in the log."""
+    code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print(flush=True); time.sleep(60)"
+    stubborn = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True
+    )
+    assert stubborn.stdout is not None
+    stubborn.stdout.readline()  # the handler is set
+
+    terminate(stubborn.pid, timeout=0.5)
+
+    assert stubborn.wait(timeout=10) == -signal.SIGKILL
+    assert f"pid {stubborn.pid} did not exit within 0.5 s of SIGTERM" in caplog.text
 
 
 def test_broker_wait_prints_no_librdkafka_lines() -> None:
