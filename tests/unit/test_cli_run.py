@@ -16,13 +16,13 @@ from etl.pipeline import BatchReport
 
 
 def test_run_summary_fits_80_columns() -> None:
-    """Each count names the Redis key it went to, in a table of at most 80 columns."""
+    """Counts have thousands separators and name their Redis key, within 80 columns."""
     report = BatchReport(
         topic="vitals",
         started_at="2024-06-10T06:13:20+00:00",
-        read=12,
-        written=10,
-        rejected=2,
+        read=12_000,
+        written=10_000,
+        rejected=2_000,
         alerts=3,
     )
 
@@ -35,6 +35,7 @@ def test_run_summary_fits_80_columns() -> None:
     assert any(
         "alerts" in line and "3 -> liste-patients:alerts" in line for line in lines
     )
+    assert any("read" in line and "12,000" in line for line in lines)
 
 
 @pytest.mark.parametrize(
