@@ -511,7 +511,8 @@ def services_start(
             "The local broker starts with no topics, so the offsets of topic "
             f"{settings.kafka_topic} stored in the local Redis no longer apply: "
             f"removed {counted(forgotten, 'field')} of {settings.redis_offsets_key} "
-            "(the rows and the topic's id stay)."
+            "(the offset of each partition, last_write and lists_from; the rows "
+            "and the topic's id stay)."
         )
     for name, value in env.items():
         click.echo(f"export {name}={value}")
