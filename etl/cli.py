@@ -522,10 +522,14 @@ def services_start(
 @STATE_DIR_OPTION
 def services_stop(state_dir: Path) -> None:
     """Stop the services started by 'etl services start'."""
-    from etl.services import has_pid_files, stop_local_stack
+    from etl.services import ServiceError, has_pid_files, stop_local_stack
 
     recorded = has_pid_files(state_dir)
-    stopped = stop_local_stack(state_dir)
+    try:
+        stopped = stop_local_stack(state_dir)
+    except ServiceError as exc:
+        print_error("error:", exc)
+        sys.exit(EXIT_INFRASTRUCTURE)
     if stopped:
         click.echo(f"stopped: {', '.join(stopped)}")
     elif recorded:
@@ -537,12 +541,13 @@ def services_stop(state_dir: Path) -> None:
 @services.command("status", context_settings=HELP_SETTINGS)
 @STATE_DIR_OPTION
 def services_status(state_dir: Path) -> None:
-    """Show which local services run, with their ports; exit 3 when one does not."""
+    """Show which local services run, with their ports; exit 3 unless both respond."""
     from etl.services import (
         has_pid_files,
         is_suspended,
         local_stack_ports,
         local_stack_status,
+        not_responding,
     )
 
     ports = local_stack_ports(state_dir)
@@ -559,7 +564,15 @@ def services_status(state_dir: Path) -> None:
                 f"request until 'kill -CONT {pid}'"
             )
         else:
-            click.echo(f"{name}: running (pid {pid}, port {ports[name]})")
+            port = ports[name]
+            problem = None if port is None else not_responding(name, pid, port)
+            if problem is None:
+                click.echo(f"{name}: running (pid {pid}, port {port})")
+            else:
+                usable = False
+                click.echo(
+                    f"{name}: not responding (pid {pid}, port {port}): {problem}"
+                )
     if not has_pid_files(state_dir):
         click.echo(_no_pid_file(state_dir))
     if not usable:

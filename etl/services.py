@@ -239,6 +239,8 @@ def wait_for_broker(
         "logger": KAFKA_CLIENT_LOG,
     }
     admin = AdminClient(config)
+    owner = process.pid if process is not None else pid
+    port = int(bootstrap.rsplit(":", 1)[1])
     deadline = time.monotonic() + timeout
     while True:
         if process is not None and process.poll() is not None:
@@ -247,14 +249,21 @@ def wait_for_broker(
         if pid is not None and not _alive(pid):
             msg = f"the broker (pid {pid}) exited before it answered on {bootstrap}"
             raise ServiceExited(msg)
+        error: Exception | None = None
         try:
             admin.list_topics(timeout=2)
-            return
+            # Another broker on the port answers too, for example while the
+            # one started here fails to bind it and exits.
+            if owner is None or _listens_on(owner, port):
+                return
+            failure = f"another process listens there, not pid {owner}"
         except Exception as exc:
-            if time.monotonic() > deadline:
-                msg = f"the broker at {bootstrap} did not answer within {timeout:.0f} s: {exc}"
-                raise ServiceError(msg) from exc
-            time.sleep(0.2)
+            error = exc
+            failure = str(exc)
+        if time.monotonic() > deadline:
+            msg = f"the broker at {bootstrap} did not answer within {timeout:.0f} s: {failure}"
+            raise ServiceError(msg) from error
+        time.sleep(0.2)
 
 
 def wait_for_redis(
@@ -270,8 +279,18 @@ def wait_for_redis(
     Raises :class:`ServiceExited` as soon as ``process`` or ``pid`` exits.
     """
     import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
 
-    client = redis.Redis(host=HOST, port=port, password=password, socket_timeout=1)
+    # Without retries: redis-py 8 retries a timed-out command, which made one
+    # PING of a hung Redis take 16 s.
+    client = redis.Redis(
+        host=HOST,
+        port=port,
+        password=password,
+        socket_timeout=1,
+        retry=Retry(NoBackoff(), 0),
+    )
     expected = process.pid if process is not None else pid
     deadline = time.monotonic() + timeout
     try:
@@ -302,6 +321,34 @@ def wait_for_redis(
         client.close()
 
 
+def _listens_on(pid: int, port: int) -> bool:
+    """Tell whether process ``pid`` holds a listening TCP socket on ``port``.
+
+    The sockets come from /proc/net/tcp and tcp6 (state 0A is LISTEN), and
+    the process's from the links of /proc/PID/fd (proc(5)).
+    """
+    sockets = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
+                sockets.add(f"socket:[{inode}]")
+    try:
+        descriptors = list(Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return False
+    for descriptor in descriptors:
+        with contextlib.suppress(OSError):
+            if str(descriptor.readlink()) in sockets:
+                return True
+    return False
+
+
 def terminate(pid: int, *, timeout: float = 10.0) -> bool:
     """Send SIGTERM to ``pid``, then SIGKILL if it still runs after ``timeout`` s.
 
@@ -327,6 +374,10 @@ def terminate(pid: int, *, timeout: float = 10.0) -> bool:
     )
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
+    # Until the kernel has closed its ports.
+    deadline = time.monotonic() + _KILLED_EXIT_S
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
     return True
 
 
@@ -367,10 +418,18 @@ def _process_state(pid: int) -> str | None:
 
 #: Seconds that a local service already running has to respond to 'etl services start'.
 _RESPONSE_TIMEOUT_S: Final = 10.0
+#: Seconds that 'etl services status' gives a running service to respond.
+_STATUS_TIMEOUT_S: Final = 1.0
 #: Seconds between resuming a suspended service and checking that it responds.
 _RESUME_SETTLE_S: Final = 0.5
 #: File of the state folder that 'etl services start' and 'stop' lock.
 _LOCK_FILE: Final = "services.lock"
+#: Seconds a start or stop waits for another one of the same folder: more
+#: than a start takes at worst (30 s for the broker, 15 for Redis, 10 for each
+#: check of a running service).
+_LOCK_TIMEOUT_S: Final = 120.0
+#: Seconds that terminate waits for a process it killed with SIGKILL.
+_KILLED_EXIT_S: Final = 5.0
 
 #: Marks a local broker started since the stored offsets were last forgotten.
 _FRESH_BROKER: Final = "kafka.fresh"
@@ -494,7 +553,9 @@ def _start_local_stack(
                 )
     except BaseException:
         for service in spawned:
-            service.stop()
+            # A failed start_broker or start_redis has stopped its own.
+            if service.process.poll() is None:
+                service.stop()
             with contextlib.suppress(OSError):
                 (state_dir / f"{service.name}.pid").write_text(
                     f"{_NO_PID} {service.port}\n"
@@ -550,6 +611,21 @@ def _responds(name: str, pid: int, port: int, state_dir: Path) -> bool:
     return True
 
 
+def not_responding(name: str, pid: int, port: int) -> str | None:
+    """Return why the local service ``name`` does not respond right now, or None.
+
+    The reply must come from ``pid``: another server on the port does not count.
+    """
+    try:
+        if name == "kafka":
+            wait_for_broker(f"{HOST}:{port}", timeout=_STATUS_TIMEOUT_S, pid=pid)
+        else:
+            wait_for_redis(port, timeout=_STATUS_TIMEOUT_S, pid=pid)
+    except ServiceError as exc:
+        return str(exc)
+    return None
+
+
 def _wait_until_port_free(name: str, port: int) -> None:
     """Wait until no program listens on ``port``, or raise ServiceError."""
     deadline = time.monotonic() + _RESPONSE_TIMEOUT_S
@@ -575,23 +651,50 @@ def _state_lock(state_dir: Path) -> Iterator[None]:
     releases the lock when the process ends, however it ends.
     """
     path = state_dir / _LOCK_FILE
+    # Read-only is enough for flock(2), and works in a read-only folder.
+    # O_NONBLOCK keeps a FIFO of that name from blocking the open.
+    flags = os.O_RDONLY | os.O_NONBLOCK
     try:
-        # Read-only is enough for flock(2), and works in a read-only folder.
-        descriptor = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
+        descriptor = os.open(path, flags | os.O_CREAT, 0o644)
     except FileNotFoundError:
         yield
         return
     except OSError:
         try:
-            descriptor = os.open(path, os.O_RDONLY)
+            descriptor = os.open(path, flags)
         except OSError:
             yield
             return
     try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        _wait_for_lock(descriptor, path)
         yield
     finally:
         os.close(descriptor)
+
+
+def _wait_for_lock(descriptor: int, path: Path) -> None:
+    """Take the exclusive flock of ``descriptor``, or raise ServiceError after :data:`_LOCK_TIMEOUT_S`."""
+    deadline = time.monotonic() + _LOCK_TIMEOUT_S
+    waiting = False
+    while True:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            pass
+        if not waiting:
+            logger.warning(
+                "Another 'etl services start' or 'stop' holds %s; waiting for it",
+                path,
+            )
+            waiting = True
+        if time.monotonic() > deadline:
+            msg = (
+                f"another 'etl services start' or 'stop' held {path} for "
+                f"{_LOCK_TIMEOUT_S:.0f} s; let it finish or end it, then try again"
+            )
+            raise ServiceError(msg)
+        time.sleep(0.1)
 
 
 def check_database(redis_url: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
@@ -19,6 +20,7 @@ from click.testing import CliRunner, Result
 
 from etl.cli import main
 from etl.services import (
+    ServiceError,
     free_port,
     is_suspended,
     local_stack_ports,
@@ -29,6 +31,7 @@ from etl.services import (
     start_redis,
     stop_local_stack,
     terminate,
+    wait_for_broker,
 )
 
 pytestmark = pytest.mark.integration
@@ -578,6 +581,59 @@ def test_start_fails_when_redis_unresponsive(
     assert f"'etl services stop --state-dir {tmp_path}'" in message
 
 
+def test_status_names_unresponsive_redis(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    start(tmp_path, free_port(), free_port())
+    pid = local_stack_status(tmp_path)["redis"]
+    assert pid is not None
+    # With is_suspended patched, the command takes the frozen Redis for a hung one.
+    monkeypatch.setattr("etl.services.is_suspended", lambda _pid: False)
+    try:
+        suspend(pid)
+        result = CliRunner().invoke(
+            main, ["services", "status", "--state-dir", str(tmp_path)]
+        )
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        stop_local_stack(tmp_path)
+
+    assert result.exit_code == 3
+    assert f"redis: not responding (pid {pid}," in result.stdout
+    assert "kafka: running" in result.stdout
+
+
+@pytest.mark.parametrize("command", ["start", "stop"])
+def test_held_lock_fails_after_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str
+) -> None:
+    """A start or stop waits for another one of the folder, then gives up with exit 3."""
+    monkeypatch.setattr("etl.services._LOCK_TIMEOUT_S", 0.5)
+    arguments = ["services", "stop", "--state-dir", str(tmp_path)]
+    if command == "start":
+        arguments = start_arguments(tmp_path, free_port(), free_port())
+    with (tmp_path / "services.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        result = CliRunner().invoke(
+            main, arguments, env={"VITALS_KAFKA_TOPIC": "vitals"}
+        )
+
+    assert result.exit_code == 3, result.output
+    assert "another 'etl services start' or 'stop' held" in result.stderr
+    assert local_stack_status(tmp_path) == {"kafka": None, "redis": None}
+
+
+def test_broker_wait_wants_the_listener_pid(tmp_path: Path) -> None:
+    """A broker that answers counts only if the process waited for holds the port."""
+    broker = start_broker(port=free_port(), state_dir=tmp_path)
+    try:
+        wait_for_broker(f"127.0.0.1:{broker.port}", timeout=5, pid=broker.pid)
+        with pytest.raises(ServiceError, match="another process listens there"):
+            wait_for_broker(f"127.0.0.1:{broker.port}", timeout=0.5, pid=os.getpid())
+    finally:
+        broker.stop()
+
+
 def test_terminate_warns_before_sigkill(caplog: pytest.LogCaptureFixture) -> None:
     """A process that ignores SIGTERM is killed, with a warning in the log."""
     code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print(flush=True); time.sleep(60)"
@@ -589,7 +645,8 @@ def test_terminate_warns_before_sigkill(caplog: pytest.LogCaptureFixture) -> Non
 
     terminate(stubborn.pid, timeout=0.5)
 
-    assert stubborn.wait(timeout=10) == -signal.SIGKILL
+    # terminate waits until the process is gone, and reaps it.
+    assert not Path(f"/proc/{stubborn.pid}").exists()
     assert f"pid {stubborn.pid} did not exit within 0.5 s of SIGTERM" in caplog.text
 
 
