@@ -93,7 +93,14 @@ class Service:
         return self.process.pid
 
     def stop(self, *, timeout: float = 10.0) -> None:
-        """Stop the process with SIGTERM, then SIGKILL after ``timeout`` seconds."""
+        """Stop the process with SIGTERM, then SIGKILL after ``timeout`` seconds.
+
+        Its process group gets the SIGTERM too, in case a wrapper script runs
+        the server as a child. The group id stays the process's own until it
+        is reaped, which terminate does.
+        """
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGTERM)
         terminate(self.process.pid, timeout=timeout)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(timeout=1)
@@ -250,8 +257,9 @@ def wait_for_broker(
             msg = f"the broker (pid {pid}) exited before it answered on {bootstrap}"
             raise ServiceExited(msg)
         error: Exception | None = None
+        left = deadline - time.monotonic()
         try:
-            admin.list_topics(timeout=2)
+            admin.list_topics(timeout=min(2.0, max(0.2, left)))
             # Another broker on the port answers too, for example while the
             # one started here fails to bind it and exits.
             if owner is None or _listens_on(owner, port):
@@ -322,10 +330,12 @@ def wait_for_redis(
 
 
 def _listens_on(pid: int, port: int) -> bool:
-    """Tell whether process ``pid`` holds a listening TCP socket on ``port``.
+    """Tell whether process ``pid``, or one of its process group, holds a listening TCP socket on ``port``.
 
-    The sockets come from /proc/net/tcp and tcp6 (state 0A is LISTEN), and
-    the process's from the links of /proc/PID/fd (proc(5)).
+    The group counts because a wrapper script named by ``CALF_TANSU_BIN`` may
+    run the broker as its child. The sockets come from /proc/net/tcp and
+    tcp6 (state 0A is LISTEN), and each process's from the links of
+    /proc/PID/fd (proc(5)).
     """
     sockets = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
@@ -338,14 +348,21 @@ def _listens_on(pid: int, port: int) -> bool:
             local, state, inode = fields[1], fields[3], fields[9]
             if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
                 sockets.add(f"socket:[{inode}]")
-    try:
-        descriptors = list(Path(f"/proc/{pid}/fd").iterdir())
-    except OSError:
-        return False
-    for descriptor in descriptors:
-        with contextlib.suppress(OSError):
-            if str(descriptor.readlink()) in sockets:
-                return True
+    members = [pid]
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != pid:
+            with contextlib.suppress(OSError):
+                if os.getpgid(int(entry.name)) == pid:
+                    members.append(int(entry.name))
+    for member in members:
+        try:
+            descriptors = list(Path(f"/proc/{member}/fd").iterdir())
+        except OSError:
+            continue
+        for descriptor in descriptors:
+            with contextlib.suppress(OSError):
+                if str(descriptor.readlink()) in sockets:
+                    return True
     return False
 
 
@@ -771,6 +788,11 @@ def _stop_local_stack(state_dir: Path) -> list[str]:
             continue
         running = _running_from(pid_file)
         if running is not None:
+            # The group too, in case a wrapper script runs the server as a child.
+            # It was started as its group's leader, and it is alive, so the id is its own.
+            if os.getpgid(running) == running:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(running, signal.SIGTERM)
             terminate(running)
             stopped.append(name)
         port = _recorded_port(pid_file)

@@ -30,6 +30,7 @@ from etl.services import (
     start_local_stack,
     start_redis,
     stop_local_stack,
+    tansu_binary,
     terminate,
     wait_for_broker,
 )
@@ -632,6 +633,25 @@ def test_broker_wait_wants_the_listener_pid(tmp_path: Path) -> None:
             wait_for_broker(f"127.0.0.1:{broker.port}", timeout=0.5, pid=os.getpid())
     finally:
         broker.stop()
+
+
+def test_wrapped_broker_starts_and_stops(tmp_path: Path) -> None:
+    """A CALF_TANSU_BIN script that runs the broker as its child, without exec."""
+    wrapper = tmp_path / "tansu-wrapper.sh"
+    wrapper.write_text(f'#!/bin/sh\n"{tansu_binary()}" "$@"\n')
+    wrapper.chmod(0o755)
+    state_dir = tmp_path / "state"
+    try:
+        start(state_dir, free_port(), free_port(), CALF_TANSU_BIN=str(wrapper))
+        status = CliRunner().invoke(
+            main, ["services", "status", "--state-dir", str(state_dir)]
+        )
+    finally:
+        stopped = stop_local_stack(state_dir)
+
+    assert status.exit_code == 0, status.output
+    assert stopped == ["kafka", "redis"]
+    assert servers_in(state_dir) == []
 
 
 def test_terminate_warns_before_sigkill(caplog: pytest.LogCaptureFixture) -> None:
