@@ -330,7 +330,7 @@ def wait_for_redis(
 
 
 def _listens_on(pid: int, port: int) -> bool:
-    """Tell whether process ``pid``, or one of its process group, holds a listening TCP socket on ``port``.
+    """Tell whether process ``pid``, or one of its process group, listens on TCP ``port``.
 
     The group counts because a wrapper script named by ``CALF_TANSU_BIN`` may
     run the broker as its child. The sockets come from /proc/net/tcp and
