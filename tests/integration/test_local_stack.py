@@ -518,19 +518,28 @@ def suspend(pid: int) -> None:
         time.sleep(0.01)
 
 
-@pytest.mark.parametrize("name", ["kafka", "redis"])
-def test_status_names_suspended_service(tmp_path: Path, name: str) -> None:
-    start(tmp_path, free_port(), free_port())
-    pid = local_stack_status(tmp_path)[name]
+def status_while_frozen(state_dir: Path, name: str) -> tuple[int, Result]:
+    """Start both services, run 'etl services status' while ``name`` is suspended.
+
+    Returns the pid of ``name`` and the command's result; stops both services.
+    """
+    start(state_dir, free_port(), free_port())
+    pid = local_stack_status(state_dir)[name]
     assert pid is not None
     try:
         suspend(pid)
         result = CliRunner().invoke(
-            main, ["services", "status", "--state-dir", str(tmp_path)]
+            main, ["services", "status", "--state-dir", str(state_dir)]
         )
     finally:
         os.kill(pid, signal.SIGCONT)
-        stop_local_stack(tmp_path)
+        stop_local_stack(state_dir)
+    return pid, result
+
+
+@pytest.mark.parametrize("name", ["kafka", "redis"])
+def test_status_names_suspended_service(tmp_path: Path, name: str) -> None:
+    pid, result = status_while_frozen(tmp_path, name)
 
     assert result.exit_code == 3
     assert f"{name}: suspended (pid {pid}," in result.stdout
@@ -585,19 +594,10 @@ def test_start_fails_when_redis_unresponsive(
 def test_status_names_unresponsive_redis(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    start(tmp_path, free_port(), free_port())
-    pid = local_stack_status(tmp_path)["redis"]
-    assert pid is not None
     # With is_suspended patched, the command takes the frozen Redis for a hung one.
     monkeypatch.setattr("etl.services.is_suspended", lambda _pid: False)
-    try:
-        suspend(pid)
-        result = CliRunner().invoke(
-            main, ["services", "status", "--state-dir", str(tmp_path)]
-        )
-    finally:
-        os.kill(pid, signal.SIGCONT)
-        stop_local_stack(tmp_path)
+
+    pid, result = status_while_frozen(tmp_path, "redis")
 
     assert result.exit_code == 3
     assert f"redis: not responding (pid {pid}," in result.stdout
