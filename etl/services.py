@@ -93,15 +93,8 @@ class Service:
         return self.process.pid
 
     def stop(self, *, timeout: float = 10.0) -> None:
-        """Stop the process with SIGTERM, then SIGKILL after ``timeout`` seconds.
-
-        Its process group gets the SIGTERM too, in case a wrapper script runs
-        the server as a child. The group id stays the process's own until it
-        is reaped, which terminate does.
-        """
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.process.pid, signal.SIGTERM)
-        terminate(self.process.pid, timeout=timeout)
+        """Stop the process and its group (:func:`terminate_group`)."""
+        terminate_group(self.process.pid, timeout=timeout)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(timeout=1)
 
@@ -366,6 +359,19 @@ def _listens_on(pid: int, port: int) -> bool:
     return False
 
 
+def terminate_group(pid: int, *, timeout: float = 10.0) -> None:
+    """Send SIGTERM to the process group that ``pid`` leads, then :func:`terminate` it.
+
+    A wrapper script may run the server as its child, in the group that each
+    service gets at its start. The group id is checked while ``pid`` is alive
+    and not yet reaped, so it cannot be another process's.
+    """
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, signal.SIGTERM)
+    terminate(pid, timeout=timeout)
+
+
 def terminate(pid: int, *, timeout: float = 10.0) -> bool:
     """Send SIGTERM to ``pid``, then SIGKILL if it still runs after ``timeout`` s.
 
@@ -606,10 +612,7 @@ def _responds(name: str, pid: int, port: int, state_dir: Path) -> bool:
         # of 10, and replies to requests until then.
         time.sleep(_RESUME_SETTLE_S)
     try:
-        if name == "kafka":
-            wait_for_broker(f"{HOST}:{port}", timeout=_RESPONSE_TIMEOUT_S, pid=pid)
-        else:
-            wait_for_redis(port, timeout=_RESPONSE_TIMEOUT_S, pid=pid)
+        _wait_for_service(name, port, timeout=_RESPONSE_TIMEOUT_S, pid=pid)
     except ServiceExited:
         logger.warning(
             "The local %s (pid %s) exited while it was checked; starting it again",
@@ -634,13 +637,18 @@ def not_responding(name: str, pid: int, port: int) -> str | None:
     The reply must come from ``pid``: another server on the port does not count.
     """
     try:
-        if name == "kafka":
-            wait_for_broker(f"{HOST}:{port}", timeout=_STATUS_TIMEOUT_S, pid=pid)
-        else:
-            wait_for_redis(port, timeout=_STATUS_TIMEOUT_S, pid=pid)
+        _wait_for_service(name, port, timeout=_STATUS_TIMEOUT_S, pid=pid)
     except ServiceError as exc:
         return str(exc)
     return None
+
+
+def _wait_for_service(name: str, port: int, *, timeout: float, pid: int) -> None:
+    """Wait until the local service ``name`` of process ``pid`` responds on ``port``."""
+    if name == "kafka":
+        wait_for_broker(f"{HOST}:{port}", timeout=timeout, pid=pid)
+    else:
+        wait_for_redis(port, timeout=timeout, pid=pid)
 
 
 def _wait_until_port_free(name: str, port: int) -> None:
@@ -701,13 +709,13 @@ def _wait_for_lock(descriptor: int, path: Path) -> None:
             pass
         if not waiting:
             logger.warning(
-                "Another 'etl services start' or 'stop' holds %s; waiting for it",
+                "Another 'etl services start' or 'stop' has locked %s; waiting for it",
                 path,
             )
             waiting = True
         if time.monotonic() > deadline:
             msg = (
-                f"another 'etl services start' or 'stop' held {path} for "
+                f"another 'etl services start' or 'stop' kept {path} locked for "
                 f"{_LOCK_TIMEOUT_S:.0f} s; let it finish or end it, then try again"
             )
             raise ServiceError(msg)
@@ -788,12 +796,7 @@ def _stop_local_stack(state_dir: Path) -> list[str]:
             continue
         running = _running_from(pid_file)
         if running is not None:
-            # The group too, in case a wrapper script runs the server as a child.
-            # It was started as its group's leader, and it is alive, so the id is its own.
-            if os.getpgid(running) == running:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(running, signal.SIGTERM)
-            terminate(running)
+            terminate_group(running)
             stopped.append(name)
         port = _recorded_port(pid_file)
         try:

@@ -620,12 +620,12 @@ def test_held_lock_fails_after_timeout(
         )
 
     assert result.exit_code == 3, result.output
-    assert "another 'etl services start' or 'stop' held" in result.stderr
+    assert "another 'etl services start' or 'stop' kept" in result.stderr
     assert local_stack_status(tmp_path) == {"kafka": None, "redis": None}
 
 
 def test_broker_wait_wants_the_listener_pid(tmp_path: Path) -> None:
-    """A broker that answers counts only if the process waited for holds the port."""
+    """A broker reply counts only if the awaited process listens on the port."""
     broker = start_broker(port=free_port(), state_dir=tmp_path)
     try:
         wait_for_broker(f"127.0.0.1:{broker.port}", timeout=5, pid=broker.pid)
