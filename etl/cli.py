@@ -548,8 +548,15 @@ def services_status(state_dir: Path) -> None:
         local_stack_ports,
         local_stack_status,
         not_responding,
+        state_folder_locked,
     )
 
+    if state_folder_locked(state_dir):
+        click.echo(
+            f"another 'etl services start' or 'stop' is running on "
+            f"{state_dir.resolve()}, so the services below may be starting or "
+            "stopping; run this command again once it ends"
+        )
     ports = local_stack_ports(state_dir)
     statuses = local_stack_status(state_dir)
     usable = True

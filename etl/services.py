@@ -722,6 +722,24 @@ def _wait_for_lock(descriptor: int, path: Path) -> None:
         time.sleep(0.1)
 
 
+def state_folder_locked(state_dir: Path) -> bool:
+    """Return whether another ``etl services start`` or ``stop`` holds the lock of ``state_dir``.
+
+    A missing or unreadable lock file counts as not held.
+    """
+    try:
+        descriptor = os.open(state_dir / _LOCK_FILE, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(descriptor)
+    return False
+
+
 def check_database(redis_url: str) -> None:
     """Send PING to the database of ``redis_url``; raise redis.RedisError on failure.
 

@@ -604,6 +604,20 @@ def test_status_names_unresponsive_redis(
     assert "kafka: running" in result.stdout
 
 
+def test_status_names_held_lock(tmp_path: Path) -> None:
+    """While a start or stop holds the folder's lock, status reports it."""
+    arguments = ["services", "status", "--state-dir", str(tmp_path)]
+    with (tmp_path / "services.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        while_locked = CliRunner().invoke(main, arguments)
+    after_release = CliRunner().invoke(main, arguments)
+
+    assert while_locked.exit_code == 3
+    assert "may be starting or stopping" in while_locked.stdout
+    assert "kafka: stopped" in while_locked.stdout
+    assert "may be starting" not in after_release.stdout
+
+
 @pytest.mark.parametrize("command", ["start", "stop"])
 def test_held_lock_fails_after_timeout(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str
