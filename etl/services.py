@@ -244,7 +244,10 @@ def wait_for_broker(
     deadline = time.monotonic() + timeout
     while True:
         if process is not None and process.poll() is not None:
-            msg = f"the broker exited with code {process.returncode} before it answered on {bootstrap}"
+            msg = (
+                f"the broker exited with code {process.returncode} before it "
+                f"answered on {bootstrap}{_taken_by_another(port, 'kafka')}"
+            )
             raise ServiceExited(msg)
         if pid is not None and not _alive(pid):
             msg = f"the broker (pid {pid}) exited before it answered on {bootstrap}"
@@ -297,7 +300,10 @@ def wait_for_redis(
     try:
         while True:
             if process is not None and process.poll() is not None:
-                msg = f"redis-server exited with code {process.returncode}"
+                msg = (
+                    f"redis-server exited with code {process.returncode}"
+                    f"{_taken_by_another(port, 'redis')}"
+                )
                 raise ServiceExited(msg)
             if pid is not None and not _alive(pid):
                 msg = f"redis-server (pid {pid}) exited before it replied to PING"
@@ -320,6 +326,20 @@ def wait_for_redis(
             time.sleep(0.1)
     finally:
         client.close()
+
+
+def _taken_by_another(port: int, name: str) -> str:
+    """Return why a server on ``port`` exited if another program listens there, else "".
+
+    Tansu exits with code 0 when it cannot bind its port, so its exit code
+    does not show this case.
+    """
+    if not port_in_use(port):
+        return ""
+    return (
+        f": port {port} on {HOST} is in use by another program; stop that "
+        f"program or choose another port (--{name}-port)"
+    )
 
 
 def _listens_on(pid: int, port: int) -> bool:

@@ -169,6 +169,23 @@ def test_taken_redis_port_starts_nothing(tmp_path: Path) -> None:
     assert local_stack_status(tmp_path) == {"kafka": None, "redis": None}
 
 
+@pytest.mark.parametrize("name", ["kafka", "redis"])
+def test_port_taken_after_check_named(tmp_path: Path, name: str) -> None:
+    """A server that exits because its port was taken after the check names the port."""
+    start_server = start_broker if name == "kafka" else start_redis
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ServiceError) as failure:
+            start_server(port=port, state_dir=tmp_path, timeout=15.0)
+
+    assert f"port {port} on 127.0.0.1 is in use by another program" in str(
+        failure.value
+    )
+    assert f"--{name}-port" in str(failure.value)
+
+
 def test_running_ports_win_without_options(tmp_path: Path) -> None:
     kafka_port, redis_port = free_port(), free_port()
     try:
