@@ -265,7 +265,7 @@ def wait_for_broker(
             error = exc
             failure = str(exc)
         if time.monotonic() > deadline:
-            msg = f"the broker at {bootstrap} did not answer within {timeout:.0f} s: {failure}"
+            msg = f"the broker at {bootstrap} was not ready within {timeout:.0f} s: {failure}"
             raise ServiceError(msg) from error
         time.sleep(0.2)
 
@@ -321,7 +321,7 @@ def wait_for_redis(
                 error = exc
                 failure = str(exc)
             if time.monotonic() > deadline:
-                msg = f"Redis on {HOST}:{port} did not answer within {timeout:.0f} s: {failure}"
+                msg = f"Redis on {HOST}:{port} was not ready within {timeout:.0f} s: {failure}"
                 raise ServiceError(msg) from error
             time.sleep(0.1)
     finally:

@@ -715,7 +715,7 @@ def test_broker_wait_prints_no_librdkafka_lines() -> None:
         timeout=60,
     )
 
-    assert "did not answer within 1 s" in waited.stderr
+    assert "was not ready within 1 s" in waited.stderr
     assert "rdkafka" not in waited.stderr
 
 
