@@ -98,6 +98,11 @@ _LOGICAL_OFFSETS: Final = {
 _CONSUME_BATCH: Final = 10_000
 _GC_THRESHOLD: Final = 100_000
 _CONSUME_TIMEOUT_S: Final = 0.05
+#: A pass of the drain loop that takes this much longer than the ``consume()``
+#: timeout means that the drain did not run: its process was stopped
+#: (SIGSTOP), its virtual machine paused, or it got no CPU. librdkafka returns
+#: from ``consume()`` within the timeout whether the broker answers or not.
+_PAUSE_S: Final = 1.0
 
 
 def describe_offsets(offsets: dict[int, int]) -> str:
@@ -356,6 +361,7 @@ class KafkaSource:
         buffer = _ChunkBuffer()
         last_progress = time.monotonic()
         heard: dict[int, float] = dict.fromkeys(pending, last_progress)
+        previous_pass = last_progress
         while pending:
             if stop is not None and stop.is_set():
                 self.stats.stop_reason = "stopped"
@@ -384,14 +390,20 @@ class KafkaSource:
             messages = self._consumer.consume(
                 num_messages=wanted, timeout=_CONSUME_TIMEOUT_S
             )
+            now = time.monotonic()
+            # Time in which the process did not run is no silence of the broker.
+            paused = now - previous_pass - _CONSUME_TIMEOUT_S
+            if paused > _PAUSE_S:
+                last_progress += paused
+                heard.update({p: at + paused for p, at in heard.items()})
+            previous_pass = now
             if messages:
-                last_progress = time.monotonic()
+                last_progress = now
             # One pass per column instead of one call chain per record: the
             # drain is the stage with the lowest ceiling.
             records = [m for m in messages if m.error() is None]
             buffer.extend(records)
             self.stats.read += len(records)
-            now = time.monotonic()
             partitions = {int(m.partition() or 0) for m in messages}
             heard.update(dict.fromkeys(partitions, now))
             if len(records) < len(messages):
@@ -406,7 +418,7 @@ class KafkaSource:
                 # Time spent by the consumer of this generator is not silence.
                 resumed = time.monotonic()
                 heard.update(dict.fromkeys(heard, resumed))
-                last_progress = resumed
+                last_progress = previous_pass = resumed
         if len(buffer):
             yield buffer.flush()
         logger.info(

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Iterator
+from typing import Any
 from unittest import mock
 
 import pytest
@@ -536,6 +537,52 @@ def test_silent_partitions_from_earliest_named(
     assert re.search(positions, str(failure.value)), failure.value
     assert ": -2" not in str(failure.value)
     assert "from offsets {0: earliest, 1: earliest}" in caplog.text
+
+
+class _PausedConsumer:
+    """A consumer whose first ``consume()`` returns nothing after a pause.
+
+    This is how a drain sees a SIGSTOP and SIGCONT of its process: nothing
+    arrived in that time because nothing in the process ran.
+    """
+
+    def __init__(self, consumer: Any, pause_s: float) -> None:
+        self._consumer = consumer
+        self._pause_s = pause_s
+        self.paused = False
+
+    def consume(self, *args: Any, **kwargs: Any) -> list[Any]:
+        if not self.paused:
+            self.paused = True
+            time.sleep(self._pause_s)
+            return []
+        return list(self._consumer.consume(*args, **kwargs))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._consumer, name)
+
+
+def test_paused_drain_is_no_silence(settings: Settings) -> None:
+    """Time in which the process did not run does not make partitions silent."""
+    create_topic(settings, partitions=3)
+    produce(settings, [encode(reading(patient_id=f"PT-{i}")) for i in range(30)])
+    quick = settings.model_copy(update={"kafka_timeout_s": 1.0})
+    source = KafkaSource(quick)
+    try:
+        source.assign(dict.fromkeys(range(3), OFFSET_BEGINNING))
+        consumer = _PausedConsumer(source._consumer, pause_s=3.0)
+        source._consumer = consumer
+        chunks = list(
+            source.chunks(
+                chunk_size=100, max_records=1000, deadline=time.monotonic() + 60
+            )
+        )
+    finally:
+        source.close()
+
+    assert consumer.paused
+    assert sum(chunk.height for chunk in chunks) == 30
+    assert source.stats.stop_reason == "end_of_partitions"
 
 
 class _OffsetResetEvent:
