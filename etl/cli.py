@@ -160,7 +160,7 @@ def run(
     try:
         try:
             from etl.pipeline import run_batch
-            from etl.sink import OffsetConflict, RedisFull, SinkError
+            from etl.sink import OffsetConflict, RedisFull, RedisLoading, SinkError
             from etl.source import OffsetsOutOfRange, SourceError
 
             settings = load_settings(
@@ -191,7 +191,9 @@ def run(
     except (SourceError, SinkError, OffsetConflict) as exc:
         print_error("batch failed:", exc)
         # These messages end with their own fix.
-        if not isinstance(exc, OffsetConflict | OffsetsOutOfRange | RedisFull):
+        if not isinstance(
+            exc, OffsetConflict | OffsetsOutOfRange | RedisFull | RedisLoading
+        ):
             errors.print(
                 "Fix the cause above (start the service, correct its address in "
                 "the settings, or run the commands given), then rerun. Chunks "

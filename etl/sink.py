@@ -20,6 +20,7 @@ import json
 import logging
 import shlex
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
@@ -43,6 +44,10 @@ logger = logging.getLogger(__name__)
 VALUES_PER_COMMAND: Final = 10_000
 _RETRIES: Final = 5
 _RETRY_BASE_S: Final = 0.2
+#: How long a batch waits for a Redis that replies LOADING: after a restart,
+#: Redis loads its append-only file or snapshot before it serves commands.
+LOADING_WAIT_S: Final = 60.0
+_LOADING_POLL_S: Final = 0.5
 #: Redis's reply to ``SELECT`` with an index at or above its ``databases`` setting.
 _DB_OUT_OF_RANGE: Final = "DB index is out of range"
 #: The maxmemory-policy values that may evict any key, whether or not it has an
@@ -77,6 +82,13 @@ class SinkError(RuntimeError):
 
 class RedisFull(SinkError):
     """Redis rejected a write because its used memory is above its ``maxmemory``.
+
+    The message names the fix, so the command line adds no other advice.
+    """
+
+
+class RedisLoading(SinkError):
+    """Redis was still loading its data into memory after :data:`LOADING_WAIT_S`.
 
     The message names the fix, so the command line adds no other advice.
     """
@@ -195,7 +207,11 @@ class RedisSink:
         """
         url = self._settings.redis_url_redacted
         try:
-            self.client.ping()
+            try:
+                self.client.ping()
+            except redis.exceptions.BusyLoadingError as exc:
+                self._wait_until_loaded(exc)
+                self.client.ping()
         except redis.AuthenticationError as exc:
             msg = (
                 f"Redis at {url} rejected the user or password of VITALS_REDIS_URL "
@@ -478,6 +494,11 @@ class RedisSink:
                 if not isinstance(failure, redis.ConnectionError | redis.TimeoutError):
                     logger.info("Redis transaction not applied (%s); retrying", exc)
                     continue
+            except redis.exceptions.BusyLoadingError as exc:
+                # Not counted as a failed attempt: Redis restarted and is
+                # loading its data, so the next attempt can succeed.
+                self._wait_until_loaded(exc)
+                continue
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 failure = exc
             except redis.exceptions.OutOfMemoryError as exc:
@@ -496,6 +517,39 @@ class RedisSink:
             "offsets, or the connection kept dropping; rerun the batch"
         )
         raise SinkError(msg)
+
+    def _wait_until_loaded(self, failure: redis.exceptions.BusyLoadingError) -> None:
+        """Wait while Redis loads its data into memory, for up to :data:`LOADING_WAIT_S`.
+
+        Returns once Redis serves a read of the offsets hash, or fails with
+        another error, and raises SinkError when it still loads after that
+        time or the write is cancelled.
+        """
+        url = self._settings.redis_url_redacted
+        logger.warning(
+            "Redis at %s is loading its data into memory; waiting up to %g s",
+            url,
+            LOADING_WAIT_S,
+        )
+        deadline = time.monotonic() + LOADING_WAIT_S
+        while time.monotonic() < deadline:
+            if self._cancelled.wait(_LOADING_POLL_S):
+                msg = f"writing to Redis at {url} was cancelled while Redis loaded its data"
+                raise SinkError(msg) from failure
+            try:
+                self.client.exists(self._settings.redis_offsets_key)
+                return
+            except redis.exceptions.BusyLoadingError as exc:
+                failure = exc
+            except redis.RedisError:
+                return
+        info = redis_cli_command(self._settings, "INFO", "persistence")
+        msg = (
+            f"Redis at {url} was still loading its data into memory after "
+            f"{LOADING_WAIT_S:g} s, as it does after a restart ({failure}). Wait "
+            f"until {info} shows loading:0, then rerun the batch"
+        )
+        raise RedisLoading(msg) from failure
 
     def _wait_before_retry(
         self,

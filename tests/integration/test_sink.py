@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -16,10 +18,12 @@ import polars as pl
 import pytest
 import redis
 from click.testing import CliRunner
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from etl.cli import main
 from etl.config import ConfigurationError, Settings
-from etl.services import free_port, start_redis
+from etl.services import free_port, redis_server_binary, start_redis
 from etl.sink import (
     VALUES_PER_COMMAND,
     Chunk,
@@ -619,3 +623,111 @@ def test_mark_counts_first_entry_read_again(
     mark = redis_client.hget(settings.redis_offsets_key, f"{TOPIC}:lists_from")
     assert json.loads(mark or "")[settings.redis_list_key] == [2, 0, 2]
     assert found == {1: 4, 2: 4}
+
+
+@dataclass
+class LoadingRedis:
+    """A redis-server that replies LOADING for a few seconds after it starts."""
+
+    url: str
+    process: subprocess.Popen[bytes]
+
+
+@pytest.fixture
+def loading_redis(tmp_path: Path) -> Iterator[LoadingRedis]:
+    """Start Redis on a snapshot of 20,000 keys that it loads with a delay per key.
+
+    ``key-load-delay`` (microseconds per key, a Redis debugging setting) makes
+    the load last about 5 s, as a large append-only file would.
+    """
+    folder = tmp_path / "loading"
+    service = start_redis(
+        port=free_port(),
+        state_dir=folder,
+        extra_args=("--enable-debug-command", "yes"),
+    )
+    try:
+        writer = redis.Redis(host="127.0.0.1", port=service.port, socket_timeout=30)
+        writer.execute_command("DEBUG", "POPULATE", "20000")
+        writer.save()
+        writer.close()
+    finally:
+        service.stop()
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            str(redis_server_binary()),
+            *("--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder)),
+            *("--save", "", "--appendonly", "no", "--key-load-delay", "200"),
+            # Replies while loading, not only at its end.
+            *("--loading-process-events-interval-bytes", "1024"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        probe = redis.Redis(
+            host="127.0.0.1", port=port, socket_timeout=5, retry=Retry(NoBackoff(), 0)
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                probe.exists("any")
+                pytest.fail("Redis loaded the snapshot before the test began")
+            except redis.exceptions.BusyLoadingError:
+                break
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.05)
+        probe.close()
+        yield LoadingRedis(f"redis://127.0.0.1:{port}/0", process)
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def loading_sink(broker: Broker, loading: LoadingRedis) -> RedisSink:
+    """Return a sink whose client makes no retries of its own.
+
+    redis-py 8's default client retries a LOADING reply for a few seconds,
+    which would hide the wait under test.
+    """
+    settings = make_settings(broker.bootstrap, loading.url)
+    client = redis.Redis.from_url(loading.url, retry=Retry(NoBackoff(), 0))
+    return RedisSink(settings, client=client)
+
+
+def test_check_waits_for_loading_redis(
+    broker: Broker, loading_redis: LoadingRedis, caplog: pytest.LogCaptureFixture
+) -> None:
+    sink = loading_sink(broker, loading_redis)
+
+    with caplog.at_level(logging.WARNING, logger="etl.sink"):
+        sink.check()
+
+    assert "is loading its data into memory" in caplog.text
+
+
+def test_write_waits_for_loading_redis(
+    broker: Broker, loading_redis: LoadingRedis
+) -> None:
+    sink = loading_sink(broker, loading_redis)
+
+    result = sink.write_chunk(TOPIC, rows_chunk(range(3)))
+
+    assert result.written == 3
+    assert sink.client.llen(sink.settings.redis_list_key) == 3
+
+
+def test_loading_past_wait_fails(
+    broker: Broker, loading_redis: LoadingRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("etl.sink.LOADING_WAIT_S", 0.3)
+    sink = loading_sink(broker, loading_redis)
+
+    with pytest.raises(SinkError) as failure:
+        sink.check()
+
+    assert "was still loading its data into memory after 0.3 s" in str(failure.value)
+    assert "INFO persistence" in str(failure.value)
+    assert "loading:0" in str(failure.value)

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 from etl.cli import StopRequested, main
 from etl.pipeline import BatchReport
+from etl.sink import RedisLoading, SinkError
 
 
 def test_run_summary_fits_80_columns() -> None:
@@ -110,3 +111,24 @@ def test_run_signal_while_failure_prints_is_ignored() -> None:
 
     assert result.exit_code == 3, result.output
     assert json.loads(result.stdout)["status"] == "failed"
+
+
+@pytest.mark.parametrize(
+    ("error", "advised"),
+    [
+        pytest.param(
+            SinkError("Redis at redis://h:1/0 is unreachable"), True, id="down"
+        ),
+        pytest.param(
+            RedisLoading("Redis ... then rerun the batch"), False, id="loading"
+        ),
+    ],
+)
+def test_run_failure_advice(error: SinkError, advised: bool) -> None:
+    """Messages that end with their own fix get no general advice after them."""
+    with mock.patch("etl.pipeline.run_batch", side_effect=error):
+        result = CliRunner().invoke(main, ["run"])
+
+    assert result.exit_code == 3
+    assert str(error) in result.stderr
+    assert ("Fix the cause above" in result.stderr) == advised
