@@ -528,6 +528,7 @@ def run_batch(settings: Settings, *, now: float | None = None) -> BatchReport:
     chunks: Prefetcher | None = None
     writer: _WriteBehind | None = None
     failure: Exception | None = None
+    interrupted = False
     try:
         sink.check()
         source = KafkaSource(settings, last_written=sink.last_written)
@@ -583,9 +584,23 @@ def run_batch(settings: Settings, *, now: float | None = None) -> BatchReport:
         # at once, even while Redis hangs.
         failure = error
         raise
+    except BaseException:
+        interrupted = True
+        raise
     finally:
         if writer is not None:
             writer.close()
+        if interrupted:
+            # No report goes to Redis then, so this warning gives the counts.
+            logger.warning(
+                "Batch on topic %s stopped before its end, after %s chunk(s): "
+                "%s rows, %s rejects and %s alerts written with their offsets",
+                report.topic,
+                report.chunks,
+                report.written,
+                report.rejected,
+                report.alerts,
+            )
         if chunks is not None:
             chunks.close()
         if source is not None:

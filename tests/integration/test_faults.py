@@ -2046,6 +2046,7 @@ def test_run_stopped_by_signal(
     name = signal.Signals(signal_number).name
     assert child.returncode == 128 + signal_number, child.stderr[-3000:]
     assert f"batch stopped: {name} received" in " ".join(child.stderr.split())
+    assert "stopped before its end, after" in child.stderr
     assert "Traceback" not in child.stderr
     run_batch(small)
     assert_accounted(redis_client, small, produced)
