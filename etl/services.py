@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,11 +67,24 @@ def redis_server_binary() -> Path:
     return Path(found)
 
 
+#: The ports that :func:`free_port` returned last.
+_RECENT_PORTS: deque[int] = deque(maxlen=64)
+
+
 def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
+    """Return a TCP port on 127.0.0.1 that is free right now.
+
+    It skips the last 64 ports that it returned. A port is free again once
+    its probe socket closes, so the kernel could otherwise give two calls in
+    a row the same port, such as the ports of a broker and of a Redis.
+    """
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((HOST, 0))
+            port = int(sock.getsockname()[1])
+        if port not in _RECENT_PORTS:
+            _RECENT_PORTS.append(port)
+            return port
 
 
 def port_in_use(port: int) -> bool:

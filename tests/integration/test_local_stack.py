@@ -186,6 +186,13 @@ def test_port_taken_after_check_named(tmp_path: Path, name: str) -> None:
     assert f"--{name}-port" in str(failure.value)
 
 
+def test_free_ports_differ() -> None:
+    """Calls in a row return distinct ports, as a broker and a Redis need."""
+    ports = [free_port() for _ in range(64)]
+
+    assert len(set(ports)) == 64
+
+
 def test_running_ports_win_without_options(tmp_path: Path) -> None:
     kafka_port, redis_port = free_port(), free_port()
     try:
