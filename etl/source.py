@@ -391,12 +391,6 @@ class KafkaSource:
                 num_messages=wanted, timeout=_CONSUME_TIMEOUT_S
             )
             now = time.monotonic()
-            # Time in which the process did not run is no silence of the broker.
-            paused = now - previous_pass - _CONSUME_TIMEOUT_S
-            if paused > _PAUSE_S:
-                last_progress += paused
-                heard.update({p: at + paused for p, at in heard.items()})
-            previous_pass = now
             if messages:
                 last_progress = now
             # One pass per column instead of one call chain per record: the
@@ -411,8 +405,17 @@ class KafkaSource:
                 self._handle_events(messages, pending)
             else:
                 self.confirmed.update(partitions)
-            self._check_stall(last_progress)
-            self._check_silent_partitions(pending, heard)
+            # Time in which the process did not run, at any point of this
+            # pass, is no silence of the broker. The checks measure up to
+            # ``checked``, so the next pass covers a stop after it.
+            checked = time.monotonic()
+            paused = checked - previous_pass - _CONSUME_TIMEOUT_S
+            if paused > _PAUSE_S:
+                last_progress += paused
+                heard.update({p: at + paused for p, at in heard.items()})
+            previous_pass = checked
+            self._check_stall(last_progress, now=checked)
+            self._check_silent_partitions(pending, heard, now=checked)
             if len(buffer) >= chunk_size:
                 yield buffer.flush()
                 # Time spent by the consumer of this generator is not silence.
@@ -458,7 +461,7 @@ class KafkaSource:
         logger.warning("Kafka consume error (retried by the client): %s", error.str())
 
     def _check_silent_partitions(
-        self, pending: set[int], heard: dict[int, float]
+        self, pending: set[int], heard: dict[int, float], *, now: float
     ) -> None:
         """Fail when a partition sends neither records nor its end for too long.
 
@@ -469,7 +472,6 @@ class KafkaSource:
         otherwise hold the batch until its deadline.
         """
         limit = 2 * self._settings.kafka_timeout_s
-        now = time.monotonic()
         silent = sorted(p for p in pending if now - heard[p] > limit)
         if silent:
             # Before its first fetch a partition has no position (-1001);
@@ -696,7 +698,7 @@ class KafkaSource:
         except KafkaException:
             return None
 
-    def _check_stall(self, last_progress: float) -> None:
+    def _check_stall(self, last_progress: float, *, now: float) -> None:
         """Fail when the broker went silent after reporting errors."""
         if not self._errors:
             return
@@ -717,7 +719,7 @@ class KafkaSource:
             else:
                 msg = f"Kafka broker at {address} failed: {fatal[0].str()}"
             raise SourceError(msg)
-        stalled_for = time.monotonic() - last_progress
+        stalled_for = now - last_progress
         if stalled_for > self._settings.kafka_timeout_s:
             msg = (
                 f"no data from the Kafka broker at {self._settings.kafka_bootstrap_servers} "

@@ -26,7 +26,7 @@ from etl.sink import (
     SinkError,
     redis_cli_command,
 )
-from etl.source import KafkaSource, OffsetsOutOfRange, SourceError
+from etl.source import KafkaSource, OffsetsOutOfRange, SourceError, _ChunkBuffer
 from tests.conftest import (
     OPERATIONS_DOC,
     case_value,
@@ -562,16 +562,36 @@ class _PausedConsumer:
         return getattr(self._consumer, name)
 
 
-def test_paused_drain_is_no_silence(settings: Settings) -> None:
-    """Time in which the process did not run does not make partitions silent."""
+@pytest.mark.parametrize("where", ["consume", "records"])
+def test_paused_drain_is_no_silence(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """Time in which the process did not run does not make partitions silent.
+
+    The pause comes inside ``consume()``, or after it returned, while the
+    drain copies the records of that pass.
+    """
     create_topic(settings, partitions=3)
     produce(settings, [encode(reading(patient_id=f"PT-{i}")) for i in range(30)])
     quick = settings.model_copy(update={"kafka_timeout_s": 1.0})
+    pauses: list[float] = []
+    if where == "records":
+        extend = _ChunkBuffer.extend
+
+        def paused_extend(buffer: _ChunkBuffer, messages: list[Any]) -> None:
+            if not pauses:
+                pauses.append(3.0)
+                time.sleep(3.0)
+            extend(buffer, messages)
+
+        monkeypatch.setattr(_ChunkBuffer, "extend", paused_extend)
     source = KafkaSource(quick)
     try:
         source.assign(dict.fromkeys(range(3), OFFSET_BEGINNING))
-        consumer = _PausedConsumer(source._consumer, pause_s=3.0)
-        source._consumer = consumer
+        if where == "consume":
+            consumer = _PausedConsumer(source._consumer, pause_s=3.0)
+            source._consumer = consumer
+            pauses.append(3.0)
         chunks = list(
             source.chunks(
                 chunk_size=100, max_records=1000, deadline=time.monotonic() + 60
@@ -580,7 +600,7 @@ def test_paused_drain_is_no_silence(settings: Settings) -> None:
     finally:
         source.close()
 
-    assert consumer.paused
+    assert pauses == [3.0]
     assert sum(chunk.height for chunk in chunks) == 30
     assert source.stats.stop_reason == "end_of_partitions"
 

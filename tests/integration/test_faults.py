@@ -1343,7 +1343,7 @@ def test_down_error_mentions_frozen_broker(settings: Settings) -> None:
     )
     try:
         with pytest.raises(SourceError) as failure:
-            source._check_stall(time.monotonic())
+            source._check_stall(time.monotonic(), now=time.monotonic())
     finally:
         source.close()
 
