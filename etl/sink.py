@@ -87,6 +87,10 @@ class RedisFull(SinkError):
     """
 
 
+class WriteCancelled(SinkError):
+    """A write that waited to retry gave up because the batch is stopping."""
+
+
 class RedisLoading(SinkError):
     """Redis was still loading its data into memory after :data:`LOADING_WAIT_S`.
 
@@ -482,7 +486,10 @@ class RedisSink:
         delay = _RETRY_BASE_S
         write_id = write_id or uuid.uuid4().hex
         sent: list[WriteResult] = []
-        for attempt in range(1, _RETRIES + 1):
+        attempt = 0
+        loads = 0
+        while attempt < _RETRIES:
+            attempt += 1
             try:
                 result = self._write_once(
                     topic, chunk, write_id=write_id, sent=sent, on_send=on_send
@@ -494,11 +501,6 @@ class RedisSink:
                 if not isinstance(failure, redis.ConnectionError | redis.TimeoutError):
                     logger.info("Redis transaction not applied (%s); retrying", exc)
                     continue
-            except redis.exceptions.BusyLoadingError as exc:
-                # Not counted as a failed attempt: Redis restarted and is
-                # loading its data, so the next attempt can succeed.
-                self._wait_until_loaded(exc)
-                continue
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 failure = exc
             except redis.exceptions.OutOfMemoryError as exc:
@@ -509,6 +511,16 @@ class RedisSink:
             else:
                 self.rely_on(topic, chunk.next_offsets)
                 return result
+            if (
+                isinstance(failure, redis.exceptions.BusyLoadingError)
+                and loads < _RETRIES
+            ):
+                # Redis restarted and loads its data. The write is tried again
+                # once it has, and this attempt does not count.
+                loads += 1
+                attempt -= 1
+                self._wait_until_loaded(failure)
+                continue
             self._wait_before_retry(attempt, failure, delay)
             delay *= 2
         msg = (
@@ -535,7 +547,7 @@ class RedisSink:
         while time.monotonic() < deadline:
             if self._cancelled.wait(_LOADING_POLL_S):
                 msg = f"writing to Redis at {url} was cancelled while Redis loaded its data"
-                raise SinkError(msg) from failure
+                raise WriteCancelled(msg) from failure
             try:
                 self.client.exists(self._settings.redis_offsets_key)
                 return
@@ -576,7 +588,7 @@ class RedisSink:
         )
         if self._cancelled.wait(delay):
             msg = f"writing to Redis at {url} was cancelled after {attempts}: {failure}"
-            raise SinkError(msg) from failure
+            raise WriteCancelled(msg) from failure
 
     def rely_on(self, topic: str, offsets: dict[int, int]) -> None:
         """Check at every later write that Redis stores at least ``offsets``.

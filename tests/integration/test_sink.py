@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
+from typing import Any
 from unittest import mock
 
 import polars as pl
@@ -687,11 +688,7 @@ def loading_redis(tmp_path: Path) -> Iterator[LoadingRedis]:
 
 
 def loading_sink(broker: Broker, loading: LoadingRedis) -> RedisSink:
-    """Return a sink whose client makes no retries of its own.
-
-    redis-py 8's default client retries a LOADING reply for a few seconds,
-    which would hide the wait under test.
-    """
+    """Return a sink whose client makes no retries of its own, so each LOADING reply reaches it."""
     settings = make_settings(broker.bootstrap, loading.url)
     client = redis.Redis.from_url(loading.url, retry=Retry(NoBackoff(), 0))
     return RedisSink(settings, client=client)
@@ -731,3 +728,30 @@ def test_loading_past_wait_fails(
     assert "was still loading its data into memory after 0.3 s" in str(failure.value)
     assert "INFO persistence" in str(failure.value)
     assert "loading:0" in str(failure.value)
+
+
+def test_loading_after_last_retry_still_writes(
+    settings: Settings, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A LOADING reply does not use up an attempt, even after four lost connections."""
+    monkeypatch.setattr("etl.sink._RETRY_BASE_S", 0.001)
+    sink = RedisSink(settings)
+    write_once = sink._write_once
+    failures: list[Exception] = [
+        *(redis.ConnectionError("Connection refused") for _ in range(4)),
+        redis.exceptions.BusyLoadingError("Redis is loading the dataset in memory"),
+    ]
+
+    def flaky_write_once(*args: Any, **kwargs: Any) -> Any:
+        if failures:
+            raise failures.pop(0)
+        return write_once(*args, **kwargs)
+
+    monkeypatch.setattr(sink, "_write_once", flaky_write_once)
+    monkeypatch.setattr(sink, "_wait_until_loaded", lambda _failure: None)
+
+    result = sink.write_chunk(TOPIC, rows_chunk(range(3)))
+
+    assert failures == []
+    assert result.written == 3
+    assert redis_client.llen(settings.redis_list_key) == 3
