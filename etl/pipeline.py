@@ -42,6 +42,7 @@ from etl.sink import (
     OffsetConflict,
     RedisSink,
     SinkError,
+    WriteCancelled,
     WriteResult,
     reset_offsets_command,
     set_offsets_command,
@@ -799,6 +800,10 @@ class _WriteBehind:
                 logger.warning(
                     "Writing to Redis stopped on the interrupt; each chunk is in "
                     "Redis whole, with its offsets, or not at all"
+                )
+            elif isinstance(self._error, WriteCancelled):
+                logger.warning(
+                    "Writing to Redis stopped with the batch: %s", self._error
                 )
             else:
                 logger.error(

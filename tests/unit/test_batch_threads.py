@@ -20,7 +20,7 @@ from etl.pipeline import (
     load_chunk_file,
     transform_staging,
 )
-from etl.sink import Chunk, SinkError, WriteResult
+from etl.sink import Chunk, SinkError, WriteCancelled, WriteResult
 from tests.conftest import encode, reading
 from tests.unit.test_parse import NOW, SETTINGS, raw_frame
 
@@ -219,6 +219,12 @@ def test_process_ahead_close_stops_early() -> None:
             "Writing to Redis failed while the batch stopped: ValueError",
             "ERROR",
             id="bare",
+        ),
+        pytest.param(
+            WriteCancelled("writing to Redis at redis://h:1/0 was cancelled"),
+            "Writing to Redis stopped with the batch: writing to Redis",
+            "WARNING",
+            id="cancelled",
         ),
         # On Ctrl-C, Polars raises a KeyboardInterrupt without a message in the thread.
         pytest.param(
