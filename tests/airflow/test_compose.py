@@ -299,6 +299,7 @@ def test_redis_service(services: dict[str, dict[str, Any]]) -> None:
     assert redis["image"] == "redis:7.2-bookworm"
     assert "redis-cli ping" in " ".join(redis["healthcheck"]["test"])
     assert redis["environment"]["REDIS_PASSWORD"] == ""
+    assert "--appendonly yes --aof-load-truncated no" in redis["command"][-1]
 
 
 def test_grafana_service(services: dict[str, dict[str, Any]]) -> None:

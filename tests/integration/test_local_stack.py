@@ -820,3 +820,49 @@ def test_airflow_script_uses_its_state_dir(tmp_path: Path) -> None:
     assert result.returncode == 1, result.stderr
     assert f"logs           {state_dir / 'logs'}\n" in result.stdout
     assert "scheduler      stopped" in result.stdout
+
+
+def test_cut_transaction_stops_redis_start(tmp_path: Path) -> None:
+    """An append-only file cut inside MULTI stops the start, and the advised fix works.
+
+    redis-server 7.0.15 with aof-load-truncated yes kept the start of the cut
+    transaction and replayed it with the next one after another restart.
+    """
+    port = free_port()
+    service = start_redis(port=port, state_dir=tmp_path, persistent=True)
+    client = redis.Redis(host="127.0.0.1", port=port)
+    with client.pipeline(transaction=True) as pipe:
+        pipe.rpush("rows", "first", "second")
+        pipe.hset("offsets", "vitals:0", 2)
+        pipe.execute()
+    client.close()
+    service.stop()
+    # A crash while Redis appended the transaction leaves part of it.
+    (incremental,) = (tmp_path / "appendonlydir").glob("*.incr.aof")
+    content = incremental.read_bytes()
+    incremental.write_bytes(content[: content.index(b"second") + 3])
+
+    with pytest.raises(ServiceError) as failure:
+        start_redis(port=port, state_dir=tmp_path, persistent=True)
+    manifest = tmp_path / "appendonlydir" / "appendonly.aof.manifest"
+    fixed = subprocess.run(
+        ["redis-check-aof", "--fix", str(manifest)],
+        input="y\n",
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    service = start_redis(port=port, state_dir=tmp_path, persistent=True)
+    client = redis.Redis(host="127.0.0.1", port=port)
+    try:
+        rows = client.llen("rows")
+        offsets = client.hgetall("offsets")
+    finally:
+        client.close()
+        service.stop()
+
+    assert "ends inside a write that a crash cut short" in str(failure.value)
+    assert f"redis-check-aof --fix {manifest}" in str(failure.value)
+    assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+    assert rows == 0
+    assert offsets == {}
