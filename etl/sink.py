@@ -237,6 +237,7 @@ class RedisSink:
             msg = f"checking the types of the batch's keys at Redis {url} failed: {exc}"
             raise SinkError(msg) from exc
         self._check_eviction_policy()
+        self._check_truncated_aof_loading()
 
     def _check_eviction_policy(self) -> None:
         """Raise SinkError when Redis may evict keys that have no expiry.
@@ -272,6 +273,31 @@ class RedisSink:
                 "configuration, or use another Redis for the batch"
             )
             raise SinkError(msg)
+
+    def _check_truncated_aof_loading(self) -> None:
+        """Warn when Redis keeps an append-only file and would load one that a crash cut.
+
+        redis-server 7.0.15 with ``aof-load-truncated yes``, its default, kept
+        the start of a transaction cut by a crash in the file, and replayed it
+        with the next transaction after another restart, so a retried chunk
+        had its first rows twice. A Redis that does not allow ``INFO`` or
+        ``CONFIG GET`` is not checked.
+        """
+        try:
+            if not self.client.info("persistence").get("aof_enabled"):
+                return
+            setting = self.client.config_get("aof-load-truncated")
+        except redis.RedisError as exc:
+            logger.debug("aof-load-truncated of Redis not checked: %s", exc)
+            return
+        if setting.get("aof-load-truncated") == "yes":
+            logger.warning(
+                "Redis at %s keeps an append-only file with aof-load-truncated "
+                "yes, so after a crash cut a transaction short it can load part "
+                "of it and write rows twice; set 'aof-load-truncated no' "
+                "(docs/operations.md, The delivery guarantee)",
+                self._settings.redis_url_redacted,
+            )
 
     def stored_offsets(self, topic: str) -> dict[int, int]:
         """Return the next offset to read per partition, as stored by earlier batches."""

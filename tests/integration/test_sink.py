@@ -755,3 +755,28 @@ def test_loading_after_last_retry_still_writes(
     assert failures == []
     assert result.written == 3
     assert redis_client.llen(settings.redis_list_key) == 3
+
+
+@pytest.mark.parametrize(("setting", "warned"), [("yes", True), ("no", False)])
+def test_check_warns_of_truncated_aof_loading(
+    broker: Broker,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    setting: str,
+    warned: bool,
+) -> None:
+    service = start_redis(
+        port=free_port(),
+        state_dir=tmp_path,
+        persistent=True,
+        extra_args=("--aof-load-truncated", setting),
+    )
+    try:
+        url = f"redis://127.0.0.1:{service.port}/0"
+        sink = RedisSink(make_settings(broker.bootstrap, url))
+        with caplog.at_level(logging.WARNING, logger="etl.sink"):
+            sink.check()
+    finally:
+        service.stop()
+
+    assert ("aof-load-truncated yes" in caplog.text) == warned
