@@ -866,3 +866,38 @@ def test_cut_transaction_stops_redis_start(tmp_path: Path) -> None:
     assert fixed.returncode == 0, fixed.stdout + fixed.stderr
     assert rows == 0
     assert offsets == {}
+
+
+def test_start_waits_for_loading_redis(tmp_path: Path) -> None:
+    """A Redis that loads its data longer than the start timeout still starts."""
+    service = start_redis(
+        port=free_port(),
+        state_dir=tmp_path,
+        extra_args=("--enable-debug-command", "yes"),
+    )
+    client = redis.Redis(host="127.0.0.1", port=service.port, socket_timeout=30)
+    client.execute_command("DEBUG", "POPULATE", "20000")
+    client.save()
+    client.close()
+    service.stop()
+    # key-load-delay (microseconds per key, a Redis debugging setting) makes
+    # the snapshot take about 5 s to load, and Redis replies LOADING meanwhile.
+    slow_load = (
+        *("--key-load-delay", "200"),
+        *("--loading-process-events-interval-bytes", "1024"),
+    )
+
+    started = time.monotonic()
+    service = start_redis(
+        port=free_port(), state_dir=tmp_path, timeout=1.0, extra_args=slow_load
+    )
+    waited = time.monotonic() - started
+    client = redis.Redis(host="127.0.0.1", port=service.port)
+    try:
+        keys = client.dbsize()
+    finally:
+        client.close()
+        service.stop()
+
+    assert keys == 20000
+    assert waited > 1.0
