@@ -598,7 +598,10 @@ class RedisSink:
         """Sleep before the next attempt; raise SinkError after the last one or on cancel."""
         url = self._settings.redis_url_redacted
         attempts = f"{attempt} attempt{'s' if attempt > 1 else ''}"
-        if attempt == _RETRIES or self._cancelled.is_set():
+        if self._cancelled.is_set():
+            msg = f"writing to Redis at {url} was cancelled after {attempts}: {failure}"
+            raise WriteCancelled(msg) from failure
+        if attempt == _RETRIES:
             msg = f"writing to Redis at {url} failed after {attempts}: {failure}"
             if isinstance(failure, redis.TimeoutError):
                 msg += (

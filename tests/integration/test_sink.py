@@ -31,6 +31,7 @@ from etl.sink import (
     RedisFull,
     RedisSink,
     SinkError,
+    WriteCancelled,
     _exec_transaction,
     topic_id_field,
 )
@@ -780,3 +781,17 @@ def test_check_warns_of_truncated_aof_loading(
         service.stop()
 
     assert ("aof-load-truncated yes" in caplog.text) == warned
+
+
+@pytest.mark.parametrize("attempt", [1, 5])
+def test_cancel_after_failed_attempt_is_cancelled(
+    settings: Settings, attempt: int
+) -> None:
+    """A stop that came during an attempt that then failed is reported as a cancel."""
+    sink = RedisSink(settings)
+    sink.cancel()
+
+    with pytest.raises(WriteCancelled) as stopped:
+        sink._wait_before_retry(attempt, redis.TimeoutError("Timeout"), 0.2)
+
+    assert f"was cancelled after {attempt} attempt" in str(stopped.value)
