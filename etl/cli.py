@@ -436,7 +436,8 @@ def services_start(
     When it runs on another port than --kafka-port or --redis-port requests,
     nothing starts and the command exits 3. A service suspended by SIGSTOP
     is resumed, one that exits while it is checked starts again, and one
-    that does not respond within 10 s makes the command exit 3. After the
+    that does not respond within 10 s makes the command exit 3 (a Redis that
+    still loads its data gets 60 s more). After the
     broker starts again, the command removes the stored offsets of --topic
     from Redis, because the broker starts without topics.
     """

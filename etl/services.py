@@ -528,15 +528,16 @@ _RESPONSE_TIMEOUT_S: Final = 10.0
 _STATUS_TIMEOUT_S: Final = 1.0
 #: The extra time that a start gives a local Redis that loads its append-only
 #: file. Loading 5.5M rows (2.4 GB) took about 3 s on a 2-core machine.
-_LOADING_TIMEOUT_S: Final = 600.0
+_LOADING_TIMEOUT_S: Final = 60.0
 #: Seconds between resuming a suspended service and checking that it responds.
 _RESUME_SETTLE_S: Final = 0.5
 #: File of the state folder that 'etl services start' and 'stop' lock.
 _LOCK_FILE: Final = "services.lock"
 #: Seconds a start or stop waits for another one of the same folder: more
-#: than a start takes at worst (30 s for the broker, 15 for Redis, 10 for each
-#: check of a running service).
-_LOCK_TIMEOUT_S: Final = 120.0
+#: than a start takes at worst (30 s for the broker, 15 for Redis and
+#: :data:`_LOADING_TIMEOUT_S` while it loads its data, 10 for each check of a
+#: running service).
+_LOCK_TIMEOUT_S: Final = 180.0
 #: Seconds that terminate waits for a process it killed with SIGKILL.
 _KILLED_EXIT_S: Final = 5.0
 

@@ -598,16 +598,19 @@ class RedisSink:
         """Sleep before the next attempt; raise SinkError after the last one or on cancel."""
         url = self._settings.redis_url_redacted
         attempts = f"{attempt} attempt{'s' if attempt > 1 else ''}"
+        caveat = ""
+        if isinstance(failure, redis.TimeoutError):
+            caveat = (
+                " (Redis may still apply the last transaction, which stores "
+                "the chunk's rows together with its offsets)"
+            )
         if self._cancelled.is_set():
-            msg = f"writing to Redis at {url} was cancelled after {attempts}: {failure}"
+            msg = f"writing to Redis at {url} was cancelled after {attempts}: {failure}{caveat}"
             raise WriteCancelled(msg) from failure
         if attempt == _RETRIES:
-            msg = f"writing to Redis at {url} failed after {attempts}: {failure}"
-            if isinstance(failure, redis.TimeoutError):
-                msg += (
-                    " (Redis may still apply the last transaction, which "
-                    "stores the chunk's rows together with its offsets)"
-                )
+            msg = (
+                f"writing to Redis at {url} failed after {attempts}: {failure}{caveat}"
+            )
             raise SinkError(msg) from failure
         logger.warning(
             "Redis write attempt %s failed (%s); retrying in %.1f s",

@@ -795,3 +795,4 @@ def test_cancel_after_failed_attempt_is_cancelled(
         sink._wait_before_retry(attempt, redis.TimeoutError("Timeout"), 0.2)
 
     assert f"was cancelled after {attempt} attempt" in str(stopped.value)
+    assert "Redis may still apply the last transaction" in str(stopped.value)
