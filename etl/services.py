@@ -242,7 +242,8 @@ def start_redis(
     return service
 
 
-#: Redis 7's log line for an append-only file that ends inside a command.
+#: The log line of redis-server 7.0.15 for an append-only file that ends
+#: inside a command.
 _TRUNCATED_AOF_LOG: Final = "Unexpected end of file reading the append only file"
 
 
@@ -346,7 +347,8 @@ def wait_for_redis(
         retry=Retry(NoBackoff(), 0),
     )
     expected = process.pid if process is not None else pid
-    deadline = time.monotonic() + timeout
+    limit = timeout
+    deadline = time.monotonic() + limit
     loading_seen = False
     try:
         while True:
@@ -373,6 +375,7 @@ def wait_for_redis(
                 failure = str(exc)
                 if isinstance(exc, redis.BusyLoadingError) and not loading_seen:
                     loading_seen = True
+                    limit += loading_s
                     deadline += loading_s
                     if loading_s:
                         logger.warning(
@@ -383,8 +386,7 @@ def wait_for_redis(
                             loading_s,
                         )
             if time.monotonic() > deadline:
-                waited = timeout + (loading_s if loading_seen else 0.0)
-                msg = f"Redis on {HOST}:{port} was not ready within {waited:.0f} s: {failure}"
+                msg = f"Redis on {HOST}:{port} was not ready within {limit:.0f} s: {failure}"
                 raise ServiceError(msg) from error
             time.sleep(0.1)
     finally:

@@ -596,6 +596,15 @@ class RedisSink:
         delay: float,
     ) -> None:
         """Sleep before the next attempt; raise SinkError after the last one or on cancel."""
+        if attempt < _RETRIES and not self._cancelled.is_set():
+            logger.warning(
+                "Redis write attempt %s failed (%s); retrying in %.1f s",
+                attempt,
+                type(failure).__name__,
+                delay,
+            )
+            if not self._cancelled.wait(delay):
+                return
         url = self._settings.redis_url_redacted
         attempts = f"{attempt} attempt{'s' if attempt > 1 else ''}"
         caveat = ""
@@ -607,20 +616,8 @@ class RedisSink:
         if self._cancelled.is_set():
             msg = f"writing to Redis at {url} was cancelled after {attempts}: {failure}{caveat}"
             raise WriteCancelled(msg) from failure
-        if attempt == _RETRIES:
-            msg = (
-                f"writing to Redis at {url} failed after {attempts}: {failure}{caveat}"
-            )
-            raise SinkError(msg) from failure
-        logger.warning(
-            "Redis write attempt %s failed (%s); retrying in %.1f s",
-            attempt,
-            type(failure).__name__,
-            delay,
-        )
-        if self._cancelled.wait(delay):
-            msg = f"writing to Redis at {url} was cancelled after {attempts}: {failure}"
-            raise WriteCancelled(msg) from failure
+        msg = f"writing to Redis at {url} failed after {attempts}: {failure}{caveat}"
+        raise SinkError(msg) from failure
 
     def rely_on(self, topic: str, offsets: dict[int, int]) -> None:
         """Check at every later write that Redis stores at least ``offsets``.

@@ -101,7 +101,7 @@ _CONSUME_TIMEOUT_S: Final = 0.05
 #: A pass of the drain loop that takes this much longer than the ``consume()``
 #: timeout means that the drain did not run: its process was stopped
 #: (SIGSTOP), its virtual machine paused, or it got no CPU. librdkafka returns
-#: from ``consume()`` within the timeout whether the broker answers or not.
+#: from ``consume()`` within the timeout whether or not the broker replies.
 _PAUSE_S: Final = 1.0
 
 

@@ -542,8 +542,8 @@ def test_silent_partitions_from_earliest_named(
 class _PausedConsumer:
     """A consumer whose first ``consume()`` returns nothing after a pause.
 
-    This is how a drain sees a SIGSTOP and SIGCONT of its process: nothing
-    arrived in that time because nothing in the process ran.
+    A drain gets the same after a SIGSTOP and SIGCONT of its process:
+    nothing arrived in that time because nothing in the process ran.
     """
 
     def __init__(self, consumer: Any, pause_s: float) -> None:
